@@ -1,0 +1,43 @@
+//! Names, labels and ports fixed by the design: every part of Skein reads them from here.
+
+/// The API group of Skein's custom resources.
+pub const GROUP: &str = "skein.dev";
+/// The served and stored version of Skein's custom resources.
+pub const VERSION: &str = "v1alpha1";
+
+/// Namespace or pod label that opts workloads into the mesh (`enabled`).
+pub const INJECT_LABEL: &str = "skein.dev/inject";
+/// Pod annotation that opts a pod out of injection (`"false"`).
+pub const INJECT_ANNOTATION: &str = "skein.dev/inject";
+
+/// Default namespace of the operator.
+pub const DEFAULT_OPERATOR_NAMESPACE: &str = "skein-system";
+/// The cluster DNS domain Service FQDNs end in.
+pub const CLUSTER_DOMAIN: &str = "cluster.local";
+/// Default SPIFFE trust domain.
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+/// Field manager used for every server-side apply the operator makes.
+pub const FIELD_MANAGER: &str = "skein-operator";
+/// Name of the Lease the operator replicas elect a status writer with.
+pub const LEADER_LEASE: &str = "skein-operator";
+
+/// Sidecar outbound listener (app → mesh).
+pub const PROXY_OUTBOUND_PORT: u16 = 15001;
+/// Sidecar inbound listener (mesh → app).
+pub const PROXY_INBOUND_PORT: u16 = 15006;
+/// Sidecar admin server.
+pub const PROXY_ADMIN_PORT: u16 = 15000;
+/// Operator admission webhook (HTTPS).
+pub const WEBHOOK_PORT: u16 = 9443;
+/// Operator config stream.
+pub const CONFIG_STREAM_PORT: u16 = 15012;
+/// Operator metrics and health.
+pub const OPERATOR_METRICS_PORT: u16 = 8080;
+
+/// Path of the config stream on the operator.
+pub const CONFIG_STREAM_PATH: &str = "/v1/config-stream";
+/// Request header a proxy names its workload identity with (`<namespace>/<service-account>`)
+/// until mTLS client certificates carry it.
+pub const IDENTITY_HEADER: &str = "x-skein-identity";
+/// Request header with the proxy's own instance name (pod name), shown in status and metrics.
+pub const PROXY_ID_HEADER: &str = "x-skein-proxy-id";

@@ -1,0 +1,17 @@
+//! Skein's shared vocabulary: the custom resources users apply (`TrafficRoute`, `OutlierPolicy`,
+//! `RetryPolicy`), the `ProxyConfig` the operator pushes to every sidecar, and the labels, ports
+//! and names the parts agree on. No I/O lives here.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod constants;
+pub mod crd;
+pub mod duration;
+
+pub use config::{ProxyConfig, StreamAck, WorkloadIdentity};
+pub use crd::{
+    outlier_policy::{OutlierPolicy, OutlierPolicySpec},
+    retry_policy::{RetryPolicy, RetryPolicySpec},
+    traffic_route::{TrafficRoute, TrafficRouteSpec},
+    PolicyStatus,
+};

@@ -1,0 +1,172 @@
+//! The Skein control plane: watches TrafficRoutes, OutlierPolicies, RetryPolicies, Services,
+//! EndpointSlices and Pods; computes one `ProxyConfig` per workload identity; pushes it to every
+//! connected sidecar over the config stream; and (on the leader) reports status conditions and
+//! events on every Skein resource.
+#![forbid(unsafe_code)]
+
+pub mod compute;
+pub mod controller;
+pub mod crdgen;
+pub mod hub;
+pub mod leader;
+pub mod metrics;
+pub mod server;
+pub mod snapshot;
+pub mod status;
+pub mod stream;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::{Client, Config};
+use prometheus_client::registry::Registry;
+use skein_api::constants::{DEFAULT_OPERATOR_NAMESPACE, DEFAULT_TRUST_DOMAIN, LEADER_LEASE};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+
+/// Errors that stop the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("reading kubeconfig {path}")]
+    Kubeconfig {
+        path: PathBuf,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    #[error("no usable Kubernetes configuration (set KUBECONFIG or run in a cluster)")]
+    InferConfig(#[source] kube::config::InferConfigError),
+    #[error("creating the Kubernetes client")]
+    Client(#[source] kube::Error),
+    #[error("listening on {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Command line of `skein-operator`; every flag can also come from the environment.
+#[derive(clap::Parser, Debug, Clone)]
+#[command(name = "skein-operator", version, about = "The Skein service mesh control plane")]
+pub struct Args {
+    /// Kubeconfig file; without it, KUBECONFIG or the in-cluster service account is used.
+    #[arg(long, env = "SKEIN_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The operator's own namespace (its Lease and, later, its CA live here).
+    #[arg(long, env = "POD_NAMESPACE", default_value = DEFAULT_OPERATOR_NAMESPACE)]
+    pub namespace: String,
+    /// Watch only this namespace instead of the whole cluster.
+    #[arg(long, env = "SKEIN_WATCH_NAMESPACE")]
+    pub watch_namespace: Option<String>,
+    /// Address of `/metrics`, `/healthz` and `/readyz`.
+    #[arg(long, env = "SKEIN_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    pub metrics_addr: SocketAddr,
+    /// Address of the config stream.
+    #[arg(long, env = "SKEIN_STREAM_ADDR", default_value = "0.0.0.0:15012")]
+    pub stream_addr: SocketAddr,
+    /// This replica's name in the leader Lease (the pod name in a cluster).
+    #[arg(long, env = "POD_NAME")]
+    pub instance: Option<String>,
+    /// SPIFFE trust domain of workload identities.
+    #[arg(long, env = "SKEIN_TRUST_DOMAIN", default_value = DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// Log as JSON lines instead of text.
+    #[arg(long, env = "SKEIN_LOG_JSON")]
+    pub log_json: bool,
+}
+
+async fn client(args: &Args) -> Result<Client> {
+    let config = match &args.kubeconfig {
+        Some(path) => {
+            let kubeconfig = Kubeconfig::read_from(path).map_err(|source| Error::Kubeconfig { path: path.clone(), source })?;
+            Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .map_err(|source| Error::Kubeconfig { path: path.clone(), source })?
+        }
+        None => Config::infer().await.map_err(Error::InferConfig)?,
+    };
+    Client::try_from(config).map_err(Error::Client)
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })
+}
+
+/// Runs the operator until `shutdown` fires.
+pub async fn run(args: Args, shutdown: CancellationToken) -> Result<()> {
+    let client = client(&args).await?;
+    let instance = args.instance.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
+        format!("{}-{}", if host.is_empty() { "skein-operator" } else { &host }, std::process::id())
+    });
+    let stream_listener = bind(args.stream_addr).await?;
+    let http_listener = bind(args.metrics_addr).await?;
+
+    let metrics = metrics::Metrics::default();
+    let mut registry = Registry::default();
+    metrics.register(&mut registry);
+    let hub = hub::ConfigHub::new(metrics.clone());
+    let reporter = Reporter { controller: "skein-operator".into(), instance: Some(instance.clone()) };
+    let ctx = Arc::new(controller::Context {
+        client: client.clone(),
+        snapshot: RwLock::default(),
+        snapshot_changed: Notify::new(),
+        hub: hub.clone(),
+        metrics: metrics.clone(),
+        synced: watch::Sender::new(0),
+        recorder: Recorder::new(client.clone(), reporter),
+    });
+
+    controller::spawn_watchers(&ctx, args.watch_namespace.as_deref(), &shutdown);
+    let computed = Arc::new(Notify::new());
+    tokio::spawn(controller::compute_loop(ctx.clone(), computed.clone(), shutdown.clone()));
+
+    let (leader_tx, leader_rx) = watch::channel(false);
+    let election = tokio::spawn(leader::run(
+        client.clone(),
+        args.namespace.clone(),
+        LEADER_LEASE.into(),
+        instance.clone(),
+        leader_tx,
+        shutdown.clone(),
+    ));
+    {
+        let metrics = metrics.clone();
+        let mut leader_rx = leader_rx.clone();
+        tokio::spawn(async move {
+            while leader_rx.changed().await.is_ok() {
+                metrics.leader.set(i64::from(*leader_rx.borrow()));
+            }
+        });
+    }
+    tokio::spawn(controller::status_loop(ctx.clone(), computed, leader_rx, shutdown.clone()));
+
+    let (ready_tx, ready_rx) = watch::channel(false);
+    {
+        let mut synced = ctx.synced.subscribe();
+        tokio::spawn(async move {
+            let _ = synced.wait_for(|n| *n >= controller::WATCHERS).await;
+            ready_tx.send_replace(true);
+            tracing::info!("every watcher has listed: ready");
+        });
+    }
+    let http_state = Arc::new(server::HttpState { registry, ready: ready_rx });
+    tokio::spawn(server::serve(http_listener, http_state, shutdown.clone()));
+    tracing::info!(
+        stream = %args.stream_addr, metrics = %args.metrics_addr, %instance,
+        watch_namespace = args.watch_namespace.as_deref().unwrap_or("(all)"),
+        "skein-operator started"
+    );
+    stream::serve(stream_listener, hub, shutdown.clone()).await;
+
+    // The stream server returns on shutdown; give the Lease back before exiting.
+    let _ = tokio::time::timeout(Duration::from_secs(5), election).await;
+    Ok(())
+}

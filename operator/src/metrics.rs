@@ -1,0 +1,61 @@
+//! Operator metrics (Prometheus text at `/metrics` on the 8080 port).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AckLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub kind: &'static str,
+}
+
+/// Every operator metric; cheap to clone (the series are shared).
+#[derive(Clone)]
+pub struct Metrics {
+    pub reconciles: Counter,
+    pub reconcile_seconds: Histogram,
+    pub reconcile_errors: Family<ErrorLabels, Counter>,
+    pub connected_proxies: Gauge,
+    pub push_seconds: Histogram,
+    pub acks: Family<AckLabels, Counter>,
+    pub status_writes: Counter,
+    pub leader: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            reconciles: Counter::default(),
+            reconcile_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            reconcile_errors: Family::default(),
+            connected_proxies: Gauge::default(),
+            push_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            acks: Family::default(),
+            status_writes: Counter::default(),
+            leader: Gauge::default(),
+        }
+    }
+}
+
+impl Metrics {
+    /// Registers every series under the `skein_operator` prefix.
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("skein_operator");
+        r.register("reconciles", "Config computations run", self.reconciles.clone());
+        r.register("reconcile_duration_seconds", "Time to compute the mesh config", self.reconcile_seconds.clone());
+        r.register("reconcile_errors", "Failures while reconciling, by kind", self.reconcile_errors.clone());
+        r.register("connected_proxies", "Proxies connected to the config stream", self.connected_proxies.clone());
+        r.register("config_push_duration_seconds", "Time from publishing a config to its acknowledgement", self.push_seconds.clone());
+        r.register("config_acks", "Acknowledgements received, by result", self.acks.clone());
+        r.register("status_writes", "Status subresource writes", self.status_writes.clone());
+        r.register("leader", "1 while this replica holds the leader Lease", self.leader.clone());
+    }
+}

@@ -1,0 +1,219 @@
+//! Status conditions as plain functions: `Programmed` from the proxies' acknowledgements, and
+//! the merge that keeps `lastTransitionTime` when a condition's status did not change.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use skein_api::crd::condition::{ACCEPTED, PROGRAMMED, RESOLVED_REFS};
+use skein_api::{PolicyStatus, WorkloadIdentity};
+
+use crate::compute::{Cond, DesiredStatus};
+
+/// One connected proxy as the status computation sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProxyView {
+    pub identity: WorkloadIdentity,
+    /// The proxy's own name (its pod name), for messages.
+    pub proxy_id: String,
+    /// The last version it applied.
+    pub acked: Option<String>,
+    /// The last version it refused, with its reason.
+    pub rejected: Option<(String, String)>,
+}
+
+/// `Programmed`: has every connected proxy that needs this resource applied the config that
+/// carries its current generation? Every proxy receives every destination, so every connected
+/// proxy needs every accepted resource; `current` gives the version each identity should be at.
+pub fn programmed(accepted: &Cond, proxies: &[ProxyView], current: impl Fn(&WorkloadIdentity) -> String) -> Cond {
+    if !accepted.status {
+        return Cond::fail("NotAccepted", format!("not programmed: the resource is not accepted ({})", accepted.reason));
+    }
+    let total = proxies.len();
+    if total == 0 {
+        return Cond::ok("Programmed", "0/0 proxies: no connected proxy needs this yet");
+    }
+    let mut versions: Vec<String> = Vec::new();
+    let mut acked = 0;
+    let mut rejected = None;
+    let mut waiting = None;
+    for p in proxies {
+        let want = current(&p.identity);
+        if p.acked.as_deref() == Some(want.as_str()) {
+            acked += 1;
+        } else if let Some((v, err)) = &p.rejected {
+            if *v == want {
+                rejected.get_or_insert_with(|| format!("proxy {} refused it: {err}", p.proxy_id));
+            }
+        } else {
+            waiting.get_or_insert_with(|| format!("waiting for proxy {}", p.proxy_id));
+        }
+        if !versions.contains(&want) {
+            versions.push(want);
+        }
+    }
+    let at = match versions.as_slice() {
+        [one] => format!("config {one}"),
+        many => format!("their current config ({} versions)", many.len()),
+    };
+    let summary = format!("{acked}/{total} proxies at {at}");
+    if acked == total {
+        Cond::ok("Programmed", summary)
+    } else if let Some(why) = rejected {
+        Cond::fail("Rejected", format!("{summary}; {why}"))
+    } else {
+        Cond::fail("Pending", format!("{summary}; {}", waiting.unwrap_or_default()))
+    }
+}
+
+/// The status to write: desired conditions merged onto the existing ones. A condition keeps its
+/// `lastTransitionTime` unless its status changed (Kubernetes API conventions); conditions of
+/// other types (written by someone else) are kept.
+pub fn merge(existing: Option<&PolicyStatus>, desired: &DesiredStatus, programmed: &Cond, now: &Time) -> PolicyStatus {
+    let old = existing.map(|s| s.conditions.as_slice()).unwrap_or_default();
+    let mut conditions: Vec<Condition> = old
+        .iter()
+        .filter(|c| ![ACCEPTED, RESOLVED_REFS, PROGRAMMED].contains(&c.type_.as_str()))
+        .cloned()
+        .collect();
+    for (type_, cond) in [(ACCEPTED, &desired.accepted), (RESOLVED_REFS, &desired.resolved_refs), (PROGRAMMED, programmed)] {
+        let status = if cond.status { "True" } else { "False" };
+        let previous = old.iter().find(|c| c.type_ == type_);
+        let last_transition_time = match previous {
+            Some(p) if p.status == status => p.last_transition_time.clone(),
+            _ => now.clone(),
+        };
+        conditions.push(Condition {
+            type_: type_.to_string(),
+            status: status.to_string(),
+            reason: cond.reason.clone(),
+            message: truncate(&cond.message, 32768),
+            observed_generation: Some(desired.generation),
+            last_transition_time,
+        });
+    }
+    PolicyStatus { observed_generation: Some(desired.generation), conditions }
+}
+
+/// Conditions whose (status, reason) changed from `old` to `new`: these get an Event.
+pub fn transitions<'a>(old: Option<&PolicyStatus>, new: &'a PolicyStatus) -> Vec<&'a Condition> {
+    let before = old.map(|s| s.conditions.as_slice()).unwrap_or_default();
+    new.conditions
+        .iter()
+        .filter(|c| !before.iter().any(|b| b.type_ == c.type_ && b.status == c.status && b.reason == c.reason))
+        .collect()
+}
+
+/// Whether two statuses say the same thing (ignoring `lastTransitionTime` precision).
+pub fn same(a: Option<&PolicyStatus>, b: &PolicyStatus) -> bool {
+    let Some(a) = a else { return false };
+    a.observed_generation == b.observed_generation
+        && a.conditions.len() == b.conditions.len()
+        && a.conditions.iter().zip(&b.conditions).all(|(x, y)| {
+            x.type_ == y.type_
+                && x.status == y.status
+                && x.reason == y.reason
+                && x.message == y.message
+                && x.observed_generation == y.observed_generation
+        })
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::jiff::Timestamp;
+
+    fn t(secs: i64) -> Time {
+        Time(Timestamp::from_second(secs).unwrap())
+    }
+
+    fn desired(accepted: Cond) -> DesiredStatus {
+        DesiredStatus { generation: 3, accepted, resolved_refs: Cond::ok("ResolvedRefs", "ok") }
+    }
+
+    fn proxy(id: &str, sa: &str, acked: Option<&str>) -> ProxyView {
+        ProxyView {
+            identity: WorkloadIdentity::new("shop", sa),
+            proxy_id: id.into(),
+            acked: acked.map(str::to_string),
+            rejected: None,
+        }
+    }
+
+    #[test]
+    fn programmed_counts_proxies_at_their_current_version() {
+        let accepted = Cond::ok("Accepted", "");
+        let current = |_: &WorkloadIdentity| "abc".to_string();
+        let all = programmed(&accepted, &[proxy("a", "x", Some("abc")), proxy("b", "x", Some("abc"))], current);
+        assert_eq!(all, Cond::ok("Programmed", "2/2 proxies at config abc"));
+
+        let some = programmed(&accepted, &[proxy("a", "x", Some("abc")), proxy("b", "x", Some("old"))], current);
+        assert!(!some.status);
+        assert_eq!(some.reason, "Pending");
+        assert!(some.message.starts_with("1/2 proxies at config abc"), "{}", some.message);
+
+        let mut refusing = proxy("b", "x", Some("old"));
+        refusing.rejected = Some(("abc".into(), "bad regex".into()));
+        let rejected = programmed(&accepted, &[proxy("a", "x", Some("abc")), refusing], current);
+        assert_eq!(rejected.reason, "Rejected");
+        assert!(rejected.message.contains("proxy b refused it: bad regex"));
+
+        let none = programmed(&accepted, &[], current);
+        assert!(none.status);
+        assert!(none.message.starts_with("0/0"));
+    }
+
+    #[test]
+    fn programmed_is_false_when_not_accepted() {
+        let c = programmed(&Cond::fail("Conflicted", "x"), &[], |_| "v".into());
+        assert_eq!((c.status, c.reason.as_str()), (false, "NotAccepted"));
+    }
+
+    #[test]
+    fn merge_keeps_transition_time_when_status_is_unchanged() {
+        let programmed_now = Cond::ok("Programmed", "1/1 proxies at config abc");
+        let first = merge(None, &desired(Cond::ok("Accepted", "fine")), &programmed_now, &t(100));
+        assert!(first.conditions.iter().all(|c| c.last_transition_time == t(100)));
+
+        // Same statuses, new message: times stay.
+        let second = merge(Some(&first), &desired(Cond::ok("Accepted", "still fine")), &programmed_now, &t(200));
+        assert!(second.conditions.iter().all(|c| c.last_transition_time == t(100)));
+        assert!(transitions(Some(&first), &second).is_empty());
+
+        // Accepted flips: only its time moves, and it is the one transition.
+        let third = merge(Some(&second), &desired(Cond::fail("Conflicted", "lost")), &programmed_now, &t(300));
+        let accepted = third.conditions.iter().find(|c| c.type_ == "Accepted").unwrap();
+        assert_eq!(accepted.last_transition_time, t(300));
+        assert_eq!(accepted.observed_generation, Some(3));
+        let programmed_c = third.conditions.iter().find(|c| c.type_ == "Programmed").unwrap();
+        assert_eq!(programmed_c.last_transition_time, t(100));
+        let changed: Vec<&str> = transitions(Some(&second), &third).iter().map(|c| c.reason.as_str()).collect();
+        assert_eq!(changed, ["Conflicted"]);
+        assert!(!same(Some(&second), &third));
+        assert!(same(Some(&third), &third.clone()));
+    }
+
+    #[test]
+    fn merge_keeps_foreign_conditions() {
+        let mut existing = PolicyStatus::default();
+        existing.conditions.push(Condition {
+            type_: "example.com/Audited".into(),
+            status: "True".into(),
+            reason: "Audited".into(),
+            message: String::new(),
+            observed_generation: None,
+            last_transition_time: t(1),
+        });
+        let merged = merge(Some(&existing), &desired(Cond::ok("Accepted", "")), &Cond::ok("Programmed", ""), &t(5));
+        assert_eq!(merged.conditions.len(), 4);
+        assert_eq!(merged.conditions[0].type_, "example.com/Audited");
+    }
+}

@@ -81,12 +81,19 @@ pub struct DesiredStatus {
 }
 
 /// The computed mesh: shared destinations, per-identity inbound ports, desired statuses.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct MeshConfig {
     pub destinations: Arc<Vec<Destination>>,
     destinations_digest: Sha256,
     pub inbound: BTreeMap<WorkloadIdentity, Vec<InboundPort>>,
     pub statuses: BTreeMap<ResourceRef, DesiredStatus>,
+}
+
+impl Default for MeshConfig {
+    /// The mesh of an empty cluster (what proxies get before the first list completes).
+    fn default() -> Self {
+        compute(&Snapshot::default())
+    }
 }
 
 impl MeshConfig {
@@ -619,5 +626,225 @@ fn target_of(target: &PolicyTargetRef, namespace: &str) -> Result<Target, String
         TargetKind::Service if group.is_empty() || group == "core" => Ok(Target::Service(key)),
         TargetKind::TrafficRoute if group.is_empty() || group == skein_api::constants::GROUP => Ok(Target::Route(key)),
         kind => Err(format!("spec.targetRef.group {group:?} does not serve kind {kind:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::SnapshotObject;
+    use k8s_openapi::api::core::v1::{Pod, Service};
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+    const CANARY: &str = r#"
+apiVersion: skein.dev/v1alpha1
+kind: TrafficRoute
+metadata: {name: reviews, namespace: shop, generation: 2, creationTimestamp: "2026-01-01T00:00:00Z"}
+spec:
+  host: reviews
+  port: 9080
+  subsets:
+    - {name: v1, labels: {version: v1}}
+    - {name: v2, labels: {version: v2}}
+  rules:
+    - match:
+        headers: [{name: X-User-Group, exact: beta}]
+      backends: [{subset: v2, weight: 100}]
+    - backends:
+        - {subset: v1, weight: 90}
+        - {subset: v2, weight: 10}
+      timeout: 10s
+"#;
+
+    fn yaml<T: serde::de::DeserializeOwned>(text: &str) -> T {
+        serde_saphyr::from_str(text).unwrap()
+    }
+
+    /// The canary's world: Service `shop/reviews` with one v1 and one v2 pod behind it.
+    fn shop() -> Snapshot {
+        let mut s = Snapshot::default();
+        yaml::<TrafficRoute>(CANARY).apply(&mut s);
+        yaml::<Service>("metadata: {name: reviews, namespace: shop}\nspec: {ports: [{name: http, port: 9080}]}")
+            .apply(&mut s);
+        for (pod, version, ip) in [("reviews-v1-0", "v1", "10.0.0.1"), ("reviews-v2-0", "v2", "10.0.0.2")] {
+            yaml::<Pod>(&format!(
+                "metadata: {{name: {pod}, namespace: shop, labels: {{app: reviews, version: {version}, skein.dev/inject: enabled}}}}\nspec: {{serviceAccountName: reviews, containers: []}}"
+            ))
+            .apply(&mut s);
+            yaml::<EndpointSlice>(&format!(
+                r#"
+metadata: {{name: reviews-{version}, namespace: shop, labels: {{kubernetes.io/service-name: reviews}}}}
+addressType: IPv4
+ports: [{{name: http, port: 9080}}]
+endpoints: [{{addresses: ["{ip}"], conditions: {{ready: true}}, targetRef: {{kind: Pod, name: {pod}}}}}]
+"#
+            ))
+            .apply(&mut s);
+        }
+        s
+    }
+
+    fn tr(key: &str) -> ResourceRef {
+        let (ns, name) = key.split_once('/').unwrap();
+        ResourceRef { kind: ResourceKind::TrafficRoute, key: ObjectKey::new(ns, name) }
+    }
+
+    #[test]
+    fn canary_becomes_header_rule_then_weighted_split() {
+        let mesh = compute(&shop());
+        let cfg = mesh.proxy_config(&WorkloadIdentity::new("shop", "productpage"));
+        let dest = cfg.destination("reviews.shop.svc.cluster.local").expect("destination");
+        assert_eq!(dest.endpoints.len(), 2);
+        assert_eq!(dest.endpoints[0].identity, Some(WorkloadIdentity::new("shop", "reviews")));
+        assert_eq!(dest.endpoints[0].ports.get("http"), Some(&9080));
+        let route = &dest.routes[0];
+        assert_eq!((route.name.as_str(), route.port, route.generation), ("shop/reviews", Some(9080), 2));
+
+        let beta = &route.rules[0];
+        assert_eq!(beta.headers, vec![HeaderMatch { name: "x-user-group".into(), value: StringMatch::Exact("beta".into()) }]);
+        assert_eq!(beta.backends.len(), 1);
+        assert!(matches!(&beta.backends[0].target, BackendTarget::Subset { name, .. } if name == "v2"));
+
+        let split = &route.rules[1];
+        assert!(split.headers.is_empty());
+        let weights: Vec<(String, u32)> = split
+            .backends
+            .iter()
+            .map(|b| match &b.target {
+                BackendTarget::Subset { name, labels } => {
+                    assert_eq!(labels.get("version"), Some(name));
+                    (name.clone(), b.weight)
+                }
+                other => panic!("unexpected backend {other:?}"),
+            })
+            .collect();
+        assert_eq!(weights, [("v1".to_string(), 90), ("v2".to_string(), 10)]);
+        assert_eq!(split.timeout_ms, Some(10_000));
+
+        let status = &mesh.statuses[&tr("shop/reviews")];
+        assert!(status.accepted.status);
+        assert_eq!(status.resolved_refs, Cond::ok("ResolvedRefs", "Service shop/reviews has 2 ready endpoints; subsets v1 (1), v2 (1)"));
+    }
+
+    #[test]
+    fn version_is_a_content_hash() {
+        let id = WorkloadIdentity::new("shop", "productpage");
+        let a = compute(&shop()).proxy_config(&id);
+        let b = compute(&shop()).proxy_config(&id);
+        assert_eq!(a.version, b.version, "same content, same version");
+        assert_eq!(a.version.len(), 12);
+
+        let mut changed = shop();
+        let route = changed.routes.values_mut().next().unwrap();
+        route.spec.rules[1].backends[0].weight = 50;
+        assert_ne!(compute(&changed).proxy_config(&id).version, a.version);
+        assert_ne!(compute(&shop()).proxy_config(&WorkloadIdentity::new("shop", "other")).version, a.version);
+    }
+
+    #[test]
+    fn the_older_route_wins_a_conflict_and_the_newer_names_it() {
+        let mut s = shop();
+        let mut newer: TrafficRoute = yaml(CANARY);
+        newer.metadata.name = Some("reviews-b".into());
+        newer.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            "2026-02-01T00:00:00Z".parse().unwrap(),
+        ));
+        newer.apply(&mut s);
+        let mesh = compute(&s);
+        let lost = &mesh.statuses[&tr("shop/reviews-b")].accepted;
+        assert_eq!((lost.status, lost.reason.as_str()), (false, "Conflicted"));
+        assert!(lost.message.contains("shop/reviews"), "{}", lost.message);
+        assert!(mesh.statuses[&tr("shop/reviews")].accepted.status);
+        let dest = &mesh.destinations[0];
+        assert_eq!(dest.routes.len(), 1);
+        assert_eq!(dest.routes[0].name, "shop/reviews");
+
+        // An all-ports route for the same host does not conflict; the port-specific one comes first.
+        let mut all_ports: TrafficRoute = yaml(CANARY);
+        all_ports.metadata.name = Some("reviews-any".into());
+        all_ports.spec.port = None;
+        all_ports.apply(&mut s);
+        let mesh = compute(&s);
+        assert!(mesh.statuses[&tr("shop/reviews-any")].accepted.status);
+        let names: Vec<&str> = mesh.destinations[0].routes.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["shop/reviews", "shop/reviews-any"]);
+    }
+
+    #[test]
+    fn unresolved_references_are_reported_but_the_route_stays() {
+        let mut s = shop();
+        s.slices.retain(|k, _| k.name != "reviews-v2");
+        let mesh = compute(&s);
+        let refs = &mesh.statuses[&tr("shop/reviews")].resolved_refs;
+        assert_eq!((refs.status, refs.reason.as_str()), (false, "SubsetEmpty"));
+        assert!(refs.message.contains("subset v2 (version=v2)"), "{}", refs.message);
+        assert_eq!(mesh.destinations[0].routes.len(), 1);
+
+        s.services.clear();
+        let refs = &compute(&s).statuses[&tr("shop/reviews")].resolved_refs;
+        assert_eq!((refs.reason.as_str(), refs.message.as_str()), ("ServiceNotFound", "Service shop/reviews not found"));
+    }
+
+    #[test]
+    fn hosts_resolve_to_services() {
+        assert_eq!(resolve_host("reviews", "shop").unwrap(), ObjectKey::new("shop", "reviews"));
+        assert_eq!(resolve_host("reviews.books", "shop").unwrap(), ObjectKey::new("books", "reviews"));
+        assert_eq!(resolve_host("reviews.books.svc.cluster.local", "shop").unwrap(), ObjectKey::new("books", "reviews"));
+        assert!(resolve_host("www.example.com", "shop").is_err());
+    }
+
+    #[test]
+    fn invalid_specs_are_not_accepted_and_name_the_field() {
+        let mut s = shop();
+        let route = s.routes.values_mut().next().unwrap();
+        route.spec.rules[0].matches.as_mut().unwrap().headers[0].value =
+            skein_api::crd::StringMatch { exact: None, prefix: None, regex: Some("(unclosed".into()) };
+        let mesh = compute(&s);
+        let accepted = &mesh.statuses[&tr("shop/reviews")].accepted;
+        assert_eq!(accepted.reason, "Invalid");
+        assert!(accepted.message.starts_with("spec.rules[0].match.headers[0].regex"), "{}", accepted.message);
+        assert!(mesh.destinations[0].routes.is_empty(), "an invalid route is not in force");
+    }
+
+    #[test]
+    fn policies_attach_to_services_and_routes_oldest_first() {
+        let mut s = shop();
+        yaml::<RetryPolicy>(
+            "metadata: {name: a, namespace: shop, creationTimestamp: '2026-01-01T00:00:00Z'}\nspec: {targetRef: {kind: Service, name: reviews}, attempts: 3, perTryTimeout: 2s, timeout: 10s, retryOn: ['5xx']}",
+        )
+        .apply(&mut s);
+        yaml::<RetryPolicy>(
+            "metadata: {name: b, namespace: shop, creationTimestamp: '2026-03-01T00:00:00Z'}\nspec: {targetRef: {kind: Service, name: reviews}, attempts: 1, retryOn: ['reset']}",
+        )
+        .apply(&mut s);
+        yaml::<OutlierPolicy>(
+            "metadata: {name: o, namespace: shop}\nspec: {targetRef: {kind: TrafficRoute, name: reviews}, consecutiveErrors: 3, interval: 1s, baseEjectionTime: 30s, maxEjectionTime: 5m, maxEjectionPercent: 50}",
+        )
+        .apply(&mut s);
+        yaml::<OutlierPolicy>(
+            "metadata: {name: lost, namespace: shop}\nspec: {targetRef: {kind: Service, name: ratings}, consecutiveErrors: 3, interval: 1s, baseEjectionTime: 30s, maxEjectionTime: 5m, maxEjectionPercent: 50}",
+        )
+        .apply(&mut s);
+        let mesh = compute(&s);
+        let dest = &mesh.destinations[0];
+        let retry = dest.retry.as_ref().expect("service retry policy");
+        assert_eq!((retry.policy.as_str(), retry.attempts, retry.per_try_timeout_ms), ("shop/a", 3, Some(2000)));
+        assert_eq!(retry.retry_on, ["5xx"]);
+        let outlier = dest.routes[0].outlier.as_ref().expect("route outlier policy");
+        assert_eq!((outlier.consecutive_errors, outlier.base_ejection_ms, outlier.max_ejection_ms), (3, 30_000, 300_000));
+
+        let rp = |n: &str| &mesh.statuses[&ResourceRef { kind: ResourceKind::RetryPolicy, key: ObjectKey::new("shop", n) }];
+        assert!(rp("a").accepted.status);
+        assert_eq!(rp("b").accepted.reason, "Conflicted");
+        assert!(rp("b").accepted.message.contains("shop/a"));
+        let lost = &mesh.statuses[&ResourceRef { kind: ResourceKind::OutlierPolicy, key: ObjectKey::new("shop", "lost") }];
+        assert_eq!(lost.resolved_refs.reason, "ServiceNotFound");
+    }
+
+    #[test]
+    fn meshed_workloads_get_their_inbound_ports() {
+        let mesh = compute(&shop());
+        let cfg = mesh.proxy_config(&WorkloadIdentity::new("shop", "reviews"));
+        assert_eq!(cfg.inbound, vec![InboundPort { port: 9080, protocol: Protocol::Http }]);
     }
 }

@@ -88,7 +88,10 @@ impl ProxyConfig {
                 }
                 for rule in &r.rules {
                     if rule.backends.iter().map(|b| u64::from(b.weight)).sum::<u64>() == 0 {
-                        return Err(format!("destination {name}: route {} has a rule whose weights sum to 0", r.name));
+                        return Err(format!(
+                            "destination {name}: route {} has a rule whose weights sum to 0",
+                            r.name
+                        ));
                     }
                 }
             }
@@ -316,7 +319,11 @@ mod tests {
                 rules: vec![RouteRule {
                     backends: vec![WeightedBackend {
                         weight: 0,
-                        target: BackendTarget::Service { namespace: "ns".into(), name: "x".into(), port: None },
+                        target: BackendTarget::Service {
+                            namespace: "ns".into(),
+                            name: "x".into(),
+                            port: None,
+                        },
                     }],
                     ..Default::default()
                 }],

@@ -146,7 +146,8 @@ pub fn compute(snapshot: &Snapshot) -> MeshConfig {
             })
             .collect();
         // Port-specific routes first, so the proxy's first hit is the most specific one.
-        service_routes.sort_by(|a, b| (a.port.is_none(), a.port, &a.name).cmp(&(b.port.is_none(), b.port, &b.name)));
+        service_routes
+            .sort_by(|a, b| (a.port.is_none(), a.port, &a.name).cmp(&(b.port.is_none(), b.port, &b.name)));
         destinations.push(Destination {
             namespace: key.namespace.clone(),
             name: key.name.clone(),
@@ -154,7 +155,11 @@ pub fn compute(snapshot: &Snapshot) -> MeshConfig {
             ports: svc
                 .ports
                 .iter()
-                .map(|p| ServicePort { name: p.name.clone(), port: p.port, protocol: protocol_of(p.name.as_deref(), p.app_protocol.as_deref()) })
+                .map(|p| ServicePort {
+                    name: p.name.clone(),
+                    port: p.port,
+                    protocol: protocol_of(p.name.as_deref(), p.app_protocol.as_deref()),
+                })
                 .collect(),
             endpoints: endpoints.get(key).cloned().unwrap_or_default(),
             routes: service_routes,
@@ -221,7 +226,10 @@ struct AcceptedRoute {
     route: Route,
 }
 
-fn accept_routes(snapshot: &Snapshot, statuses: &mut BTreeMap<ResourceRef, DesiredStatus>) -> Vec<AcceptedRoute> {
+fn accept_routes(
+    snapshot: &Snapshot,
+    statuses: &mut BTreeMap<ResourceRef, DesiredStatus>,
+) -> Vec<AcceptedRoute> {
     let mut valid = Vec::new();
     for (key, tr) in &snapshot.routes {
         let generation = tr.metadata.generation.unwrap_or(0);
@@ -234,7 +242,10 @@ fn accept_routes(snapshot: &Snapshot, statuses: &mut BTreeMap<ResourceRef, Desir
                     DesiredStatus {
                         generation,
                         accepted: Cond::fail("Invalid", message),
-                        resolved_refs: Cond::fail("Invalid", "references are not checked while the spec is invalid"),
+                        resolved_refs: Cond::fail(
+                            "Invalid",
+                            "references are not checked while the spec is invalid",
+                        ),
                     },
                 );
             }
@@ -301,17 +312,21 @@ fn convert_route(key: &ObjectKey, tr: &TrafficRoute) -> Result<Route, String> {
                 })
             })
             .collect::<Result<Vec<_>, String>>()?;
-        let path = matches.path.as_ref().map(|p| convert_match(&p.value, &format!("{field}.match.path"))).transpose()?;
+        let path = matches
+            .path
+            .as_ref()
+            .map(|p| convert_match(&p.value, &format!("{field}.match.path")))
+            .transpose()?;
         let mut backends = Vec::with_capacity(rule.backends.len());
         for (j, b) in rule.backends.iter().enumerate() {
-            let weight = u32::try_from(b.weight).map_err(|_| format!("{field}.backends[{j}].weight must not be negative"))?;
+            let weight = u32::try_from(b.weight)
+                .map_err(|_| format!("{field}.backends[{j}].weight must not be negative"))?;
             let target = match (&b.subset, &b.service) {
                 (Some(subset), None) => BackendTarget::Subset {
                     name: subset.clone(),
-                    labels: subsets
-                        .get(subset.as_str())
-                        .map(|l| (*l).clone())
-                        .ok_or_else(|| format!("{field}.backends[{j}].subset {subset:?} is not declared in spec.subsets"))?,
+                    labels: subsets.get(subset.as_str()).map(|l| (*l).clone()).ok_or_else(|| {
+                        format!("{field}.backends[{j}].subset {subset:?} is not declared in spec.subsets")
+                    })?,
                 },
                 (None, Some(service)) => BackendTarget::Service {
                     namespace: key.namespace.clone(),
@@ -373,12 +388,17 @@ fn resolve_route_refs(snapshot: &Snapshot, key: &ObjectKey, service: &ObjectKey,
     let ready = ready_endpoint_labels(snapshot, service);
     let mut counts = Vec::new();
     for subset in &tr.spec.subsets {
-        let n = ready.iter().filter(|labels| subset.labels.iter().all(|(k, v)| labels.get(k) == Some(v))).count();
+        let n =
+            ready.iter().filter(|labels| subset.labels.iter().all(|(k, v)| labels.get(k) == Some(v))).count();
         if n == 0 {
             let selector: Vec<String> = subset.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
             problems.push((
                 "SubsetEmpty",
-                format!("subset {} ({}) selects no ready endpoint of Service {service}", subset.name, selector.join(",")),
+                format!(
+                    "subset {} ({}) selects no ready endpoint of Service {service}",
+                    subset.name,
+                    selector.join(",")
+                ),
             ));
         }
         counts.push(format!("{} ({n})", subset.name));
@@ -409,7 +429,10 @@ fn resolve_route_refs(snapshot: &Snapshot, key: &ObjectKey, service: &ObjectKey,
 }
 
 /// Labels of the ready endpoints of a Service (an endpoint without a known pod has none).
-fn ready_endpoint_labels<'a>(snapshot: &'a Snapshot, service: &ObjectKey) -> Vec<&'a BTreeMap<String, String>> {
+fn ready_endpoint_labels<'a>(
+    snapshot: &'a Snapshot,
+    service: &ObjectKey,
+) -> Vec<&'a BTreeMap<String, String>> {
     static EMPTY: BTreeMap<String, String> = BTreeMap::new();
     let mut seen = BTreeSet::new();
     snapshot
@@ -434,7 +457,10 @@ fn endpoints_by_service(snapshot: &Snapshot) -> BTreeMap<ObjectKey, Vec<Endpoint
         let service = ObjectKey::new(key.namespace.clone(), slice.service.clone());
         let endpoints = by_service.entry(service).or_default();
         for e in slice.endpoints.iter().filter(|e| e.ready) {
-            let pod = e.pod.as_ref().and_then(|p| snapshot.pods.get(&ObjectKey::new(key.namespace.clone(), p.clone())));
+            let pod = e
+                .pod
+                .as_ref()
+                .and_then(|p| snapshot.pods.get(&ObjectKey::new(key.namespace.clone(), p.clone())));
             let entry = endpoints.entry(e.address.clone()).or_insert_with(|| Endpoint {
                 address: e.address.clone(),
                 ports: BTreeMap::new(),
@@ -454,7 +480,10 @@ fn inbound_ports(snapshot: &Snapshot) -> BTreeMap<WorkloadIdentity, Vec<InboundP
     }
     for (key, slice) in &snapshot.slices {
         for e in &slice.endpoints {
-            let Some(pod) = e.pod.as_ref().and_then(|p| snapshot.pods.get(&ObjectKey::new(key.namespace.clone(), p.clone())))
+            let Some(pod) = e
+                .pod
+                .as_ref()
+                .and_then(|p| snapshot.pods.get(&ObjectKey::new(key.namespace.clone(), p.clone())))
             else {
                 continue;
             };
@@ -513,7 +542,9 @@ impl Policy<RetryConfig> for RetryPolicy {
         let retry_on = s
             .retry_on
             .iter()
-            .map(|r| serde_json::to_value(r).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default())
+            .map(|r| {
+                serde_json::to_value(r).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+            })
             .collect();
         Ok(RetryConfig {
             policy: key.to_string(),
@@ -521,7 +552,11 @@ impl Policy<RetryConfig> for RetryPolicy {
             per_try_timeout_ms,
             timeout_ms,
             retry_on,
-            retriable_status_codes: s.retriable_status_codes.iter().filter_map(|c| u16::try_from(*c).ok()).collect(),
+            retriable_status_codes: s
+                .retriable_status_codes
+                .iter()
+                .filter_map(|c| u16::try_from(*c).ok())
+                .collect(),
             backoff_base_ms,
             backoff_max_ms,
             budget_percent: u32::try_from(s.budget.percent).unwrap_or(0),
@@ -580,7 +615,10 @@ fn accept_policies<'a, C: Clone + 'a>(
                     DesiredStatus {
                         generation,
                         accepted: Cond::fail("Invalid", message),
-                        resolved_refs: Cond::fail("Invalid", "references are not checked while the spec is invalid"),
+                        resolved_refs: Cond::fail(
+                            "Invalid",
+                            "references are not checked while the spec is invalid",
+                        ),
                     },
                 );
             }
@@ -624,7 +662,9 @@ fn target_of(target: &PolicyTargetRef, namespace: &str) -> Result<Target, String
     let key = ObjectKey::new(namespace, target.name.clone());
     match target.kind {
         TargetKind::Service if group.is_empty() || group == "core" => Ok(Target::Service(key)),
-        TargetKind::TrafficRoute if group.is_empty() || group == skein_api::constants::GROUP => Ok(Target::Route(key)),
+        TargetKind::TrafficRoute if group.is_empty() || group == skein_api::constants::GROUP => {
+            Ok(Target::Route(key))
+        }
         kind => Err(format!("spec.targetRef.group {group:?} does not serve kind {kind:?}")),
     }
 }
@@ -664,8 +704,10 @@ spec:
     fn shop() -> Snapshot {
         let mut s = Snapshot::default();
         yaml::<TrafficRoute>(CANARY).apply(&mut s);
-        yaml::<Service>("metadata: {name: reviews, namespace: shop}\nspec: {ports: [{name: http, port: 9080}]}")
-            .apply(&mut s);
+        yaml::<Service>(
+            "metadata: {name: reviews, namespace: shop}\nspec: {ports: [{name: http, port: 9080}]}",
+        )
+        .apply(&mut s);
         for (pod, version, ip) in [("reviews-v1-0", "v1", "10.0.0.1"), ("reviews-v2-0", "v2", "10.0.0.2")] {
             yaml::<Pod>(&format!(
                 "metadata: {{name: {pod}, namespace: shop, labels: {{app: reviews, version: {version}, skein.dev/inject: enabled}}}}\nspec: {{serviceAccountName: reviews, containers: []}}"
@@ -701,7 +743,10 @@ endpoints: [{{addresses: ["{ip}"], conditions: {{ready: true}}, targetRef: {{kin
         assert_eq!((route.name.as_str(), route.port, route.generation), ("shop/reviews", Some(9080), 2));
 
         let beta = &route.rules[0];
-        assert_eq!(beta.headers, vec![HeaderMatch { name: "x-user-group".into(), value: StringMatch::Exact("beta".into()) }]);
+        assert_eq!(
+            beta.headers,
+            vec![HeaderMatch { name: "x-user-group".into(), value: StringMatch::Exact("beta".into()) }]
+        );
         assert_eq!(beta.backends.len(), 1);
         assert!(matches!(&beta.backends[0].target, BackendTarget::Subset { name, .. } if name == "v2"));
 
@@ -723,7 +768,10 @@ endpoints: [{{addresses: ["{ip}"], conditions: {{ready: true}}, targetRef: {{kin
 
         let status = &mesh.statuses[&tr("shop/reviews")];
         assert!(status.accepted.status);
-        assert_eq!(status.resolved_refs, Cond::ok("ResolvedRefs", "Service shop/reviews has 2 ready endpoints; subsets v1 (1), v2 (1)"));
+        assert_eq!(
+            status.resolved_refs,
+            Cond::ok("ResolvedRefs", "Service shop/reviews has 2 ready endpoints; subsets v1 (1), v2 (1)")
+        );
     }
 
     #[test]
@@ -782,14 +830,20 @@ endpoints: [{{addresses: ["{ip}"], conditions: {{ready: true}}, targetRef: {{kin
 
         s.services.clear();
         let refs = &compute(&s).statuses[&tr("shop/reviews")].resolved_refs;
-        assert_eq!((refs.reason.as_str(), refs.message.as_str()), ("ServiceNotFound", "Service shop/reviews not found"));
+        assert_eq!(
+            (refs.reason.as_str(), refs.message.as_str()),
+            ("ServiceNotFound", "Service shop/reviews not found")
+        );
     }
 
     #[test]
     fn hosts_resolve_to_services() {
         assert_eq!(resolve_host("reviews", "shop").unwrap(), ObjectKey::new("shop", "reviews"));
         assert_eq!(resolve_host("reviews.books", "shop").unwrap(), ObjectKey::new("books", "reviews"));
-        assert_eq!(resolve_host("reviews.books.svc.cluster.local", "shop").unwrap(), ObjectKey::new("books", "reviews"));
+        assert_eq!(
+            resolve_host("reviews.books.svc.cluster.local", "shop").unwrap(),
+            ObjectKey::new("books", "reviews")
+        );
         assert!(resolve_host("www.example.com", "shop").is_err());
     }
 
@@ -828,16 +882,25 @@ endpoints: [{{addresses: ["{ip}"], conditions: {{ready: true}}, targetRef: {{kin
         let mesh = compute(&s);
         let dest = &mesh.destinations[0];
         let retry = dest.retry.as_ref().expect("service retry policy");
-        assert_eq!((retry.policy.as_str(), retry.attempts, retry.per_try_timeout_ms), ("shop/a", 3, Some(2000)));
+        assert_eq!(
+            (retry.policy.as_str(), retry.attempts, retry.per_try_timeout_ms),
+            ("shop/a", 3, Some(2000))
+        );
         assert_eq!(retry.retry_on, ["5xx"]);
         let outlier = dest.routes[0].outlier.as_ref().expect("route outlier policy");
-        assert_eq!((outlier.consecutive_errors, outlier.base_ejection_ms, outlier.max_ejection_ms), (3, 30_000, 300_000));
+        assert_eq!(
+            (outlier.consecutive_errors, outlier.base_ejection_ms, outlier.max_ejection_ms),
+            (3, 30_000, 300_000)
+        );
 
-        let rp = |n: &str| &mesh.statuses[&ResourceRef { kind: ResourceKind::RetryPolicy, key: ObjectKey::new("shop", n) }];
+        let rp = |n: &str| {
+            &mesh.statuses[&ResourceRef { kind: ResourceKind::RetryPolicy, key: ObjectKey::new("shop", n) }]
+        };
         assert!(rp("a").accepted.status);
         assert_eq!(rp("b").accepted.reason, "Conflicted");
         assert!(rp("b").accepted.message.contains("shop/a"));
-        let lost = &mesh.statuses[&ResourceRef { kind: ResourceKind::OutlierPolicy, key: ObjectKey::new("shop", "lost") }];
+        let lost = &mesh.statuses
+            [&ResourceRef { kind: ResourceKind::OutlierPolicy, key: ObjectKey::new("shop", "lost") }];
         assert_eq!(lost.resolved_refs.reason, "ServiceNotFound");
     }
 

@@ -62,7 +62,14 @@ pub fn spawn_watchers(ctx: &Arc<Context>, namespace: Option<&str>, shutdown: &Ca
 
 fn spawn_watcher<K>(ctx: &Arc<Context>, namespace: Option<&str>, shutdown: &CancellationToken)
 where
-    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope> + SnapshotObject + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + SnapshotObject
+        + Clone
+        + DeserializeOwned
+        + Debug
+        + Send
+        + Sync
+        + 'static,
 {
     let api: Api<K> = match namespace {
         Some(ns) => Api::namespaced(ctx.client.clone(), ns),
@@ -146,7 +153,12 @@ pub async fn compute_loop(ctx: Arc<Context>, computed: Arc<Notify>, shutdown: Ca
 }
 
 /// Writes status and events while this replica leads.
-pub async fn status_loop(ctx: Arc<Context>, computed: Arc<Notify>, mut leader: watch::Receiver<bool>, shutdown: CancellationToken) {
+pub async fn status_loop(
+    ctx: Arc<Context>,
+    computed: Arc<Notify>,
+    mut leader: watch::Receiver<bool>,
+    shutdown: CancellationToken,
+) {
     // What this replica last wrote, so an unchanged status is not written again before the
     // watch echoes it back.
     let mut written: HashMap<ResourceRef, PolicyStatus> = HashMap::new();
@@ -175,7 +187,9 @@ pub async fn status_loop(ctx: Arc<Context>, computed: Arc<Notify>, mut leader: w
 async fn write_statuses(ctx: &Context, written: &mut HashMap<ResourceRef, PolicyStatus>) -> bool {
     let mesh = ctx.hub.mesh();
     let (proxies, current) = ctx.hub.proxies();
-    let version_of = |id: &skein_api::WorkloadIdentity| current.get(id).cloned().unwrap_or_else(|| mesh.proxy_config(id).version);
+    let version_of = |id: &skein_api::WorkloadIdentity| {
+        current.get(id).cloned().unwrap_or_else(|| mesh.proxy_config(id).version)
+    };
     let now = Time(Timestamp::now());
     let mut ok = true;
     written.retain(|r, _| mesh.statuses.contains_key(r));
@@ -217,15 +231,23 @@ async fn write_statuses(ctx: &Context, written: &mut HashMap<ResourceRef, Policy
 fn current_status(ctx: &Context, resource: &ResourceRef) -> Option<(Option<PolicyStatus>, ObjectReference)> {
     let snapshot = ctx.snapshot.read().unwrap_or_else(|e| e.into_inner());
     match resource.kind {
-        ResourceKind::TrafficRoute => snapshot.routes.get(&resource.key).map(|o| (o.status.clone(), o.object_ref(&()))),
+        ResourceKind::TrafficRoute => {
+            snapshot.routes.get(&resource.key).map(|o| (o.status.clone(), o.object_ref(&())))
+        }
         ResourceKind::OutlierPolicy => {
             snapshot.outlier_policies.get(&resource.key).map(|o| (o.status.clone(), o.object_ref(&())))
         }
-        ResourceKind::RetryPolicy => snapshot.retry_policies.get(&resource.key).map(|o| (o.status.clone(), o.object_ref(&())))
+        ResourceKind::RetryPolicy => {
+            snapshot.retry_policies.get(&resource.key).map(|o| (o.status.clone(), o.object_ref(&())))
+        }
     }
 }
 
-async fn patch_status(ctx: &Context, resource: &ResourceRef, status: &PolicyStatus) -> Result<(), kube::Error> {
+async fn patch_status(
+    ctx: &Context,
+    resource: &ResourceRef,
+    status: &PolicyStatus,
+) -> Result<(), kube::Error> {
     let (ns, name) = (&resource.key.namespace, &resource.key.name);
     let params = PatchParams::apply(FIELD_MANAGER).force();
     let body = |api_version: String| {
@@ -239,15 +261,21 @@ async fn patch_status(ctx: &Context, resource: &ResourceRef, status: &PolicyStat
         match resource.kind {
             ResourceKind::TrafficRoute => {
                 let api: Api<TrafficRoute> = Api::namespaced(ctx.client.clone(), ns);
-                api.patch_status(name, &params, &Patch::Apply(body(TrafficRoute::api_version(&()).into()))).await.map(drop)
+                api.patch_status(name, &params, &Patch::Apply(body(TrafficRoute::api_version(&()).into())))
+                    .await
+                    .map(drop)
             }
             ResourceKind::OutlierPolicy => {
                 let api: Api<OutlierPolicy> = Api::namespaced(ctx.client.clone(), ns);
-                api.patch_status(name, &params, &Patch::Apply(body(OutlierPolicy::api_version(&()).into()))).await.map(drop)
+                api.patch_status(name, &params, &Patch::Apply(body(OutlierPolicy::api_version(&()).into())))
+                    .await
+                    .map(drop)
             }
             ResourceKind::RetryPolicy => {
                 let api: Api<RetryPolicy> = Api::namespaced(ctx.client.clone(), ns);
-                api.patch_status(name, &params, &Patch::Apply(body(RetryPolicy::api_version(&()).into()))).await.map(drop)
+                api.patch_status(name, &params, &Patch::Apply(body(RetryPolicy::api_version(&()).into())))
+                    .await
+                    .map(drop)
             }
         }
     };

@@ -106,7 +106,11 @@ impl ConfigHub {
 
     /// Registers a proxy and returns its connection id and the channel of its configs (holding
     /// the current one already).
-    pub fn connect(&self, identity: WorkloadIdentity, proxy_id: String) -> (ConnectionId, watch::Receiver<Arc<Pushed>>) {
+    pub fn connect(
+        &self,
+        identity: WorkloadIdentity,
+        proxy_id: String,
+    ) -> (ConnectionId, watch::Receiver<Arc<Pushed>>) {
         let receiver = {
             let mut state = self.lock();
             let mesh = state.mesh.clone();
@@ -135,7 +139,8 @@ impl ConfigHub {
             let mut state = self.lock();
             let Some(conn) = state.connections.get(&id) else { return };
             let identity = conn.identity.clone();
-            let published = state.channels.get(&identity).map(|c| (c.sender.borrow().version.clone(), c.published_at));
+            let published =
+                state.channels.get(&identity).map(|c| (c.sender.borrow().version.clone(), c.published_at));
             let conn = state.connections.get_mut(&id).expect("looked up above");
             match ack.error {
                 None => {
@@ -181,7 +186,8 @@ impl ConfigHub {
                 rejected: c.rejected.clone(),
             })
             .collect();
-        let current = state.channels.iter().map(|(id, c)| (id.clone(), c.sender.borrow().version.clone())).collect();
+        let current =
+            state.channels.iter().map(|(id, c)| (id.clone(), c.sender.borrow().version.clone())).collect();
         (views, current)
     }
 }

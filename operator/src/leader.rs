@@ -66,7 +66,14 @@ fn our_spec(previous: Option<&LeaseSpec>, me: &str, now: Timestamp, decision: &D
 
 /// Runs the election until `shutdown`, publishing whether we lead; on shutdown a leader gives
 /// the Lease up so another replica takes over at once.
-pub async fn run(client: Client, namespace: String, name: String, me: String, leader: watch::Sender<bool>, shutdown: CancellationToken) {
+pub async fn run(
+    client: Client,
+    namespace: String,
+    name: String,
+    me: String,
+    leader: watch::Sender<bool>,
+    shutdown: CancellationToken,
+) {
     let api: Api<Lease> = Api::namespaced(client, &namespace);
     loop {
         let leading = match try_once(&api, &name, &me).await {
@@ -88,7 +95,9 @@ pub async fn run(client: Client, namespace: String, name: String, me: String, le
     if *leader.borrow() {
         leader.send_replace(false);
         if let Ok(mut lease) = api.get(&name).await {
-            if let Some(spec) = lease.spec.as_mut().filter(|s| s.holder_identity.as_deref() == Some(me.as_str())) {
+            if let Some(spec) =
+                lease.spec.as_mut().filter(|s| s.holder_identity.as_deref() == Some(me.as_str()))
+            {
                 spec.holder_identity = None;
                 spec.renew_time = None;
                 let _ = api.replace(&name, &PostParams::default(), &lease).await;

@@ -85,7 +85,8 @@ pub struct Args {
 async fn client(args: &Args) -> Result<Client> {
     let config = match &args.kubeconfig {
         Some(path) => {
-            let kubeconfig = Kubeconfig::read_from(path).map_err(|source| Error::Kubeconfig { path: path.clone(), source })?;
+            let kubeconfig = Kubeconfig::read_from(path)
+                .map_err(|source| Error::Kubeconfig { path: path.clone(), source })?;
             Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
                 .await
                 .map_err(|source| Error::Kubeconfig { path: path.clone(), source })?

@@ -50,10 +50,22 @@ impl Metrics {
     pub fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("skein_operator");
         r.register("reconciles", "Config computations run", self.reconciles.clone());
-        r.register("reconcile_duration_seconds", "Time to compute the mesh config", self.reconcile_seconds.clone());
+        r.register(
+            "reconcile_duration_seconds",
+            "Time to compute the mesh config",
+            self.reconcile_seconds.clone(),
+        );
         r.register("reconcile_errors", "Failures while reconciling, by kind", self.reconcile_errors.clone());
-        r.register("connected_proxies", "Proxies connected to the config stream", self.connected_proxies.clone());
-        r.register("config_push_duration_seconds", "Time from publishing a config to its acknowledgement", self.push_seconds.clone());
+        r.register(
+            "connected_proxies",
+            "Proxies connected to the config stream",
+            self.connected_proxies.clone(),
+        );
+        r.register(
+            "config_push_duration_seconds",
+            "Time from publishing a config to its acknowledgement",
+            self.push_seconds.clone(),
+        );
         r.register("config_acks", "Acknowledgements received, by result", self.acks.clone());
         r.register("status_writes", "Status subresource writes", self.status_writes.clone());
         r.register("leader", "1 while this replica holds the leader Lease", self.leader.clone());

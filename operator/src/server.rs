@@ -36,7 +36,9 @@ pub async fn serve(listener: TcpListener, state: Arc<HttpState>, shutdown: Cance
                 let response = handle(&req, &state);
                 async move { Ok::<_, Infallible>(response) }
             });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
         });
     }
 }
@@ -45,11 +47,15 @@ fn handle(req: &Request<Incoming>, state: &HttpState) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match req.uri().path() {
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
         "/readyz" if *state.ready.borrow() => (StatusCode::OK, "text/plain", "ready\n".to_string()),
-        "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "waiting for the initial lists\n".to_string()),
+        "/readyz" => {
+            (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "waiting for the initial lists\n".to_string())
+        }
         "/metrics" => {
             let mut text = String::new();
             match prometheus_client::encoding::text::encode(&mut text, &state.registry) {
-                Ok(()) => (StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", text),
+                Ok(()) => {
+                    (StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", text)
+                }
                 Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, "text/plain", format!("{e}\n")),
             }
         }

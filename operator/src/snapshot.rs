@@ -115,8 +115,16 @@ impl SliceInfo {
             .flat_map(|ep| {
                 // An absent `ready` condition means ready (discovery.k8s.io/v1 semantics).
                 let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
-                let pod = ep.target_ref.as_ref().filter(|r| r.kind.as_deref() == Some("Pod")).and_then(|r| r.name.clone());
-                ep.addresses.iter().map(move |a| SliceEndpoint { address: a.clone(), ready, pod: pod.clone() })
+                let pod = ep
+                    .target_ref
+                    .as_ref()
+                    .filter(|r| r.kind.as_deref() == Some("Pod"))
+                    .and_then(|r| r.name.clone());
+                ep.addresses.iter().map(move |a| SliceEndpoint {
+                    address: a.clone(),
+                    ready,
+                    pod: pod.clone(),
+                })
             })
             .collect();
         Some(Self { service, ports, endpoints })

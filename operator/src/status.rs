@@ -22,9 +22,16 @@ pub struct ProxyView {
 /// `Programmed`: has every connected proxy that needs this resource applied the config that
 /// carries its current generation? Every proxy receives every destination, so every connected
 /// proxy needs every accepted resource; `current` gives the version each identity should be at.
-pub fn programmed(accepted: &Cond, proxies: &[ProxyView], current: impl Fn(&WorkloadIdentity) -> String) -> Cond {
+pub fn programmed(
+    accepted: &Cond,
+    proxies: &[ProxyView],
+    current: impl Fn(&WorkloadIdentity) -> String,
+) -> Cond {
     if !accepted.status {
-        return Cond::fail("NotAccepted", format!("not programmed: the resource is not accepted ({})", accepted.reason));
+        return Cond::fail(
+            "NotAccepted",
+            format!("not programmed: the resource is not accepted ({})", accepted.reason),
+        );
     }
     let total = proxies.len();
     if total == 0 {
@@ -66,14 +73,21 @@ pub fn programmed(accepted: &Cond, proxies: &[ProxyView], current: impl Fn(&Work
 /// The status to write: desired conditions merged onto the existing ones. A condition keeps its
 /// `lastTransitionTime` unless its status changed (Kubernetes API conventions); conditions of
 /// other types (written by someone else) are kept.
-pub fn merge(existing: Option<&PolicyStatus>, desired: &DesiredStatus, programmed: &Cond, now: &Time) -> PolicyStatus {
+pub fn merge(
+    existing: Option<&PolicyStatus>,
+    desired: &DesiredStatus,
+    programmed: &Cond,
+    now: &Time,
+) -> PolicyStatus {
     let old = existing.map(|s| s.conditions.as_slice()).unwrap_or_default();
     let mut conditions: Vec<Condition> = old
         .iter()
         .filter(|c| ![ACCEPTED, RESOLVED_REFS, PROGRAMMED].contains(&c.type_.as_str()))
         .cloned()
         .collect();
-    for (type_, cond) in [(ACCEPTED, &desired.accepted), (RESOLVED_REFS, &desired.resolved_refs), (PROGRAMMED, programmed)] {
+    for (type_, cond) in
+        [(ACCEPTED, &desired.accepted), (RESOLVED_REFS, &desired.resolved_refs), (PROGRAMMED, programmed)]
+    {
         let status = if cond.status { "True" } else { "False" };
         let previous = old.iter().find(|c| c.type_ == type_);
         let last_transition_time = match previous {
@@ -97,7 +111,9 @@ pub fn transitions<'a>(old: Option<&PolicyStatus>, new: &'a PolicyStatus) -> Vec
     let before = old.map(|s| s.conditions.as_slice()).unwrap_or_default();
     new.conditions
         .iter()
-        .filter(|c| !before.iter().any(|b| b.type_ == c.type_ && b.status == c.status && b.reason == c.reason))
+        .filter(|c| {
+            !before.iter().any(|b| b.type_ == c.type_ && b.status == c.status && b.reason == c.reason)
+        })
         .collect()
 }
 
@@ -152,10 +168,12 @@ mod tests {
     fn programmed_counts_proxies_at_their_current_version() {
         let accepted = Cond::ok("Accepted", "");
         let current = |_: &WorkloadIdentity| "abc".to_string();
-        let all = programmed(&accepted, &[proxy("a", "x", Some("abc")), proxy("b", "x", Some("abc"))], current);
+        let all =
+            programmed(&accepted, &[proxy("a", "x", Some("abc")), proxy("b", "x", Some("abc"))], current);
         assert_eq!(all, Cond::ok("Programmed", "2/2 proxies at config abc"));
 
-        let some = programmed(&accepted, &[proxy("a", "x", Some("abc")), proxy("b", "x", Some("old"))], current);
+        let some =
+            programmed(&accepted, &[proxy("a", "x", Some("abc")), proxy("b", "x", Some("old"))], current);
         assert!(!some.status);
         assert_eq!(some.reason, "Pending");
         assert!(some.message.starts_with("1/2 proxies at config abc"), "{}", some.message);
@@ -184,18 +202,21 @@ mod tests {
         assert!(first.conditions.iter().all(|c| c.last_transition_time == t(100)));
 
         // Same statuses, new message: times stay.
-        let second = merge(Some(&first), &desired(Cond::ok("Accepted", "still fine")), &programmed_now, &t(200));
+        let second =
+            merge(Some(&first), &desired(Cond::ok("Accepted", "still fine")), &programmed_now, &t(200));
         assert!(second.conditions.iter().all(|c| c.last_transition_time == t(100)));
         assert!(transitions(Some(&first), &second).is_empty());
 
         // Accepted flips: only its time moves, and it is the one transition.
-        let third = merge(Some(&second), &desired(Cond::fail("Conflicted", "lost")), &programmed_now, &t(300));
+        let third =
+            merge(Some(&second), &desired(Cond::fail("Conflicted", "lost")), &programmed_now, &t(300));
         let accepted = third.conditions.iter().find(|c| c.type_ == "Accepted").unwrap();
         assert_eq!(accepted.last_transition_time, t(300));
         assert_eq!(accepted.observed_generation, Some(3));
         let programmed_c = third.conditions.iter().find(|c| c.type_ == "Programmed").unwrap();
         assert_eq!(programmed_c.last_transition_time, t(100));
-        let changed: Vec<&str> = transitions(Some(&second), &third).iter().map(|c| c.reason.as_str()).collect();
+        let changed: Vec<&str> =
+            transitions(Some(&second), &third).iter().map(|c| c.reason.as_str()).collect();
         assert_eq!(changed, ["Conflicted"]);
         assert!(!same(Some(&second), &third));
         assert!(same(Some(&third), &third.clone()));
@@ -212,7 +233,8 @@ mod tests {
             observed_generation: None,
             last_transition_time: t(1),
         });
-        let merged = merge(Some(&existing), &desired(Cond::ok("Accepted", "")), &Cond::ok("Programmed", ""), &t(5));
+        let merged =
+            merge(Some(&existing), &desired(Cond::ok("Accepted", "")), &Cond::ok("Programmed", ""), &t(5));
         assert_eq!(merged.conditions.len(), 4);
         assert_eq!(merged.conditions[0].type_, "example.com/Audited");
     }

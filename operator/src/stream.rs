@@ -18,7 +18,7 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use skein_api::constants::{CONFIG_STREAM_PATH, IDENTITY_HEADER, PROXY_ID_HEADER};
 use skein_api::{StreamAck, WorkloadIdentity};
 use tokio::net::TcpListener;
@@ -56,7 +56,10 @@ pub async fn serve(listener: TcpListener, hub: ConfigHub, shutdown: Cancellation
                 async move { Ok::<_, Infallible>(response) }
             });
             let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-            builder.keep_alive_interval(Some(Duration::from_secs(10))).keep_alive_timeout(Duration::from_secs(20));
+            builder
+                .timer(TokioTimer::new())
+                .keep_alive_interval(Some(Duration::from_secs(10)))
+                .keep_alive_timeout(Duration::from_secs(20));
             let conn = builder.serve_connection(TokioIo::new(stream), service);
             tokio::pin!(conn);
             tokio::select! {
@@ -80,7 +83,12 @@ fn plain(status: StatusCode, text: &str) -> Response<Body> {
     response
 }
 
-fn handle(req: Request<Incoming>, peer: SocketAddr, hub: &ConfigHub, shutdown: &CancellationToken) -> Response<Body> {
+fn handle(
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    hub: &ConfigHub,
+    shutdown: &CancellationToken,
+) -> Response<Body> {
     if req.uri().path() != CONFIG_STREAM_PATH {
         return plain(StatusCode::NOT_FOUND, "not found");
     }
@@ -93,7 +101,9 @@ fn handle(req: Request<Incoming>, peer: SocketAddr, hub: &ConfigHub, shutdown: &
         Some(Err(e)) => return plain(StatusCode::BAD_REQUEST, &e),
         None => return plain(StatusCode::BAD_REQUEST, &format!("missing {IDENTITY_HEADER} header")),
     };
-    let proxy_id = header(PROXY_ID_HEADER).filter(|v| !v.is_empty() && v.len() <= 253).unwrap_or_else(|| peer.to_string());
+    let proxy_id = header(PROXY_ID_HEADER)
+        .filter(|v| !v.is_empty() && v.len() <= 253)
+        .unwrap_or_else(|| peer.to_string());
     tracing::info!(%identity, proxy = %proxy_id, %peer, "proxy connected");
     let (conn, receiver) = hub.connect(identity, proxy_id.clone());
 
@@ -112,7 +122,9 @@ fn handle(req: Request<Incoming>, peer: SocketAddr, hub: &ConfigHub, shutdown: &
         Some((Ok::<_, Infallible>(Frame::data(pushed.line.clone())), (receiver, guard, false, shutdown)))
     });
     let mut response = Response::new(StreamBody::new(lines).boxed_unsync());
-    response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/x-ndjson"));
+    response
+        .headers_mut()
+        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/x-ndjson"));
     response
 }
 

@@ -13,17 +13,26 @@ fn crds_match_the_rust_types() {
             stale.push(file);
         }
     }
-    assert!(stale.is_empty(), "crds/ differs from the types for {stale:?}: run `make generate` and commit crds/");
+    assert!(
+        stale.is_empty(),
+        "crds/ differs from the types for {stale:?}: run `make generate` and commit crds/"
+    );
 }
 
 #[test]
 fn every_crd_has_status_printer_columns_and_a_short_name() {
     for (file, crd) in skein_operator::crdgen::crds() {
         let version = &crd.spec.versions[0];
-        assert!(version.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some(), "{file}: status subresource");
+        assert!(
+            version.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some(),
+            "{file}: status subresource"
+        );
         let columns: Vec<&str> =
             version.additional_printer_columns.iter().flatten().map(|c| c.name.as_str()).collect();
-        assert!(columns.contains(&"Accepted") && columns.contains(&"Programmed") && columns.contains(&"Age"), "{file}: {columns:?}");
+        assert!(
+            columns.contains(&"Accepted") && columns.contains(&"Programmed") && columns.contains(&"Age"),
+            "{file}: {columns:?}"
+        );
         assert_eq!(crd.spec.names.short_names.as_ref().map(Vec::len), Some(1), "{file}: short name");
     }
 }

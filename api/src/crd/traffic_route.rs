@@ -24,8 +24,16 @@ use crate::duration::DURATION_PATTERN;
     doc = "TrafficRoute routes calls to one Service host by header, path and method, with weighted canary splits.",
     printcolumn(name = "Host", type_ = "string", json_path = ".spec.host"),
     printcolumn(name = "Port", type_ = "integer", json_path = ".spec.port"),
-    printcolumn(name = "Accepted", type_ = "string", json_path = ".status.conditions[?(@.type==\"Accepted\")].status"),
-    printcolumn(name = "Programmed", type_ = "string", json_path = ".status.conditions[?(@.type==\"Programmed\")].status"),
+    printcolumn(
+        name = "Accepted",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Accepted\")].status"
+    ),
+    printcolumn(
+        name = "Programmed",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Programmed\")].status"
+    ),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]

@@ -1,0 +1,123 @@
+//! The admin server (port 15000): `/ready`, `/live`, `/metrics`, `/config_dump`,
+//! `POST /shutdown`.
+
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config_store::ConfigStore;
+use crate::control::StreamStatus;
+
+/// What the admin server reads.
+pub struct AdminState {
+    pub store: Arc<ConfigStore>,
+    pub stream: Arc<StreamStatus>,
+    pub shutdown: CancellationToken,
+}
+
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = state.shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(_) => continue,
+            },
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let response = handle(&req, &state);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(content_type));
+    response
+}
+
+fn handle(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
+    let text = "text/plain; charset=utf-8";
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/live") => reply(StatusCode::OK, text, "live\n"),
+        (&Method::GET, "/ready") => match state.store.current() {
+            Some(_) => reply(StatusCode::OK, text, "ready\n"),
+            None => reply(StatusCode::SERVICE_UNAVAILABLE, text, "no config yet\n"),
+        },
+        (&Method::GET, "/config_dump") => {
+            let body = match state.store.current() {
+                Some(active) => serde_json::json!({
+                    "version": active.config.version,
+                    "source": active.source,
+                    "config": active.config,
+                }),
+                None => serde_json::json!({ "version": null, "source": null, "config": null }),
+            };
+            reply(
+                StatusCode::OK,
+                "application/json",
+                serde_json::to_vec_pretty(&body).expect("plain data serializes"),
+            )
+        }
+        (&Method::GET, "/metrics") => {
+            reply(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", metrics(state))
+        }
+        (&Method::POST, "/shutdown") => {
+            state.shutdown.cancel();
+            reply(StatusCode::OK, text, "shutting down\n")
+        }
+        (_, "/live" | "/ready" | "/config_dump" | "/metrics" | "/shutdown") => {
+            reply(StatusCode::METHOD_NOT_ALLOWED, text, "method not allowed\n")
+        }
+        _ => reply(StatusCode::NOT_FOUND, text, "not found\n"),
+    }
+}
+
+fn metrics(state: &AdminState) -> String {
+    let mut out = String::new();
+    let version = state.store.current().map(|a| a.config.version.clone()).unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "# HELP skein_config_info The config version in force.\n# TYPE skein_config_info gauge"
+    );
+    let _ = writeln!(out, "skein_config_info{{version=\"{version}\"}} 1");
+    let _ = writeln!(out, "# HELP skein_config_updates_total Configs received, by result.\n# TYPE skein_config_updates_total counter");
+    let _ = writeln!(
+        out,
+        "skein_config_updates_total{{result=\"applied\"}} {}",
+        state.store.applied.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "skein_config_updates_total{{result=\"refused\"}} {}",
+        state.store.refused.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(out, "# HELP skein_control_plane_connected 1 while the config stream is open.\n# TYPE skein_control_plane_connected gauge");
+    let _ = writeln!(
+        out,
+        "skein_control_plane_connected {}",
+        u8::from(state.stream.connected.load(Ordering::Relaxed))
+    );
+    let _ = writeln!(out, "# HELP skein_control_plane_sessions_total Config streams opened.\n# TYPE skein_control_plane_sessions_total counter");
+    let _ =
+        writeln!(out, "skein_control_plane_sessions_total {}", state.stream.sessions.load(Ordering::Relaxed));
+    out
+}

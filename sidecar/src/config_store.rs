@@ -1,0 +1,158 @@
+//! The config in force. One owner swaps it: a new `ProxyConfig` is validated first, then published
+//! on a `watch` channel as a new `Arc` (readers never block and never see half a config), then
+//! written to disk so that a restarted proxy starts from it when the operator is unreachable. A
+//! config that fails validation is refused; the last good one stays.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use skein_api::ProxyConfig;
+use tokio::sync::watch;
+
+/// File name of the persisted config inside the state directory.
+pub const LAST_GOOD_FILE: &str = "last-good-config.json";
+
+/// Where the config in force came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Source {
+    /// Received from the operator's stream.
+    ControlPlane,
+    /// Loaded from the state directory at start-up.
+    Disk,
+}
+
+/// A config in force, with its origin.
+#[derive(Debug)]
+pub struct Active {
+    pub config: ProxyConfig,
+    pub source: Source,
+}
+
+/// Owner of the config in force.
+pub struct ConfigStore {
+    current: watch::Sender<Option<Arc<Active>>>,
+    state_dir: Option<PathBuf>,
+    pub applied: AtomicU64,
+    pub refused: AtomicU64,
+}
+
+impl ConfigStore {
+    pub fn new(state_dir: Option<PathBuf>) -> Self {
+        Self {
+            current: watch::Sender::new(None),
+            state_dir,
+            applied: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+        }
+    }
+
+    /// The config in force, if any.
+    pub fn current(&self) -> Option<Arc<Active>> {
+        self.current.borrow().clone()
+    }
+
+    /// Follows every swap.
+    pub fn subscribe(&self) -> watch::Receiver<Option<Arc<Active>>> {
+        self.current.subscribe()
+    }
+
+    /// Validates and puts `config` in force; on error the previous config stays.
+    pub fn apply(&self, config: ProxyConfig, source: Source) -> Result<(), String> {
+        if let Err(e) = config.validate() {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(version = %config.version, error = %e, "refusing config; the last good one stays");
+            return Err(e);
+        }
+        let version = config.version.clone();
+        if source == Source::ControlPlane {
+            self.persist(&config);
+        }
+        self.current.send_replace(Some(Arc::new(Active { config, source })));
+        self.applied.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(%version, ?source, "config in force");
+        Ok(())
+    }
+
+    /// Loads the last good config from the state directory, if there is one and it is valid.
+    pub fn load_persisted(&self) -> bool {
+        let Some(path) = self.state_dir.as_deref().map(|d| d.join(LAST_GOOD_FILE)) else { return false };
+        let text = match std::fs::read(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return false,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read the last good config");
+                return false;
+            }
+        };
+        match serde_json::from_slice::<ProxyConfig>(&text) {
+            Ok(config) => self.apply(config, Source::Disk).is_ok(),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "ignoring a corrupt last good config");
+                false
+            }
+        }
+    }
+
+    /// Writes atomically (temp file, then rename) so a crash never leaves half a file.
+    fn persist(&self, config: &ProxyConfig) {
+        let Some(dir) = self.state_dir.as_deref() else { return };
+        if let Err(e) =
+            write_atomically(dir, LAST_GOOD_FILE, &serde_json::to_vec(config).expect("plain data serializes"))
+        {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot persist the config (it is still in force)");
+        }
+    }
+}
+
+fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(tmp, dir.join(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(version: &str) -> ProxyConfig {
+        ProxyConfig { version: version.into(), ..Default::default() }
+    }
+
+    fn temp_dir(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "skein-store-{tag}-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn invalid_config_is_refused_and_the_last_good_one_stays() {
+        let store = ConfigStore::new(None);
+        store.apply(config("v1"), Source::ControlPlane).unwrap();
+        assert!(store.apply(config(""), Source::ControlPlane).is_err());
+        assert_eq!(store.current().unwrap().config.version, "v1");
+        assert_eq!(store.refused.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn the_last_good_config_survives_a_restart() {
+        let dir = temp_dir("persist");
+        let store = ConfigStore::new(Some(dir.clone()));
+        store.apply(config("v7"), Source::ControlPlane).unwrap();
+
+        let restarted = ConfigStore::new(Some(dir.clone()));
+        assert!(restarted.load_persisted());
+        let active = restarted.current().unwrap();
+        assert_eq!((active.config.version.as_str(), active.source), ("v7", Source::Disk));
+
+        std::fs::write(dir.join(LAST_GOOD_FILE), b"{not json").unwrap();
+        assert!(!ConfigStore::new(Some(dir.clone())).load_persisted());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

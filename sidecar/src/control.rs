@@ -1,0 +1,227 @@
+//! The proxy's side of the config stream: connect to the operator, put every config received in
+//! force, acknowledge each version (or say why it was refused), and reconnect with jittered
+//! exponential backoff when the stream breaks. The data plane keeps its last good config all
+//! the while; a control plane that is down never stops traffic.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::channel::mpsc;
+use http::{Request, StatusCode, Uri};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use skein_api::constants::{CONFIG_STREAM_PATH, CONFIG_STREAM_PORT, IDENTITY_HEADER, PROXY_ID_HEADER};
+use skein_api::{ProxyConfig, StreamAck, WorkloadIdentity};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::config_store::{ConfigStore, Source};
+
+/// Configs larger than this are refused rather than buffered without bound.
+const MAX_CONFIG_LINE: usize = 64 * 1024 * 1024;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where the operator is and who this proxy is.
+#[derive(Clone, Debug)]
+pub struct ControlPlane {
+    pub url: Uri,
+    pub identity: WorkloadIdentity,
+    pub proxy_id: String,
+}
+
+/// Stream health, read by the admin server.
+#[derive(Default, Debug)]
+pub struct StreamStatus {
+    pub connected: AtomicBool,
+    pub sessions: AtomicU64,
+}
+
+/// Exponential backoff with full jitter (AWS architecture blog, "Exponential Backoff and
+/// Jitter"): the n-th delay is uniform in [0, min(max, base·2ⁿ)], so reconnecting proxies spread
+/// out instead of stampeding a restarted operator.
+#[derive(Debug)]
+pub struct Backoff {
+    base: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(base: Duration, max: Duration) -> Self {
+        Self { base, max, attempt: 0 }
+    }
+
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+
+    /// The upper bound of the next delay.
+    pub fn ceiling(&self) -> Duration {
+        self.base.saturating_mul(1u32 << self.attempt.min(20)).min(self.max)
+    }
+
+    pub fn next_delay(&mut self) -> Duration {
+        let ceiling = self.ceiling();
+        self.attempt = self.attempt.saturating_add(1);
+        ceiling.mul_f64(fastrand::f64())
+    }
+}
+
+/// Keeps a stream to the operator open until `shutdown`.
+pub async fn run(
+    cp: ControlPlane,
+    store: Arc<ConfigStore>,
+    status: Arc<StreamStatus>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+    loop {
+        let outcome = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            outcome = session(&cp, &store, &status) => outcome,
+        };
+        status.connected.store(false, Ordering::Relaxed);
+        match outcome {
+            Ok(received) => {
+                if received > 0 {
+                    backoff.reset();
+                }
+                tracing::info!(received, "config stream ended; reconnecting");
+            }
+            Err(e) => {
+                tracing::warn!(url = %cp.url, error = %e, "config stream failed; the last good config stays in force")
+            }
+        }
+        let delay = backoff.next_delay();
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// One stream: returns how many configs it received before it ended.
+async fn session(cp: &ControlPlane, store: &ConfigStore, status: &StreamStatus) -> Result<u64, String> {
+    let host = cp.url.host().ok_or("control-plane URL has no host")?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port = cp.url.port_u16().unwrap_or(CONFIG_STREAM_PORT);
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((host, port)))
+        .await
+        .map_err(|_| format!("connecting to {host}:{port} timed out"))?
+        .map_err(|e| format!("connecting to {host}:{port}: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    let (mut sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .keep_alive_while_idle(true)
+        .handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+    let driver = tokio::spawn(connection);
+
+    let (acks, ack_body) = mpsc::unbounded::<Result<Frame<Bytes>, Infallible>>();
+    let uri = Uri::builder()
+        .scheme("http")
+        .authority(format!("{host}:{port}").as_str())
+        .path_and_query(CONFIG_STREAM_PATH)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let request = Request::post(uri)
+        .header(IDENTITY_HEADER, cp.identity.to_string())
+        .header(PROXY_ID_HEADER, cp.proxy_id.as_str())
+        .body(StreamBody::new(ack_body))
+        .map_err(|e| e.to_string())?;
+    let response = sender.send_request(request).await.map_err(|e| format!("opening the stream: {e}"))?;
+    if response.status() != StatusCode::OK {
+        let status_code = response.status();
+        let body = response.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        driver.abort();
+        return Err(format!("operator answered {status_code}: {}", String::from_utf8_lossy(&body).trim()));
+    }
+    status.connected.store(true, Ordering::Relaxed);
+    status.sessions.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(url = %cp.url, identity = %cp.identity, "config stream open");
+
+    let mut body = response.into_body();
+    let mut buffer = BytesMut::new();
+    let mut received = 0u64;
+    let result = loop {
+        let frame = match body.frame().await {
+            None => break Ok(received),
+            Some(Err(e)) => break Err(format!("reading the stream: {e}")),
+            Some(Ok(frame)) => frame,
+        };
+        let Ok(data) = frame.into_data() else { continue };
+        buffer.extend_from_slice(&data);
+        while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
+            let line = buffer.split_to(end + 1);
+            received += 1;
+            let ack = apply_line(store, &line[..end]);
+            let mut bytes = serde_json::to_vec(&ack).expect("plain data serializes");
+            bytes.push(b'\n');
+            if acks.unbounded_send(Ok(Frame::data(Bytes::from(bytes)))).is_err() {
+                break;
+            }
+        }
+        if buffer.len() > MAX_CONFIG_LINE {
+            break Err(format!("a config line exceeds {MAX_CONFIG_LINE} bytes"));
+        }
+    };
+    driver.abort();
+    result
+}
+
+/// Applies one received line and says what became of it.
+pub fn apply_line(store: &ConfigStore, line: &[u8]) -> StreamAck {
+    match serde_json::from_slice::<ProxyConfig>(line) {
+        Ok(config) => {
+            let version = config.version.clone();
+            StreamAck { error: store.apply(config, Source::ControlPlane).err(), version }
+        }
+        Err(e) => {
+            // Name the version if the line has one, so the operator can report the refusal.
+            let version = serde_json::from_slice::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v.get("version").and_then(|v| v.as_str()).map(str::to_string))
+                .unwrap_or_default();
+            tracing::warn!(%version, error = %e, "refusing an undecodable config; the last good one stays");
+            StreamAck { version, error: Some(format!("cannot decode config: {e}")) }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_its_cap_with_jitter_below_the_ceiling() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        let mut ceilings = Vec::new();
+        for _ in 0..8 {
+            let ceiling = b.ceiling();
+            let delay = b.next_delay();
+            assert!(delay <= ceiling);
+            ceilings.push(ceiling.as_millis());
+        }
+        assert_eq!(ceilings, [100, 200, 400, 800, 1600, 2000, 2000, 2000]);
+        b.reset();
+        assert_eq!(b.ceiling(), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn lines_are_applied_or_refused_with_a_reason() {
+        let store = ConfigStore::new(None);
+        let ack = apply_line(&store, br#"{"version":"abc","identity":null}"#);
+        assert_eq!(ack, StreamAck { version: "abc".into(), error: None });
+        let bad = apply_line(&store, br#"{"version":"def","destinations":"oops"}"#);
+        assert_eq!(bad.version, "def");
+        assert!(bad.error.unwrap().starts_with("cannot decode config"));
+        assert_eq!(store.current().unwrap().config.version, "abc");
+    }
+}

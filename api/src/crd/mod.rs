@@ -5,6 +5,10 @@
 //! rules are CEL (`x-kubernetes-validations`) from `#[x_kube(validation = ...)]`. Every list and
 //! string carries a maximum, which the API server needs to bound the cost of CEL rules.
 
+// Several `printcolumn(...)` entries repeat `type_ = "string"`, which clippy mistakes for a
+// duplicated attribute.
+#![allow(clippy::duplicated_attributes)]
+
 pub mod outlier_policy;
 pub mod retry_policy;
 pub mod traffic_route;

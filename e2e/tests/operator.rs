@@ -94,6 +94,14 @@ spec:
     let events =
         kubectl_ok(&["-n", n, "get", "events", "--field-selector", "reason=SubsetEmpty", "-o", "name"], None);
     assert!(!events.trim().is_empty(), "a SubsetEmpty event was emitted");
+
+    // Deleted and recreated at once: the new object gets its own status, and is now the newer
+    // of the two routes, so the rival wins.
+    let route = repo_root().join("examples/canary/trafficroute.yaml");
+    kubectl_ok(&["-n", n, "replace", "--force", "-f", route.to_str().unwrap()], None);
+    let lost = wait_condition(n, "trafficroute/reviews", "Accepted", "False", "Conflicted");
+    assert!(lost.message.contains(&format!("{n}/reviews-rival")), "{}", lost.message);
+    wait_condition(n, "trafficroute/reviews-rival", "Accepted", "True", "Accepted");
 }
 
 #[test]

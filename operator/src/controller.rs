@@ -159,9 +159,9 @@ pub async fn status_loop(
     mut leader: watch::Receiver<bool>,
     shutdown: CancellationToken,
 ) {
-    // What this replica last wrote, so an unchanged status is not written again before the
-    // watch echoes it back.
-    let mut written: HashMap<ResourceRef, PolicyStatus> = HashMap::new();
+    // What this replica last wrote (per object uid, so a deleted and recreated object starts
+    // afresh), so an unchanged status is not written again before the watch echoes it back.
+    let mut written: HashMap<ResourceRef, Written> = HashMap::new();
     let mut retry_soon = false;
     loop {
         tokio::select! {
@@ -183,8 +183,14 @@ pub async fn status_loop(
     }
 }
 
+/// A status this replica wrote, for the object with this uid.
+struct Written {
+    uid: Option<String>,
+    status: PolicyStatus,
+}
+
 /// One pass over every resource; returns false when a write failed (to retry soon).
-async fn write_statuses(ctx: &Context, written: &mut HashMap<ResourceRef, PolicyStatus>) -> bool {
+async fn write_statuses(ctx: &Context, written: &mut HashMap<ResourceRef, Written>) -> bool {
     let mesh = ctx.hub.mesh();
     let (proxies, current) = ctx.hub.proxies();
     let version_of = |id: &skein_api::WorkloadIdentity| {
@@ -196,7 +202,8 @@ async fn write_statuses(ctx: &Context, written: &mut HashMap<ResourceRef, Policy
     for (resource, desired) in &mesh.statuses {
         let Some((existing, reference)) = current_status(ctx, resource) else { continue };
         let programmed = status::programmed(&desired.accepted, &proxies, version_of);
-        let base = written.get(resource).or(existing.as_ref());
+        let ours = written.get(resource).filter(|w| w.uid == reference.uid).map(|w| &w.status);
+        let base = ours.or(existing.as_ref());
         let new = status::merge(base, desired, &programmed, &now);
         if status::same(base, &new) {
             continue;
@@ -216,7 +223,7 @@ async fn write_statuses(ctx: &Context, written: &mut HashMap<ResourceRef, Policy
                         tracing::warn!(%resource.key, error = %e, "could not publish event");
                     }
                 }
-                written.insert(resource.clone(), new);
+                written.insert(resource.clone(), Written { uid: reference.uid.clone(), status: new });
             }
             Err(e) => {
                 ok = false;

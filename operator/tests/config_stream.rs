@@ -1,0 +1,161 @@
+//! The config stream end to end in one process, over real loopback sockets: the operator's
+//! stream server and hub on one side, skein-proxy's client and config store on the other.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use k8s_openapi::api::core::v1::Service;
+use skein_api::constants::{CONFIG_STREAM_PATH, IDENTITY_HEADER};
+use skein_api::{TrafficRoute, WorkloadIdentity};
+use skein_operator::compute::{compute, MeshConfig};
+use skein_operator::hub::ConfigHub;
+use skein_operator::metrics::Metrics;
+use skein_operator::snapshot::{Snapshot, SnapshotObject};
+use skein_proxy::config_store::{ConfigStore, Source};
+use skein_proxy::control::{self, ControlPlane, StreamStatus};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+fn canary_mesh(v1_weight: i32) -> MeshConfig {
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/canary/trafficroute.yaml"))
+            .unwrap();
+    let mut route: TrafficRoute = serde_saphyr::from_str(&text).unwrap();
+    route.metadata.namespace = Some("shop".into());
+    route.spec.rules[1].backends[0].weight = v1_weight;
+    let svc: Service = serde_saphyr::from_str(
+        "metadata: {name: reviews, namespace: shop}\nspec: {ports: [{name: http, port: 9080}]}",
+    )
+    .unwrap();
+    let mut snapshot = Snapshot::default();
+    route.apply(&mut snapshot);
+    svc.apply(&mut snapshot);
+    compute(&snapshot)
+}
+
+async fn until<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn temp_dir() -> PathBuf {
+    let dir =
+        std::env::temp_dir().join(format!("skein-stream-{}-{:08x}", std::process::id(), fastrand::u32(..)));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[tokio::test]
+async fn configs_flow_to_the_proxy_and_acks_flow_back_across_a_restart() {
+    let identity = WorkloadIdentity::new("shop", "productpage");
+    let hub = ConfigHub::new(Metrics::default());
+    hub.publish(Arc::new(canary_mesh(90)));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server_stop = CancellationToken::new();
+    let server = tokio::spawn(skein_operator::stream::serve(listener, hub.clone(), server_stop.clone()));
+
+    let state = temp_dir();
+    let store = Arc::new(ConfigStore::new(Some(state.clone())));
+    let status = Arc::new(StreamStatus::default());
+    let proxy_stop = CancellationToken::new();
+    let cp = ControlPlane {
+        url: format!("http://{addr}").parse().unwrap(),
+        identity: identity.clone(),
+        proxy_id: "pp-0".into(),
+    };
+    tokio::spawn(control::run(cp, store.clone(), status.clone(), proxy_stop.clone()));
+
+    // The full config first, acknowledged.
+    let first = hub.mesh().proxy_config(&identity).version;
+    until("the first config at the proxy", || store.current().filter(|a| a.config.version == first)).await;
+    until("its acknowledgement", || {
+        let (proxies, _) = hub.proxies();
+        proxies
+            .first()
+            .filter(|p| p.acked.as_deref() == Some(first.as_str()))
+            .map(|p| assert_eq!(p.proxy_id, "pp-0"))
+    })
+    .await;
+
+    // A change: pushed, applied, acknowledged.
+    hub.publish(Arc::new(canary_mesh(50)));
+    let second = hub.mesh().proxy_config(&identity).version;
+    assert_ne!(first, second);
+    let active =
+        until("the change at the proxy", || store.current().filter(|a| a.config.version == second)).await;
+    assert_eq!(active.source, Source::ControlPlane);
+    assert_eq!(active.config.destinations[0].routes[0].rules[1].backends[0].weight, 50);
+    until("the change acknowledged", || {
+        hub.proxies().0.first().filter(|p| p.acked.as_deref() == Some(second.as_str())).map(drop)
+    })
+    .await;
+
+    // The operator goes away: the stream ends, the proxy keeps its config.
+    server_stop.cancel();
+    server.await.unwrap();
+    until("the proxy to notice", || {
+        (!status.connected.load(std::sync::atomic::Ordering::Relaxed)).then_some(())
+    })
+    .await;
+    assert_eq!(store.current().unwrap().config.version, second);
+    until("the hub to forget the proxy", || hub.proxies().0.is_empty().then_some(())).await;
+
+    // A new operator on the same address: the proxy reconnects by itself (jittered backoff).
+    let hub2 = ConfigHub::new(Metrics::default());
+    hub2.publish(Arc::new(canary_mesh(50)));
+    let listener = TcpListener::bind(addr).await.unwrap();
+    let stop2 = CancellationToken::new();
+    tokio::spawn(skein_operator::stream::serve(listener, hub2.clone(), stop2.clone()));
+    until("the reconnection and its ack", || {
+        hub2.proxies().0.first().filter(|p| p.acked.as_deref() == Some(second.as_str())).map(drop)
+    })
+    .await;
+
+    proxy_stop.cancel();
+    stop2.cancel();
+    let _ = std::fs::remove_dir_all(state);
+}
+
+#[tokio::test]
+async fn malformed_stream_requests_get_4xx() {
+    let hub = ConfigHub::new(Metrics::default());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    tokio::spawn(skein_operator::stream::serve(listener, hub.clone(), stop.clone()));
+
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await.unwrap();
+    tokio::spawn(conn);
+    let cases = [
+        ("POST", CONFIG_STREAM_PATH, None, 400, "missing x-skein-identity"),
+        ("POST", CONFIG_STREAM_PATH, Some("not-an-identity"), 400, "must be <namespace>/<service-account>"),
+        ("GET", CONFIG_STREAM_PATH, Some("shop/web"), 405, "POST"),
+        ("POST", "/elsewhere", Some("shop/web"), 404, "not found"),
+    ];
+    for (method, path, identity, want, text) in cases {
+        let mut req = http::Request::builder().method(method).uri(format!("http://{addr}{path}"));
+        if let Some(identity) = identity {
+            req = req.header(IDENTITY_HEADER, identity);
+        }
+        let response = sender.send_request(req.body(Empty::<Bytes>::new()).unwrap()).await.unwrap();
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(status, want, "{method} {path} {identity:?}");
+        assert!(String::from_utf8_lossy(&body).contains(text), "{method} {path}: {body:?}");
+    }
+    assert!(hub.proxies().0.is_empty(), "no malformed request registered a proxy");
+    stop.cancel();
+}

@@ -80,6 +80,17 @@ pub struct DesiredStatus {
     pub resolved_refs: Cond,
 }
 
+impl DesiredStatus {
+    /// A spec that cannot be used: not accepted, references not looked at.
+    fn invalid(generation: i64, message: String) -> Self {
+        Self {
+            generation,
+            accepted: Cond::fail("Invalid", message),
+            resolved_refs: Cond::fail("Invalid", "references are not checked while the spec is invalid"),
+        }
+    }
+}
+
 /// The computed mesh: shared destinations, per-identity inbound ports, desired statuses.
 #[derive(Debug)]
 pub struct MeshConfig {
@@ -119,14 +130,14 @@ pub fn compute(snapshot: &Snapshot) -> MeshConfig {
 
     let routes = accept_routes(snapshot, &mut statuses);
     let retry = accept_policies(
-        snapshot.retry_policies.iter().map(|(k, p)| (k, p as &dyn Policy<RetryConfig>)),
+        &snapshot.retry_policies,
         ResourceKind::RetryPolicy,
         snapshot,
         &routes,
         &mut statuses,
     );
     let outlier = accept_policies(
-        snapshot.outlier_policies.iter().map(|(k, p)| (k, p as &dyn Policy<OutlierConfig>)),
+        &snapshot.outlier_policies,
         ResourceKind::OutlierPolicy,
         snapshot,
         &routes,
@@ -237,17 +248,7 @@ fn accept_routes(
         match resolve_host(&tr.spec.host, &key.namespace).and_then(|svc| Ok((svc, convert_route(key, tr)?))) {
             Ok((service, route)) => valid.push((age_key(tr, key), service, route, tr)),
             Err(message) => {
-                statuses.insert(
-                    status_ref,
-                    DesiredStatus {
-                        generation,
-                        accepted: Cond::fail("Invalid", message),
-                        resolved_refs: Cond::fail(
-                            "Invalid",
-                            "references are not checked while the spec is invalid",
-                        ),
-                    },
-                );
+                statuses.insert(status_ref, DesiredStatus::invalid(generation, message));
             }
         }
     }
@@ -507,22 +508,14 @@ enum Target {
 }
 
 /// The parts of a policy kind the attachment logic needs.
-trait Policy<C> {
+trait Policy<C>: ResourceExt {
     fn target_ref(&self) -> &PolicyTargetRef;
-    fn generation(&self) -> i64;
-    fn age(&self, key: &ObjectKey) -> (Timestamp, ObjectKey);
     fn convert(&self, key: &ObjectKey) -> Result<C, String>;
 }
 
 impl Policy<RetryConfig> for RetryPolicy {
     fn target_ref(&self) -> &PolicyTargetRef {
         &self.spec.target_ref
-    }
-    fn generation(&self) -> i64 {
-        self.metadata.generation.unwrap_or(0)
-    }
-    fn age(&self, key: &ObjectKey) -> (Timestamp, ObjectKey) {
-        age_key(self, key)
     }
     fn convert(&self, key: &ObjectKey) -> Result<RetryConfig, String> {
         let s = &self.spec;
@@ -570,12 +563,6 @@ impl Policy<OutlierConfig> for OutlierPolicy {
     fn target_ref(&self) -> &PolicyTargetRef {
         &self.spec.target_ref
     }
-    fn generation(&self) -> i64 {
-        self.metadata.generation.unwrap_or(0)
-    }
-    fn age(&self, key: &ObjectKey) -> (Timestamp, ObjectKey) {
-        age_key(self, key)
-    }
     fn convert(&self, key: &ObjectKey) -> Result<OutlierConfig, String> {
         let s = &self.spec;
         let ms = |field: &str, v: &str| parse_millis(v).map_err(|e| format!("spec.{field}: {e}"));
@@ -595,8 +582,8 @@ impl Policy<OutlierConfig> for OutlierPolicy {
     }
 }
 
-fn accept_policies<'a, C: Clone + 'a>(
-    policies: impl Iterator<Item = (&'a ObjectKey, &'a dyn Policy<C>)>,
+fn accept_policies<C: Clone, P: Policy<C>>(
+    policies: &BTreeMap<ObjectKey, P>,
     kind: ResourceKind,
     snapshot: &Snapshot,
     routes: &[AcceptedRoute],
@@ -605,22 +592,12 @@ fn accept_policies<'a, C: Clone + 'a>(
     let mut valid = Vec::new();
     for (key, policy) in policies {
         let status_ref = ResourceRef { kind, key: key.clone() };
-        let generation = policy.generation();
+        let generation = policy.meta().generation.unwrap_or(0);
         let target = target_of(policy.target_ref(), &key.namespace);
         match target.and_then(|t| Ok((t, policy.convert(key)?))) {
-            Ok((target, config)) => valid.push((policy.age(key), target, config, generation)),
+            Ok((target, config)) => valid.push((age_key(policy, key), target, config, generation)),
             Err(message) => {
-                statuses.insert(
-                    status_ref,
-                    DesiredStatus {
-                        generation,
-                        accepted: Cond::fail("Invalid", message),
-                        resolved_refs: Cond::fail(
-                            "Invalid",
-                            "references are not checked while the spec is invalid",
-                        ),
-                    },
-                );
+                statuses.insert(status_ref, DesiredStatus::invalid(generation, message));
             }
         }
     }

@@ -114,7 +114,13 @@ pub struct Destination {
     /// Host names that reach this Service: `name.ns`, `name.ns.svc`, the FQDN, and the bare
     /// name for callers in the same namespace is resolved by the proxy.
     pub hosts: Vec<String>,
+    /// The Service's cluster IPs, by which transparently captured traffic is recognised.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
     pub ports: Vec<ServicePort>,
+    /// How requests are spread over the endpoints.
+    #[serde(default)]
+    pub load_balancer: LoadBalancer,
     /// Ready endpoints, sorted by address.
     pub endpoints: Vec<Endpoint>,
     /// Routes for this Service, port-specific ones first.
@@ -135,6 +141,17 @@ pub struct ServicePort {
     pub port: u16,
     /// `http` (the default: HTTP/1.1 or HTTP/2 is detected) or `tcp` (opaque passthrough).
     pub protocol: Protocol,
+}
+
+/// Load-balancing algorithm of a destination (Service annotation `skein.dev/load-balancer`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum LoadBalancer {
+    /// Power of two choices over a peak-EWMA of latency × in-flight requests.
+    #[default]
+    P2cEwma,
+    /// Every endpoint in turn.
+    RoundRobin,
 }
 
 /// How a port's traffic is handled.

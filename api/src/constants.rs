@@ -10,6 +10,9 @@ pub const INJECT_LABEL: &str = "skein.dev/inject";
 /// Pod annotation that opts a pod out of injection (`"false"`).
 pub const INJECT_ANNOTATION: &str = "skein.dev/inject";
 
+/// Service annotation choosing the load balancer: `p2c-ewma` (default) or `round-robin`.
+pub const LOAD_BALANCER_ANNOTATION: &str = "skein.dev/load-balancer";
+
 /// Default namespace of the operator.
 pub const DEFAULT_OPERATOR_NAMESPACE: &str = "skein-system";
 /// The cluster DNS domain Service FQDNs end in.

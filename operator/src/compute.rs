@@ -163,6 +163,8 @@ pub fn compute(snapshot: &Snapshot) -> MeshConfig {
             namespace: key.namespace.clone(),
             name: key.name.clone(),
             hosts: hosts_of(key),
+            addresses: svc.cluster_ips.clone(),
+            load_balancer: svc.load_balancer,
             ports: svc
                 .ports
                 .iter()

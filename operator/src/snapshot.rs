@@ -9,7 +9,8 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::ResourceExt;
-use skein_api::constants::INJECT_LABEL;
+use skein_api::config::LoadBalancer;
+use skein_api::constants::{INJECT_LABEL, LOAD_BALANCER_ANNOTATION};
 use skein_api::{OutlierPolicy, RetryPolicy, TrafficRoute, WorkloadIdentity};
 
 /// Name of the sidecar container; a pod carrying it is meshed.
@@ -55,6 +56,9 @@ pub struct ServicePortInfo {
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct ServiceInfo {
     pub ports: Vec<ServicePortInfo>,
+    /// `spec.clusterIPs` (or `clusterIP`), without `None`.
+    pub cluster_ips: Vec<String>,
+    pub load_balancer: LoadBalancer,
 }
 
 impl ServiceInfo {
@@ -76,7 +80,18 @@ impl ServiceInfo {
                     .collect()
             })
             .unwrap_or_default();
-        Self { ports }
+        let spec = svc.spec.as_ref();
+        let cluster_ips = spec
+            .and_then(|s| s.cluster_ips.clone().or_else(|| s.cluster_ip.clone().map(|ip| vec![ip])))
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|ip| !ip.is_empty() && ip != "None")
+            .collect();
+        let load_balancer = match svc.annotations().get(LOAD_BALANCER_ANNOTATION).map(String::as_str) {
+            Some("round-robin") => LoadBalancer::RoundRobin,
+            _ => LoadBalancer::P2cEwma,
+        };
+        Self { ports, cluster_ips, load_balancer }
     }
 }
 

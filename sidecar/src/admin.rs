@@ -92,7 +92,8 @@ fn handle(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> 
 }
 
 fn metrics(state: &AdminState) -> String {
-    let mut out = String::new();
+    let mut out = String::with_capacity(16 * 1024);
+    state.store.shared.metrics.render(&mut out);
     let version = state.store.current().map(|a| a.config.version.clone()).unwrap_or_default();
     let _ = writeln!(
         out,

@@ -1,14 +1,18 @@
-//! The config in force. One owner swaps it: a new `ProxyConfig` is validated first, then published
-//! on a `watch` channel as a new `Arc` (readers never block and never see half a config), then
-//! written to disk so that a restarted proxy starts from it when the operator is unreachable. A
-//! config that fails validation is refused; the last good one stays.
+//! The config in force. One owner swaps it: a new `ProxyConfig` is validated and compiled into
+//! a [`RouteTable`] first, then published as a new `Arc` (requests read it lock-free through
+//! `arc-swap` and keep the table they started with), then written to disk so that a restarted
+//! proxy starts from it when the operator is unreachable. A config that fails validation or
+//! compilation is refused; the last good one stays.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use arc_swap::ArcSwapOption;
 use skein_api::ProxyConfig;
 use tokio::sync::watch;
+
+use crate::routes::{RouteTable, Shared};
 
 /// File name of the persisted config inside the state directory.
 pub const LAST_GOOD_FILE: &str = "last-good-config.json";
@@ -21,19 +25,25 @@ pub enum Source {
     ControlPlane,
     /// Loaded from the state directory at start-up.
     Disk,
+    /// Read from the `--config` file.
+    File,
 }
 
-/// A config in force, with its origin.
+/// A config in force, compiled, with its origin.
 #[derive(Debug)]
 pub struct Active {
     pub config: ProxyConfig,
+    pub table: RouteTable,
     pub source: Source,
 }
 
 /// Owner of the config in force.
 pub struct ConfigStore {
-    current: watch::Sender<Option<Arc<Active>>>,
+    current: ArcSwapOption<Active>,
+    /// Bumped on every swap, for whoever wants to follow them.
+    swaps: watch::Sender<u64>,
     state_dir: Option<PathBuf>,
+    pub shared: Arc<Shared>,
     pub applied: AtomicU64,
     pub refused: AtomicU64,
 }
@@ -41,36 +51,43 @@ pub struct ConfigStore {
 impl ConfigStore {
     pub fn new(state_dir: Option<PathBuf>) -> Self {
         Self {
-            current: watch::Sender::new(None),
+            current: ArcSwapOption::empty(),
+            swaps: watch::Sender::new(0),
             state_dir,
+            shared: Arc::default(),
             applied: AtomicU64::new(0),
             refused: AtomicU64::new(0),
         }
     }
 
-    /// The config in force, if any.
+    /// The config in force, if any (lock-free).
     pub fn current(&self) -> Option<Arc<Active>> {
-        self.current.borrow().clone()
+        self.current.load_full()
     }
 
     /// Follows every swap.
-    pub fn subscribe(&self) -> watch::Receiver<Option<Arc<Active>>> {
-        self.current.subscribe()
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.swaps.subscribe()
     }
 
-    /// Validates and puts `config` in force; on error the previous config stays.
+    /// Validates, compiles and puts `config` in force; on error the previous config stays.
     pub fn apply(&self, config: ProxyConfig, source: Source) -> Result<(), String> {
-        if let Err(e) = config.validate() {
-            self.refused.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(version = %config.version, error = %e, "refusing config; the last good one stays");
-            return Err(e);
-        }
+        let compiled = config.validate().and_then(|()| RouteTable::compile(&config, &self.shared));
+        let table = match compiled {
+            Ok(table) => table,
+            Err(e) => {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(version = %config.version, error = %e, "refusing config; the last good one stays");
+                return Err(e);
+            }
+        };
         let version = config.version.clone();
         if source == Source::ControlPlane {
             self.persist(&config);
         }
-        self.current.send_replace(Some(Arc::new(Active { config, source })));
+        self.current.store(Some(Arc::new(Active { config, table, source })));
         self.applied.fetch_add(1, Ordering::Relaxed);
+        self.swaps.send_modify(|n| *n += 1);
         tracing::info!(%version, ?source, "config in force");
         Ok(())
     }
@@ -98,9 +115,8 @@ impl ConfigStore {
     /// Writes atomically (temp file, then rename) so a crash never leaves half a file.
     fn persist(&self, config: &ProxyConfig) {
         let Some(dir) = self.state_dir.as_deref() else { return };
-        if let Err(e) =
-            write_atomically(dir, LAST_GOOD_FILE, &serde_json::to_vec(config).expect("plain data serializes"))
-        {
+        let bytes = serde_json::to_vec(config).expect("plain data serializes");
+        if let Err(e) = write_atomically(dir, LAST_GOOD_FILE, &bytes) {
             tracing::warn!(dir = %dir.display(), error = %e, "cannot persist the config (it is still in force)");
         }
     }
@@ -136,8 +152,12 @@ mod tests {
         let store = ConfigStore::new(None);
         store.apply(config("v1"), Source::ControlPlane).unwrap();
         assert!(store.apply(config(""), Source::ControlPlane).is_err());
+        let mut bad_regex = crate::routes::tests::canary();
+        bad_regex.destinations[0].routes[0].rules[1].path =
+            Some(skein_api::config::StringMatch::Regex("(".into()));
+        assert!(store.apply(bad_regex, Source::File).is_err(), "a config that does not compile is refused");
         assert_eq!(store.current().unwrap().config.version, "v1");
-        assert_eq!(store.refused.load(Ordering::Relaxed), 1);
+        assert_eq!(store.refused.load(Ordering::Relaxed), 2);
     }
 
     #[test]

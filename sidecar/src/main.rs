@@ -4,31 +4,38 @@ use clap::Parser;
 use skein_proxy::{run, Args};
 use tokio_util::sync::CancellationToken;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     // Bad flags exit with 64 (EX_USAGE); --help and --version with 0.
     let args = Args::try_parse().unwrap_or_else(|e| {
         let _ = e.print();
         std::process::exit(if e.use_stderr() { 64 } else { 0 });
     });
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let subscriber = tracing_subscriber::fmt().with_env_filter(filter);
+    let subscriber = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if args.log_json {
         subscriber.json().init();
     } else {
         subscriber.init();
     }
 
-    let shutdown = CancellationToken::new();
-    tokio::spawn(stop_on_signal(shutdown.clone()));
-    if let Err(e) = run(args, shutdown).await {
-        eprintln!(
-            "skein-proxy: {}",
-            anyhow::Error::from(e).chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ")
-        );
-        std::process::exit(64);
-    }
-    Ok(())
+    // A sidecar is small: a few worker threads, no more than asked for.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.workers.max(1))
+        .max_blocking_threads(4)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(stop_on_signal(shutdown.clone()));
+        if let Err(e) = run(args, shutdown).await {
+            eprintln!(
+                "skein-proxy: {}",
+                anyhow::Error::from(e).chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ")
+            );
+            std::process::exit(64);
+        }
+        Ok(())
+    })
 }
 
 /// SIGINT or SIGTERM starts a graceful shutdown.

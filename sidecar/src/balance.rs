@@ -1,0 +1,251 @@
+//! Endpoints and how a request picks one.
+//!
+//! Every upstream address has one [`EndpointState`], shared by every destination, route and
+//! config version that names it, so latency estimates and outlier state survive config swaps.
+//! The default balancer is power of two choices over a peak-EWMA of latency × (in-flight + 1)
+//! (as in Finagle and linkerd2-proxy): two random endpoints, the cheaper one wins. Round robin is
+//! the alternative. Both skip ejected endpoints and fail open when all are ejected.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use skein_api::config::{LoadBalancer, OutlierConfig};
+
+use crate::outlier::OutlierState;
+
+/// Decay time of the latency estimate.
+const EWMA_DECAY: Duration = Duration::from_secs(10);
+/// Latency assumed for an endpoint never measured (so new endpoints get tried, not flooded).
+const DEFAULT_RTT: Duration = Duration::from_millis(1);
+
+/// Monotonic milliseconds and nanoseconds since the process started.
+pub fn now_ns() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+pub fn now_ms() -> u64 {
+    now_ns() / 1_000_000
+}
+
+/// Live state of one upstream address.
+#[derive(Debug)]
+pub struct EndpointState {
+    pub addr: SocketAddr,
+    in_flight: AtomicU32,
+    /// Latency estimate in nanoseconds (an `f64` in its bits).
+    ewma_bits: AtomicU64,
+    stamp_ns: AtomicU64,
+    measured: AtomicBool,
+    pub outlier: OutlierState,
+}
+
+impl EndpointState {
+    pub fn new(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            in_flight: AtomicU32::new(0),
+            ewma_bits: AtomicU64::new((DEFAULT_RTT.as_nanos() as f64).to_bits()),
+            stamp_ns: AtomicU64::new(now_ns()),
+            measured: AtomicBool::new(false),
+            outlier: OutlierState::default(),
+        }
+    }
+
+    /// Peak-EWMA cost: the estimate times the queue. The estimate decays while the endpoint is
+    /// not used (as in linkerd2-proxy), so an idle or recovered endpoint is tried again.
+    pub fn cost(&self, now: u64) -> f64 {
+        let estimate = f64::from_bits(self.ewma_bits.load(Ordering::Relaxed));
+        let idle = now.saturating_sub(self.stamp_ns.load(Ordering::Relaxed)) as f64;
+        let decayed = estimate * (-idle / EWMA_DECAY.as_nanos() as f64).exp();
+        decayed * f64::from(self.in_flight.load(Ordering::Relaxed) + 1)
+    }
+
+    /// Counts a request in flight until the returned guard is dropped.
+    pub fn start(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight { endpoint: self.clone(), started_ns: now_ns() }
+    }
+
+    fn observe(&self, rtt_ns: u64, now: u64) {
+        let rtt = rtt_ns as f64;
+        let previous = f64::from_bits(self.ewma_bits.load(Ordering::Relaxed));
+        let elapsed = now.saturating_sub(self.stamp_ns.swap(now, Ordering::Relaxed)) as f64;
+        // The first sample replaces the default outright; after that, peak: a slower sample is
+        // taken at once, faster ones pull the estimate down gradually.
+        let next = if !self.measured.swap(true, Ordering::Relaxed) || rtt > previous {
+            rtt
+        } else {
+            let w = (-elapsed / EWMA_DECAY.as_nanos() as f64).exp();
+            previous * w + rtt * (1.0 - w)
+        };
+        self.ewma_bits.store(next.to_bits(), Ordering::Relaxed);
+    }
+
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+}
+
+/// A request in flight to an endpoint; dropping it ends the count and feeds the latency
+/// estimate.
+pub struct InFlight {
+    endpoint: Arc<EndpointState>,
+    started_ns: u64,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let now = now_ns();
+        self.endpoint.observe(now.saturating_sub(self.started_ns), now);
+        self.endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A set of endpoints a request can go to, with how to choose among them.
+#[derive(Debug)]
+pub struct Pool {
+    pub endpoints: Arc<[Arc<EndpointState>]>,
+    pub lb: LoadBalancer,
+    pub outlier: Option<OutlierConfig>,
+    next: AtomicUsize,
+}
+
+/// What [`Pool::pick`] chose.
+pub struct Pick {
+    pub endpoint: Arc<EndpointState>,
+    /// Every endpoint was ejected and the pick ignored ejection.
+    pub failed_open: bool,
+}
+
+impl Pool {
+    pub fn new(
+        endpoints: Arc<[Arc<EndpointState>]>,
+        lb: LoadBalancer,
+        outlier: Option<OutlierConfig>,
+    ) -> Self {
+        Self { endpoints, lb, outlier, next: AtomicUsize::new(fastrand::usize(..1 << 16)) }
+    }
+
+    /// Chooses an endpoint, or `None` when the pool is empty.
+    pub fn pick(&self, now_ms: u64) -> Option<Pick> {
+        let all = &self.endpoints[..];
+        match all.len() {
+            0 => return None,
+            1 => return Some(Pick { endpoint: all[0].clone(), failed_open: false }),
+            _ => {}
+        }
+        let healthy = |e: &&Arc<EndpointState>| !e.outlier.is_ejected(now_ms);
+        // Fast path: draw among all, redraw a few times if we hit an ejected one.
+        for _ in 0..4 {
+            let choice = match self.lb {
+                LoadBalancer::RoundRobin => &all[self.next.fetch_add(1, Ordering::Relaxed) % all.len()],
+                LoadBalancer::P2cEwma => p2c(all),
+            };
+            if healthy(&choice) {
+                return Some(Pick { endpoint: choice.clone(), failed_open: false });
+            }
+        }
+        // Slow path: many are ejected. Choose among the healthy ones, or fail open.
+        let candidates: Vec<Arc<EndpointState>> = all.iter().filter(healthy).cloned().collect();
+        if candidates.is_empty() {
+            return Some(Pick { endpoint: p2c(all).clone(), failed_open: true });
+        }
+        let choice = match self.lb {
+            LoadBalancer::RoundRobin => {
+                &candidates[self.next.fetch_add(1, Ordering::Relaxed) % candidates.len()]
+            }
+            LoadBalancer::P2cEwma => p2c(&candidates),
+        };
+        Some(Pick { endpoint: choice.clone(), failed_open: false })
+    }
+}
+
+fn p2c(all: &[Arc<EndpointState>]) -> &Arc<EndpointState> {
+    if all.len() == 1 {
+        return &all[0];
+    }
+    let a = fastrand::usize(..all.len());
+    let mut b = fastrand::usize(..all.len() - 1);
+    if b >= a {
+        b += 1;
+    }
+    let now = now_ns();
+    if all[b].cost(now) < all[a].cost(now) {
+        &all[b]
+    } else {
+        &all[a]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoints(n: usize) -> Arc<[Arc<EndpointState>]> {
+        (0..n)
+            .map(|i| Arc::new(EndpointState::new(SocketAddr::from(([127, 0, 0, 1], 1000 + i as u16)))))
+            .collect()
+    }
+
+    #[test]
+    fn round_robin_visits_every_endpoint_in_turn() {
+        let pool = Pool::new(endpoints(3), LoadBalancer::RoundRobin, None);
+        let picks: Vec<u16> = (0..6).map(|_| pool.pick(0).unwrap().endpoint.addr.port()).collect();
+        for w in picks.windows(2) {
+            assert_ne!(w[0], w[1]);
+        }
+        assert_eq!(picks[0], picks[3]);
+    }
+
+    #[test]
+    fn p2c_prefers_the_endpoint_with_less_in_flight_work() {
+        let eps = endpoints(2);
+        let pool = Pool::new(eps.clone(), LoadBalancer::P2cEwma, None);
+        let _busy: Vec<InFlight> = (0..10).map(|_| eps[0].start()).collect();
+        for _ in 0..50 {
+            assert_eq!(pool.pick(0).unwrap().endpoint.addr, eps[1].addr);
+        }
+    }
+
+    #[test]
+    fn p2c_prefers_the_faster_endpoint() {
+        let eps = endpoints(2);
+        eps[0].observe(50_000_000, now_ns());
+        eps[1].observe(1_000_000, now_ns());
+        let pool = Pool::new(eps.clone(), LoadBalancer::P2cEwma, None);
+        let slow = (0..200).filter(|_| pool.pick(0).unwrap().endpoint.addr == eps[0].addr).count();
+        assert_eq!(slow, 0, "with two endpoints P2C always compares both");
+    }
+
+    #[test]
+    fn ejected_endpoints_are_skipped_and_all_ejected_fails_open() {
+        let eps = endpoints(3);
+        let pool = Pool::new(eps.clone(), LoadBalancer::RoundRobin, None);
+        eps[0].outlier.eject_until(1_000);
+        eps[1].outlier.eject_until(1_000);
+        for _ in 0..20 {
+            let pick = pool.pick(10).unwrap();
+            assert_eq!(pick.endpoint.addr, eps[2].addr);
+            assert!(!pick.failed_open);
+        }
+        let p2c = Pool::new(eps.clone(), LoadBalancer::P2cEwma, None);
+        for _ in 0..20 {
+            assert_eq!(p2c.pick(10).unwrap().endpoint.addr, eps[2].addr, "one healthy endpoint left");
+        }
+        eps[2].outlier.eject_until(1_000);
+        assert!(pool.pick(10).unwrap().failed_open);
+        assert!(!pool.pick(2_000).unwrap().failed_open, "ejections end");
+    }
+
+    #[test]
+    fn in_flight_is_counted_until_the_guard_drops() {
+        let eps = endpoints(1);
+        let guard = eps[0].start();
+        assert_eq!(eps[0].in_flight(), 1);
+        drop(guard);
+        assert_eq!(eps[0].in_flight(), 0);
+    }
+}

@@ -1,0 +1,149 @@
+//! The outbound (15001) and inbound (15006) listeners.
+//!
+//! A connection redirected by iptables (transparent mode) carries its original destination,
+//! read with `SO_ORIGINAL_DST`; one that arrives directly (explicit mode: the app uses the
+//! sidecar as its `HTTP_PROXY`) does not. The first bytes decide the protocol: HTTP/1.x and
+//! HTTP/2 (prior knowledge) are served by hyper; anything else on a redirected connection, and
+//! every port marked opaque, is spliced through as TCP. Explicit connections always speak HTTP,
+//! so hyper answers malformed ones with 400.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use skein_api::config::Protocol;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::balance::now_ms;
+use crate::proxy::{self, ConnMeta, Direction, ProxyContext};
+
+/// How long to wait for a client's first bytes before treating a redirected connection as
+/// opaque TCP (server-first protocols such as MySQL never speak first).
+const DETECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Accepts connections until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    ctx: Arc<ProxyContext>,
+    direction: Direction,
+    shutdown: CancellationToken,
+) {
+    let local = listener.local_addr().ok();
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+        };
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let _ = stream.set_nodelay(true);
+            let original = original_destination(&stream).filter(|o| Some(*o) != local);
+            handle(stream, ctx, ConnMeta { direction, original }).await;
+        });
+    }
+}
+
+async fn handle(stream: TcpStream, ctx: Arc<ProxyContext>, conn: ConnMeta) {
+    if let Some(original) = conn.original {
+        let opaque_port =
+            ctx.store.current().and_then(|a| a.table.protocol_of(original)) == Some(Protocol::Tcp);
+        if opaque_port || !speaks_http(&stream).await {
+            splice(stream, &ctx, conn, original).await;
+            return;
+        }
+    }
+    let service = service_fn(move |req| proxy::serve(ctx.clone(), conn, req));
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30)).keep_alive(true);
+    builder.http2().timer(TokioTimer::new());
+    if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).await {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+/// Peeks at the first bytes: an HTTP/1.x request line or the HTTP/2 preface.
+async fn speaks_http(stream: &TcpStream) -> bool {
+    let mut buf = [0u8; 16];
+    let peeked = tokio::time::timeout(DETECT_TIMEOUT, stream.peek(&mut buf)).await;
+    let Ok(Ok(n)) = peeked else { return false };
+    looks_like_http(&buf[..n])
+}
+
+/// Whether the first bytes of a connection are HTTP.
+pub fn looks_like_http(first: &[u8]) -> bool {
+    const STARTS: [&[u8]; 10] = [
+        b"GET ",
+        b"POST ",
+        b"PUT ",
+        b"HEAD ",
+        b"DELETE ",
+        b"OPTIONS ",
+        b"PATCH ",
+        b"CONNECT ",
+        b"TRACE ",
+        b"PRI * HTTP/2",
+    ];
+    STARTS.iter().any(|s| {
+        let n = s.len().min(first.len());
+        n >= 3 && first[..n] == s[..n]
+    })
+}
+
+/// Opaque TCP: connect to the destination (balanced over its endpoints when it is a mesh
+/// Service) and copy bytes both ways.
+async fn splice(mut client: TcpStream, ctx: &ProxyContext, conn: ConnMeta, original: SocketAddr) {
+    let upstream = match conn.direction {
+        Direction::Inbound => SocketAddr::new(ctx.inbound_target, original.port()),
+        Direction::Outbound => {
+            let picked = ctx.store.current().and_then(|a| {
+                let parts = http::Request::new(()).into_parts().0;
+                a.table
+                    .resolve(None, None, Some(original), &parts)
+                    .ok()
+                    .and_then(|t| t.pool.pick(now_ms()))
+                    .map(|p| p.endpoint.addr)
+            });
+            picked.unwrap_or(original)
+        }
+    };
+    match TcpStream::connect(upstream).await {
+        Ok(mut server) => {
+            let _ = server.set_nodelay(true);
+            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+        }
+        Err(e) => tracing::debug!(%upstream, error = %e, "opaque connection failed"),
+    }
+}
+
+/// `SO_ORIGINAL_DST` of a connection redirected by iptables `REDIRECT`; `None` otherwise.
+fn original_destination(stream: &TcpStream) -> Option<SocketAddr> {
+    use nix::sys::socket::{getsockopt, sockopt};
+    let addr = getsockopt(stream, sockopt::OriginalDst).ok()?;
+    let ip = std::net::Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr));
+    Some(SocketAddr::from((ip, u16::from_be(addr.sin_port))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detects_http_by_its_first_bytes() {
+        assert!(looks_like_http(b"GET / HTTP/1.1\r\n"));
+        assert!(looks_like_http(b"PRI * HTTP/2.0\r\n"));
+        assert!(looks_like_http(b"DELETE /x"));
+        assert!(!looks_like_http(b"\x16\x03\x01\x02\x00")); // a TLS ClientHello
+        assert!(!looks_like_http(b"SSH-2.0-OpenSSH"));
+        assert!(!looks_like_http(b""));
+    }
+}

@@ -1,0 +1,121 @@
+//! Trace headers: a W3C `traceparent` (Trace Context §3.2) is generated when a request has none
+//! (or an invalid one) and kept when it has one; `x-request-id` likewise; B3 headers
+//! (`x-b3-*`, `b3`) pass through untouched, like every other end-to-end header.
+
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+
+pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+fn hex_into(out: &mut [u8], mut value: u128) {
+    for slot in out.iter_mut().rev() {
+        *slot = HEX[(value & 0xf) as usize];
+        value >>= 4;
+    }
+}
+
+/// A valid version-00 traceparent: `00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>`, with
+/// neither id all zeros.
+pub fn is_valid_traceparent(v: &[u8]) -> bool {
+    let lower_hex = |s: &[u8]| s.iter().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c));
+    v.len() >= 55
+        && (v.len() == 55 || v[55] == b'-')
+        && v[2] == b'-'
+        && v[35] == b'-'
+        && v[52] == b'-'
+        && lower_hex(&v[0..2])
+        && &v[0..2] != b"ff"
+        && lower_hex(&v[3..35])
+        && v[3..35].iter().any(|c| *c != b'0')
+        && lower_hex(&v[36..52])
+        && v[36..52].iter().any(|c| *c != b'0')
+        && lower_hex(&v[53..55])
+}
+
+/// A new sampled traceparent with random ids.
+pub fn new_traceparent() -> HeaderValue {
+    let mut buf = *b"00-00000000000000000000000000000000-0000000000000000-01";
+    hex_into(&mut buf[3..35], fastrand::u128(1..));
+    hex_into(&mut buf[36..52], u128::from(fastrand::u64(1..)));
+    HeaderValue::from_bytes(&buf).expect("ascii")
+}
+
+/// A new random request id (UUID v4 layout).
+pub fn new_request_id() -> HeaderValue {
+    let mut raw = fastrand::u128(..);
+    raw = (raw & !(0xf << 76)) | (0x4 << 76); // version 4
+    raw = (raw & !(0x3 << 62)) | (0x2 << 62); // RFC 4122 variant
+    let mut buf = *b"00000000-0000-0000-0000-000000000000";
+    let hex = {
+        let mut h = [0u8; 32];
+        hex_into(&mut h, raw);
+        h
+    };
+    let mut src = hex.iter();
+    for slot in buf.iter_mut().filter(|c| **c != b'-') {
+        *slot = *src.next().expect("32 digits");
+    }
+    HeaderValue::from_bytes(&buf).expect("ascii")
+}
+
+/// Ensures the request carries a valid `traceparent` and an `x-request-id`; returns the trace
+/// id (for the access log).
+pub fn ensure(headers: &mut HeaderMap) -> HeaderValue {
+    let valid = headers.get(&TRACEPARENT).is_some_and(|v| is_valid_traceparent(v.as_bytes()));
+    if !valid {
+        headers.insert(TRACEPARENT.clone(), new_traceparent());
+    }
+    if !headers.contains_key(&REQUEST_ID) {
+        headers.insert(REQUEST_ID.clone(), new_request_id());
+    }
+    let tp = headers.get(&TRACEPARENT).expect("just ensured").as_bytes();
+    HeaderValue::from_bytes(&tp[3..35]).expect("validated hex")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generates_a_valid_traceparent_when_absent() {
+        let mut h = HeaderMap::new();
+        let trace_id = ensure(&mut h);
+        let tp = h.get(&TRACEPARENT).unwrap().to_str().unwrap().to_string();
+        assert!(is_valid_traceparent(tp.as_bytes()), "{tp}");
+        assert_eq!(&tp[3..35], trace_id.to_str().unwrap());
+        assert!(tp.ends_with("-01"));
+        let id = h.get(&REQUEST_ID).unwrap().to_str().unwrap();
+        assert_eq!(id.len(), 36);
+        assert_eq!(&id[14..15], "4");
+    }
+
+    #[test]
+    fn keeps_a_valid_traceparent_and_request_id_and_b3() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let mut h = HeaderMap::new();
+        h.insert(&TRACEPARENT, HeaderValue::from_static(tp));
+        h.insert(&REQUEST_ID, HeaderValue::from_static("abc"));
+        h.insert("x-b3-traceid", HeaderValue::from_static("80f198ee56343ba864fe8b2a57d3eff7"));
+        assert_eq!(ensure(&mut h), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(h.get(&TRACEPARENT).unwrap(), tp);
+        assert_eq!(h.get(&REQUEST_ID).unwrap(), "abc");
+        assert_eq!(h.get("x-b3-traceid").unwrap(), "80f198ee56343ba864fe8b2a57d3eff7");
+    }
+
+    #[test]
+    fn replaces_an_invalid_traceparent() {
+        for bad in [
+            "garbage",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(&TRACEPARENT, HeaderValue::from_static(bad));
+            ensure(&mut h);
+            assert_ne!(h.get(&TRACEPARENT).unwrap(), bad);
+        }
+    }
+}

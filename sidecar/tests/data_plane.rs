@@ -1,0 +1,297 @@
+//! The data plane over real loopback sockets: an in-process proxy between a hyper client and
+//! small upstream servers.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use skein_api::config::{OutlierConfig, StringMatch};
+use skein_proxy::config_store::Source;
+use support::*;
+
+const HOST: &str = "reviews.shop:9080";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_90_10_split_holds_over_10000_requests_and_beta_always_gets_v2() {
+    let (v1, v2) = (upstream("v1").await, upstream("v2").await);
+    let p = proxy(config("c1", vec![endpoint(&v1, "v1"), endpoint(&v2, "v2")], vec![canary_route(90)])).await;
+
+    let n = 10_000;
+    let answers: Vec<Answer> =
+        futures::stream::iter(0..n).map(|_| p.get(HOST, &[])).buffer_unordered(16).collect().await;
+    assert!(answers.iter().all(|a| a.status == 200));
+    let t = tally(&answers);
+    // v2's count is Binomial(10000, 0.1): mean 1000, sd = sqrt(10000 × 0.1 × 0.9) = 30. A band
+    // of ±4.5 sd (865..1135) fails a correct proxy about once in 150,000 runs.
+    let got_v2 = t.get("v2").copied().unwrap_or_default();
+    assert!((865..=1135).contains(&got_v2), "v2 got {got_v2} of {n}: {t:?}");
+
+    let beta: Vec<Answer> = futures::stream::iter(0..200)
+        .map(|_| p.get(HOST, &[("x-user-group", "beta")]))
+        .buffer_unordered(8)
+        .collect()
+        .await;
+    assert_eq!(tally(&beta).get("v2"), Some(&200), "beta → v2 always");
+    let m = p.metrics();
+    assert!(m.contains("skein_requests_total{direction=\"outbound\",destination=\"reviews.shop\",subset=\"v2\",route=\"shop/reviews\",status=\"200\"}"), "{m}");
+}
+
+#[tokio::test]
+async fn a_request_is_retried_until_the_upstream_recovers() {
+    let up = upstream("v1").await;
+    let mut cfg = config("c1", vec![endpoint(&up, "v1")], vec![]);
+    cfg.destinations[0].retry = Some(retry_config(3, 20, 10));
+    let p = proxy(cfg).await;
+    up.fail_first.store(2, Ordering::SeqCst);
+
+    let a = p.send("PUT", HOST, "/items/1", &[], b"payload").await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.body, "v1:7", "the buffered body was replayed");
+    assert_eq!(a.headers.get("x-skein-retries").unwrap(), "2");
+    assert_eq!(up.hits(), 3);
+    let seen = up.last_headers.lock().unwrap().clone().unwrap();
+    assert_eq!(seen.get("x-skein-attempt").unwrap(), "2");
+
+    // POST is not idempotent: not retried by default.
+    up.fail_first.store(1, Ordering::SeqCst);
+    let a = p.send("POST", HOST, "/items", &[], b"x").await;
+    assert_eq!(a.status, 503);
+    assert_eq!(up.hits(), 4);
+
+    // A body over 64 KiB streams and is not retried.
+    up.fail_first.store(1, Ordering::SeqCst);
+    let big = vec![b'x'; 70 * 1024];
+    let a = p.send("PUT", HOST, "/big", &[], &big).await;
+    assert_eq!(a.status, 503);
+    assert_eq!(up.hits(), 5);
+    let a = p.send("PUT", HOST, "/big", &[], &big).await;
+    assert_eq!(a.body, format!("v1:{}", big.len()), "large bodies still arrive whole");
+}
+
+#[tokio::test]
+async fn an_exhausted_budget_stops_retries() {
+    let up = upstream("v1").await;
+    up.status.store(503, Ordering::SeqCst);
+    let mut cfg = config("c1", vec![endpoint(&up, "v1")], vec![]);
+    // No share of traffic, a floor of 1 retry/s: 10 retries per 10 s window.
+    cfg.destinations[0].retry = Some(retry_config(3, 0, 1));
+    let p = proxy(cfg).await;
+
+    let n = 20;
+    for _ in 0..n {
+        assert_eq!(p.get(HOST, &[]).await.status, 503);
+    }
+    assert_eq!(up.hits(), n + 10, "originals plus the 10 retries the budget allows");
+    let m = p.metrics();
+    assert!(m.contains("skein_retries_total{direction=\"outbound\",destination=\"reviews.shop\",subset=\"\",route=\"\"} 10"), "{m}");
+    assert!(!m.contains("skein_retries_skipped_total{direction=\"outbound\",destination=\"reviews.shop\",subset=\"\",route=\"\"} 0"));
+}
+
+fn outlier(consecutive: u32, base_ms: u64, percent: u32) -> OutlierConfig {
+    OutlierConfig {
+        policy: "shop/reviews".into(),
+        consecutive_errors: consecutive,
+        interval_ms: 100,
+        base_ejection_ms: base_ms,
+        max_ejection_ms: 10 * base_ms,
+        max_ejection_percent: percent,
+    }
+}
+
+#[tokio::test]
+async fn a_failing_endpoint_is_ejected_and_returns_after_its_ejection_time() {
+    let (good, bad) = (upstream("good").await, upstream("bad").await);
+    bad.status.store(500, Ordering::SeqCst);
+    let mut cfg = config("c1", vec![endpoint(&good, "v1"), endpoint(&bad, "v1")], vec![]);
+    cfg.destinations[0].outlier = Some(outlier(3, 700, 50));
+    // Round robin, so that which endpoint gets traffic depends on ejection alone.
+    cfg.destinations[0].load_balancer = skein_api::config::LoadBalancer::RoundRobin;
+    let p = proxy(cfg).await;
+
+    for _ in 0..60 {
+        p.get(HOST, &[]).await;
+    }
+    assert_eq!(bad.hits(), 3, "three failures in a row, then ejected");
+    let ejected_at = Instant::now();
+    assert!(p.metrics().contains("skein_outlier_ejections_total{direction=\"outbound\",destination=\"reviews.shop\",subset=\"\",route=\"\"} 1"));
+
+    // It recovers; after its ejection time it is back in rotation.
+    bad.status.store(0, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(750).saturating_sub(ejected_at.elapsed())).await;
+    for _ in 0..60 {
+        p.get(HOST, &[]).await;
+    }
+    assert!(bad.hits() > 3, "the endpoint is back: {} hits", bad.hits());
+}
+
+#[tokio::test]
+async fn max_ejection_percent_holds_and_all_ejected_fails_open() {
+    let ups = [upstream("a").await, upstream("b").await, upstream("c").await];
+    for u in &ups[..2] {
+        u.status.store(500, Ordering::SeqCst);
+    }
+    let mut cfg = config("c1", ups.iter().map(|u| endpoint(u, "v1")).collect(), vec![]);
+    cfg.destinations[0].outlier = Some(outlier(2, 5_000, 34));
+    let p = proxy(cfg).await;
+    for _ in 0..100 {
+        p.get(HOST, &[]).await;
+    }
+    let active = p.store.current().unwrap();
+    let parts = http::Request::new(()).into_parts().0;
+    let target = active.table.resolve(Some("reviews.shop"), Some(9080), None, &parts).unwrap();
+    let now = skein_proxy::balance::now_ms();
+    let ejected = target.pool.endpoints.iter().filter(|e| e.outlier.is_ejected(now)).count();
+    assert_eq!(ejected, 1, "34% of 3 endpoints allows one ejection");
+
+    // A lone endpoint is never ejected: traffic keeps flowing to it.
+    let lone = upstream("lone").await;
+    lone.status.store(500, Ordering::SeqCst);
+    let mut cfg = config("c2", vec![endpoint(&lone, "v1")], vec![]);
+    cfg.destinations[0].outlier = Some(outlier(1, 5_000, 100));
+    p.store.apply(cfg, Source::File).unwrap();
+    for _ in 0..5 {
+        assert_eq!(p.get(HOST, &[]).await.status, 500);
+    }
+    assert_eq!(lone.hits(), 5);
+}
+
+#[tokio::test]
+async fn rule_timeouts_answer_504() {
+    let up = upstream("slow").await;
+    up.delay_ms.store(2_000, Ordering::SeqCst);
+    let mut route = canary_route(100);
+    route.rules[1].timeout_ms = Some(100);
+    let p = proxy(config("c1", vec![endpoint(&up, "v1")], vec![route])).await;
+    let started = Instant::now();
+    let a = p.get(HOST, &[]).await;
+    assert_eq!(a.status, 504);
+    assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+    assert_eq!(a.headers.get("x-skein-error").unwrap(), "timeout");
+}
+
+#[tokio::test]
+async fn trace_headers_are_generated_or_kept() {
+    let up = upstream("v1").await;
+    let p = proxy(config("c1", vec![endpoint(&up, "v1")], vec![])).await;
+    p.get(HOST, &[("x-b3-traceid", "80f198ee56343ba864fe8b2a57d3eff7")]).await;
+    let seen = up.last_headers.lock().unwrap().clone().unwrap();
+    let tp = seen.get("traceparent").unwrap().to_str().unwrap();
+    assert!(skein_proxy::trace::is_valid_traceparent(tp.as_bytes()), "{tp}");
+    assert!(seen.contains_key("x-request-id"));
+    assert_eq!(seen.get("x-b3-traceid").unwrap(), "80f198ee56343ba864fe8b2a57d3eff7");
+
+    let mine = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    p.get(HOST, &[("traceparent", mine), ("x-request-id", "req-1")]).await;
+    let seen = up.last_headers.lock().unwrap().clone().unwrap();
+    assert_eq!(seen.get("traceparent").unwrap(), mine);
+    assert_eq!(seen.get("x-request-id").unwrap(), "req-1");
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_are_not_forwarded() {
+    let up = upstream("v1").await;
+    let p = proxy(config("c1", vec![endpoint(&up, "v1")], vec![])).await;
+    p.get(
+        HOST,
+        &[
+            ("connection", "x-private, keep-alive"),
+            ("x-private", "secret"),
+            ("x-end-to-end", "yes"),
+            ("te", "trailers"),
+        ],
+    )
+    .await;
+    let seen = up.last_headers.lock().unwrap().clone().unwrap();
+    assert!(!seen.contains_key("x-private"), "named by Connection");
+    assert!(!seen.contains_key("te"));
+    assert_eq!(seen.get("x-end-to-end").unwrap(), "yes");
+}
+
+#[tokio::test]
+async fn malformed_requests_get_400_and_the_proxy_keeps_serving() {
+    let up = upstream("v1").await;
+    let p = proxy(config("c1", vec![endpoint(&up, "v1")], vec![])).await;
+    let addr = p.outbound;
+    let raw = tokio::task::spawn_blocking(move || {
+        let mut answers = Vec::new();
+        for garbage in [
+            &b"GARBAGE\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nHost: \x01bad\r\n\r\n",
+            b"GET /\x00 HTTP/1.1\r\n\r\n",
+            b"GET / HTTP/1.1\r\n\r\n",
+        ] {
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.write_all(garbage).unwrap();
+            let mut buf = Vec::new();
+            let _ = s.read_to_end(&mut buf);
+            answers.push(String::from_utf8_lossy(&buf).lines().next().unwrap_or_default().to_string());
+        }
+        answers
+    })
+    .await
+    .unwrap();
+    for line in &raw {
+        assert!(line.starts_with("HTTP/1.1 400"), "{raw:?}");
+    }
+    assert_eq!(p.get(HOST, &[]).await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_reloads_under_load_drop_no_request() {
+    let (v1, v2) = (upstream("v1").await, upstream("v2").await);
+    let p = proxy(config("c0", vec![endpoint(&v1, "v1"), endpoint(&v2, "v2")], vec![canary_route(90)])).await;
+    let store = p.store.clone();
+    let (a, b) = (endpoint(&v1, "v1"), endpoint(&v2, "v2"));
+    let reloads = tokio::spawn(async move {
+        for i in 0..100u32 {
+            let cfg =
+                config(&format!("c{i}"), vec![a.clone(), b.clone()], vec![canary_route(10 + (i % 9) * 10)]);
+            store.apply(cfg, Source::File).unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    let answers: Vec<Answer> =
+        futures::stream::iter(0..3_000).map(|_| p.get(HOST, &[])).buffer_unordered(16).collect().await;
+    reloads.await.unwrap();
+    let failed: Vec<u16> = answers.iter().map(|a| a.status).filter(|s| *s != 200).collect();
+    assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
+}
+
+#[tokio::test]
+async fn unknown_hosts_pass_through_and_missing_rules_get_404() {
+    let up = upstream("outside").await;
+    let mut route = canary_route(100);
+    route.rules.truncate(1); // only the beta rule
+    route.rules[0].headers[0].value = StringMatch::Prefix("be".into());
+    let p = proxy(config("c1", vec![endpoint(&up, "v2")], vec![route])).await;
+    let a = p.get(&up.addr().to_string(), &[]).await;
+    assert_eq!((a.status, a.body.as_str()), (200, "outside:0"), "not a mesh host: passthrough");
+    let a = p.get(HOST, &[]).await;
+    assert_eq!(a.status, 404);
+    assert_eq!(a.headers.get("x-skein-error").unwrap(), "no-route");
+    assert_eq!(p.get(HOST, &[("x-user-group", "beta-testers")]).await.status, 200);
+    let a = p.get("reviews.shop:1234", &[]).await;
+    assert_eq!(a.status, 502);
+}
+
+#[tokio::test]
+async fn inbound_requests_reach_the_local_app_on_their_port() {
+    let app = upstream("app").await;
+    let p = proxy(config("c1", vec![], vec![])).await;
+    let host = format!("reviews.shop:{}", app.addr().port());
+    let a = p.send_to(p.inbound, "GET", &host, "/", &[], b"").await;
+    assert_eq!((a.status, a.body.as_str()), (200, "app:0"));
+    assert!(p.metrics().contains("skein_requests_total{direction=\"inbound\",destination=\"local\",subset=\"\",route=\"\",status=\"200\"} 1"));
+}
+
+#[tokio::test]
+async fn no_endpoints_answers_503() {
+    let p = proxy(config("c1", vec![], vec![])).await;
+    let a = p.get(HOST, &[]).await;
+    assert_eq!(a.status, 503);
+    assert_eq!(a.headers.get("x-skein-error").unwrap(), "no-endpoints");
+}

@@ -1,0 +1,278 @@
+//! Test upstreams, a proxy started in-process, and a client — all on real loopback sockets.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use skein_api::config::*;
+use skein_api::{ProxyConfig, WorkloadIdentity};
+use skein_proxy::access_log::AccessLog;
+use skein_proxy::config_store::{ConfigStore, Source};
+use skein_proxy::proxy::{Direction, ProxyContext};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// What a test upstream does.
+#[derive(Default)]
+pub struct Upstream {
+    pub name: String,
+    pub addr: Mutex<Option<SocketAddr>>,
+    /// Answer this many requests with 503 first.
+    pub fail_first: AtomicU32,
+    /// Answer every request with this status (0 = 200).
+    pub status: AtomicU32,
+    /// Wait this long before answering (ms).
+    pub delay_ms: AtomicU64,
+    pub hits: AtomicU64,
+    pub last_headers: Mutex<Option<HeaderMap>>,
+}
+
+impl Upstream {
+    pub fn hits(&self) -> u64 {
+        self.hits.load(Ordering::SeqCst)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr.lock().unwrap().expect("started")
+    }
+}
+
+/// Starts an upstream answering with its name.
+pub async fn upstream(name: &str) -> Arc<Upstream> {
+    let up = Arc::new(Upstream { name: name.into(), ..Default::default() });
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    *up.addr.lock().unwrap() = Some(listener.local_addr().unwrap());
+    let u = up.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            let u = u.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let u = u.clone();
+                    async move {
+                        u.hits.fetch_add(1, Ordering::SeqCst);
+                        *u.last_headers.lock().unwrap() = Some(req.headers().clone());
+                        let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                        let delay = u.delay_ms.load(Ordering::SeqCst);
+                        if delay > 0 {
+                            tokio::time::sleep(Duration::from_millis(delay)).await;
+                        }
+                        let failing = u.fail_first.load(Ordering::SeqCst);
+                        let status = if failing > 0 {
+                            u.fail_first.fetch_sub(1, Ordering::SeqCst);
+                            503
+                        } else {
+                            match u.status.load(Ordering::SeqCst) {
+                                0 => 200,
+                                s => s as u16,
+                            }
+                        };
+                        let mut r =
+                            Response::new(Full::new(Bytes::from(format!("{}:{}", u.name, body.len()))));
+                        *r.status_mut() = StatusCode::from_u16(status).unwrap();
+                        Ok::<_, Infallible>(r)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    up
+}
+
+pub fn endpoint(up: &Upstream, version: &str) -> Endpoint {
+    Endpoint {
+        address: "127.0.0.1".into(),
+        ports: [("http".to_string(), up.addr().port())].into(),
+        labels: [("version".to_string(), version.to_string())].into(),
+        identity: None,
+    }
+}
+
+pub fn subset(name: &str, weight: u32) -> WeightedBackend {
+    WeightedBackend {
+        weight,
+        target: BackendTarget::Subset {
+            name: name.into(),
+            labels: [("version".to_string(), name.to_string())].into(),
+        },
+    }
+}
+
+/// A config with one destination `reviews.shop` (port 9080) over `endpoints`.
+pub fn config(version: &str, endpoints: Vec<Endpoint>, routes: Vec<Route>) -> ProxyConfig {
+    ProxyConfig {
+        version: version.into(),
+        identity: Some(WorkloadIdentity::new("shop", "productpage")),
+        destinations: vec![Destination {
+            namespace: "shop".into(),
+            name: "reviews".into(),
+            hosts: vec!["reviews.shop".into(), "reviews.shop.svc".into()],
+            addresses: vec![],
+            ports: vec![ServicePort { name: Some("http".into()), port: 9080, protocol: Protocol::Http }],
+            load_balancer: LoadBalancer::P2cEwma,
+            endpoints,
+            routes,
+            retry: None,
+            outlier: None,
+        }],
+        inbound: vec![],
+    }
+}
+
+/// The canary route: `x-user-group: beta` → v2, else `v1_weight`/`100 - v1_weight`.
+pub fn canary_route(v1_weight: u32) -> Route {
+    Route {
+        name: "shop/reviews".into(),
+        generation: 1,
+        port: None,
+        rules: vec![
+            RouteRule {
+                headers: vec![HeaderMatch {
+                    name: "x-user-group".into(),
+                    value: StringMatch::Exact("beta".into()),
+                }],
+                backends: vec![subset("v2", 100)],
+                ..Default::default()
+            },
+            RouteRule {
+                backends: vec![subset("v1", v1_weight), subset("v2", 100 - v1_weight)],
+                ..Default::default()
+            },
+        ],
+        retry: None,
+        outlier: None,
+    }
+}
+
+pub fn retry_config(attempts: u32, percent: u32, min_per_second: u32) -> RetryConfig {
+    RetryConfig {
+        policy: "shop/reviews".into(),
+        attempts,
+        per_try_timeout_ms: None,
+        timeout_ms: None,
+        retry_on: vec!["5xx".into(), "reset".into(), "refused".into()],
+        retriable_status_codes: vec![],
+        backoff_base_ms: 1,
+        backoff_max_ms: 5,
+        budget_percent: percent,
+        budget_min_per_second: min_per_second,
+        retry_non_idempotent: false,
+    }
+}
+
+/// A proxy running in this process.
+pub struct TestProxy {
+    pub store: Arc<ConfigStore>,
+    pub outbound: SocketAddr,
+    pub inbound: SocketAddr,
+    pub client: Client<HttpConnector, Full<Bytes>>,
+    stop: CancellationToken,
+}
+
+impl Drop for TestProxy {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+pub async fn proxy(config: ProxyConfig) -> TestProxy {
+    let store = Arc::new(ConfigStore::new(None));
+    store.apply(config, Source::File).expect("valid test config");
+    let ctx = Arc::new(ProxyContext::new(
+        store.clone(),
+        AccessLog::off(),
+        "127.0.0.1".parse().unwrap(),
+        Duration::from_millis(500),
+    ));
+    let stop = CancellationToken::new();
+    let out = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let inb = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (outbound, inbound) = (out.local_addr().unwrap(), inb.local_addr().unwrap());
+    tokio::spawn(skein_proxy::listener::serve(out, ctx.clone(), Direction::Outbound, stop.clone()));
+    tokio::spawn(skein_proxy::listener::serve(inb, ctx, Direction::Inbound, stop.clone()));
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    let client = Client::builder(TokioExecutor::new()).set_host(false).build(connector);
+    TestProxy { store, outbound, inbound, client, stop }
+}
+
+/// A response as the test sees it.
+pub struct Answer {
+    pub status: u16,
+    pub body: String,
+    pub headers: HeaderMap,
+}
+
+impl TestProxy {
+    /// Sends a request to the outbound listener with `Host: host`.
+    pub async fn send(
+        &self,
+        method: &str,
+        host: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Answer {
+        self.send_to(self.outbound, method, host, path, headers, body).await
+    }
+
+    pub async fn send_to(
+        &self,
+        to: SocketAddr,
+        method: &str,
+        host: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Answer {
+        let mut req =
+            Request::builder().method(method).uri(format!("http://{to}{path}")).header("host", host);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let response = self
+            .client
+            .request(req.body(Full::new(Bytes::copy_from_slice(body))).unwrap())
+            .await
+            .expect("proxy answers");
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        Answer { status, body: String::from_utf8_lossy(&body).into_owned(), headers }
+    }
+
+    pub async fn get(&self, host: &str, headers: &[(&str, &str)]) -> Answer {
+        self.send("GET", host, "/", headers, b"").await
+    }
+
+    /// A metric line's value from the proxy's own registry.
+    pub fn metrics(&self) -> String {
+        let mut out = String::new();
+        self.store.shared.metrics.render(&mut out);
+        out
+    }
+}
+
+/// Counts answers by body prefix (the upstream's name).
+pub fn tally(answers: &[Answer]) -> BTreeMap<String, usize> {
+    let mut t = BTreeMap::new();
+    for a in answers {
+        *t.entry(a.body.split(':').next().unwrap_or_default().to_string()).or_default() += 1;
+    }
+    t
+}

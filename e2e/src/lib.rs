@@ -290,6 +290,12 @@ impl Proxy {
             proxy_id.into(),
             "--admin-addr".into(),
             format!("127.0.0.1:{admin_port}"),
+            "--outbound-addr".into(),
+            format!("127.0.0.1:{}", free_port()),
+            "--inbound-addr".into(),
+            format!("127.0.0.1:{}", free_port()),
+            "--access-log".into(),
+            "off".into(),
             "--state-dir".into(),
             state_dir.display().to_string(),
         ];

@@ -48,7 +48,7 @@ pub async fn serve(
         tokio::spawn(async move {
             let _ = stream.set_nodelay(true);
             let original = original_destination(&stream).filter(|o| Some(*o) != local);
-            handle(stream, ctx, ConnMeta { direction, original }).await;
+            handle(stream, ctx, ConnMeta { direction, local, original }).await;
         });
     }
 }

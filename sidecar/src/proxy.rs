@@ -110,6 +110,8 @@ impl ProxyContext {
 #[derive(Clone, Copy, Debug)]
 pub struct ConnMeta {
     pub direction: Direction,
+    /// The listener's own address (to refuse requests that would loop back into it).
+    pub local: Option<SocketAddr>,
     /// The original destination of a transparently redirected connection.
     pub original: Option<SocketAddr>,
 }
@@ -164,6 +166,11 @@ pub async fn serve(
                 Ok(target) => Ok(Upstream::Mesh(target)),
                 Err(NoTarget::Passthrough) => match (conn.original, &authority) {
                     (Some(original), _) => Ok(Upstream::Fixed(authority_for(original), &ctx.passthrough)),
+                    (None, Some(a)) if addresses_listener(a, conn.local) => Err(error(
+                        StatusCode::LOOP_DETECTED,
+                        "loop",
+                        "the request is addressed to the proxy itself",
+                    )),
                     (None, Some(a)) => Ok(Upstream::Fixed(with_default_port(a), &ctx.passthrough)),
                     (None, None) => {
                         Err(error(StatusCode::BAD_REQUEST, "missing-host", "the request names no host"))
@@ -238,6 +245,16 @@ fn authority_of(req: &Request<Incoming>) -> Option<Authority> {
 
 fn authority_for(addr: SocketAddr) -> Authority {
     Authority::try_from(addr.to_string().as_str()).expect("a socket address is an authority")
+}
+
+/// Whether `a` names the listener the request came in on.
+fn addresses_listener(a: &Authority, local: Option<SocketAddr>) -> bool {
+    let (Some(local), Ok(ip)) = (local, a.host().trim_matches(|c| c == '[' || c == ']').parse::<IpAddr>())
+    else {
+        return false;
+    };
+    a.port_u16().unwrap_or(80) == local.port()
+        && (ip == local.ip() || ip.is_loopback() || local.ip().is_unspecified())
 }
 
 fn with_default_port(a: &Authority) -> Authority {

@@ -295,3 +295,97 @@ async fn no_endpoints_answers_503() {
     assert_eq!(a.status, 503);
     assert_eq!(a.headers.get("x-skein-error").unwrap(), "no-endpoints");
 }
+
+#[tokio::test]
+async fn a_request_to_the_proxy_itself_is_refused_not_looped() {
+    let p = proxy(config("c1", vec![], vec![])).await;
+    let a = p.get(&p.outbound.to_string(), &[]).await;
+    assert_eq!(a.status, 508);
+}
+
+#[tokio::test]
+async fn http2_from_the_app_is_served() {
+    let up = upstream("v1").await;
+    let p = proxy(config("c1", vec![endpoint(&up, "v1")], vec![])).await;
+    let tcp = tokio::net::TcpStream::connect(p.outbound).await.unwrap();
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    for _ in 0..3 {
+        let req = http::Request::get("http://reviews.shop:9080/h2")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let response = h2.send_request(req).await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.version(), http::Version::HTTP_2);
+        let body = http_body_util::BodyExt::collect(response.into_body()).await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"v1:0");
+    }
+    assert_eq!(up.hits(), 3);
+}
+
+#[tokio::test]
+async fn websocket_style_upgrades_are_passed_through() {
+    // An upstream that switches to an echo protocol.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let service =
+            hyper::service::service_fn(|mut req: http::Request<hyper::body::Incoming>| async move {
+                let on_upgrade = hyper::upgrade::on(&mut req);
+                tokio::spawn(async move {
+                    let upgraded = on_upgrade.await.unwrap();
+                    let mut io = hyper_util::rt::TokioIo::new(upgraded);
+                    let mut buf = [0u8; 4];
+                    tokio::io::AsyncReadExt::read_exact(&mut io, &mut buf).await.unwrap();
+                    tokio::io::AsyncWriteExt::write_all(&mut io, &buf).await.unwrap();
+                });
+                let mut r = http::Response::new(http_body_util::Empty::<bytes::Bytes>::new());
+                *r.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+                r.headers_mut().insert("upgrade", http::HeaderValue::from_static("echo"));
+                r.headers_mut().insert("connection", http::HeaderValue::from_static("upgrade"));
+                Ok::<_, std::convert::Infallible>(r)
+            });
+        hyper::server::conn::http1::Builder::new()
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+            .with_upgrades()
+            .await
+            .unwrap();
+    });
+    let ep = skein_api::config::Endpoint {
+        address: "127.0.0.1".into(),
+        ports: [("http".to_string(), port)].into(),
+        labels: Default::default(),
+        identity: None,
+    };
+    let p = proxy(config("c1", vec![ep], vec![])).await;
+    let addr = p.outbound;
+    let echoed = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(
+            b"GET /ws HTTP/1.1\r\nHost: reviews.shop:9080\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+        )
+        .unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut byte).unwrap();
+            head.push(byte[0]);
+        }
+        s.write_all(b"ping").unwrap();
+        let mut echo = [0u8; 4];
+        s.read_exact(&mut echo).unwrap();
+        (String::from_utf8_lossy(&head).into_owned(), echo)
+    })
+    .await
+    .unwrap();
+    assert!(echoed.0.starts_with("HTTP/1.1 101"), "{}", echoed.0);
+    assert!(echoed.0.to_ascii_lowercase().contains("upgrade: echo"), "{}", echoed.0);
+    assert_eq!(&echoed.1, b"ping");
+}

@@ -34,6 +34,8 @@ pub fn now_ms() -> u64 {
 #[derive(Debug)]
 pub struct EndpointState {
     pub addr: SocketAddr,
+    /// `addr` as a URI authority, built once.
+    pub authority: http::uri::Authority,
     in_flight: AtomicU32,
     /// Latency estimate in nanoseconds (an `f64` in its bits).
     ewma_bits: AtomicU64,
@@ -46,6 +48,8 @@ impl EndpointState {
     pub fn new(addr: SocketAddr) -> Self {
         Self {
             addr,
+            authority: http::uri::Authority::try_from(addr.to_string().as_str())
+                .expect("a socket address is an authority"),
             in_flight: AtomicU32::new(0),
             ewma_bits: AtomicU64::new((DEFAULT_RTT.as_nanos() as f64).to_bits()),
             stamp_ns: AtomicU64::new(now_ns()),

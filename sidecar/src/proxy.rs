@@ -212,7 +212,7 @@ pub async fn serve(
                         }
                     }
                 }
-                (forward(&ctx, &parts, body, &upstream, upgrade).await, series)
+                (forward(&ctx, &mut parts, body, &upstream, upgrade).await, series)
             }
         }
     };
@@ -318,6 +318,7 @@ fn is_upgrade(parts: &Parts) -> bool {
 /// Builds the request for one attempt.
 fn upstream_request(
     parts: &Parts,
+    headers: HeaderMap,
     to: &Authority,
     body: ProxyBody,
     attempt: u32,
@@ -331,7 +332,7 @@ fn upstream_request(
     let mut req = Request::new(body);
     *req.method_mut() = parts.method.clone();
     *req.uri_mut() = uri.build().expect("valid parts");
-    *req.headers_mut() = parts.headers.clone();
+    *req.headers_mut() = headers;
     strip_hop_by_hop(req.headers_mut(), upgrade);
     if attempt > 0 {
         req.headers_mut().insert(&ATTEMPT_HEADER, HeaderValue::from(attempt));
@@ -378,14 +379,15 @@ fn failure_response(f: Failure) -> Response<ProxyBody> {
 /// sent once and, on `101`, both connections are spliced.
 async fn forward(
     ctx: &ProxyContext,
-    parts: &Parts,
+    parts: &mut Parts,
     body: Incoming,
     upstream: &Upstream<'_>,
     upgrade: Option<OnUpgrade>,
 ) -> Forwarded {
     let target = match upstream {
         Upstream::Fixed(to, _) => {
-            let req = upstream_request(parts, to, ProxyBody::Incoming(body), 0, upgrade.is_some());
+            let headers = std::mem::take(&mut parts.headers);
+            let req = upstream_request(parts, headers, to, ProxyBody::Incoming(body), 0, upgrade.is_some());
             let response = match ctx.client.request(req).await {
                 Ok(r) => finish_response(r, 0, upgrade),
                 Err(e) => failure_response(failure_of(&e)),
@@ -396,8 +398,9 @@ async fn forward(
     };
     if upgrade.is_some() {
         let Some(pick) = target.pool.pick(now_ms()) else { return no_endpoints(0) };
-        let to = authority_for(pick.endpoint.addr);
-        let req = upstream_request(parts, &to, ProxyBody::Incoming(body), 0, true);
+        let to = pick.endpoint.authority.clone();
+        let headers = std::mem::take(&mut parts.headers);
+        let req = upstream_request(parts, headers, &to, ProxyBody::Incoming(body), 0, true);
         let response = match ctx.client.request(req).await {
             Ok(r) => finish_response(r, 0, upgrade),
             Err(e) => failure_response(failure_of(&e)),
@@ -427,8 +430,14 @@ async fn forward(
             target.series.fail_open.fetch_add(1, Ordering::Relaxed);
         }
         let endpoint = pick.endpoint;
-        let to = authority_for(endpoint.addr);
-        let req = upstream_request(parts, &to, body.take(), attempt, false);
+        let to = endpoint.authority.clone();
+        // Headers are copied only while another attempt may need them.
+        let headers = if retry.is_some() && body.replayable() {
+            parts.headers.clone()
+        } else {
+            std::mem::take(&mut parts.headers)
+        };
+        let req = upstream_request(parts, headers, &to, body.take(), attempt, false);
         let per_try = retry.and_then(|r| r.per_try_timeout);
         let limit = match (per_try.map(|p| tokio::time::Instant::now() + p), deadline) {
             (Some(a), Some(b)) => Some(a.min(b)),

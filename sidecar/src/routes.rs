@@ -223,8 +223,15 @@ impl RouteTable {
         original: Option<SocketAddr>,
         parts: &Parts,
     ) -> Result<&Target, NoTarget> {
-        let by_host =
-            host.and_then(|h| self.hosts.get(h.trim_end_matches('.').to_ascii_lowercase().as_str()));
+        let by_host = host.and_then(|h| {
+            let h = h.trim_end_matches('.');
+            // Hosts are almost always lower case already: look up without allocating.
+            if h.bytes().any(|b| b.is_ascii_uppercase()) {
+                self.hosts.get(h.to_ascii_lowercase().as_str())
+            } else {
+                self.hosts.get(h)
+            }
+        });
         let by_addr = || original.and_then(|a| self.addresses.get(&a.ip()));
         let Some(&i) = by_host.or_else(by_addr) else { return Err(NoTarget::Passthrough) };
         let d = &self.destinations[i];

@@ -33,5 +33,8 @@ run: build generate
 # The local mesh demo arrives with its own issue; until then the main job is `make run`.
 demo: run
 
+# The data-plane benchmark: skein-proxy next to Envoy, HAProxy and nginx on loopback (about
+# 10 minutes; RUNS, RATES, DURATION, TARGETS tune it, see bench/run.sh). Writes bench/RESULTS.md.
 bench:
-	@echo "benchmarks arrive with the data plane (bench/)"; exit 1
+	$(CARGO) build --release -p skein-proxy -p skein-bench
+	bash bench/run.sh

@@ -76,8 +76,7 @@ impl ConfigStore {
         let table = match compiled {
             Ok(table) => table,
             Err(e) => {
-                self.refused.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(version = %config.version, error = %e, "refusing config; the last good one stays");
+                self.refuse(&config.version, &e);
                 return Err(e);
             }
         };
@@ -90,6 +89,13 @@ impl ConfigStore {
         self.swaps.send_modify(|n| *n += 1);
         tracing::info!(%version, ?source, "config in force");
         Ok(())
+    }
+
+    /// Counts and logs a config that was refused before or during [`ConfigStore::apply`] (one
+    /// that did not even decode, for instance).
+    pub fn refuse(&self, version: &str, error: &str) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%version, %error, "refusing config; the last good one stays");
     }
 
     /// Loads the last good config from the state directory, if there is one and it is valid.

@@ -189,8 +189,9 @@ pub fn apply_line(store: &ConfigStore, line: &[u8]) -> StreamAck {
                 .ok()
                 .and_then(|v| v.get("version").and_then(|v| v.as_str()).map(str::to_string))
                 .unwrap_or_default();
-            tracing::warn!(%version, error = %e, "refusing an undecodable config; the last good one stays");
-            StreamAck { version, error: Some(format!("cannot decode config: {e}")) }
+            let error = format!("cannot decode config: {e}");
+            store.refuse(&version, &error);
+            StreamAck { version, error: Some(error) }
         }
     }
 }

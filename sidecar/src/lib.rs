@@ -132,8 +132,8 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<()> {
             tokio::spawn(control::run(cp, store.clone(), stream.clone(), shutdown.clone()));
         }
         (None, Some(path)) => {
-            file_config::load(path, &store).map_err(Error::ConfigFile)?;
-            tokio::spawn(file_config::watch(path.clone(), store.clone(), shutdown.clone()));
+            let loaded = file_config::load(path, &store).map_err(|(_, e)| Error::ConfigFile(e))?;
+            tokio::spawn(file_config::watch(path.clone(), store.clone(), loaded, shutdown.clone()));
         }
         _ => return Err(Error::NoConfigSource),
     }

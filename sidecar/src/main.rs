@@ -18,12 +18,17 @@ fn main() -> anyhow::Result<()> {
         subscriber.init();
     }
 
-    // A sidecar is small: a few worker threads, no more than asked for.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.workers.max(1))
-        .max_blocking_threads(4)
-        .enable_all()
-        .build()?;
+    // A sidecar is small: one thread by default, and then a current-thread runtime, which
+    // avoids the work-stealing scheduler's cross-thread wake-ups; more workers if asked.
+    let runtime = if args.workers <= 1 {
+        tokio::runtime::Builder::new_current_thread().max_blocking_threads(2).enable_all().build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(args.workers)
+            .max_blocking_threads(4)
+            .enable_all()
+            .build()?
+    };
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
         tokio::spawn(stop_on_signal(shutdown.clone()));

@@ -389,3 +389,54 @@ async fn websocket_style_upgrades_are_passed_through() {
     assert!(echoed.0.to_ascii_lowercase().contains("upgrade: echo"), "{}", echoed.0);
     assert_eq!(&echoed.1, b"ping");
 }
+
+#[tokio::test]
+async fn per_try_timeouts_retry_onto_a_healthy_endpoint() {
+    let (slow, fast) = (upstream("slow").await, upstream("fast").await);
+    slow.delay_ms.store(2_000, Ordering::SeqCst);
+    let mut cfg = config("c1", vec![endpoint(&slow, "v1"), endpoint(&fast, "v1")], vec![]);
+    cfg.destinations[0].load_balancer = skein_api::config::LoadBalancer::RoundRobin;
+    let mut retry = retry_config(2, 100, 10);
+    retry.per_try_timeout_ms = Some(100);
+    retry.timeout_ms = Some(1_500);
+    cfg.destinations[0].retry = Some(retry);
+    let p = proxy(cfg).await;
+    for _ in 0..4 {
+        let started = Instant::now();
+        let a = p.get(HOST, &[]).await;
+        assert_eq!((a.status, a.body.as_str()), (200, "fast:0"));
+        assert!(started.elapsed() < Duration::from_millis(1_000), "{:?}", started.elapsed());
+    }
+    assert!(slow.hits() >= 1, "the slow endpoint was tried and timed out");
+}
+
+#[tokio::test]
+async fn the_config_file_is_reloaded_and_a_bad_one_is_refused() {
+    let (v1, v2) = (upstream("v1").await, upstream("v2").await);
+    let dir = std::env::temp_dir().join(format!("skein-file-{}-{}", std::process::id(), fastrand::u32(..)));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("config.json");
+    let write =
+        |cfg: &skein_api::ProxyConfig| std::fs::write(&path, serde_json::to_vec(cfg).unwrap()).unwrap();
+    write(&config("f1", vec![endpoint(&v1, "v1")], vec![]));
+
+    let store = std::sync::Arc::new(skein_proxy::config_store::ConfigStore::new(None));
+    let loaded = skein_proxy::file_config::load(&path, &store).unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(skein_proxy::file_config::watch(path.clone(), store.clone(), loaded, stop.clone()));
+    let version = || store.current().unwrap().config.version.clone();
+    assert_eq!(version(), "f1");
+
+    write(&config("f2", vec![endpoint(&v2, "v2")], vec![]));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while version() != "f2" {
+        assert!(Instant::now() < deadline, "the changed file was not picked up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    std::fs::write(&path, b"{ this is not json").unwrap();
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    assert_eq!(version(), "f2", "the last good config stays");
+    assert_eq!(store.refused.load(Ordering::Relaxed), 1);
+    stop.cancel();
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -42,6 +42,8 @@ pub struct EndpointState {
     stamp_ns: AtomicU64,
     measured: AtomicBool,
     pub outlier: OutlierState,
+    /// Idle upstream connections of the HTTP/1 fast path, with when each was last used.
+    pub idle: std::sync::Mutex<Vec<(tokio::net::TcpStream, Instant)>>,
 }
 
 impl EndpointState {
@@ -55,6 +57,7 @@ impl EndpointState {
             stamp_ns: AtomicU64::new(now_ns()),
             measured: AtomicBool::new(false),
             outlier: OutlierState::default(),
+            idle: std::sync::Mutex::default(),
         }
     }
 

@@ -11,6 +11,7 @@ pub mod body;
 pub mod config_store;
 pub mod control;
 pub mod file_config;
+pub mod h1;
 pub mod listener;
 pub mod metrics;
 pub mod outlier;
@@ -94,6 +95,9 @@ pub struct Args {
     /// Worker threads.
     #[arg(long, env = "SKEIN_WORKERS", default_value_t = 1)]
     pub workers: usize,
+    /// Serve plain HTTP/1.1 requests on the fast path (false: every request through hyper).
+    #[arg(long, env = "SKEIN_HTTP1_FAST_PATH", default_value_t = true, action = clap::ArgAction::Set)]
+    pub http1_fast_path: bool,
     /// Upstream connect timeout in milliseconds.
     #[arg(long, env = "SKEIN_CONNECT_TIMEOUT_MS", default_value_t = 1000)]
     pub connect_timeout_ms: u64,
@@ -145,12 +149,14 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<()> {
         AccessLogMode::Stdout => access_log::AccessLog::stdout(),
         AccessLogMode::Off => access_log::AccessLog::off(),
     };
-    let ctx = Arc::new(proxy::ProxyContext::new(
+    let mut ctx = proxy::ProxyContext::new(
         store.clone(),
         access_log,
         args.inbound_target,
         Duration::from_millis(args.connect_timeout_ms),
-    ));
+    );
+    ctx.fast_path = args.http1_fast_path;
+    let ctx = Arc::new(ctx);
     tokio::spawn(listener::serve(outbound, ctx.clone(), proxy::Direction::Outbound, shutdown.clone()));
     tokio::spawn(listener::serve(inbound, ctx, proxy::Direction::Inbound, shutdown.clone()));
 

@@ -62,11 +62,24 @@ async fn handle(stream: TcpStream, ctx: Arc<ProxyContext>, conn: ConnMeta) {
             return;
         }
     }
+    if ctx.fast_path {
+        crate::h1::serve(stream, ctx, conn).await;
+    } else {
+        serve_hyper(stream, ctx, conn).await;
+    }
+}
+
+/// Serves HTTP/1.x or HTTP/2 (prior knowledge) with hyper: every request goes through
+/// [`proxy::serve`].
+pub async fn serve_hyper<I>(io: I, ctx: Arc<ProxyContext>, conn: ConnMeta)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let service = service_fn(move |req| proxy::serve(ctx.clone(), conn, req));
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30)).keep_alive(true);
     builder.http2().timer(TokioTimer::new());
-    if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).await {
+    if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(io), service).await {
         tracing::debug!(error = %e, "connection ended with an error");
     }
 }

@@ -72,8 +72,11 @@ pub struct ProxyContext {
     pub access_log: AccessLog,
     /// Where inbound requests go (the app, on the same port).
     pub inbound_target: IpAddr,
-    passthrough: Arc<Series>,
-    inbound: Arc<Series>,
+    pub connect_timeout: Duration,
+    /// Serve plain HTTP/1.1 requests on the fast path ([`crate::h1`]).
+    pub fast_path: bool,
+    pub passthrough: Arc<Series>,
+    pub inbound: Arc<Series>,
 }
 
 impl ProxyContext {
@@ -102,7 +105,16 @@ impl ProxyContext {
         };
         let passthrough = series("outbound", "passthrough");
         let inbound = series("inbound", "local");
-        Self { store, client, access_log, inbound_target, passthrough, inbound }
+        Self {
+            store,
+            client,
+            access_log,
+            inbound_target,
+            connect_timeout,
+            fast_path: true,
+            passthrough,
+            inbound,
+        }
     }
 }
 

@@ -73,6 +73,11 @@ impl RetrySettings {
             )
     }
 
+    /// [`Self::method_allowed`] for a method as text.
+    pub fn method_allowed_str(&self, method: &str) -> bool {
+        Method::from_bytes(method.as_bytes()).is_ok_and(|m| self.method_allowed(&m))
+    }
+
     /// Whether a response with this status is retried.
     pub fn retries_status(&self, status: StatusCode) -> bool {
         let code = status.as_u16();

@@ -30,7 +30,8 @@ pub struct Shared {
 }
 
 impl Shared {
-    fn endpoint(&self, addr: SocketAddr) -> Arc<EndpointState> {
+    /// The state of an upstream address, shared by every table that names it.
+    pub fn endpoint(&self, addr: SocketAddr) -> Arc<EndpointState> {
         self.endpoints
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -80,6 +81,28 @@ pub enum NoTarget {
     NoRuleMatched { route: String },
 }
 
+/// What route matching reads of a request: hyper's parsed request, or the HTTP/1 fast path's
+/// head parsed in place.
+pub trait RequestView {
+    fn method(&self) -> &str;
+    /// The path without the query.
+    fn path(&self) -> &str;
+    /// Whether any value of header `name` satisfies `f`.
+    fn any_header(&self, name: &HeaderName, f: &mut dyn FnMut(&str) -> bool) -> bool;
+}
+
+impl RequestView for Parts {
+    fn method(&self) -> &str {
+        self.method.as_str()
+    }
+    fn path(&self) -> &str {
+        self.uri.path()
+    }
+    fn any_header(&self, name: &HeaderName, f: &mut dyn FnMut(&str) -> bool) -> bool {
+        self.headers.get_all(name).iter().any(|v| v.to_str().is_ok_and(&mut *f))
+    }
+}
+
 #[derive(Debug)]
 enum Matcher {
     Exact(String),
@@ -119,18 +142,16 @@ struct Rule {
 }
 
 impl Rule {
-    fn matches(&self, parts: &Parts) -> bool {
-        if self.method.as_ref().is_some_and(|m| *m != parts.method) {
+    fn matches(&self, req: &impl RequestView) -> bool {
+        if self.method.as_ref().is_some_and(|m| m.as_str() != req.method()) {
             return false;
         }
         if let Some(path) = &self.path {
-            if !path.matches(parts.uri.path()) {
+            if !path.matches(req.path()) {
                 return false;
             }
         }
-        self.headers.iter().all(|(name, m)| {
-            parts.headers.get_all(name).iter().any(|v| v.to_str().is_ok_and(|v| m.matches(v)))
-        })
+        self.headers.iter().all(|(name, m)| req.any_header(name, &mut |v| m.matches(v)))
     }
 
     fn pick(&self) -> &Target {
@@ -221,7 +242,7 @@ impl RouteTable {
         host: Option<&str>,
         port: Option<u16>,
         original: Option<SocketAddr>,
-        parts: &Parts,
+        req: &impl RequestView,
     ) -> Result<&Target, NoTarget> {
         let by_host = host.and_then(|h| {
             let h = h.trim_end_matches('.');
@@ -243,7 +264,7 @@ impl RouteTable {
         route
             .rules
             .iter()
-            .find(|r| r.matches(parts))
+            .find(|r| r.matches(req))
             .map(Rule::pick)
             .ok_or_else(|| NoTarget::NoRuleMatched { route: route.name.clone() })
     }

@@ -440,3 +440,152 @@ async fn the_config_file_is_reloaded_and_a_bad_one_is_refused() {
     stop.cancel();
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// An upstream that answers every request on a connection with `response(path)`, raw bytes;
+/// `close_after` closes each connection after that many responses.
+async fn raw_upstream(response: fn(&str) -> Vec<u8>, close_after: usize) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else { return };
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                for _ in 0..close_after {
+                    // One request: a head, then Content-Length bytes.
+                    let head_end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        let mut chunk = [0u8; 4096];
+                        let n = s.read(&mut chunk).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                    };
+                    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse().unwrap())
+                        })
+                        .unwrap_or(0);
+                    while buf.len() < head_end + len {
+                        let mut chunk = [0u8; 65536];
+                        let n = s.read(&mut chunk).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                    }
+                    buf.drain(..head_end + len);
+                    let path = head.split(' ').nth(1).unwrap_or("/").to_string();
+                    let mut out = response(&path);
+                    if path.starts_with("/echo-length") {
+                        out = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{len}",
+                            len.to_string().len()
+                        )
+                        .into_bytes();
+                    }
+                    if s.write_all(&out).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+fn raw_endpoint(port: u16) -> skein_api::config::Endpoint {
+    skein_api::config::Endpoint {
+        address: "127.0.0.1".into(),
+        ports: [("http".to_string(), port)].into(),
+        labels: Default::default(),
+        identity: None,
+    }
+}
+
+fn framed(path: &str) -> Vec<u8> {
+    match path {
+        "/chunked" => b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6;x=y\r\n world\r\n0\r\nx-t: 1\r\n\r\n".to_vec(),
+        "/empty" => b"HTTP/1.1 204 No Content\r\nx-a: b\r\n\r\n".to_vec(),
+        "/head" => b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n".to_vec(),
+        _ => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: keep-alive\r\nkeep-alive: timeout=5\r\n\r\nok".to_vec(),
+    }
+}
+
+#[tokio::test]
+async fn the_http1_fast_path_frames_bodies_and_keeps_connections() {
+    let port = raw_upstream(framed, usize::MAX).await;
+    let p = proxy(config("c1", vec![raw_endpoint(port)], vec![])).await;
+    let a = p.send("GET", HOST, "/chunked", &[], b"").await;
+    assert_eq!((a.status, a.body.as_str()), (200, "hello world"));
+    let a = p.send("GET", HOST, "/empty", &[], b"").await;
+    assert_eq!((a.status, a.headers.get("x-a").unwrap().to_str().unwrap()), (204, "b"));
+    let a = p.send("HEAD", HOST, "/head", &[], b"").await;
+    assert_eq!((a.status, a.body.as_str()), (200, ""));
+    let a = p.send("GET", HOST, "/", &[], b"").await;
+    assert_eq!(a.body, "ok");
+    assert!(a.headers.get("keep-alive").is_none(), "hop-by-hop response headers are dropped");
+    // A large body streams through.
+    let big = vec![b'x'; 3 * 1024 * 1024];
+    let a = p.send("POST", HOST, "/echo-length", &[], &big).await;
+    assert_eq!(a.body, big.len().to_string());
+
+    // Pipelined requests on one raw connection, then `connection: close`.
+    let addr = p.outbound;
+    let text = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let req = "GET /chunked HTTP/1.1\r\nHost: reviews.shop:9080\r\n\r\n";
+        let last = "GET / HTTP/1.1\r\nHost: reviews.shop:9080\r\nConnection: close\r\n\r\n";
+        s.write_all(format!("{req}{req}{last}").as_bytes()).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    })
+    .await
+    .unwrap();
+    assert_eq!(text.matches("HTTP/1.1 200 OK").count(), 3, "{text}");
+    assert!(text.ends_with("\r\n\r\nok"), "{text}");
+    assert!(text.to_ascii_lowercase().contains("connection: close"));
+}
+
+#[tokio::test]
+async fn a_pooled_connection_closed_by_the_upstream_is_replaced() {
+    // Every upstream connection serves one response, then closes.
+    let port = raw_upstream(framed, 1).await;
+    let p = proxy(config("c1", vec![raw_endpoint(port)], vec![])).await;
+    for _ in 0..20 {
+        let a = p.get(HOST, &[]).await;
+        assert_eq!((a.status, a.body.as_str()), (200, "ok"));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn absolute_form_requests_from_an_http_proxy_client_are_routed() {
+    let up = upstream("v1").await;
+    let p = proxy(config("c1", vec![endpoint(&up, "v1")], vec![])).await;
+    let addr = p.outbound;
+    let text = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"GET http://reviews.shop:9080/x?y=1 HTTP/1.1\r\nConnection: close\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    })
+    .await
+    .unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.ends_with("v1:0"), "{text}");
+    let seen = up.last_headers.lock().unwrap().clone().unwrap();
+    assert_eq!(seen.get("host").unwrap(), "reviews.shop:9080");
+}

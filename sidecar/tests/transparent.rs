@@ -1,0 +1,145 @@
+//! Transparent capture: iptables, in a network namespace the test creates, redirects a client's
+//! connections for a Service address to the outbound listener. The proxy reads the original
+//! destination (`SO_ORIGINAL_DST`), routes HTTP by it, and splices a port marked opaque as plain
+//! TCP. Needs root, `ip` and `iptables`; without them the test says so and skips.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use skein_api::config::{Endpoint, Protocol, ServicePort};
+use skein_proxy::access_log::AccessLog;
+use skein_proxy::config_store::{ConfigStore, Source};
+use skein_proxy::proxy::{Direction, ProxyContext};
+
+struct Netns(String);
+
+impl Netns {
+    fn create() -> Option<Self> {
+        let name = format!("skein-tp-{:08x}", fastrand::u32(..));
+        let ok = Command::new("ip").args(["netns", "add", &name]).status().is_ok_and(|s| s.success());
+        ok.then_some(Self(name))
+    }
+
+    fn exec(&self, args: &[&str]) {
+        let status =
+            Command::new("ip").args(["netns", "exec", &self.0]).args(args).status().expect("ip runs");
+        assert!(status.success(), "ip netns exec {} {args:?} failed", self.0);
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn have(tool: &str) -> bool {
+    Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn redirected_connections_are_routed_by_original_destination_and_opaque_ports_spliced() {
+    if !have("ip") || !have("iptables") {
+        eprintln!("skipping: transparent capture needs `ip` and `iptables`");
+        return;
+    }
+    let Some(ns) = Netns::create() else {
+        eprintln!("skipping: cannot create a network namespace (needs root)");
+        return;
+    };
+    ns.exec(&["ip", "link", "set", "lo", "up"]);
+    // Everything for the Service address 127.0.0.2 goes to the outbound listener.
+    ns.exec(&[
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "-d",
+        "127.0.0.2",
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        "15001",
+    ]);
+    let netns_file = std::fs::File::open(format!("/var/run/netns/{}", ns.0)).expect("netns file");
+
+    let result = std::thread::spawn(move || {
+        // This thread, and every socket its runtime opens, lives in the namespace.
+        nix::sched::setns(&netns_file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let web = support::upstream("web").await;
+            let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let echo_port = echo.local_addr().unwrap().port();
+            tokio::spawn(async move {
+                while let Ok((mut s, _)) = echo.accept().await {
+                    tokio::spawn(async move {
+                        let (mut r, mut w) = s.split();
+                        let _ = tokio::io::copy(&mut r, &mut w).await;
+                    });
+                }
+            });
+
+            let mut cfg = support::config("t1", vec![], vec![]);
+            let d = &mut cfg.destinations[0];
+            d.addresses = vec!["127.0.0.2".into()];
+            d.ports = vec![
+                ServicePort { name: Some("http".into()), port: 9080, protocol: Protocol::Http },
+                ServicePort { name: Some("tcp-echo".into()), port: 9090, protocol: Protocol::Tcp },
+            ];
+            d.endpoints = vec![Endpoint {
+                address: "127.0.0.1".into(),
+                ports: [("http".to_string(), web.addr().port()), ("tcp-echo".to_string(), echo_port)].into(),
+                labels: Default::default(),
+                identity: None,
+            }];
+            let store = Arc::new(ConfigStore::new(None));
+            store.apply(cfg, Source::File).unwrap();
+            let ctx = Arc::new(ProxyContext::new(
+                store,
+                AccessLog::off(),
+                "127.0.0.1".parse().unwrap(),
+                Duration::from_millis(500),
+            ));
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:15001").await.unwrap();
+            tokio::spawn(skein_proxy::listener::serve(
+                listener,
+                ctx,
+                Direction::Outbound,
+                Default::default(),
+            ));
+
+            tokio::task::spawn_blocking(|| {
+                // HTTP to the Service address: routed by the original destination.
+                let mut s = std::net::TcpStream::connect("127.0.0.2:9080").unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                s.write_all(b"GET /x HTTP/1.1\r\nHost: 127.0.0.2:9080\r\nConnection: close\r\n\r\n").unwrap();
+                let mut http = String::new();
+                s.read_to_string(&mut http).unwrap();
+
+                // Not HTTP, on the opaque port: spliced through to the echo server.
+                let mut s = std::net::TcpStream::connect("127.0.0.2:9090").unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                s.write_all(b"\x16\x03\x01 hello").unwrap();
+                let mut echoed = [0u8; 9];
+                s.read_exact(&mut echoed).unwrap();
+                (http, echoed)
+            })
+            .await
+            .unwrap()
+        })
+    })
+    .join()
+    .expect("namespace thread");
+
+    assert!(result.0.starts_with("HTTP/1.1 200"), "{}", result.0);
+    assert!(result.0.ends_with("web:0"), "{}", result.0);
+    assert_eq!(&result.1, b"\x16\x03\x01 hello");
+}

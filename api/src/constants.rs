@@ -37,6 +37,10 @@ pub const CONFIG_STREAM_PORT: u16 = 15012;
 /// Operator metrics and health.
 pub const OPERATOR_METRICS_PORT: u16 = 8080;
 
+/// Request header a proxy sends to a peer proxy's inbound listener: the app port the request
+/// is for (the peer cannot see it in the connection's destination, which is its own 15006).
+pub const INBOUND_PORT_HEADER: &str = "x-skein-inbound-port";
+
 /// Path of the config stream on the operator.
 pub const CONFIG_STREAM_PATH: &str = "/v1/config-stream";
 /// Request header a proxy names its workload identity with (`<namespace>/<service-account>`)

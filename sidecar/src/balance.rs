@@ -33,9 +33,13 @@ pub fn now_ms() -> u64 {
 /// Live state of one upstream address.
 #[derive(Debug)]
 pub struct EndpointState {
+    /// The app's address (pod IP and target port).
     pub addr: SocketAddr,
     /// `addr` as a URI authority, built once.
     pub authority: http::uri::Authority,
+    /// For a meshed endpoint, its sidecar's inbound listener: requests go there over HTTP/2,
+    /// naming the app port in [`skein_api::constants::INBOUND_PORT_HEADER`].
+    pub via_proxy: Option<(SocketAddr, http::uri::Authority)>,
     in_flight: AtomicU32,
     /// Latency estimate in nanoseconds (an `f64` in its bits).
     ewma_bits: AtomicU64,
@@ -48,10 +52,18 @@ pub struct EndpointState {
 
 impl EndpointState {
     pub fn new(addr: SocketAddr) -> Self {
+        Self::with_proxy(addr, None)
+    }
+
+    /// An endpoint reached through the sidecar listening at `proxy`, when there is one.
+    pub fn with_proxy(addr: SocketAddr, proxy: Option<SocketAddr>) -> Self {
+        let authority = |a: SocketAddr| {
+            http::uri::Authority::try_from(a.to_string().as_str()).expect("a socket address is an authority")
+        };
         Self {
             addr,
-            authority: http::uri::Authority::try_from(addr.to_string().as_str())
-                .expect("a socket address is an authority"),
+            authority: authority(addr),
+            via_proxy: proxy.map(|p| (p, authority(p))),
             in_flight: AtomicU32::new(0),
             ewma_bits: AtomicU64::new((DEFAULT_RTT.as_nanos() as f64).to_bits()),
             stamp_ns: AtomicU64::new(now_ns()),
@@ -115,6 +127,8 @@ impl Drop for InFlight {
 #[derive(Debug)]
 pub struct Pool {
     pub endpoints: Arc<[Arc<EndpointState>]>,
+    /// Some endpoint is reached through its sidecar (so not on the HTTP/1 fast path).
+    pub meshed: bool,
     pub lb: LoadBalancer,
     pub outlier: Option<OutlierConfig>,
     next: AtomicUsize,
@@ -133,7 +147,8 @@ impl Pool {
         lb: LoadBalancer,
         outlier: Option<OutlierConfig>,
     ) -> Self {
-        Self { endpoints, lb, outlier, next: AtomicUsize::new(fastrand::usize(..1 << 16)) }
+        let meshed = endpoints.iter().any(|e| e.via_proxy.is_some());
+        Self { endpoints, meshed, lb, outlier, next: AtomicUsize::new(fastrand::usize(..1 << 16)) }
     }
 
     /// Chooses an endpoint, or `None` when the pool is empty.

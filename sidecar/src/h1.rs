@@ -142,6 +142,7 @@ impl Head {
                     }
                 }
             } else if name.eq_ignore_ascii_case(b"transfer-encoding")
+                || name.eq_ignore_ascii_case(skein_api::constants::INBOUND_PORT_HEADER.as_bytes())
                 || name.eq_ignore_ascii_case(b"expect")
                 || name.eq_ignore_ascii_case(b"upgrade")
             {
@@ -402,6 +403,7 @@ pub async fn serve(mut stream: TcpStream, ctx: Arc<ProxyContext>, conn: ConnMeta
                 match resolved {
                     Some(Ok(t))
                         if t.timeout.is_none()
+                            && !t.pool.meshed
                             && t.protocol == skein_api::config::Protocol::Http
                             && t.retry
                                 .as_ref()

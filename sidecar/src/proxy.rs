@@ -39,6 +39,8 @@ use crate::retry::Failure;
 use crate::routes::{NoTarget, Target};
 use crate::trace;
 
+/// See [`skein_api::constants::INBOUND_PORT_HEADER`].
+pub static INBOUND_PORT: HeaderName = HeaderName::from_static(skein_api::constants::INBOUND_PORT_HEADER);
 /// Request header telling the upstream which attempt this is (1 = first retry).
 pub static ATTEMPT_HEADER: HeaderName = HeaderName::from_static("x-skein-attempt");
 /// Response header set when the proxy retried: an outer proxy that sees it does not retry
@@ -69,6 +71,7 @@ impl Direction {
 pub struct ProxyContext {
     pub store: Arc<ConfigStore>,
     pub client: Client<HttpConnector, ProxyBody>,
+    pub h2_client: Client<HttpConnector, ProxyBody>,
     pub access_log: AccessLog,
     /// Where inbound requests go (the app, on the same port).
     pub inbound_target: IpAddr,
@@ -94,6 +97,14 @@ impl ProxyContext {
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(256)
             .pool_timer(hyper_util::rt::TokioTimer::new())
+            .build(connector.clone());
+        // Proxy to proxy: one multiplexed HTTP/2 connection per peer sidecar.
+        let h2_client = Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .timer(hyper_util::rt::TokioTimer::new())
+            .pool_timer(hyper_util::rt::TokioTimer::new())
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .pool_idle_timeout(Duration::from_secs(90))
             .build(connector);
         let series = |direction, destination: &str| {
             store.shared.metrics.series(SeriesKey {
@@ -108,6 +119,7 @@ impl ProxyContext {
         Self {
             store,
             client,
+            h2_client,
             access_log,
             inbound_target,
             connect_timeout,
@@ -160,9 +172,16 @@ pub async fn serve(
             Err(error(StatusCode::BAD_REQUEST, "missing-host", "the request names no host"))
         }
         (_, Direction::Inbound) => {
+            // The app port: the connection's original destination (transparent capture), else
+            // what the calling sidecar named, else the authority's port.
+            let named = parts
+                .headers
+                .remove(&INBOUND_PORT)
+                .and_then(|v| v.to_str().ok().and_then(|v| v.parse().ok()));
             let port = conn
                 .original
                 .map(|o| o.port())
+                .or(named)
                 .or_else(|| authority.as_ref().and_then(Authority::port_u16))
                 .unwrap_or(80);
             Ok(Upstream::Fixed(authority_for(SocketAddr::new(ctx.inbound_target, port)), &ctx.inbound))
@@ -410,9 +429,12 @@ async fn forward(
     };
     if upgrade.is_some() {
         let Some(pick) = target.pool.pick(now_ms()) else { return no_endpoints(0) };
-        let to = pick.endpoint.authority.clone();
+        let to = pick.endpoint.via_proxy.as_ref().map_or(&pick.endpoint.authority, |(_, a)| a).clone();
         let headers = std::mem::take(&mut parts.headers);
-        let req = upstream_request(parts, headers, &to, ProxyBody::Incoming(body), 0, true);
+        let mut req = upstream_request(parts, headers, &to, ProxyBody::Incoming(body), 0, true);
+        if pick.endpoint.via_proxy.is_some() {
+            req.headers_mut().insert(&INBOUND_PORT, HeaderValue::from(pick.endpoint.addr.port()));
+        }
         let response = match ctx.client.request(req).await {
             Ok(r) => finish_response(r, 0, upgrade),
             Err(e) => failure_response(failure_of(&e)),
@@ -442,14 +464,22 @@ async fn forward(
             target.series.fail_open.fetch_add(1, Ordering::Relaxed);
         }
         let endpoint = pick.endpoint;
-        let to = endpoint.authority.clone();
+        // A meshed endpoint is reached through its sidecar, over HTTP/2.
+        let (client, to) = match &endpoint.via_proxy {
+            Some((_, proxy)) => (&ctx.h2_client, proxy.clone()),
+            None => (&ctx.client, endpoint.authority.clone()),
+        };
         // Headers are copied only while another attempt may need them.
         let headers = if retry.is_some() && body.replayable() {
             parts.headers.clone()
         } else {
             std::mem::take(&mut parts.headers)
         };
-        let req = upstream_request(parts, headers, &to, body.take(), attempt, false);
+        let mut req = upstream_request(parts, headers, &to, body.take(), attempt, false);
+        if endpoint.via_proxy.is_some() {
+            *req.version_mut() = Version::HTTP_2;
+            req.headers_mut().insert(&INBOUND_PORT, HeaderValue::from(endpoint.addr.port()));
+        }
         let per_try = retry.and_then(|r| r.per_try_timeout);
         let limit = match (per_try.map(|p| tokio::time::Instant::now() + p), deadline) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -457,11 +487,11 @@ async fn forward(
         };
         let in_flight = endpoint.start();
         let result = match limit {
-            Some(at) => match tokio::time::timeout_at(at, ctx.client.request(req)).await {
+            Some(at) => match tokio::time::timeout_at(at, client.request(req)).await {
                 Ok(r) => r.map_err(|e| failure_of(&e)),
                 Err(_) => Err(Failure::Timeout),
             },
-            None => ctx.client.request(req).await.map_err(|e| failure_of(&e)),
+            None => client.request(req).await.map_err(|e| failure_of(&e)),
         };
         drop(in_flight);
 

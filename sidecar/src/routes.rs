@@ -15,7 +15,7 @@ use regex::Regex;
 use skein_api::config::{
     self, BackendTarget, Destination, LoadBalancer, OutlierConfig, Protocol, ProxyConfig, Route,
 };
-use skein_api::constants::CLUSTER_DOMAIN;
+use skein_api::constants::{CLUSTER_DOMAIN, PROXY_INBOUND_PORT};
 
 use crate::balance::{EndpointState, Pool};
 use crate::metrics::{Registry, Series, SeriesKey};
@@ -24,7 +24,7 @@ use crate::retry::{RetryBudget, RetrySettings};
 /// State that outlives a route table: endpoint state, metric series, retry budgets.
 #[derive(Debug, Default)]
 pub struct Shared {
-    endpoints: Mutex<HashMap<SocketAddr, Arc<EndpointState>>>,
+    endpoints: Mutex<HashMap<(SocketAddr, Option<SocketAddr>), Arc<EndpointState>>>,
     budgets: Mutex<HashMap<String, Arc<RetryBudget>>>,
     pub metrics: Registry,
 }
@@ -32,11 +32,16 @@ pub struct Shared {
 impl Shared {
     /// The state of an upstream address, shared by every table that names it.
     pub fn endpoint(&self, addr: SocketAddr) -> Arc<EndpointState> {
+        self.endpoint_via(addr, None)
+    }
+
+    /// The state of an upstream address reached through the sidecar at `proxy`.
+    pub fn endpoint_via(&self, addr: SocketAddr, proxy: Option<SocketAddr>) -> Arc<EndpointState> {
         self.endpoints
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .entry(addr)
-            .or_insert_with(|| Arc::new(EndpointState::new(addr)))
+            .entry((addr, proxy))
+            .or_insert_with(|| Arc::new(EndpointState::with_proxy(addr, proxy)))
             .clone()
     }
 
@@ -330,7 +335,9 @@ fn endpoints_for(
                 .copied()
                 .or_else(|| (e.ports.len() == 1).then(|| *e.ports.values().next().expect("one")));
             let ip: IpAddr = e.address.parse().ok()?;
-            Some(shared.endpoint(SocketAddr::new(ip, port.unwrap_or(sp.port))))
+            // A meshed endpoint is reached through its sidecar's inbound listener.
+            let proxy = e.identity.as_ref().map(|_| SocketAddr::new(ip, PROXY_INBOUND_PORT));
+            Some(shared.endpoint_via(SocketAddr::new(ip, port.unwrap_or(sp.port)), proxy))
         })
         .collect()
 }

@@ -589,3 +589,70 @@ async fn absolute_form_requests_from_an_http_proxy_client_are_routed() {
     let seen = up.last_headers.lock().unwrap().clone().unwrap();
     assert_eq!(seen.get("host").unwrap(), "reviews.shop:9080");
 }
+
+fn meshed_endpoint(ip: &str, port: u16) -> skein_api::config::Endpoint {
+    skein_api::config::Endpoint {
+        address: ip.into(),
+        ports: [("http".to_string(), port)].into(),
+        labels: Default::default(),
+        identity: Some(skein_api::WorkloadIdentity::new("shop", "reviews")),
+    }
+}
+
+#[tokio::test]
+async fn meshed_endpoints_are_reached_through_their_sidecar_over_http2() {
+    // A stand-in peer sidecar on 127.0.0.21:15006 that records what arrives.
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.21:15006").await.unwrap();
+    let s = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let s = s.clone();
+                    async move {
+                        let port = req
+                            .headers()
+                            .get("x-skein-inbound-port")
+                            .map(|v| v.to_str().unwrap().to_string());
+                        let host = req.headers().get("host").map(|v| v.to_str().unwrap().to_string());
+                        s.lock().unwrap().push((req.version(), port, host));
+                        Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+                            bytes::Bytes::from("peer"),
+                        )))
+                    }
+                });
+                let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    let p = proxy(config("c1", vec![meshed_endpoint("127.0.0.21", 8123)], vec![])).await;
+    for _ in 0..3 {
+        let a = p.get(HOST, &[]).await;
+        assert_eq!((a.status, a.body.as_str()), (200, "peer"));
+    }
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 3);
+    for (version, port, host) in seen {
+        assert_eq!(version, http::Version::HTTP_2);
+        assert_eq!(port.as_deref(), Some("8123"), "the app port is named for the peer");
+        assert_eq!(host.as_deref(), Some(HOST), "the original authority travels along");
+    }
+}
+
+#[tokio::test]
+async fn a_request_crosses_two_sidecars_to_the_app() {
+    let app = upstream("app").await;
+    // The callee's sidecar: inbound on 127.0.0.22:15006, delivering to the app on 127.0.0.1.
+    let callee = proxy_at(config("c1", vec![], vec![]), "127.0.0.22:15006").await;
+    let caller = proxy(config("c1", vec![meshed_endpoint("127.0.0.22", app.addr().port())], vec![])).await;
+    let a = caller.send("POST", HOST, "/orders", &[("x-user-group", "beta")], b"body").await;
+    assert_eq!((a.status, a.body.as_str()), (200, "app:4"));
+    let seen = app.last_headers.lock().unwrap().clone().unwrap();
+    assert!(seen.get("x-skein-inbound-port").is_none(), "the hop header stops at the callee's sidecar");
+    assert_eq!(seen.get("x-user-group").unwrap(), "beta");
+    assert!(callee.metrics().contains("skein_requests_total{direction=\"inbound\",destination=\"local\",subset=\"\",route=\"\",status=\"200\"} 1"));
+}

@@ -191,6 +191,11 @@ impl Drop for TestProxy {
 }
 
 pub async fn proxy(config: ProxyConfig) -> TestProxy {
+    proxy_at(config, "127.0.0.1:0").await
+}
+
+/// A proxy whose inbound listener is at `inbound` (a peer's `<ip>:15006`).
+pub async fn proxy_at(config: ProxyConfig, inbound: &str) -> TestProxy {
     let store = Arc::new(ConfigStore::new(None));
     store.apply(config, Source::File).expect("valid test config");
     let ctx = Arc::new(ProxyContext::new(
@@ -201,7 +206,7 @@ pub async fn proxy(config: ProxyConfig) -> TestProxy {
     ));
     let stop = CancellationToken::new();
     let out = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let inb = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let inb = TcpListener::bind(inbound).await.unwrap();
     let (outbound, inbound) = (out.local_addr().unwrap(), inb.local_addr().unwrap());
     tokio::spawn(skein_proxy::listener::serve(out, ctx.clone(), Direction::Outbound, stop.clone()));
     tokio::spawn(skein_proxy::listener::serve(inb, ctx, Direction::Inbound, stop.clone()));

@@ -21,10 +21,13 @@ use crate::balance::{EndpointState, Pool};
 use crate::metrics::{Registry, Series, SeriesKey};
 use crate::retry::{RetryBudget, RetrySettings};
 
+/// An upstream address and, for a meshed endpoint, its sidecar's address.
+type EndpointKey = (SocketAddr, Option<SocketAddr>);
+
 /// State that outlives a route table: endpoint state, metric series, retry budgets.
 #[derive(Debug, Default)]
 pub struct Shared {
-    endpoints: Mutex<HashMap<(SocketAddr, Option<SocketAddr>), Arc<EndpointState>>>,
+    endpoints: Mutex<HashMap<EndpointKey, Arc<EndpointState>>>,
     budgets: Mutex<HashMap<String, Arc<RetryBudget>>>,
     pub metrics: Registry,
 }

@@ -4,6 +4,7 @@
 //! events on every Skein resource.
 #![forbid(unsafe_code)]
 
+pub mod ca;
 pub mod compute;
 pub mod controller;
 pub mod crdgen;

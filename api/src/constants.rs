@@ -19,6 +19,8 @@ pub const DEFAULT_OPERATOR_NAMESPACE: &str = "skein-system";
 pub const CLUSTER_DOMAIN: &str = "cluster.local";
 /// Default SPIFFE trust domain.
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+/// Secret holding the mesh CA (in the operator's namespace) unless the user names another.
+pub const CA_SECRET: &str = "skein-ca";
 /// Field manager used for every server-side apply the operator makes.
 pub const FIELD_MANAGER: &str = "skein-operator";
 /// Name of the Lease the operator replicas elect a status writer with.

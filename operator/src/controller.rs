@@ -132,8 +132,9 @@ where
     });
 }
 
-/// Recomputes the mesh after every snapshot change and publishes it.
-pub async fn compute_loop(ctx: Arc<Context>, computed: Arc<Notify>, shutdown: CancellationToken) {
+/// Recomputes the mesh after every snapshot change, publishes it, and wakes every loop in
+/// `computed` (status writer, identity).
+pub async fn compute_loop(ctx: Arc<Context>, computed: Vec<Arc<Notify>>, shutdown: CancellationToken) {
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -148,7 +149,9 @@ pub async fn compute_loop(ctx: Arc<Context>, computed: Arc<Notify>, shutdown: Ca
         ctx.hub.publish(Arc::new(mesh));
         ctx.metrics.reconciles.inc();
         ctx.metrics.reconcile_seconds.observe(started.elapsed().as_secs_f64());
-        computed.notify_one();
+        for wake in &computed {
+            wake.notify_one();
+        }
     }
 }
 

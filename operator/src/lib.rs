@@ -9,6 +9,7 @@ pub mod compute;
 pub mod controller;
 pub mod crdgen;
 pub mod hub;
+pub mod identity;
 pub mod leader;
 pub mod metrics;
 pub mod server;
@@ -43,6 +44,8 @@ pub enum Error {
     InferConfig(#[source] kube::config::InferConfigError),
     #[error("creating the Kubernetes client")]
     Client(#[source] kube::Error),
+    #[error("mesh CA")]
+    Identity(#[source] identity::IdentityError),
     #[error("listening on {addr}")]
     Bind {
         addr: SocketAddr,
@@ -78,9 +81,24 @@ pub struct Args {
     /// SPIFFE trust domain of workload identities.
     #[arg(long, env = "SKEIN_TRUST_DOMAIN", default_value = DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
+    /// Use this Secret (tls.crt, tls.key, optional ca.crt; in --namespace) as the mesh CA instead
+    /// of creating `skein-ca`: for example an intermediate issued by cert-manager.
+    #[arg(long, env = "SKEIN_CA_SECRET")]
+    pub ca_secret: Option<String>,
+    /// Lifetime of workload certificates (renewed at half-life), e.g. 24h.
+    #[arg(long, env = "SKEIN_CERT_LIFETIME", default_value = "24h", value_parser = parse_lifetime)]
+    pub cert_lifetime: Duration,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "SKEIN_LOG_JSON")]
     pub log_json: bool,
+}
+
+fn parse_lifetime(s: &str) -> std::result::Result<Duration, String> {
+    let d = skein_api::duration::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < Duration::from_secs(60) {
+        return Err("certificate lifetime must be at least 1m".into());
+    }
+    Ok(d)
 }
 
 async fn client(args: &Args) -> Result<Client> {
@@ -126,9 +144,26 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<()> {
         recorder: Recorder::new(client.clone(), reporter),
     });
 
+    let ca_name = args.ca_secret.clone().unwrap_or_else(|| skein_api::constants::CA_SECRET.to_string());
+    let ca = identity::load_or_create_ca(
+        &client,
+        &args.namespace,
+        &ca_name,
+        args.ca_secret.is_none(),
+        &args.trust_domain,
+    )
+    .await
+    .map_err(Error::Identity)?;
+    let ca = Arc::new(ca);
+
     controller::spawn_watchers(&ctx, args.watch_namespace.as_deref(), &shutdown);
     let computed = Arc::new(Notify::new());
-    tokio::spawn(controller::compute_loop(ctx.clone(), computed.clone(), shutdown.clone()));
+    let identity_wake = Arc::new(Notify::new());
+    tokio::spawn(controller::compute_loop(
+        ctx.clone(),
+        vec![computed.clone(), identity_wake.clone()],
+        shutdown.clone(),
+    ));
 
     let (leader_tx, leader_rx) = watch::channel(false);
     let election = tokio::spawn(leader::run(
@@ -148,6 +183,14 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<()> {
             }
         });
     }
+    tokio::spawn(identity::run(
+        ctx.clone(),
+        ca,
+        identity::IdentitySettings { trust_domain: args.trust_domain.clone(), lifetime: args.cert_lifetime },
+        identity_wake,
+        leader_rx.clone(),
+        shutdown.clone(),
+    ));
     tokio::spawn(controller::status_loop(ctx.clone(), computed, leader_rx, shutdown.clone()));
 
     let (ready_tx, ready_rx) = watch::channel(false);

@@ -28,6 +28,9 @@ pub struct Metrics {
     pub acks: Family<AckLabels, Counter>,
     pub status_writes: Counter,
     pub leader: Gauge,
+    pub certificates_signed: Counter,
+    /// Unix time of the earliest expiry among the workload certificates issued.
+    pub certificate_earliest_expiry: Gauge,
 }
 
 impl Default for Metrics {
@@ -41,6 +44,8 @@ impl Default for Metrics {
             acks: Family::default(),
             status_writes: Counter::default(),
             leader: Gauge::default(),
+            certificates_signed: Counter::default(),
+            certificate_earliest_expiry: Gauge::default(),
         }
     }
 }
@@ -69,5 +74,11 @@ impl Metrics {
         r.register("config_acks", "Acknowledgements received, by result", self.acks.clone());
         r.register("status_writes", "Status subresource writes", self.status_writes.clone());
         r.register("leader", "1 while this replica holds the leader Lease", self.leader.clone());
+        r.register("certificates_signed", "Workload certificates signed", self.certificates_signed.clone());
+        r.register(
+            "certificate_earliest_expiry_seconds",
+            "Unix time of the earliest expiry among issued workload certificates",
+            self.certificate_earliest_expiry.clone(),
+        );
     }
 }

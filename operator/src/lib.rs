@@ -10,6 +10,7 @@ pub mod controller;
 pub mod crdgen;
 pub mod hub;
 pub mod identity;
+pub mod inject;
 pub mod leader;
 pub mod metrics;
 pub mod server;

@@ -234,11 +234,15 @@ pub struct Operator {
     pub process: Process,
     pub metrics_port: u16,
     pub stream_port: u16,
+    pub webhook_port: u16,
+    /// The MutatingWebhookConfiguration this operator keeps its CA bundle in (one per test).
+    pub webhook_configuration: String,
 }
 
 impl Operator {
     pub fn start(namespace: &str, instance: &str) -> Self {
-        let (metrics_port, stream_port) = (free_port(), free_port());
+        let (metrics_port, stream_port, webhook_port) = (free_port(), free_port(), free_port());
+        let webhook_configuration = format!("skein-sidecar-injector-{namespace}");
         let args = [
             "--namespace".into(),
             namespace.into(),
@@ -250,9 +254,13 @@ impl Operator {
             format!("127.0.0.1:{stream_port}"),
             "--instance".into(),
             instance.into(),
+            "--webhook-addr".into(),
+            format!("127.0.0.1:{webhook_port}"),
+            "--webhook-configuration".into(),
+            webhook_configuration.clone(),
         ];
         let process = Process::spawn("skein-operator", &args);
-        let operator = Self { process, metrics_port, stream_port };
+        let operator = Self { process, metrics_port, stream_port, webhook_port, webhook_configuration };
         eventually("the operator to be ready", Duration::from_secs(30), || {
             match http("GET", metrics_port, "/readyz") {
                 Ok((200, _)) => Ok(()),

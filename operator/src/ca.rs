@@ -218,6 +218,47 @@ impl MeshCa {
     }
 }
 
+impl MeshCa {
+    /// Signs a TLS server certificate (the webhook's) for DNS names and IP addresses.
+    pub fn sign_serving(
+        &self,
+        dns: &[String],
+        ips: &[std::net::IpAddr],
+        lifetime: Duration,
+        now: OffsetDateTime,
+    ) -> Result<WorkloadCert, CaError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, dns.first().cloned().unwrap_or_else(|| "skein-webhook".into()));
+        params.subject_alt_names = dns
+            .iter()
+            .map(|d| Ok(SanType::DnsName(d.as_str().try_into()?)))
+            .chain(ips.iter().map(|ip| Ok(SanType::IpAddress(*ip))))
+            .collect::<Result<_, rcgen::Error>>()?;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        params.not_before = before(now, BACKDATE);
+        params.not_after = at(now, lifetime).min(self.not_after);
+        params.serial_number = Some(serial());
+        let (not_before, not_after) = (params.not_before, params.not_after);
+        let leaf = params.signed_by(&key, &self.issuer)?;
+        let mut chain_pem = leaf.pem();
+        chain_pem.push_str(&self.chain_pem);
+        Ok(WorkloadCert {
+            chain_pem,
+            key_pem: key.serialize_pem(),
+            bundle_pem: self.bundle_pem.clone(),
+            not_before,
+            not_after,
+        })
+    }
+}
+
 fn is_self_signed(pem_text: &str) -> bool {
     x509_parser::pem::parse_x509_pem(pem_text.as_bytes())
         .ok()

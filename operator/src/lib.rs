@@ -17,6 +17,7 @@ pub mod server;
 pub mod snapshot;
 pub mod status;
 pub mod stream;
+pub mod webhook;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -47,6 +48,8 @@ pub enum Error {
     Client(#[source] kube::Error),
     #[error("mesh CA")]
     Identity(#[source] identity::IdentityError),
+    #[error("webhook serving certificate: {0}")]
+    Webhook(String),
     #[error("listening on {addr}")]
     Bind {
         addr: SocketAddr,
@@ -89,6 +92,24 @@ pub struct Args {
     /// Lifetime of workload certificates (renewed at half-life), e.g. 24h.
     #[arg(long, env = "SKEIN_CERT_LIFETIME", default_value = "24h", value_parser = parse_lifetime)]
     pub cert_lifetime: Duration,
+    /// Address of the admission webhook (HTTPS).
+    #[arg(long, env = "SKEIN_WEBHOOK_ADDR", default_value = "0.0.0.0:9443")]
+    pub webhook_addr: SocketAddr,
+    /// Extra names (DNS or IP) of the webhook's serving certificate, besides its Service's DNS names.
+    #[arg(long, env = "SKEIN_WEBHOOK_SAN", value_delimiter = ',', default_values_t = ["127.0.0.1".to_string(), "localhost".to_string()])]
+    pub webhook_san: Vec<String>,
+    /// The MutatingWebhookConfiguration whose CA bundle the operator keeps current.
+    #[arg(long, env = "SKEIN_WEBHOOK_CONFIGURATION", default_value = webhook::WEBHOOK_CONFIGURATION)]
+    pub webhook_configuration: String,
+    /// Name of the operator's Service (the webhook's and the config stream's DNS name).
+    #[arg(long, env = "SKEIN_SERVICE_NAME", default_value = "skein-operator")]
+    pub service_name: String,
+    /// Image of the injected sidecar.
+    #[arg(long, env = "SKEIN_PROXY_IMAGE", default_value = concat!("ghcr.io/skein-mesh/skein-proxy:", env!("CARGO_PKG_VERSION")))]
+    pub proxy_image: String,
+    /// Config stream URL injected sidecars connect to; by default the operator's Service.
+    #[arg(long, env = "SKEIN_CONTROL_PLANE_URL")]
+    pub control_plane_url: Option<String>,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "SKEIN_LOG_JSON")]
     pub log_json: bool,
@@ -157,6 +178,21 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<()> {
     .map_err(Error::Identity)?;
     let ca = Arc::new(ca);
 
+    // The admission webhook: serving certificate from the mesh CA, hot-swapped when renewed.
+    let native_sidecars = match client.apiserver_version().await {
+        Ok(v) => {
+            let minor: u32 = v.minor.trim_end_matches('+').parse().unwrap_or(0);
+            v.major == "1" && minor >= 29
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the API server version; injecting classic sidecars");
+            false
+        }
+    };
+    let (dns, ips) = webhook::serving_names(&args.service_name, &args.namespace, &args.webhook_san);
+    let (serving, not_after) = webhook::ServingCert::issue(&ca, &dns, &ips).map_err(Error::Webhook)?;
+    let serving = Arc::new(serving);
+    let webhook_listener = bind(args.webhook_addr).await?;
     controller::spawn_watchers(&ctx, args.watch_namespace.as_deref(), &shutdown);
     let computed = Arc::new(Notify::new());
     let identity_wake = Arc::new(Notify::new());
@@ -186,7 +222,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<()> {
     }
     tokio::spawn(identity::run(
         ctx.clone(),
-        ca,
+        ca.clone(),
         identity::IdentitySettings { trust_domain: args.trust_domain.clone(), lifetime: args.cert_lifetime },
         identity_wake,
         leader_rx.clone(),
@@ -203,6 +239,38 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<()> {
             tracing::info!("every watcher has listed: ready");
         });
     }
+    let inject = inject::InjectConfig {
+        proxy_image: args.proxy_image.clone(),
+        control_plane: args.control_plane_url.clone().unwrap_or_else(|| {
+            format!("http://{}.{}.svc:{}", args.service_name, args.namespace, args.stream_addr.port())
+        }),
+        operator_namespace: args.namespace.clone(),
+        native_sidecars,
+    };
+    let webhook_state = Arc::new(webhook::WebhookState::new(
+        Some(client.clone()),
+        ca.clone(),
+        inject,
+        args.trust_domain.clone(),
+        args.cert_lifetime,
+        metrics.clone(),
+    ));
+    tokio::spawn(webhook::serve(
+        webhook_listener,
+        webhook::router(webhook_state),
+        serving.clone(),
+        shutdown.clone(),
+    ));
+    tokio::spawn(webhook::maintain(
+        client.clone(),
+        args.webhook_configuration.clone(),
+        ca.clone(),
+        serving,
+        not_after,
+        dns,
+        ips,
+        shutdown.clone(),
+    ));
     let http_state = Arc::new(server::HttpState { registry, ready: ready_rx });
     tokio::spawn(server::serve(http_listener, http_state, shutdown.clone()));
     tracing::info!(

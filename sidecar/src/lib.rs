@@ -8,6 +8,7 @@ pub mod access_log;
 pub mod admin;
 pub mod balance;
 pub mod body;
+pub mod capture;
 pub mod config_store;
 pub mod control;
 pub mod file_config;
@@ -60,8 +61,15 @@ pub enum AccessLogMode {
 
 /// Command line of `skein-proxy`; every flag can also come from the environment.
 #[derive(clap::Parser, Debug, Clone)]
-#[command(name = "skein-proxy", version, about = "The Skein sidecar proxy")]
+#[command(
+    name = "skein-proxy",
+    version,
+    about = "The Skein sidecar proxy",
+    args_conflicts_with_subcommands = true
+)]
 pub struct Args {
+    #[command(subcommand)]
+    pub command: Option<Subcommand>,
     /// The operator's config stream, such as http://skein-operator.skein-system:15012.
     #[arg(long, env = "SKEIN_CONTROL_PLANE", conflicts_with = "config")]
     pub control_plane: Option<String>,
@@ -104,6 +112,20 @@ pub struct Args {
     /// Log as JSON lines instead of text.
     #[arg(long, env = "SKEIN_LOG_JSON")]
     pub log_json: bool,
+}
+
+/// One-shot jobs of the same binary.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum Subcommand {
+    /// Install the transparent-capture iptables rules (a pod's init step; needs NET_ADMIN).
+    Init(capture::InitArgs),
+    /// Wait until the sidecar's admin /ready answers 200 (exit 1 after --timeout-secs).
+    WaitReady {
+        #[arg(long, default_value_t = skein_api::constants::PROXY_ADMIN_PORT)]
+        admin_port: u16,
+        #[arg(long, default_value_t = 120)]
+        timeout_secs: u64,
+    },
 }
 
 fn parse_identity(s: &str) -> Result<WorkloadIdentity, String> {

@@ -10,6 +10,21 @@ fn main() -> anyhow::Result<()> {
         let _ = e.print();
         std::process::exit(if e.use_stderr() { 64 } else { 0 });
     });
+    match &args.command {
+        Some(skein_proxy::Subcommand::Init(init)) => match skein_proxy::capture::install(init) {
+            Ok(()) => std::process::exit(0),
+            Err(e) => {
+                eprintln!("skein-proxy init: {e}");
+                std::process::exit(1);
+            }
+        },
+        Some(skein_proxy::Subcommand::WaitReady { admin_port, timeout_secs }) => {
+            let ready =
+                skein_proxy::capture::wait_ready(*admin_port, std::time::Duration::from_secs(*timeout_secs));
+            std::process::exit(if ready { 0 } else { 1 });
+        }
+        None => {}
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     let subscriber = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if args.log_json {

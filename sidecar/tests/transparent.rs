@@ -143,3 +143,62 @@ fn redirected_connections_are_routed_by_original_destination_and_opaque_ports_sp
     assert!(result.0.ends_with("web:0"), "{}", result.0);
     assert_eq!(&result.1, b"\x16\x03\x01 hello");
 }
+
+#[test]
+fn skein_proxy_init_installs_rules_that_capture_the_apps_but_not_the_proxy() {
+    if !have("ip") || !have("iptables") || !have("setpriv") || !have("curl") {
+        eprintln!("skipping: needs ip, iptables, setpriv and curl");
+        return;
+    }
+    let Some(ns) = Netns::create() else {
+        eprintln!("skipping: cannot create a network namespace (needs root)");
+        return;
+    };
+    ns.exec(&["ip", "link", "set", "lo", "up"]);
+    // The proxy runs as root in this test, so root is "the proxy's UID"; the app is `nobody`.
+    ns.exec(&[env!("CARGO_BIN_EXE_skein-proxy"), "init", "--proxy-uid", "0", "--exclude-ports", "5432"]);
+    let rules =
+        Command::new("ip").args(["netns", "exec", &ns.0, "iptables", "-t", "nat", "-S"]).output().unwrap();
+    let rules = String::from_utf8_lossy(&rules.stdout).into_owned();
+    assert!(rules.contains("-A SKEIN_OUTPUT -m owner --uid-owner 0 -j RETURN"), "{rules}");
+    assert!(rules.contains("-A SKEIN_OUTPUT -p tcp -m tcp --dport 5432 -j RETURN"), "{rules}");
+
+    let netns_file = std::fs::File::open(format!("/var/run/netns/{}", ns.0)).expect("netns file");
+    let name = ns.0.clone();
+    let body = std::thread::spawn(move || {
+        nix::sched::setns(&netns_file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let web = support::upstream("web").await;
+            let mut cfg = support::config("t1", vec![support::endpoint(&web, "v1")], vec![]);
+            cfg.destinations[0].addresses = vec!["127.0.0.2".into()];
+            let store = Arc::new(ConfigStore::new(None));
+            store.apply(cfg, Source::File).unwrap();
+            let ctx = Arc::new(ProxyContext::new(
+                store,
+                AccessLog::off(),
+                "127.0.0.1".parse().unwrap(),
+                Duration::from_millis(500),
+            ));
+            let listener = tokio::net::TcpListener::bind("0.0.0.0:15001").await.unwrap();
+            tokio::spawn(skein_proxy::listener::serve(
+                listener,
+                ctx,
+                Direction::Outbound,
+                Default::default(),
+            ));
+            // The app (uid 65534) calls the Service address; iptables sends it to the proxy.
+            let out = tokio::process::Command::new("ip")
+                .args(["netns", "exec", &name, "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"])
+                .args(["curl", "-s", "-m", "5", "http://127.0.0.2:9080/via-capture"])
+                .output()
+                .await
+                .unwrap();
+            (String::from_utf8_lossy(&out.stdout).into_owned(), web.hits())
+        })
+    })
+    .join()
+    .expect("namespace thread");
+    assert_eq!(body.0, "web:0", "the captured request reached the Service's endpoint");
+    assert_eq!(body.1, 1);
+}

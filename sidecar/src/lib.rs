@@ -19,6 +19,7 @@ pub mod outlier;
 pub mod proxy;
 pub mod retry;
 pub mod routes;
+pub mod tls;
 pub mod trace;
 
 use std::net::{IpAddr, SocketAddr};

@@ -22,6 +22,9 @@ use crate::control::StreamStatus;
 pub struct AdminState {
     pub store: Arc<ConfigStore>,
     pub stream: Arc<StreamStatus>,
+    pub tls: Arc<crate::tls::TlsStore>,
+    /// Ready only once a certificate is loaded too.
+    pub needs_cert: bool,
     pub shutdown: CancellationToken,
 }
 
@@ -58,10 +61,28 @@ fn handle(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> 
     let text = "text/plain; charset=utf-8";
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/live") => reply(StatusCode::OK, text, "live\n"),
-        (&Method::GET, "/ready") => match state.store.current() {
-            Some(_) => reply(StatusCode::OK, text, "ready\n"),
-            None => reply(StatusCode::SERVICE_UNAVAILABLE, text, "no config yet\n"),
-        },
+        (&Method::GET, "/ready") => {
+            match (state.store.current(), state.needs_cert && state.tls.current().is_none()) {
+                (Some(_), false) => reply(StatusCode::OK, text, "ready\n"),
+                (None, _) => reply(StatusCode::SERVICE_UNAVAILABLE, text, "no config yet\n"),
+                (Some(_), true) => {
+                    reply(StatusCode::SERVICE_UNAVAILABLE, text, "no workload certificate yet\n")
+                }
+            }
+        }
+        (&Method::GET, "/certs") => {
+            let body = match state.tls.current() {
+                Some(m) => {
+                    serde_json::json!({"identity": m.identity, "trustDomain": m.trust_domain, "notAfter": m.not_after})
+                }
+                None => serde_json::json!({"identity": null}),
+            };
+            reply(
+                StatusCode::OK,
+                "application/json",
+                serde_json::to_vec_pretty(&body).expect("plain data serializes"),
+            )
+        }
         (&Method::GET, "/config_dump") => {
             let body = match state.store.current() {
                 Some(active) => serde_json::json!({
@@ -84,7 +105,7 @@ fn handle(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> 
             state.shutdown.cancel();
             reply(StatusCode::OK, text, "shutting down\n")
         }
-        (_, "/live" | "/ready" | "/config_dump" | "/metrics" | "/shutdown") => {
+        (_, "/live" | "/ready" | "/config_dump" | "/certs" | "/metrics" | "/shutdown") => {
             reply(StatusCode::METHOD_NOT_ALLOWED, text, "method not allowed\n")
         }
         _ => reply(StatusCode::NOT_FOUND, text, "not found\n"),
@@ -120,5 +141,32 @@ fn metrics(state: &AdminState) -> String {
     let _ = writeln!(out, "# HELP skein_control_plane_sessions_total Config streams opened.\n# TYPE skein_control_plane_sessions_total counter");
     let _ =
         writeln!(out, "skein_control_plane_sessions_total {}", state.stream.sessions.load(Ordering::Relaxed));
+    let tls = &state.tls;
+    let _ = writeln!(out, "# HELP skein_tls_handshakes_total mTLS handshakes with peer sidecars, by result.\n# TYPE skein_tls_handshakes_total counter");
+    let _ = writeln!(
+        out,
+        "skein_tls_handshakes_total{{result=\"ok\"}} {}",
+        tls.handshakes.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "skein_tls_handshakes_total{{result=\"failed\"}} {}",
+        tls.handshake_failures.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(out, "# HELP skein_certificate_reloads_total Workload certificate loads, by result.\n# TYPE skein_certificate_reloads_total counter");
+    let _ = writeln!(
+        out,
+        "skein_certificate_reloads_total{{result=\"applied\"}} {}",
+        tls.reloads.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "skein_certificate_reloads_total{{result=\"refused\"}} {}",
+        tls.reload_failures.load(Ordering::Relaxed)
+    );
+    if let Some(m) = tls.current() {
+        let _ = writeln!(out, "# HELP skein_certificate_expiry_seconds Unix time the workload certificate expires.\n# TYPE skein_certificate_expiry_seconds gauge");
+        let _ = writeln!(out, "skein_certificate_expiry_seconds {}", m.not_after);
+    }
     out
 }

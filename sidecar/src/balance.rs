@@ -40,6 +40,8 @@ pub struct EndpointState {
     /// For a meshed endpoint, its sidecar's inbound listener: requests go there over HTTP/2,
     /// naming the app port in [`skein_api::constants::INBOUND_PORT_HEADER`].
     pub via_proxy: Option<(SocketAddr, http::uri::Authority)>,
+    /// The identity a meshed endpoint must prove over mTLS.
+    pub peer_identity: Option<skein_api::WorkloadIdentity>,
     in_flight: AtomicU32,
     /// Latency estimate in nanoseconds (an `f64` in its bits).
     ewma_bits: AtomicU64,
@@ -52,11 +54,15 @@ pub struct EndpointState {
 
 impl EndpointState {
     pub fn new(addr: SocketAddr) -> Self {
-        Self::with_proxy(addr, None)
+        Self::with_proxy(addr, None, None)
     }
 
     /// An endpoint reached through the sidecar listening at `proxy`, when there is one.
-    pub fn with_proxy(addr: SocketAddr, proxy: Option<SocketAddr>) -> Self {
+    pub fn with_proxy(
+        addr: SocketAddr,
+        proxy: Option<SocketAddr>,
+        identity: Option<skein_api::WorkloadIdentity>,
+    ) -> Self {
         let authority = |a: SocketAddr| {
             http::uri::Authority::try_from(a.to_string().as_str()).expect("a socket address is an authority")
         };
@@ -64,6 +70,7 @@ impl EndpointState {
             addr,
             authority: authority(addr),
             via_proxy: proxy.map(|p| (p, authority(p))),
+            peer_identity: identity,
             in_flight: AtomicU32::new(0),
             ewma_bits: AtomicU64::new((DEFAULT_RTT.as_nanos() as f64).to_bits()),
             stamp_ns: AtomicU64::new(now_ns()),

@@ -53,6 +53,13 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Whether inbound traffic must be mTLS.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InboundMode {
+    Strict,
+    Permissive,
+}
+
 /// How access logs are written.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AccessLogMode {
@@ -104,6 +111,17 @@ pub struct Args {
     /// Worker threads.
     #[arg(long, env = "SKEIN_WORKERS", default_value_t = 1)]
     pub workers: usize,
+    /// Directory of the workload certificate (the mounted Secret: tls.crt, tls.key, ca.crt).
+    /// With it, hops between sidecars are mTLS; it is re-read when it changes.
+    #[arg(long, env = "SKEIN_CERT_DIR")]
+    pub cert_dir: Option<PathBuf>,
+    /// Directory of the trust bundle (roots.pem); ca.crt of --cert-dir otherwise.
+    #[arg(long, env = "SKEIN_TRUST_DIR")]
+    pub trust_dir: Option<PathBuf>,
+    /// Inbound with an identity: `strict` accepts only mTLS from mesh identities, `permissive`
+    /// plaintext too.
+    #[arg(long, env = "SKEIN_INBOUND_MODE", value_enum, default_value = "strict")]
+    pub inbound_mode: InboundMode,
     /// Serve plain HTTP/1.1 requests on the fast path (false: every request through hyper).
     #[arg(long, env = "SKEIN_HTTP1_FAST_PATH", default_value_t = true, action = clap::ArgAction::Set)]
     pub http1_fast_path: bool,
@@ -179,11 +197,31 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<()> {
         Duration::from_millis(args.connect_timeout_ms),
     );
     ctx.fast_path = args.http1_fast_path;
+    ctx.inbound_strict = args.inbound_mode == InboundMode::Strict;
+    let tls = Arc::new(tls::TlsStore::default());
+    if let Some(dir) = &args.cert_dir {
+        match tls::TlsMaterial::from_dirs(dir, args.trust_dir.as_deref()) {
+            Ok(m) => {
+                tracing::info!(identity = %m.identity, "loaded the workload certificate");
+                tls.set(m);
+            }
+            // Not ready until it loads; the watcher picks it up when the Secret appears.
+            Err(e) => tracing::warn!(error = %e, "no usable workload certificate yet"),
+        }
+        tokio::spawn(tls::watch(tls.clone(), dir.clone(), args.trust_dir.clone(), shutdown.clone()));
+    }
+    ctx.tls = tls.clone();
     let ctx = Arc::new(ctx);
     tokio::spawn(listener::serve(outbound, ctx.clone(), proxy::Direction::Outbound, shutdown.clone()));
     tokio::spawn(listener::serve(inbound, ctx, proxy::Direction::Inbound, shutdown.clone()));
 
-    let state = Arc::new(admin::AdminState { store, stream, shutdown: shutdown.clone() });
+    let state = Arc::new(admin::AdminState {
+        store,
+        stream,
+        tls,
+        needs_cert: args.cert_dir.is_some(),
+        shutdown: shutdown.clone(),
+    });
     tracing::info!(
         outbound = %args.outbound_addr, inbound = %args.inbound_addr, admin = %args.admin_addr,
         "skein-proxy started"

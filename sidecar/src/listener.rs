@@ -54,6 +54,37 @@ pub async fn serve(
 }
 
 async fn handle(stream: TcpStream, ctx: Arc<ProxyContext>, conn: ConnMeta) {
+    // Inbound, with an identity: mTLS from mesh peers (and, when not strict, plaintext too).
+    if conn.direction == Direction::Inbound {
+        if let Some(material) = ctx.tls.current() {
+            let mut first = [0u8; 1];
+            let tls =
+                matches!(tokio::time::timeout(DETECT_TIMEOUT, stream.peek(&mut first)).await, Ok(Ok(1)))
+                    && first[0] == 0x16;
+            if tls {
+                let acceptor = tokio_rustls::TlsAcceptor::from(material.server.clone());
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => {
+                        ctx.tls.handshakes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        serve_hyper(tls, ctx, conn).await;
+                    }
+                    Ok(Err(e)) => {
+                        ctx.tls.handshake_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        tracing::info!(error = %e, "refused an inbound TLS connection");
+                    }
+                    Err(_) => {
+                        ctx.tls.handshake_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+                return;
+            }
+            if ctx.inbound_strict {
+                ctx.tls.handshake_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!("refused a plaintext inbound connection (strict mTLS)");
+                return;
+            }
+        }
+    }
     if let Some(original) = conn.original {
         let opaque_port =
             ctx.store.current().and_then(|a| a.table.protocol_of(original)) == Some(Protocol::Tcp);

@@ -30,7 +30,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioIo;
 
 use crate::access_log::{rfc3339, AccessLog, Entry};
-use crate::balance::now_ms;
+use crate::balance::{now_ms, EndpointState};
 use crate::body::{buffer, Buffered, ProxyBody, RETRY_BUFFER_LIMIT};
 use crate::config_store::ConfigStore;
 use crate::metrics::{Series, SeriesKey};
@@ -80,6 +80,14 @@ pub struct ProxyContext {
     pub fast_path: bool,
     pub passthrough: Arc<Series>,
     pub inbound: Arc<Series>,
+    /// Identity material; when present, hops between sidecars are mTLS.
+    pub tls: Arc<crate::tls::TlsStore>,
+    /// Inbound accepts only mTLS from mesh identities (else plaintext is accepted too).
+    pub inbound_strict: bool,
+    /// One multiplexed mTLS HTTP/2 connection per peer sidecar and expected identity.
+    peers: std::sync::Mutex<
+        std::collections::HashMap<(SocketAddr, String), hyper::client::conn::http2::SendRequest<ProxyBody>>,
+    >,
 }
 
 impl ProxyContext {
@@ -126,6 +134,9 @@ impl ProxyContext {
             fast_path: true,
             passthrough,
             inbound,
+            tls: Arc::default(),
+            inbound_strict: true,
+            peers: std::sync::Mutex::default(),
         }
     }
 }
@@ -465,10 +476,7 @@ async fn forward(
         }
         let endpoint = pick.endpoint;
         // A meshed endpoint is reached through its sidecar, over HTTP/2.
-        let (client, to) = match &endpoint.via_proxy {
-            Some((_, proxy)) => (&ctx.h2_client, proxy.clone()),
-            None => (&ctx.client, endpoint.authority.clone()),
-        };
+        let to = endpoint.via_proxy.as_ref().map_or(&endpoint.authority, |(_, a)| a).clone();
         // Headers are copied only while another attempt may need them.
         let headers = if retry.is_some() && body.replayable() {
             parts.headers.clone()
@@ -487,11 +495,11 @@ async fn forward(
         };
         let in_flight = endpoint.start();
         let result = match limit {
-            Some(at) => match tokio::time::timeout_at(at, client.request(req)).await {
-                Ok(r) => r.map_err(|e| failure_of(&e)),
+            Some(at) => match tokio::time::timeout_at(at, send(ctx, &endpoint, req)).await {
+                Ok(r) => r,
                 Err(_) => Err(Failure::Timeout),
             },
-            None => client.request(req).await.map_err(|e| failure_of(&e)),
+            None => send(ctx, &endpoint, req).await,
         };
         drop(in_flight);
 
@@ -545,6 +553,96 @@ fn no_endpoints(retries: u32) -> Forwarded {
         retries,
         upstream: None,
     }
+}
+
+/// Sends one attempt: plain HTTP/1.1 to an app endpoint, or HTTP/2 to a meshed endpoint's
+/// sidecar — over mTLS, verifying the peer's SPIFFE ID, when this sidecar has an identity.
+async fn send(
+    ctx: &ProxyContext,
+    endpoint: &EndpointState,
+    req: Request<ProxyBody>,
+) -> Result<Response<Incoming>, Failure> {
+    match (&endpoint.via_proxy, &endpoint.peer_identity, ctx.tls.current()) {
+        (Some((peer, _)), Some(identity), Some(material)) => {
+            let expected = identity.spiffe_id(&material.trust_domain);
+            let mut sender = peer_connection(ctx, *peer, &expected, &material).await?;
+            let mut req = req;
+            // HTTP/2 carries the authority in the URI: the original one, for the app's Host.
+            if let Some(host) = req
+                .headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .and_then(|h| h.parse::<Authority>().ok())
+            {
+                let path =
+                    req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+                if let Ok(uri) =
+                    Uri::builder().scheme(Scheme::HTTPS).authority(host).path_and_query(path).build()
+                {
+                    *req.uri_mut() = uri;
+                }
+            }
+            sender.send_request(req).await.map_err(|_| {
+                // A broken connection is replaced on the next request.
+                ctx.peers.lock().unwrap_or_else(|p| p.into_inner()).remove(&(*peer, expected.clone()));
+                Failure::Reset
+            })
+        }
+        (Some(_), _, _) => ctx.h2_client.request(req).await.map_err(|e| failure_of(&e)),
+        (None, _, _) => ctx.client.request(req).await.map_err(|e| failure_of(&e)),
+    }
+}
+
+/// The multiplexed connection to a peer sidecar, made (TCP, mTLS, HTTP/2) on first use.
+async fn peer_connection(
+    ctx: &ProxyContext,
+    peer: SocketAddr,
+    expected: &str,
+    material: &crate::tls::TlsMaterial,
+) -> Result<hyper::client::conn::http2::SendRequest<ProxyBody>, Failure> {
+    let key = (peer, expected.to_string());
+    if let Some(sender) = ctx.peers.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+        if !sender.is_closed() {
+            return Ok(sender.clone());
+        }
+    }
+    let tcp = tokio::time::timeout(ctx.connect_timeout, tokio::net::TcpStream::connect(peer))
+        .await
+        .map_err(|_| Failure::ConnectFailure)?
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                Failure::Refused
+            } else {
+                Failure::ConnectFailure
+            }
+        })?;
+    let _ = tcp.set_nodelay(true);
+    let connector = tokio_rustls::TlsConnector::from(material.client_for(expected));
+    let name = rustls::pki_types::ServerName::try_from("skein-peer.invalid").expect("a valid name");
+    let tls = match tokio::time::timeout(ctx.connect_timeout, connector.connect(name, tcp)).await {
+        Ok(Ok(tls)) => {
+            ctx.tls.handshakes.fetch_add(1, Ordering::Relaxed);
+            tls
+        }
+        Ok(Err(e)) => {
+            ctx.tls.handshake_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%peer, %expected, error = %e, "mTLS handshake with a peer sidecar failed");
+            return Err(Failure::ConnectFailure);
+        }
+        Err(_) => {
+            ctx.tls.handshake_failures.fetch_add(1, Ordering::Relaxed);
+            return Err(Failure::ConnectFailure);
+        }
+    };
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(30))
+        .handshake(TokioIo::new(tls))
+        .await
+        .map_err(|_| Failure::ConnectFailure)?;
+    tokio::spawn(conn);
+    ctx.peers.lock().unwrap_or_else(|p| p.into_inner()).insert(key, sender.clone());
+    Ok(sender)
 }
 
 fn finish_response(

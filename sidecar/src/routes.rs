@@ -16,13 +16,14 @@ use skein_api::config::{
     self, BackendTarget, Destination, LoadBalancer, OutlierConfig, Protocol, ProxyConfig, Route,
 };
 use skein_api::constants::{CLUSTER_DOMAIN, PROXY_INBOUND_PORT};
+use skein_api::WorkloadIdentity;
 
 use crate::balance::{EndpointState, Pool};
 use crate::metrics::{Registry, Series, SeriesKey};
 use crate::retry::{RetryBudget, RetrySettings};
 
 /// An upstream address and, for a meshed endpoint, its sidecar's address.
-type EndpointKey = (SocketAddr, Option<SocketAddr>);
+type EndpointKey = (SocketAddr, Option<(SocketAddr, WorkloadIdentity)>);
 
 /// State that outlives a route table: endpoint state, metric series, retry budgets.
 #[derive(Debug, Default)]
@@ -39,12 +40,19 @@ impl Shared {
     }
 
     /// The state of an upstream address reached through the sidecar at `proxy`.
-    pub fn endpoint_via(&self, addr: SocketAddr, proxy: Option<SocketAddr>) -> Arc<EndpointState> {
+    pub fn endpoint_via(
+        &self,
+        addr: SocketAddr,
+        proxy: Option<(SocketAddr, WorkloadIdentity)>,
+    ) -> Arc<EndpointState> {
         self.endpoints
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .entry((addr, proxy))
-            .or_insert_with(|| Arc::new(EndpointState::with_proxy(addr, proxy)))
+            .entry((addr, proxy.clone()))
+            .or_insert_with(|| {
+                let (via, identity) = proxy.map_or((None, None), |(a, i)| (Some(a), Some(i)));
+                Arc::new(EndpointState::with_proxy(addr, via, identity))
+            })
             .clone()
     }
 
@@ -339,7 +347,7 @@ fn endpoints_for(
                 .or_else(|| (e.ports.len() == 1).then(|| *e.ports.values().next().expect("one")));
             let ip: IpAddr = e.address.parse().ok()?;
             // A meshed endpoint is reached through its sidecar's inbound listener.
-            let proxy = e.identity.as_ref().map(|_| SocketAddr::new(ip, PROXY_INBOUND_PORT));
+            let proxy = e.identity.as_ref().map(|id| (SocketAddr::new(ip, PROXY_INBOUND_PORT), id.clone()));
             Some(shared.endpoint_via(SocketAddr::new(ip, port.unwrap_or(sp.port)), proxy))
         })
         .collect()

@@ -196,3 +196,128 @@ fn bad_material_is_refused_with_a_reason() {
         .unwrap_err()
         .contains("no certificate"));
 }
+
+mod support;
+
+use std::sync::atomic::Ordering;
+
+fn meshed(ip: &str, port: u16) -> skein_api::config::Endpoint {
+    skein_api::config::Endpoint {
+        address: ip.into(),
+        ports: [("http".to_string(), port)].into(),
+        labels: Default::default(),
+        identity: Some(skein_api::WorkloadIdentity::new("shop", "reviews")),
+    }
+}
+
+fn fresh(root: &Ca, bundle: &str, uri: &str) -> TlsMaterial {
+    material(root, bundle, uri, now() - Duration::minutes(5), now() + Duration::hours(24))
+}
+
+#[tokio::test]
+async fn requests_cross_two_sidecars_over_mtls_and_plaintext_is_refused() {
+    let root = ca("root");
+    let app = support::upstream("app").await;
+    let callee = support::proxy_tls(
+        support::config("c1", vec![], vec![]),
+        "127.0.0.31:15006",
+        Some(fresh(&root, &root.pem, SERVER)),
+    )
+    .await;
+    let cfg = support::config("c1", vec![meshed("127.0.0.31", app.addr().port())], vec![]);
+    let caller = support::proxy_tls(cfg.clone(), "127.0.0.1:0", Some(fresh(&root, &root.pem, CLIENT))).await;
+    for _ in 0..5 {
+        let a = caller.send("GET", "reviews.shop:9080", "/", &[], b"").await;
+        assert_eq!((a.status, a.body.as_str()), (200, "app:0"));
+    }
+    assert_eq!(app.hits(), 5);
+    assert_eq!(caller.tls.handshakes.load(Ordering::Relaxed), 1, "one multiplexed connection");
+    assert_eq!(callee.tls.handshakes.load(Ordering::Relaxed), 1);
+    let seen = app.last_headers.lock().unwrap().clone().unwrap();
+    assert_eq!(seen.get("host").unwrap(), "reviews.shop:9080");
+
+    // A sidecar without an identity speaks plaintext: the strict callee refuses it.
+    let plain = support::proxy(cfg).await;
+    let a = plain.send("GET", "reviews.shop:9080", "/", &[], b"").await;
+    assert!(a.status >= 500, "{}", a.status);
+    assert_eq!(app.hits(), 5);
+    assert!(callee.tls.handshake_failures.load(Ordering::Relaxed) >= 1);
+}
+
+#[tokio::test]
+async fn a_callee_with_the_wrong_identity_gets_no_request() {
+    let root = ca("root");
+    let app = support::upstream("app").await;
+    let impostor = "spiffe://cluster.local/ns/shop/sa/impostor";
+    let _callee = support::proxy_tls(
+        support::config("c1", vec![], vec![]),
+        "127.0.0.32:15006",
+        Some(fresh(&root, &root.pem, impostor)),
+    )
+    .await;
+    let caller = support::proxy_tls(
+        support::config("c1", vec![meshed("127.0.0.32", app.addr().port())], vec![]),
+        "127.0.0.1:0",
+        Some(fresh(&root, &root.pem, CLIENT)),
+    )
+    .await;
+    let a = caller.send("GET", "reviews.shop:9080", "/", &[], b"").await;
+    assert_eq!(a.status, 503);
+    assert_eq!(app.hits(), 0);
+    assert_eq!(caller.tls.handshake_failures.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_and_roots_rotate_under_load_without_a_failed_request() {
+    use futures::StreamExt;
+    let (old, new) = (ca("old"), ca("new"));
+    let app = support::upstream("app").await;
+    let callee = support::proxy_tls(
+        support::config("c1", vec![], vec![]),
+        "127.0.0.33:15006",
+        Some(fresh(&old, &old.pem, SERVER)),
+    )
+    .await;
+    let caller = support::proxy_tls(
+        support::config("c1", vec![meshed("127.0.0.33", app.addr().port())], vec![]),
+        "127.0.0.1:0",
+        Some(fresh(&old, &old.pem, CLIENT)),
+    )
+    .await;
+    let (callee_tls, caller_tls) = (callee.tls.clone(), caller.tls.clone());
+    let both = format!("{}{}", old.pem, new.pem);
+    let probe_cfg = support::config("c1", vec![meshed("127.0.0.33", app.addr().port())], vec![]);
+    let rotation = tokio::spawn(async move {
+        // Leaves renewed under the old root; both sides trust both roots; the signer switches
+        // to the new root; the old root is dropped.
+        for step in 0..40 {
+            let (signer, bundle) = match step {
+                0..10 => (&old, old.pem.clone()),
+                10..20 => (&old, both.clone()),
+                20..30 => (&new, both.clone()),
+                _ => (&new, new.pem.clone()),
+            };
+            callee_tls.set(fresh(signer, &bundle, SERVER));
+            caller_tls.set(fresh(signer, &bundle, CLIENT));
+            // A sidecar starting now makes a new handshake with the material of this phase.
+            let probe =
+                support::proxy_tls(probe_cfg.clone(), "127.0.0.1:0", Some(fresh(signer, &bundle, CLIENT)))
+                    .await;
+            let status = probe.send("GET", "reviews.shop:9080", "/", &[], b"").await.status;
+            assert_eq!(status, 200, "a new connection at step {step}");
+            tokio::time::sleep(std::time::Duration::from_millis(15)).await;
+        }
+    });
+    let answers: Vec<u16> = futures::stream::iter(0..1500)
+        .map(|_| async { caller.send("GET", "reviews.shop:9080", "/", &[], b"").await.status })
+        .buffer_unordered(8)
+        .collect()
+        .await;
+    rotation.await.unwrap();
+    let failed = answers.iter().filter(|s| **s != 200).count();
+    assert_eq!(failed, 0, "{failed} of {} failed", answers.len());
+    // Connections made before the rotation were kept (swaps never drop connections), and the
+    // callee made a new handshake for every probe.
+    assert_eq!(caller.tls.handshakes.load(Ordering::Relaxed), 1);
+    assert!(callee.tls.handshakes.load(Ordering::Relaxed) >= 41);
+}

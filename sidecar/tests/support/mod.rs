@@ -178,6 +178,7 @@ pub fn retry_config(attempts: u32, percent: u32, min_per_second: u32) -> RetryCo
 /// A proxy running in this process.
 pub struct TestProxy {
     pub store: Arc<ConfigStore>,
+    pub tls: Arc<skein_proxy::tls::TlsStore>,
     pub outbound: SocketAddr,
     pub inbound: SocketAddr,
     pub client: Client<HttpConnector, Full<Bytes>>,
@@ -196,14 +197,29 @@ pub async fn proxy(config: ProxyConfig) -> TestProxy {
 
 /// A proxy whose inbound listener is at `inbound` (a peer's `<ip>:15006`).
 pub async fn proxy_at(config: ProxyConfig, inbound: &str) -> TestProxy {
+    proxy_tls(config, inbound, None).await
+}
+
+/// A proxy with an identity: its hops to other sidecars are mTLS, its inbound strict.
+pub async fn proxy_tls(
+    config: ProxyConfig,
+    inbound: &str,
+    material: Option<skein_proxy::tls::TlsMaterial>,
+) -> TestProxy {
     let store = Arc::new(ConfigStore::new(None));
     store.apply(config, Source::File).expect("valid test config");
-    let ctx = Arc::new(ProxyContext::new(
+    let tls = Arc::new(skein_proxy::tls::TlsStore::default());
+    if let Some(m) = material {
+        tls.set(m);
+    }
+    let mut ctx = ProxyContext::new(
         store.clone(),
         AccessLog::off(),
         "127.0.0.1".parse().unwrap(),
         Duration::from_millis(500),
-    ));
+    );
+    ctx.tls = tls.clone();
+    let ctx = Arc::new(ctx);
     let stop = CancellationToken::new();
     let out = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let inb = TcpListener::bind(inbound).await.unwrap();
@@ -213,7 +229,7 @@ pub async fn proxy_at(config: ProxyConfig, inbound: &str) -> TestProxy {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     let client = Client::builder(TokioExecutor::new()).set_host(false).build(connector);
-    TestProxy { store, outbound, inbound, client, stop }
+    TestProxy { store, outbound, inbound, client, stop, tls }
 }
 
 /// A response as the test sees it.

@@ -85,10 +85,14 @@ pub struct ProxyContext {
     /// Inbound accepts only mTLS from mesh identities (else plaintext is accepted too).
     pub inbound_strict: bool,
     /// One multiplexed mTLS HTTP/2 connection per peer sidecar and expected identity.
-    peers: std::sync::Mutex<
-        std::collections::HashMap<(SocketAddr, String), hyper::client::conn::http2::SendRequest<ProxyBody>>,
-    >,
+    peers: std::sync::Mutex<PeerConnections>,
+    /// Held while a new peer connection is made, so concurrent first requests share one.
+    peer_connect: tokio::sync::Mutex<()>,
 }
+
+/// Connections to peer sidecars, by address and the identity they proved.
+type PeerConnections =
+    std::collections::HashMap<(SocketAddr, String), hyper::client::conn::http2::SendRequest<ProxyBody>>;
 
 impl ProxyContext {
     pub fn new(
@@ -137,6 +141,7 @@ impl ProxyContext {
             tls: Arc::default(),
             inbound_strict: true,
             peers: std::sync::Mutex::default(),
+            peer_connect: tokio::sync::Mutex::const_new(()),
         }
     }
 }
@@ -601,10 +606,16 @@ async fn peer_connection(
     material: &crate::tls::TlsMaterial,
 ) -> Result<hyper::client::conn::http2::SendRequest<ProxyBody>, Failure> {
     let key = (peer, expected.to_string());
-    if let Some(sender) = ctx.peers.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
-        if !sender.is_closed() {
-            return Ok(sender.clone());
-        }
+    let live = |ctx: &ProxyContext| {
+        ctx.peers.lock().unwrap_or_else(|p| p.into_inner()).get(&key).filter(|s| !s.is_closed()).cloned()
+    };
+    if let Some(sender) = live(ctx) {
+        return Ok(sender);
+    }
+    // One connection per peer: whoever comes second waits for the first and shares it.
+    let _connecting = ctx.peer_connect.lock().await;
+    if let Some(sender) = live(ctx) {
+        return Ok(sender);
     }
     let tcp = tokio::time::timeout(ctx.connect_timeout, tokio::net::TcpStream::connect(peer))
         .await

@@ -36,6 +36,9 @@ pub enum CaError {
     Sign(#[from] rcgen::Error),
 }
 
+/// The CA in force, swapped when its Secret changes (root rotation needs no restart).
+pub type SharedCa = std::sync::Arc<arc_swap::ArcSwap<MeshCa>>;
+
 /// A signing CA: its key, its certificate and the chain up to a root, and the roots to trust.
 pub struct MeshCa {
     issuer: Issuer<'static, KeyPair>,
@@ -43,6 +46,8 @@ pub struct MeshCa {
     chain_pem: String,
     /// Every root proxies trust (PEM, one or more).
     bundle_pem: String,
+    /// The signing certificate itself (PEM).
+    signer_pem: String,
     /// Expiry of the signing certificate.
     pub not_after: OffsetDateTime,
 }
@@ -163,7 +168,12 @@ impl MeshCa {
         // The chain a leaf carries: the signer and any intermediates, never a self-signed root
         // (clients have the roots already).
         let chain_pem: String = chain.iter().filter(|c| !is_self_signed(c)).cloned().collect();
-        Ok(Self { issuer, chain_pem, bundle_pem: bundle, not_after })
+        Ok(Self { issuer, chain_pem, bundle_pem: bundle, signer_pem: signer.clone(), not_after })
+    }
+
+    /// The signing certificate (changes when the signer is switched).
+    pub fn signer(&self) -> &str {
+        &self.signer_pem
     }
 
     /// The roots proxies trust.

@@ -125,6 +125,59 @@ pub async fn load_or_create_ca(
     Err(IdentityError::NoUserCa { namespace: namespace.into(), name: name.into() })
 }
 
+/// Re-reads the CA Secret every few seconds and swaps in a changed CA (a root rotation: add
+/// the new root to `ca.crt`, then switch `tls.crt`/`tls.key` to the new signer, then drop the
+/// old root). A Secret that does not load is refused and the CA in force stays.
+pub async fn watch_ca(
+    client: Client,
+    namespace: String,
+    name: String,
+    ca: ca::SharedCa,
+    metrics: crate::metrics::Metrics,
+    shutdown: CancellationToken,
+) {
+    let api: Api<Secret> = Api::namespaced(client, &namespace);
+    let mut last: Option<BTreeMap<String, ByteString>> = None;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(CA_POLL) => {}
+        }
+        let Ok(Some(secret)) = api.get_opt(&name).await else { continue };
+        let data = secret.data.clone().unwrap_or_default();
+        if last.as_ref() == Some(&data) {
+            continue;
+        }
+        let first = last.is_none();
+        last = Some(data);
+        let files = CaFiles {
+            tls_crt: key_of(&secret, "tls.crt").unwrap_or_default(),
+            tls_key: key_of(&secret, "tls.key").unwrap_or_default(),
+            ca_crt: key_of(&secret, "ca.crt").unwrap_or_default(),
+        };
+        match MeshCa::load(&files) {
+            Ok(new) => {
+                let current = ca.load();
+                if !first || new.trust_bundle() != current.trust_bundle() || new.signer() != current.signer()
+                {
+                    tracing::info!(
+                        roots = ca::certificates(new.trust_bundle()).len(),
+                        "the mesh CA changed; swapping it in"
+                    );
+                    ca.store(Arc::new(new));
+                }
+            }
+            Err(e) => {
+                metrics.reconcile_errors.get_or_create(&crate::metrics::ErrorLabels { kind: "ca" }).inc();
+                tracing::warn!(%namespace, %name, error = %e, "refusing the changed CA Secret; the CA in force stays");
+            }
+        }
+    }
+}
+
+/// How often the CA Secret is re-read.
+const CA_POLL: Duration = Duration::from_secs(3);
+
 /// Settings of the identity loop.
 pub struct IdentitySettings {
     pub trust_domain: String,
@@ -134,7 +187,7 @@ pub struct IdentitySettings {
 /// Keeps bundles and workload certificates current while this replica leads.
 pub async fn run(
     ctx: Arc<Context>,
-    ca: Arc<MeshCa>,
+    ca: ca::SharedCa,
     settings: IdentitySettings,
     computed: Arc<Notify>,
     mut leader: watch::Receiver<bool>,
@@ -154,7 +207,8 @@ pub async fn run(
         if !*leader.borrow() {
             continue;
         }
-        if let Err(e) = reconcile(&ctx, &ca, &settings, &mut state).await {
+        let current = ca.load_full();
+        if let Err(e) = reconcile(&ctx, &current, &settings, &mut state).await {
             tracing::warn!(error = %e, "identity reconcile failed; retrying");
             ctx.metrics
                 .reconcile_errors

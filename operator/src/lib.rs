@@ -176,7 +176,15 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<()> {
     )
     .await
     .map_err(Error::Identity)?;
-    let ca = Arc::new(ca);
+    let ca: ca::SharedCa = Arc::new(arc_swap::ArcSwap::from_pointee(ca));
+    tokio::spawn(identity::watch_ca(
+        client.clone(),
+        args.namespace.clone(),
+        ca_name.clone(),
+        ca.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
 
     // The admission webhook: serving certificate from the mesh CA, hot-swapped when renewed.
     let native_sidecars = match client.apiserver_version().await {
@@ -190,7 +198,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<()> {
         }
     };
     let (dns, ips) = webhook::serving_names(&args.service_name, &args.namespace, &args.webhook_san);
-    let (serving, not_after) = webhook::ServingCert::issue(&ca, &dns, &ips).map_err(Error::Webhook)?;
+    let (serving, not_after) = webhook::ServingCert::issue(&ca.load(), &dns, &ips).map_err(Error::Webhook)?;
     let serving = Arc::new(serving);
     let webhook_listener = bind(args.webhook_addr).await?;
     controller::spawn_watchers(&ctx, args.watch_namespace.as_deref(), &shutdown);

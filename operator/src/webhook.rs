@@ -95,7 +95,7 @@ type CachedLabels = (Instant, BTreeMap<String, String>);
 /// What the handler needs.
 pub struct WebhookState {
     pub client: Option<Client>,
-    pub ca: Arc<MeshCa>,
+    pub ca: ca::SharedCa,
     pub inject: InjectConfig,
     pub trust_domain: String,
     pub lifetime: Duration,
@@ -106,7 +106,7 @@ pub struct WebhookState {
 impl WebhookState {
     pub fn new(
         client: Option<Client>,
-        ca: Arc<MeshCa>,
+        ca: ca::SharedCa,
         inject: InjectConfig,
         trust_domain: String,
         lifetime: Duration,
@@ -153,6 +153,7 @@ impl WebhookState {
         }
         let cert = self
             .ca
+            .load()
             .sign_workload(identity, &self.trust_domain, self.lifetime, now)
             .map_err(|e| e.to_string())?;
         let data = [("tls.crt", &cert.chain_pem), ("tls.key", &cert.key_pem), ("ca.crt", &cert.bundle_pem)]
@@ -293,7 +294,7 @@ pub async fn serve(
 pub async fn maintain(
     client: Client,
     configuration: String,
-    ca: Arc<MeshCa>,
+    ca: ca::SharedCa,
     cert: Arc<ServingCert>,
     mut not_after: OffsetDateTime,
     dns: Vec<String>,
@@ -301,18 +302,23 @@ pub async fn maintain(
     shutdown: CancellationToken,
 ) {
     let api: Api<MutatingWebhookConfiguration> = Api::all(client);
-    let bundle = ByteString(ca.trust_bundle().as_bytes().to_vec());
+    let mut signer = ca.load().signer().to_string();
     loop {
         let now = OffsetDateTime::now_utc();
-        if now + time::Duration::try_from(SERVING_LIFETIME / 2).unwrap_or_default() >= not_after {
-            match cert.renew(&ca, &dns, &ips) {
+        let current = ca.load_full();
+        // Renew at half-life, and at once when the CA switched signers (a root rotation).
+        let rotated = current.signer() != signer;
+        if rotated || now + time::Duration::try_from(SERVING_LIFETIME / 2).unwrap_or_default() >= not_after {
+            match cert.renew(&current, &dns, &ips) {
                 Ok(t) => {
                     not_after = t;
-                    tracing::info!(%not_after, "renewed the webhook serving certificate");
+                    signer = current.signer().to_string();
+                    tracing::info!(%not_after, rotated, "renewed the webhook serving certificate");
                 }
                 Err(e) => tracing::warn!(error = %e, "cannot renew the webhook serving certificate"),
             }
         }
+        let bundle = ByteString(current.trust_bundle().as_bytes().to_vec());
         match api.get_opt(&configuration).await {
             Ok(Some(mut config)) => {
                 let webhooks = config.webhooks.iter_mut().flatten();

@@ -29,9 +29,9 @@ impl Drop for Webhook {
 async fn start() -> Webhook {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let (ca, files) = MeshCa::generate("cluster.local", time::OffsetDateTime::now_utc()).unwrap();
-    let ca = Arc::new(ca);
+    let ca = Arc::new(arc_swap::ArcSwap::from_pointee(ca));
     let (dns, ips) = webhook::serving_names("skein-operator", "skein-system", &["127.0.0.1".into()]);
-    let (cert, _) = ServingCert::issue(&ca, &dns, &ips).unwrap();
+    let (cert, _) = ServingCert::issue(&ca.load(), &dns, &ips).unwrap();
     let inject = InjectConfig {
         proxy_image: "skein/proxy:test".into(),
         control_plane: "http://skein-operator.skein-system.svc:15012".into(),

@@ -38,3 +38,4 @@ demo: run
 bench:
 	$(CARGO) build --release -p skein-proxy -p skein-bench
 	bash bench/run.sh
+	taskset -c 0 $${CARGO_TARGET_DIR:-target}/release/identity-bench

@@ -110,6 +110,10 @@ pub struct Args {
     /// Config stream URL injected sidecars connect to; by default the operator's Service.
     #[arg(long, env = "SKEIN_CONTROL_PLANE_URL")]
     pub control_plane_url: Option<String>,
+    /// Refuse config-stream clients without a mesh client certificate (plaintext streams that
+    /// name their identity in a header are for development).
+    #[arg(long, env = "SKEIN_STREAM_REQUIRE_MTLS")]
+    pub stream_require_mtls: bool,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "SKEIN_LOG_JSON")]
     pub log_json: bool,
@@ -269,6 +273,11 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<()> {
         serving.clone(),
         shutdown.clone(),
     ));
+    let stream_tls = stream::StreamTls {
+        cert: serving.clone(),
+        ca: ca.clone(),
+        require_client_cert: args.stream_require_mtls,
+    };
     tokio::spawn(webhook::maintain(
         client.clone(),
         args.webhook_configuration.clone(),
@@ -286,7 +295,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<()> {
         watch_namespace = args.watch_namespace.as_deref().unwrap_or("(all)"),
         "skein-operator started"
     );
-    stream::serve(stream_listener, hub, shutdown.clone()).await;
+    stream::serve_with(stream_listener, hub, Some(stream_tls), shutdown.clone()).await;
 
     // The stream server returns on shutdown; give the Lease back before exiting.
     let _ = tokio::time::timeout(Duration::from_secs(5), election).await;

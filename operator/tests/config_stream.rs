@@ -73,6 +73,7 @@ async fn configs_flow_to_the_proxy_and_acks_flow_back_across_a_restart() {
         url: format!("http://{addr}").parse().unwrap(),
         identity: identity.clone(),
         proxy_id: "pp-0".into(),
+        tls: None,
     };
     tokio::spawn(control::run(cp, store.clone(), status.clone(), proxy_stop.clone()));
 
@@ -157,5 +158,95 @@ async fn malformed_stream_requests_get_4xx() {
         assert!(String::from_utf8_lossy(&body).contains(text), "{method} {path}: {body:?}");
     }
     assert!(hub.proxies().0.is_empty(), "no malformed request registered a proxy");
+    stop.cancel();
+}
+
+/// With mTLS the client certificate decides the identity (a header claiming another one is
+/// refused with 403), and plaintext is refused when client certificates are required.
+#[tokio::test]
+async fn over_mtls_the_certificate_decides_whose_config_is_served() {
+    use skein_operator::ca::{MeshCa, WORKLOAD_LIFETIME};
+    use skein_operator::stream::StreamTls;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let now = time::OffsetDateTime::now_utc();
+    let (ca, _) = MeshCa::generate("cluster.local", now).unwrap();
+    let web = WorkloadIdentity::new("shop", "web");
+    let leaf = ca.sign_workload(&web, "cluster.local", WORKLOAD_LIFETIME, now).unwrap();
+    let (dns, ips) =
+        skein_operator::webhook::serving_names("skein-operator", "skein-system", &["localhost".into()]);
+    let (serving, _) = skein_operator::webhook::ServingCert::issue(&ca, &dns, &ips).unwrap();
+    let ca = Arc::new(arc_swap::ArcSwap::from_pointee(ca));
+
+    let hub = ConfigHub::new(Metrics::default());
+    hub.publish(Arc::new(canary_mesh(90)));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let stop = CancellationToken::new();
+    let tls = StreamTls { cert: Arc::new(serving), ca, require_client_cert: true };
+    tokio::spawn(skein_operator::stream::serve_with(listener, hub.clone(), Some(tls), stop.clone()));
+
+    let material = skein_proxy::tls::TlsMaterial::from_pem(
+        leaf.chain_pem.as_bytes(),
+        leaf.key_pem.as_bytes(),
+        leaf.bundle_pem.as_bytes(),
+    )
+    .unwrap();
+    let store_tls = Arc::new(skein_proxy::tls::TlsStore::default());
+    store_tls.set(material);
+    let store = Arc::new(ConfigStore::new(None));
+    // The proxy presents the certificate of shop/web; the operator serves that identity.
+    let cp = ControlPlane {
+        url: format!("https://localhost:{port}").parse().unwrap(),
+        identity: WorkloadIdentity::new("shop", "web"),
+        proxy_id: "web-0".into(),
+        tls: Some(store_tls.clone()),
+    };
+    let proxy_stop = CancellationToken::new();
+    tokio::spawn(control::run(cp, store.clone(), Arc::new(StreamStatus::default()), proxy_stop.clone()));
+    let expected = hub.mesh().proxy_config(&web).version;
+    until("the config of shop/web over mTLS", || store.current().filter(|a| a.config.version == expected))
+        .await;
+    let (proxies, _) = hub.proxies();
+    assert_eq!(proxies[0].identity, web);
+
+    // The same certificate with a header naming someone else: 403.
+    let material = store_tls.current().unwrap();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls =
+        tokio_rustls::TlsConnector::from(material.control_plane_client()).connect(name, tcp).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake::<_, _, Empty<Bytes>>(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post(format!("https://localhost:{port}{CONFIG_STREAM_PATH}"))
+        .header(IDENTITY_HEADER, "shop/other")
+        .body(Empty::new())
+        .unwrap();
+    let response = sender.send_request(req).await.unwrap();
+    assert_eq!(response.status(), 403);
+
+    // A plaintext client is refused when client certificates are required.
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let refused = match hyper::client::conn::http2::handshake::<_, _, Empty<Bytes>>(
+        TokioExecutor::new(),
+        TokioIo::new(tcp),
+    )
+    .await
+    {
+        Err(_) => true,
+        Ok((mut sender, conn)) => {
+            tokio::spawn(conn);
+            let req = http::Request::post(format!("http://127.0.0.1:{port}{CONFIG_STREAM_PATH}"))
+                .header(IDENTITY_HEADER, "shop/web")
+                .body(Empty::new())
+                .unwrap();
+            sender.send_request(req).await.is_err()
+        }
+    };
+    assert!(refused, "a plaintext stream is refused");
+    assert_eq!(hub.proxies().0.len(), 1);
+    proxy_stop.cancel();
     stop.cancel();
 }

@@ -31,7 +31,13 @@ pub struct ControlPlane {
     pub url: Uri,
     pub identity: WorkloadIdentity,
     pub proxy_id: String,
+    /// With an `https` URL: the workload certificate presented to the operator.
+    pub tls: Option<Arc<crate::tls::TlsStore>>,
 }
+
+/// A connection the stream runs on: plain TCP or TLS.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
 /// Stream health, read by the admin server.
 #[derive(Default, Debug)]
@@ -114,19 +120,37 @@ async fn session(cp: &ControlPlane, store: &ConfigStore, status: &StreamStatus) 
         .map_err(|_| format!("connecting to {host}:{port} timed out"))?
         .map_err(|e| format!("connecting to {host}:{port}: {e}"))?;
     let _ = tcp.set_nodelay(true);
+    let secure = cp.url.scheme_str() == Some("https");
+    let io: Box<dyn Io> = if secure {
+        let material = cp
+            .tls
+            .as_ref()
+            .and_then(|t| t.current())
+            .ok_or("no workload certificate yet for the https control plane")?;
+        let name = rustls::pki_types::ServerName::try_from(host.to_string())
+            .map_err(|e| format!("control-plane host: {e}"))?;
+        let connector = tokio_rustls::TlsConnector::from(material.control_plane_client());
+        let tls = tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, tcp))
+            .await
+            .map_err(|_| "TLS handshake with the operator timed out".to_string())?
+            .map_err(|e| format!("TLS handshake with the operator: {e}"))?;
+        Box::new(tls)
+    } else {
+        Box::new(tcp)
+    };
     let (mut sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(20))
         .keep_alive_while_idle(true)
-        .handshake(TokioIo::new(tcp))
+        .handshake(TokioIo::new(io))
         .await
         .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
     let driver = tokio::spawn(connection);
 
     let (acks, ack_body) = mpsc::unbounded::<Result<Frame<Bytes>, Infallible>>();
     let uri = Uri::builder()
-        .scheme("http")
+        .scheme(if secure { "https" } else { "http" })
         .authority(format!("{host}:{port}").as_str())
         .path_and_query(CONFIG_STREAM_PATH)
         .build()

@@ -41,7 +41,7 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error("invalid --control-plane URL {0:?}: use http://host:port")]
+    #[error("invalid --control-plane URL {0:?}: use https://host:port (or http:// for development)")]
     ControlPlaneUrl(String),
     #[error("--identity is required with --control-plane")]
     MissingIdentity,
@@ -157,12 +157,24 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener> {
 
 /// Runs the proxy until `shutdown` fires (or `POST /shutdown`).
 pub async fn run(args: Args, shutdown: CancellationToken) -> Result<()> {
+    let tls = Arc::new(tls::TlsStore::default());
+    if let Some(dir) = &args.cert_dir {
+        match tls::TlsMaterial::from_dirs(dir, args.trust_dir.as_deref()) {
+            Ok(m) => {
+                tracing::info!(identity = %m.identity, "loaded the workload certificate");
+                tls.set(m);
+            }
+            // Not ready until it loads; the watcher picks it up when the Secret appears.
+            Err(e) => tracing::warn!(error = %e, "no usable workload certificate yet"),
+        }
+        tokio::spawn(tls::watch(tls.clone(), dir.clone(), args.trust_dir.clone(), shutdown.clone()));
+    }
     let store = Arc::new(config_store::ConfigStore::new(Some(args.state_dir.clone())));
     let stream = Arc::new(control::StreamStatus::default());
     match (&args.control_plane, &args.config) {
         (Some(url), None) => {
             let parsed: Uri = url.parse().map_err(|_| Error::ControlPlaneUrl(url.clone()))?;
-            if parsed.scheme_str() != Some("http") || parsed.host().is_none() {
+            if !matches!(parsed.scheme_str(), Some("http" | "https")) || parsed.host().is_none() {
                 return Err(Error::ControlPlaneUrl(url.clone()));
             }
             let identity = args.identity.clone().ok_or(Error::MissingIdentity)?;
@@ -173,7 +185,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<()> {
                 .proxy_id
                 .clone()
                 .unwrap_or_else(|| format!("{}-{}", identity.service_account, std::process::id()));
-            let cp = control::ControlPlane { url: parsed, identity, proxy_id };
+            let cp = control::ControlPlane { url: parsed, identity, proxy_id, tls: Some(tls.clone()) };
             tokio::spawn(control::run(cp, store.clone(), stream.clone(), shutdown.clone()));
         }
         (None, Some(path)) => {
@@ -198,18 +210,6 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<()> {
     );
     ctx.fast_path = args.http1_fast_path;
     ctx.inbound_strict = args.inbound_mode == InboundMode::Strict;
-    let tls = Arc::new(tls::TlsStore::default());
-    if let Some(dir) = &args.cert_dir {
-        match tls::TlsMaterial::from_dirs(dir, args.trust_dir.as_deref()) {
-            Ok(m) => {
-                tracing::info!(identity = %m.identity, "loaded the workload certificate");
-                tls.set(m);
-            }
-            // Not ready until it loads; the watcher picks it up when the Secret appears.
-            Err(e) => tracing::warn!(error = %e, "no usable workload certificate yet"),
-        }
-        tokio::spawn(tls::watch(tls.clone(), dir.clone(), args.trust_dir.clone(), shutdown.clone()));
-    }
     ctx.tls = tls.clone();
     let ctx = Arc::new(ctx);
     tokio::spawn(listener::serve(outbound, ctx.clone(), proxy::Direction::Outbound, shutdown.clone()));

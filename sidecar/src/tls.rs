@@ -273,6 +273,20 @@ impl TlsMaterial {
     }
 }
 
+impl TlsMaterial {
+    /// The client configuration for the operator's config stream: its serving certificate is
+    /// verified against the mesh bundle for the URL's host name, and ours is presented.
+    pub fn control_plane_client(&self) -> Arc<ClientConfig> {
+        let mut config = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .expect("default versions are supported")
+            .with_root_certificates(self.roots.clone())
+            .with_client_cert_resolver(Arc::new(Fixed(self.certified.clone())));
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Arc::new(config)
+    }
+}
+
 /// Always presents the same certificate.
 #[derive(Debug)]
 struct Fixed(Arc<CertifiedKey>);
@@ -293,7 +307,7 @@ impl rustls::client::ResolvesClientCert for Fixed {
 }
 
 /// The identity material in force, swapped on reload.
-#[derive(Default)]
+#[derive(Default, Debug)]
 pub struct TlsStore {
     current: ArcSwapOption<TlsMaterial>,
     pub handshakes: AtomicU64,

@@ -254,7 +254,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<()> {
     let inject = inject::InjectConfig {
         proxy_image: args.proxy_image.clone(),
         control_plane: args.control_plane_url.clone().unwrap_or_else(|| {
-            format!("http://{}.{}.svc:{}", args.service_name, args.namespace, args.stream_addr.port())
+            format!("https://{}.{}.svc:{}", args.service_name, args.namespace, args.stream_addr.port())
         }),
         operator_namespace: args.namespace.clone(),
         native_sidecars,

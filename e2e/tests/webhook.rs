@@ -119,6 +119,41 @@ webhooks:
     assert!(untouched["spec"].get("initContainers").is_none(), "{untouched}");
     assert_eq!(untouched["spec"]["containers"].as_array().unwrap().len(), 1);
 
+    // A Deployment's pod template is not a pod: stored as written. The pod a ReplicaSet would
+    // make from it (generateName, no name yet) is injected.
+    let deployment = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: api}
+spec:
+  selector: {matchLabels: {app: api}}
+  template:
+    metadata: {labels: {app: api}}
+    spec:
+      serviceAccountName: api
+      containers: [{name: app, image: example.invalid/api:1}]
+"#;
+    kubectl_ok(&["-n", &meshed.name, "apply", "-f", "-"], Some(deployment));
+    let stored = get_json(&meshed.name, "deployment/api").unwrap();
+    assert_eq!(stored["spec"]["template"]["spec"]["containers"].as_array().unwrap().len(), 1);
+    let template = &stored["spec"]["template"];
+    let from_template = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"generateName": "api-7d9f-", "labels": template["metadata"]["labels"]},
+        "spec": template["spec"],
+    });
+    let created = kubectl_ok(
+        &["-n", &meshed.name, "create", "-o", "json", "-f", "-"],
+        Some(&from_template.to_string()),
+    );
+    let created: serde_json::Value = serde_json::from_str(&created).unwrap();
+    assert_eq!(created["spec"]["initContainers"][0]["name"], "skein-proxy", "{created}");
+    assert!(
+        get_json(&meshed.name, "secret/skein-identity-api").is_ok(),
+        "its service account got a certificate"
+    );
+
     // An opted-out pod in the labelled namespace is untouched too.
     let opted_out = pod("web-2", "web")
         .replace("labels: {app: web}", "labels: {app: web}, annotations: {skein.dev/inject: \"false\"}");

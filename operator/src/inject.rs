@@ -31,6 +31,8 @@ pub mod annotation {
     pub const LOG_LEVEL: &str = "skein.dev/log-level";
     pub const EXCLUDE_PORTS: &str = "skein.dev/exclude-ports";
     pub const CAPTURE_MODE: &str = "skein.dev/capture-mode";
+    /// `strict` (default: only mTLS from mesh identities) or `permissive` (plaintext too).
+    pub const INBOUND_MODE: &str = "skein.dev/inbound-mode";
     /// Set on injected pods: what was injected.
     pub const STATUS: &str = "skein.dev/injected";
 }
@@ -133,6 +135,16 @@ pub fn inject_sidecar(
             ))
         }
     };
+    let inbound_mode = match annotations.get(annotation::INBOUND_MODE).map(String::as_str) {
+        None | Some("strict") => "strict",
+        Some("permissive") => "permissive",
+        Some(other) => {
+            return Decision::Deny(format!(
+                "annotation {}: unknown inbound mode {other:?} (strict or permissive)",
+                annotation::INBOUND_MODE
+            ))
+        }
+    };
     let excluded: Vec<u16> = match annotations.get(annotation::EXCLUDE_PORTS) {
         None => Vec::new(),
         Some(list) => {
@@ -175,6 +187,13 @@ pub fn inject_sidecar(
     let log_level = annotations.get(annotation::LOG_LEVEL).cloned().unwrap_or_else(|| "info".into());
 
     let mut sidecar = sidecar_container(&image, &service_account, namespace, &log_level, cfg, resources);
+    if let Some(env) = sidecar.env.as_mut() {
+        env.push(EnvVar {
+            name: "SKEIN_INBOUND_MODE".into(),
+            value: Some(inbound_mode.into()),
+            ..Default::default()
+        });
+    }
     let mut mutated = pod.clone();
     let spec = mutated["spec"].as_object_mut().expect("checked above");
 
@@ -503,10 +522,16 @@ mod tests {
             .unwrap()
             .iter()
             .any(|e| e["name"] == "RUST_LOG" && e["value"] == "debug"));
+        assert!(s["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == "SKEIN_INBOUND_MODE" && e["value"] == "strict"));
         for (key, value) in [
             ("skein.dev/capture-mode", "magic"),
             ("skein.dev/exclude-ports", "http"),
             ("skein.dev/proxy-cpu", "1 core"),
+            ("skein.dev/inbound-mode", "open"),
         ] {
             let p = pod(json!({}), json!({key: value}));
             match inject_sidecar(&p, "shop", &enabled(), &cfg(true)) {

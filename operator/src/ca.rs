@@ -199,19 +199,33 @@ impl MeshCa {
         lifetime: Duration,
         now: OffsetDateTime,
     ) -> Result<WorkloadCert, CaError> {
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, trust_domain);
+        let uri = identity.spiffe_id(trust_domain);
+        let sans = vec![SanType::URI(uri.as_str().try_into()?)];
+        let usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        self.sign_leaf(dn, sans, usages, lifetime, now)
+    }
+
+    /// Signs a fresh P-256 leaf: never a CA, backdated a little, never outliving its signer,
+    /// with the signer's chain attached.
+    fn sign_leaf(
+        &self,
+        dn: DistinguishedName,
+        sans: Vec<SanType>,
+        usages: Vec<ExtendedKeyUsagePurpose>,
+        lifetime: Duration,
+        now: OffsetDateTime,
+    ) -> Result<WorkloadCert, CaError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params.distinguished_name.push(DnType::OrganizationName, trust_domain);
-        let uri = identity.spiffe_id(trust_domain);
-        params.subject_alt_names = vec![SanType::URI(uri.as_str().try_into()?)];
+        params.distinguished_name = dn;
+        params.subject_alt_names = sans;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-        params.extended_key_usages =
-            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.extended_key_usages = usages;
         params.use_authority_key_identifier_extension = true;
         params.not_before = before(now, BACKDATE);
-        // A leaf never outlives its signer.
         params.not_after = at(now, lifetime).min(self.not_after);
         params.serial_number = Some(serial());
         let (not_before, not_after) = (params.not_before, params.not_after);
@@ -237,35 +251,14 @@ impl MeshCa {
         lifetime: Duration,
         now: OffsetDateTime,
     ) -> Result<WorkloadCert, CaError> {
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, dns.first().cloned().unwrap_or_else(|| "skein-webhook".into()));
-        params.subject_alt_names = dns
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, dns.first().cloned().unwrap_or_else(|| "skein-webhook".into()));
+        let sans = dns
             .iter()
             .map(|d| Ok(SanType::DnsName(d.as_str().try_into()?)))
             .chain(ips.iter().map(|ip| Ok(SanType::IpAddress(*ip))))
             .collect::<Result<_, rcgen::Error>>()?;
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        params.use_authority_key_identifier_extension = true;
-        params.not_before = before(now, BACKDATE);
-        params.not_after = at(now, lifetime).min(self.not_after);
-        params.serial_number = Some(serial());
-        let (not_before, not_after) = (params.not_before, params.not_after);
-        let leaf = params.signed_by(&key, &self.issuer)?;
-        let mut chain_pem = leaf.pem();
-        chain_pem.push_str(&self.chain_pem);
-        Ok(WorkloadCert {
-            chain_pem,
-            key_pem: key.serialize_pem(),
-            bundle_pem: self.bundle_pem.clone(),
-            not_before,
-            not_after,
-        })
+        self.sign_leaf(dn, sans, vec![ExtendedKeyUsagePurpose::ServerAuth], lifetime, now)
     }
 }
 

@@ -12,6 +12,7 @@ pub mod hub;
 pub mod identity;
 pub mod inject;
 pub mod leader;
+pub mod local;
 pub mod metrics;
 pub mod server;
 pub mod snapshot;
@@ -114,6 +115,10 @@ pub struct Args {
     /// name their identity in a header are for development).
     #[arg(long, env = "SKEIN_STREAM_REQUIRE_MTLS")]
     pub stream_require_mtls: bool,
+    /// Run from a directory of manifests instead of an API server (the local mesh): the same
+    /// computation and config stream, the snapshot read from files and re-read on change.
+    #[arg(long, env = "SKEIN_LOCAL_DIR")]
+    pub local: Option<PathBuf>,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "SKEIN_LOG_JSON")]
     pub log_json: bool,
@@ -147,6 +152,9 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener> {
 
 /// Runs the operator until `shutdown` fires.
 pub async fn run(args: Args, shutdown: CancellationToken) -> Result<()> {
+    if let Some(dir) = args.local.clone() {
+        return run_local(args, dir, shutdown).await;
+    }
     let client = client(&args).await?;
     let instance = args.instance.clone().unwrap_or_else(|| {
         let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
@@ -299,5 +307,25 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<()> {
 
     // The stream server returns on shutdown; give the Lease back before exiting.
     let _ = tokio::time::timeout(Duration::from_secs(5), election).await;
+    Ok(())
+}
+
+/// The control plane from a directory of manifests (see [`local`]).
+pub async fn run_local(args: Args, dir: PathBuf, shutdown: CancellationToken) -> Result<()> {
+    let stream_listener = bind(args.stream_addr).await?;
+    let http_listener = bind(args.metrics_addr).await?;
+    let metrics = metrics::Metrics::default();
+    let mut registry = Registry::default();
+    metrics.register(&mut registry);
+    let hub = hub::ConfigHub::new(metrics);
+    tokio::spawn(local::run(dir.clone(), hub.clone(), shutdown.clone()));
+    let (_ready_tx, ready_rx) = watch::channel(true);
+    tokio::spawn(server::serve(
+        http_listener,
+        Arc::new(server::HttpState { registry, ready: ready_rx }),
+        shutdown.clone(),
+    ));
+    tracing::info!(dir = %dir.display(), stream = %args.stream_addr, metrics = %args.metrics_addr, "skein-operator started (local)");
+    stream::serve(stream_listener, hub, shutdown).await;
     Ok(())
 }

@@ -1,0 +1,180 @@
+//! The file-backed control plane (`skein-operator --local DIR`): the snapshot comes from a
+//! directory of ordinary manifests — the TrafficRoute, OutlierPolicy and RetryPolicy YAML users
+//! apply to a cluster, plus Services, EndpointSlices and Pods — instead of an API server. The
+//! computation, the hub and the config stream are the very same as in a cluster.
+//!
+//! The directory is re-read when any file changes. A set with a bad file is refused whole, with
+//! an error naming the file (and, for a spec the computation rejects, the field), and the last
+//! good snapshot stays in force.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use k8s_openapi::jiff::Timestamp;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use skein_api::{OutlierPolicy, RetryPolicy, TrafficRoute};
+use tokio_util::sync::CancellationToken;
+
+use crate::compute::compute;
+use crate::hub::ConfigHub;
+use crate::snapshot::{Snapshot, SnapshotObject};
+
+/// Manifest files in `dir` (`*.yaml`, `*.yml`, `*.json`), sorted by name.
+fn manifest_files(dir: &Path) -> Result<Vec<PathBuf>, String> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json")))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// Reads every manifest in `dir` into a snapshot; every problem is reported, naming its file.
+pub fn load_dir(dir: &Path) -> Result<Snapshot, Vec<String>> {
+    let files = manifest_files(dir).map_err(|e| vec![e])?;
+    let mut snapshot = Snapshot::default();
+    let mut errors = Vec::new();
+    let mut order = 0i64;
+    // Where each Skein resource came from, to name the file in a computation error.
+    let mut origin: BTreeMap<(String, String, String), String> = BTreeMap::new();
+    for file in &files {
+        let name = file.file_name().and_then(|n| n.to_str()).unwrap_or("?").to_string();
+        let text = match std::fs::read_to_string(file) {
+            Ok(t) => t,
+            Err(e) => {
+                errors.push(format!("{name}: {e}"));
+                continue;
+            }
+        };
+        let docs: Vec<Value> = match serde_saphyr::from_multiple(&text) {
+            Ok(d) => d,
+            Err(e) => {
+                errors.push(format!("{name}: not YAML: {e}"));
+                continue;
+            }
+        };
+        for (i, mut doc) in docs.into_iter().enumerate() {
+            if doc.is_null() {
+                continue;
+            }
+            order += 1;
+            // Defaults a cluster would fill in: namespace, generation, creation order.
+            let meta = doc.as_object_mut().and_then(|d| d.get_mut("metadata")).and_then(Value::as_object_mut);
+            if let Some(meta) = meta {
+                meta.entry("namespace").or_insert_with(|| Value::from("default"));
+                meta.entry("generation").or_insert_with(|| Value::from(1));
+                if !meta.contains_key("creationTimestamp") {
+                    let at = Timestamp::from_second(order).unwrap_or(Timestamp::UNIX_EPOCH);
+                    meta.insert(
+                        "creationTimestamp".into(),
+                        serde_json::to_value(Time(at)).unwrap_or(Value::Null),
+                    );
+                }
+            }
+            let kind = doc.get("kind").and_then(Value::as_str).unwrap_or_default().to_string();
+            let at = format!("{name} (document {})", i + 1);
+            let key = |meta: &ObjectMeta| {
+                (
+                    kind.clone(),
+                    meta.namespace.clone().unwrap_or_default(),
+                    meta.name.clone().unwrap_or_default(),
+                )
+            };
+            let result = match kind.as_str() {
+                "TrafficRoute" => add::<TrafficRoute>(doc, &mut snapshot, |o| key(&o.metadata)),
+                "OutlierPolicy" => add::<OutlierPolicy>(doc, &mut snapshot, |o| key(&o.metadata)),
+                "RetryPolicy" => add::<RetryPolicy>(doc, &mut snapshot, |o| key(&o.metadata)),
+                "Service" => add::<Service>(doc, &mut snapshot, |o| key(&o.metadata)),
+                "EndpointSlice" => add::<EndpointSlice>(doc, &mut snapshot, |o| key(&o.metadata)),
+                "Pod" => add::<Pod>(doc, &mut snapshot, |o| key(&o.metadata)),
+                other => Err(format!("kind {other:?} is not one the local control plane reads")),
+            };
+            match result {
+                Ok(k) => {
+                    origin.insert(k, at);
+                }
+                Err(e) => errors.push(format!("{at}: {e}")),
+            }
+        }
+    }
+    // What the schema and the computation refuse in a cluster is refused here too.
+    for (resource, status) in &compute(&snapshot).statuses {
+        if !status.accepted.status && status.accepted.reason == "Invalid" {
+            let k = (
+                resource.kind.as_str().to_string(),
+                resource.key.namespace.clone(),
+                resource.key.name.clone(),
+            );
+            let at = origin.get(&k).cloned().unwrap_or_default();
+            errors.push(format!(
+                "{at}: {} {}: {}",
+                resource.kind.as_str(),
+                resource.key,
+                status.accepted.message
+            ));
+        }
+    }
+    if errors.is_empty() {
+        Ok(snapshot)
+    } else {
+        Err(errors)
+    }
+}
+
+fn add<K: DeserializeOwned + SnapshotObject>(
+    doc: Value,
+    snapshot: &mut Snapshot,
+    key: impl Fn(&K) -> (String, String, String),
+) -> Result<(String, String, String), String> {
+    let obj: K = serde_json::from_value(doc).map_err(|e| e.to_string())?;
+    let k = key(&obj);
+    obj.apply(snapshot);
+    Ok(k)
+}
+
+/// A fingerprint of the directory's manifests.
+fn fingerprint(dir: &Path) -> Vec<u8> {
+    let mut all = Vec::new();
+    for f in manifest_files(dir).unwrap_or_default() {
+        all.extend(f.to_string_lossy().as_bytes());
+        all.extend(std::fs::read(&f).unwrap_or_default());
+    }
+    all
+}
+
+/// Publishes the directory's mesh to `hub` now and after every change, until `shutdown`.
+pub async fn run(dir: PathBuf, hub: ConfigHub, shutdown: CancellationToken) {
+    let mut last = None;
+    loop {
+        let now = fingerprint(&dir);
+        if last.as_ref() != Some(&now) {
+            last = Some(now);
+            match load_dir(&dir) {
+                Ok(snapshot) => {
+                    hub.publish(Arc::new(compute(&snapshot)));
+                    tracing::info!(dir = %dir.display(), "loaded the manifests");
+                }
+                Err(errors) => {
+                    for e in &errors {
+                        tracing::error!("{e}");
+                    }
+                    tracing::warn!(
+                        count = errors.len(),
+                        "refusing the changed manifests; the last good state stays"
+                    );
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+    }
+}

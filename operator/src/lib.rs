@@ -49,7 +49,7 @@ pub enum Error {
     Client(#[source] kube::Error),
     #[error("mesh CA")]
     Identity(#[source] identity::IdentityError),
-    #[error("webhook serving certificate: {0}")]
+    #[error("certificates: {0}")]
     Webhook(String),
     #[error("listening on {addr}")]
     Bind {
@@ -119,6 +119,10 @@ pub struct Args {
     /// computation and config stream, the snapshot read from files and re-read on change.
     #[arg(long, env = "SKEIN_LOCAL_DIR")]
     pub local: Option<PathBuf>,
+    /// With --local: where the CA and the issued workload certificates are kept
+    /// (`ca/`, `identities/<ns>/<sa>/`); `<DIR>/.skein` by default.
+    #[arg(long, env = "SKEIN_LOCAL_STATE")]
+    pub local_state: Option<PathBuf>,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "SKEIN_LOG_JSON")]
     pub log_json: bool,
@@ -318,7 +322,15 @@ pub async fn run_local(args: Args, dir: PathBuf, shutdown: CancellationToken) ->
     let mut registry = Registry::default();
     metrics.register(&mut registry);
     let hub = hub::ConfigHub::new(metrics);
-    tokio::spawn(local::run(dir.clone(), hub.clone(), shutdown.clone()));
+    let state = args.local_state.clone().unwrap_or_else(|| dir.join(".skein"));
+    let ca = local::ensure_ca(&state, &args.trust_domain).map_err(Error::Webhook)?;
+    let identity = local::LocalIdentity {
+        ca,
+        state,
+        trust_domain: args.trust_domain.clone(),
+        lifetime: args.cert_lifetime,
+    };
+    tokio::spawn(local::run(dir.clone(), hub.clone(), Some(identity), shutdown.clone()));
     let (_ready_tx, ready_rx) = watch::channel(true);
     tokio::spawn(server::serve(
         http_listener,

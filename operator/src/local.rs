@@ -149,9 +149,20 @@ fn fingerprint(dir: &Path) -> Vec<u8> {
     all
 }
 
-/// Publishes the directory's mesh to `hub` now and after every change, until `shutdown`.
-pub async fn run(dir: PathBuf, hub: ConfigHub, shutdown: CancellationToken) {
+/// Where the local control plane keeps its CA and the workload certificates it issues.
+pub struct LocalIdentity {
+    pub ca: crate::ca::MeshCa,
+    pub state: PathBuf,
+    pub trust_domain: String,
+    pub lifetime: Duration,
+}
+
+/// Publishes the directory's mesh to `hub` now and after every change, and keeps the workload
+/// certificates of its meshed workloads current, until `shutdown`.
+pub async fn run(dir: PathBuf, hub: ConfigHub, identity: Option<LocalIdentity>, shutdown: CancellationToken) {
     let mut last = None;
+    let mut current = Snapshot::default();
+    let mut renew_at = tokio::time::Instant::now();
     loop {
         let now = fingerprint(&dir);
         if last.as_ref() != Some(&now) {
@@ -160,6 +171,8 @@ pub async fn run(dir: PathBuf, hub: ConfigHub, shutdown: CancellationToken) {
                 Ok(snapshot) => {
                     hub.publish(Arc::new(compute(&snapshot)));
                     tracing::info!(dir = %dir.display(), "loaded the manifests");
+                    current = snapshot;
+                    renew_at = tokio::time::Instant::now();
                 }
                 Err(errors) => {
                     for e in &errors {
@@ -172,9 +185,79 @@ pub async fn run(dir: PathBuf, hub: ConfigHub, shutdown: CancellationToken) {
                 }
             }
         }
+        if let Some(id) = identity.as_ref().filter(|_| tokio::time::Instant::now() >= renew_at) {
+            match issue_identities(&id.ca, &current, &id.state, &id.trust_domain, id.lifetime) {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(certificates = n, "issued workload certificates"),
+                Err(e) => tracing::warn!(error = %e, "cannot issue workload certificates"),
+            }
+            renew_at = tokio::time::Instant::now() + Duration::from_secs(30);
+        }
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_millis(250)) => {}
         }
     }
+}
+
+/// The CA in files (`<state>/ca/{tls.crt,tls.key,ca.crt}`), created on first use, as the
+/// `skein-ca` Secret is in a cluster.
+pub fn ensure_ca(state: &Path, trust_domain: &str) -> Result<crate::ca::MeshCa, String> {
+    let dir = state.join("ca");
+    let read = |name: &str| std::fs::read_to_string(dir.join(name));
+    if let (Ok(tls_crt), Ok(tls_key)) = (read("tls.crt"), read("tls.key")) {
+        let files = crate::ca::CaFiles { tls_crt, tls_key, ca_crt: read("ca.crt").unwrap_or_default() };
+        return crate::ca::MeshCa::load(&files).map_err(|e| format!("{}: {e}", dir.display()));
+    }
+    let (ca, files) = crate::ca::MeshCa::generate(trust_domain, time::OffsetDateTime::now_utc())
+        .map_err(|e| e.to_string())?;
+    write_files(
+        &dir,
+        &[("tls.crt", &files.tls_crt), ("tls.key", &files.tls_key), ("ca.crt", &files.ca_crt)],
+    )?;
+    Ok(ca)
+}
+
+/// Issues (or renews at half-life) a certificate for every meshed workload of the snapshot, as
+/// `<state>/identities/<ns>/<sa>/{tls.crt,tls.key,ca.crt}` — the files a sidecar's
+/// `--cert-dir` reads, like the mounted `skein-identity-<sa>` Secret in a cluster.
+pub fn issue_identities(
+    ca: &crate::ca::MeshCa,
+    snapshot: &Snapshot,
+    state: &Path,
+    trust_domain: &str,
+    lifetime: Duration,
+) -> Result<usize, String> {
+    let now = time::OffsetDateTime::now_utc();
+    let mut issued = 0;
+    let identities: std::collections::BTreeSet<_> =
+        snapshot.pods.iter().filter(|(_, p)| p.meshed).map(|(k, p)| p.identity(&k.namespace)).collect();
+    for id in identities {
+        let dir = state.join("identities").join(&id.namespace).join(&id.service_account);
+        let current = std::fs::read_to_string(dir.join("tls.crt")).unwrap_or_default();
+        let bundle_current =
+            std::fs::read_to_string(dir.join("ca.crt")).ok().as_deref() == Some(ca.trust_bundle());
+        if bundle_current && !crate::ca::needs_renewal(&current, now) {
+            continue;
+        }
+        let cert = ca.sign_workload(&id, trust_domain, lifetime, now).map_err(|e| e.to_string())?;
+        write_files(
+            &dir,
+            &[("tls.key", &cert.key_pem), ("ca.crt", &cert.bundle_pem), ("tls.crt", &cert.chain_pem)],
+        )?;
+        issued += 1;
+    }
+    Ok(issued)
+}
+
+/// Writes files atomically (temp file, then rename), so a reader never sees half of one.
+fn write_files(dir: &Path, files: &[(&str, &str)]) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    for (name, text) in files {
+        let tmp = dir.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, text)
+            .and_then(|()| std::fs::rename(&tmp, dir.join(name)))
+            .map_err(|e| format!("{}: {e}", dir.join(name).display()))?;
+    }
+    Ok(())
 }

@@ -112,6 +112,19 @@ async fn the_local_control_plane_serves_the_manifests_and_follows_edits() {
     tokio::spawn(control::run(cp, store.clone(), Arc::new(StreamStatus::default()), stop.clone()));
     until("the canary at the proxy", || (weights(&store) == [90, 10]).then_some(())).await;
 
+    // The local CA (files instead of Secrets) issued the meshed workload's certificate.
+    let issued = d.join(".skein/identities/default/reviews");
+    until("the workload certificate files", || issued.join("tls.crt").exists().then_some(())).await;
+    let verify = std::process::Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .arg(d.join(".skein/ca/ca.crt"))
+        .arg(issued.join("tls.crt"))
+        .output()
+        .unwrap();
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
+    let material = skein_proxy::tls::TlsMaterial::from_dirs(&issued, None).expect("a sidecar can load them");
+    assert_eq!(material.identity, "spiffe://cluster.local/ns/default/sa/reviews");
+
     // Move to 50/50 by editing the file.
     let route = d.join("trafficroute.yaml");
     let text = std::fs::read_to_string(&route).unwrap();

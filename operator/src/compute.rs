@@ -300,6 +300,13 @@ fn convert_route(key: &ObjectKey, tr: &TrafficRoute) -> Result<Route, String> {
     let spec = &tr.spec;
     let subsets: BTreeMap<&str, &BTreeMap<String, String>> =
         spec.subsets.iter().map(|s| (s.name.as_str(), &s.labels)).collect();
+    // The CRD's CEL rules, checked again here (and the only check in the local control plane).
+    if subsets.len() != spec.subsets.len() {
+        return Err("spec.subsets: subset names must be unique".into());
+    }
+    if let Some((i, _)) = spec.subsets.iter().enumerate().find(|(_, s)| s.labels.is_empty()) {
+        return Err(format!("spec.subsets[{i}].labels: labels must name at least one label"));
+    }
     let mut rules = Vec::with_capacity(spec.rules.len());
     for (i, rule) in spec.rules.iter().enumerate() {
         let field = format!("spec.rules[{i}]");
@@ -320,6 +327,11 @@ fn convert_route(key: &ObjectKey, tr: &TrafficRoute) -> Result<Route, String> {
             .as_ref()
             .map(|p| convert_match(&p.value, &format!("{field}.match.path")))
             .transpose()?;
+        if let Some(StringMatch::Exact(p) | StringMatch::Prefix(p)) = &path {
+            if !p.starts_with('/') {
+                return Err(format!("{field}.match.path: exact and prefix paths must start with '/'"));
+            }
+        }
         let mut backends = Vec::with_capacity(rule.backends.len());
         for (j, b) in rule.backends.iter().enumerate() {
             let weight = u32::try_from(b.weight)
@@ -529,6 +541,11 @@ impl Policy<RetryConfig> for RetryPolicy {
                 return Err("spec.perTryTimeout must not exceed spec.timeout".into());
             }
         }
+        if s.retry_on.contains(&skein_api::crd::retry_policy::RetryOn::RetriableStatusCodes)
+            && s.retriable_status_codes.is_empty()
+        {
+            return Err("spec.retriableStatusCodes: must list at least one code when retryOn contains retriable-status-codes".into());
+        }
         let backoff_base_ms = ms("backoff.baseInterval", &s.backoff.base_interval)?;
         let backoff_max_ms = ms("backoff.maxInterval", &s.backoff.max_interval)?;
         if backoff_base_ms > backoff_max_ms {
@@ -573,10 +590,14 @@ impl Policy<OutlierConfig> for OutlierPolicy {
         if base_ejection_ms > max_ejection_ms {
             return Err("spec.baseEjectionTime must not exceed spec.maxEjectionTime".into());
         }
+        let interval_ms = ms("interval", &s.interval)?;
+        if interval_ms < 10 {
+            return Err("spec.interval: interval must be at least 10ms".into());
+        }
         Ok(OutlierConfig {
             policy: key.to_string(),
             consecutive_errors: u32::try_from(s.consecutive_errors).unwrap_or(1).max(1),
-            interval_ms: ms("interval", &s.interval)?,
+            interval_ms,
             base_ejection_ms,
             max_ejection_ms,
             max_ejection_percent: u32::try_from(s.max_ejection_percent).unwrap_or(0).min(100),

@@ -14,6 +14,7 @@ pub mod inject;
 pub mod leader;
 pub mod local;
 pub mod metrics;
+pub mod schema_check;
 pub mod server;
 pub mod snapshot;
 pub mod status;

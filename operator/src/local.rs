@@ -87,6 +87,21 @@ pub fn load_dir(dir: &Path) -> Result<Snapshot, Vec<String>> {
                     meta.name.clone().unwrap_or_default(),
                 )
             };
+            // The CRD schema, as the API server would apply it.
+            if let Some(schema) = spec_schema(&kind) {
+                let mut problems = Vec::new();
+                crate::schema_check::check(
+                    doc.get("spec").unwrap_or(&Value::Null),
+                    schema,
+                    "spec",
+                    &mut problems,
+                );
+                if !problems.is_empty() {
+                    let name = doc["metadata"]["name"].as_str().unwrap_or("?").to_string();
+                    errors.extend(problems.into_iter().map(|p| format!("{at}: {kind} {name}: {p}")));
+                    continue;
+                }
+            }
             let result = match kind.as_str() {
                 "TrafficRoute" => add::<TrafficRoute>(doc, &mut snapshot, |o| key(&o.metadata)),
                 "OutlierPolicy" => add::<OutlierPolicy>(doc, &mut snapshot, |o| key(&o.metadata)),
@@ -126,6 +141,26 @@ pub fn load_dir(dir: &Path) -> Result<Snapshot, Vec<String>> {
     } else {
         Err(errors)
     }
+}
+
+/// The OpenAPI schema of `spec` of a Skein kind, from the generated CRDs.
+fn spec_schema(kind: &str) -> Option<&'static Value> {
+    use std::sync::OnceLock;
+    static SCHEMAS: OnceLock<BTreeMap<String, Value>> = OnceLock::new();
+    SCHEMAS
+        .get_or_init(|| {
+            crate::crdgen::crds()
+                .into_iter()
+                .filter_map(|(_, crd)| {
+                    let schema = serde_json::to_value(
+                        crd.spec.versions[0].schema.as_ref()?.open_api_v3_schema.as_ref()?,
+                    )
+                    .ok()?;
+                    Some((crd.spec.names.kind.clone(), schema["properties"]["spec"].clone()))
+                })
+                .collect()
+        })
+        .get(kind)
 }
 
 fn add<K: DeserializeOwned + SnapshotObject>(

@@ -139,3 +139,25 @@ async fn the_local_control_plane_serves_the_manifests_and_follows_edits() {
     stop.cancel();
     let _ = std::fs::remove_dir_all(d);
 }
+
+/// Everything the API server refuses (the e2e fixtures) is refused locally too, naming the file.
+#[test]
+fn every_invalid_fixture_is_refused_locally_as_by_the_api_server() {
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../e2e/fixtures/invalid");
+    let mut accepted = Vec::new();
+    let mut count = 0;
+    for entry in std::fs::read_dir(&fixtures).unwrap() {
+        let path = entry.unwrap().path();
+        count += 1;
+        let d = dir();
+        let name = path.file_name().unwrap().to_str().unwrap().to_string();
+        std::fs::copy(&path, d.join(&name)).unwrap();
+        match skein_operator::local::load_dir(&d) {
+            Ok(_) => accepted.push(name),
+            Err(errors) => assert!(errors.iter().any(|e| e.starts_with(&name)), "{name}: {errors:?}"),
+        }
+        let _ = std::fs::remove_dir_all(d);
+    }
+    assert!(count >= 20);
+    assert!(accepted.is_empty(), "accepted locally but refused by the API server: {accepted:?}");
+}

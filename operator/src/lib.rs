@@ -51,7 +51,7 @@ pub enum Error {
     #[error("mesh CA")]
     Identity(#[source] identity::IdentityError),
     #[error("certificates: {0}")]
-    Webhook(String),
+    Certificates(String),
     #[error("listening on {addr}")]
     Bind {
         addr: SocketAddr,
@@ -215,7 +215,8 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<()> {
         }
     };
     let (dns, ips) = webhook::serving_names(&args.service_name, &args.namespace, &args.webhook_san);
-    let (serving, not_after) = webhook::ServingCert::issue(&ca.load(), &dns, &ips).map_err(Error::Webhook)?;
+    let (serving, not_after) =
+        webhook::ServingCert::issue(&ca.load(), &dns, &ips).map_err(Error::Certificates)?;
     let serving = Arc::new(serving);
     let webhook_listener = bind(args.webhook_addr).await?;
     controller::spawn_watchers(&ctx, args.watch_namespace.as_deref(), &shutdown);
@@ -324,7 +325,7 @@ pub async fn run_local(args: Args, dir: PathBuf, shutdown: CancellationToken) ->
     metrics.register(&mut registry);
     let hub = hub::ConfigHub::new(metrics);
     let state = args.local_state.clone().unwrap_or_else(|| dir.join(".skein"));
-    let ca = local::ensure_ca(&state, &args.trust_domain).map_err(Error::Webhook)?;
+    let ca = local::ensure_ca(&state, &args.trust_domain).map_err(Error::Certificates)?;
     let identity = local::LocalIdentity {
         ca,
         state,

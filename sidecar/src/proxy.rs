@@ -91,8 +91,10 @@ pub struct ProxyContext {
 }
 
 /// Connections to peer sidecars, by address and the identity they proved.
-type PeerConnections =
-    std::collections::HashMap<(SocketAddr, String), hyper::client::conn::http2::SendRequest<ProxyBody>>;
+type PeerConnections = std::collections::HashMap<
+    SocketAddr,
+    (skein_api::WorkloadIdentity, hyper::client::conn::http2::SendRequest<ProxyBody>),
+>;
 
 impl ProxyContext {
     pub fn new(
@@ -569,8 +571,7 @@ async fn send(
 ) -> Result<Response<Incoming>, Failure> {
     match (&endpoint.via_proxy, &endpoint.peer_identity, ctx.tls.current()) {
         (Some((peer, _)), Some(identity), Some(material)) => {
-            let expected = identity.spiffe_id(&material.trust_domain);
-            let mut sender = peer_connection(ctx, *peer, &expected, &material).await?;
+            let mut sender = peer_connection(ctx, *peer, identity, &material).await?;
             let mut req = req;
             // HTTP/2 carries the authority in the URI: the original one, for the app's Host.
             if let Some(host) = req
@@ -589,7 +590,7 @@ async fn send(
             }
             sender.send_request(req).await.map_err(|_| {
                 // A broken connection is replaced on the next request.
-                ctx.peers.lock().unwrap_or_else(|p| p.into_inner()).remove(&(*peer, expected.clone()));
+                ctx.peers.lock().unwrap_or_else(|p| p.into_inner()).remove(peer);
                 Failure::Reset
             })
         }
@@ -602,12 +603,13 @@ async fn send(
 async fn peer_connection(
     ctx: &ProxyContext,
     peer: SocketAddr,
-    expected: &str,
+    identity: &skein_api::WorkloadIdentity,
     material: &crate::tls::TlsMaterial,
 ) -> Result<hyper::client::conn::http2::SendRequest<ProxyBody>, Failure> {
-    let key = (peer, expected.to_string());
+    // Looked up per request: no allocation, a short lock.
     let live = |ctx: &ProxyContext| {
-        ctx.peers.lock().unwrap_or_else(|p| p.into_inner()).get(&key).filter(|s| !s.is_closed()).cloned()
+        let peers = ctx.peers.lock().unwrap_or_else(|p| p.into_inner());
+        peers.get(&peer).filter(|(id, s)| id == identity && !s.is_closed()).map(|(_, s)| s.clone())
     };
     if let Some(sender) = live(ctx) {
         return Ok(sender);
@@ -617,6 +619,7 @@ async fn peer_connection(
     if let Some(sender) = live(ctx) {
         return Ok(sender);
     }
+    let expected = identity.spiffe_id(&material.trust_domain);
     let tcp = tokio::time::timeout(ctx.connect_timeout, tokio::net::TcpStream::connect(peer))
         .await
         .map_err(|_| Failure::ConnectFailure)?
@@ -628,7 +631,7 @@ async fn peer_connection(
             }
         })?;
     let _ = tcp.set_nodelay(true);
-    let connector = tokio_rustls::TlsConnector::from(material.client_for(expected));
+    let connector = tokio_rustls::TlsConnector::from(material.client_for(&expected));
     let name = rustls::pki_types::ServerName::try_from("skein-peer.invalid").expect("a valid name");
     let tls = match tokio::time::timeout(ctx.connect_timeout, connector.connect(name, tcp)).await {
         Ok(Ok(tls)) => {
@@ -652,7 +655,7 @@ async fn peer_connection(
         .await
         .map_err(|_| Failure::ConnectFailure)?;
     tokio::spawn(conn);
-    ctx.peers.lock().unwrap_or_else(|p| p.into_inner()).insert(key, sender.clone());
+    ctx.peers.lock().unwrap_or_else(|p| p.into_inner()).insert(peer, (identity.clone(), sender.clone()));
     Ok(sender)
 }
 

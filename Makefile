@@ -5,7 +5,7 @@ CARGO ?= cargo
 .PHONY: build test unit e2e generate lint run demo bench
 
 build:
-	$(CARGO) build --workspace --bins
+	$(CARGO) build --workspace --bins --examples
 
 # The e2e tests start the real binaries, so build them first.
 test: build
@@ -30,8 +30,12 @@ run: build generate
 	kubectl apply --server-side -f crds/
 	$(CARGO) run --bin skein-operator -- --namespace $${POD_NAMESPACE:-default}
 
-# The local mesh demo arrives with its own issue; until then the main job is `make run`.
-demo: run
+# The mesh on one machine: control plane, a canary of two versions, sidecars with mTLS and a
+# client, all on loopback, with a live summary. Edit examples/canary/*.yaml while it runs;
+# Ctrl-C stops everything. DEMO_ARGS passes flags (see `skein-demo --help`).
+demo:
+	$(CARGO) build -p skein-operator -p skein-proxy -p skein-demo --bins --examples
+	$(CARGO) run -q -p skein-demo -- $(DEMO_ARGS)
 
 # The data-plane benchmark: skein-proxy next to Envoy, HAProxy and nginx on loopback (about
 # 10 minutes; RUNS, RATES, DURATION, TARGETS tune it, see bench/run.sh). Writes bench/RESULTS.md.

@@ -309,9 +309,73 @@ pub struct StreamAck {
     pub error: Option<String>,
 }
 
+/// Upper bounds, in seconds, of the latency buckets sidecars count requests in (the last bucket
+/// is everything above), in their metrics and in their traffic reports alike.
+pub const LATENCY_BUCKETS_SECONDS: [f64; 16] =
+    [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// What a sidecar sends every few seconds on the config stream besides its acknowledgements: the
+/// cumulative counters of its outbound requests, one entry per destination service and subset.
+/// The operator derives the mesh topology (rates, error rates, latency, mTLS) from the
+/// differences between successive reports.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct TrafficReport {
+    pub edges: Vec<EdgeCounters>,
+}
+
+/// Counters of the requests one sidecar sent to one destination service (and subset) since it
+/// started.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct EdgeCounters {
+    /// `<name>.<namespace>` of the destination Service (`passthrough` for unknown hosts).
+    pub destination: String,
+    /// The TrafficRoute subset, empty when no route picked one.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub subset: String,
+    pub requests: u64,
+    /// Requests answered 5xx (by the destination or by the sidecar on its behalf).
+    pub errors: u64,
+    /// Requests whose answer came over mTLS from the destination's sidecar.
+    pub mtls: u64,
+    pub retries: u64,
+    pub ejections: u64,
+    /// Requests per latency bucket (not cumulative): one count per bound of
+    /// [`LATENCY_BUCKETS_SECONDS`] plus one for the overflow.
+    pub latency_buckets: Vec<u64>,
+}
+
+/// One line a sidecar sends on the config stream.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum ProxyMessage {
+    Traffic { traffic: TrafficReport },
+    Ack(StreamAck),
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn proxy_messages_tell_acks_from_traffic() {
+        let ack: ProxyMessage = serde_json::from_str(r#"{"version":"abc"}"#).unwrap();
+        assert_eq!(ack, ProxyMessage::Ack(StreamAck { version: "abc".into(), error: None }));
+        let traffic = ProxyMessage::Traffic {
+            traffic: TrafficReport {
+                edges: vec![EdgeCounters {
+                    destination: "reviews.shop".into(),
+                    requests: 3,
+                    ..Default::default()
+                }],
+            },
+        };
+        let line = serde_json::to_string(&traffic).unwrap();
+        assert!(line.starts_with(r#"{"traffic":{"edges":[{"destination":"reviews.shop","#), "{line}");
+        assert_eq!(serde_json::from_str::<ProxyMessage>(&line).unwrap(), traffic);
+        assert!(serde_json::from_str::<ProxyMessage>(r#"{"what":1}"#).is_err());
+    }
 
     #[test]
     fn identity_round_trips() {

@@ -8,7 +8,7 @@ pub mod constants;
 pub mod crd;
 pub mod duration;
 
-pub use config::{ProxyConfig, StreamAck, WorkloadIdentity};
+pub use config::{EdgeCounters, ProxyConfig, ProxyMessage, StreamAck, TrafficReport, WorkloadIdentity};
 pub use crd::{
     outlier_policy::{OutlierPolicy, OutlierPolicySpec},
     retry_policy::{RetryPolicy, RetryPolicySpec},

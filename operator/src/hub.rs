@@ -26,6 +26,7 @@ struct Connected {
     proxy_id: String,
     acked: Option<String>,
     rejected: Option<(String, String)>,
+    traffic: crate::topology::TrafficSamples,
 }
 
 /// A config as sent: serialized once per identity and change, however many proxies read it.
@@ -125,7 +126,10 @@ impl ConfigHub {
                 })
                 .sender
                 .subscribe();
-            state.connections.insert(id, Connected { identity, proxy_id, acked: None, rejected: None });
+            state.connections.insert(
+                id,
+                Connected { identity, proxy_id, acked: None, rejected: None, traffic: Default::default() },
+            );
             self.metrics.connected_proxies.set(state.connections.len() as i64);
             (id, receiver)
         };
@@ -161,6 +165,30 @@ impl ConfigHub {
             }
         }
         self.proxies_changed.notify_one();
+    }
+
+    /// Records a proxy's traffic report (for the topology; nothing waits on it).
+    pub fn record_traffic(&self, id: ConnectionId, report: skein_api::TrafficReport) {
+        if let Some(conn) = self.lock().connections.get_mut(&id) {
+            conn.traffic.record(Instant::now(), report);
+        }
+    }
+
+    /// The service graph as the connected proxies report it.
+    pub fn topology(&self) -> crate::topology::Topology {
+        let state = self.lock();
+        let proxies: Vec<_> = state
+            .connections
+            .values()
+            .map(|c| crate::topology::ProxyTraffic {
+                identity: &c.identity,
+                proxy_id: &c.proxy_id,
+                acked: c.acked.as_deref(),
+                desired: state.channels.get(&c.identity).map(|ch| ch.sender.borrow().version.clone()),
+                samples: &c.traffic,
+            })
+            .collect();
+        crate::topology::build(&proxies, Instant::now())
     }
 
     /// Forgets a proxy whose stream ended.

@@ -19,6 +19,7 @@ pub mod server;
 pub mod snapshot;
 pub mod status;
 pub mod stream;
+pub mod topology;
 pub mod webhook;
 
 use std::net::SocketAddr;
@@ -118,10 +119,11 @@ pub struct Args {
     pub stream_require_mtls: bool,
     /// Run from a directory of manifests instead of an API server (the local mesh): the same
     /// computation and config stream, the snapshot read from files and re-read on change.
-    #[arg(long, env = "SKEIN_LOCAL_DIR")]
-    pub local: Option<PathBuf>,
+    /// Repeat it to read several directories as one (in the environment: separated by `:`).
+    #[arg(long, env = "SKEIN_LOCAL_DIR", value_delimiter = ':')]
+    pub local: Vec<PathBuf>,
     /// With --local: where the CA and the issued workload certificates are kept
-    /// (`ca/`, `identities/<ns>/<sa>/`); `<DIR>/.skein` by default.
+    /// (`ca/`, `identities/<ns>/<sa>/`); `<first DIR>/.skein` by default.
     #[arg(long, env = "SKEIN_LOCAL_STATE")]
     pub local_state: Option<PathBuf>,
     /// Log as JSON lines instead of text.
@@ -157,8 +159,9 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener> {
 
 /// Runs the operator until `shutdown` fires.
 pub async fn run(args: Args, shutdown: CancellationToken) -> Result<()> {
-    if let Some(dir) = args.local.clone() {
-        return run_local(args, dir, shutdown).await;
+    if !args.local.is_empty() {
+        let dirs = args.local.clone();
+        return run_local(args, dirs, shutdown).await;
     }
     let client = client(&args).await?;
     let instance = args.instance.clone().unwrap_or_else(|| {
@@ -302,7 +305,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<()> {
         ips,
         shutdown.clone(),
     ));
-    let http_state = Arc::new(server::HttpState { registry, ready: ready_rx });
+    let http_state = Arc::new(server::HttpState { registry, ready: ready_rx, hub: hub.clone() });
     tokio::spawn(server::serve(http_listener, http_state, shutdown.clone()));
     tracing::info!(
         stream = %args.stream_addr, metrics = %args.metrics_addr, %instance,
@@ -317,29 +320,39 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<()> {
 }
 
 /// The control plane from a directory of manifests (see [`local`]).
-pub async fn run_local(args: Args, dir: PathBuf, shutdown: CancellationToken) -> Result<()> {
+pub async fn run_local(args: Args, dirs: Vec<PathBuf>, shutdown: CancellationToken) -> Result<()> {
     let stream_listener = bind(args.stream_addr).await?;
     let http_listener = bind(args.metrics_addr).await?;
     let metrics = metrics::Metrics::default();
     let mut registry = Registry::default();
     metrics.register(&mut registry);
     let hub = hub::ConfigHub::new(metrics);
-    let state = args.local_state.clone().unwrap_or_else(|| dir.join(".skein"));
+    let state = args.local_state.clone().unwrap_or_else(|| dirs[0].join(".skein"));
     let ca = local::ensure_ca(&state, &args.trust_domain).map_err(Error::Certificates)?;
+    // The stream serves TLS as in a cluster (a certificate for --webhook-san, 127.0.0.1 and
+    // localhost by default); proxies with a workload certificate prove their identity with it.
+    let (dns, ips) = webhook::serving_names(&args.service_name, &args.namespace, &args.webhook_san);
+    let (serving, _) = webhook::ServingCert::issue(&ca, &dns, &ips).map_err(Error::Certificates)?;
+    let ca: ca::SharedCa = Arc::new(arc_swap::ArcSwap::from_pointee(ca));
+    let stream_tls = stream::StreamTls {
+        cert: Arc::new(serving),
+        ca: ca.clone(),
+        require_client_cert: args.stream_require_mtls,
+    };
     let identity = local::LocalIdentity {
         ca,
         state,
         trust_domain: args.trust_domain.clone(),
         lifetime: args.cert_lifetime,
     };
-    tokio::spawn(local::run(dir.clone(), hub.clone(), Some(identity), shutdown.clone()));
+    tokio::spawn(local::run(dirs.clone(), hub.clone(), Some(identity), shutdown.clone()));
     let (_ready_tx, ready_rx) = watch::channel(true);
     tokio::spawn(server::serve(
         http_listener,
-        Arc::new(server::HttpState { registry, ready: ready_rx }),
+        Arc::new(server::HttpState { registry, ready: ready_rx, hub: hub.clone() }),
         shutdown.clone(),
     ));
-    tracing::info!(dir = %dir.display(), stream = %args.stream_addr, metrics = %args.metrics_addr, "skein-operator started (local)");
-    stream::serve(stream_listener, hub, shutdown).await;
+    tracing::info!(dirs = ?dirs, stream = %args.stream_addr, metrics = %args.metrics_addr, "skein-operator started (local)");
+    stream::serve_with(stream_listener, hub, Some(stream_tls), shutdown).await;
     Ok(())
 }

@@ -38,7 +38,15 @@ fn manifest_files(dir: &Path) -> Result<Vec<PathBuf>, String> {
 
 /// Reads every manifest in `dir` into a snapshot; every problem is reported, naming its file.
 pub fn load_dir(dir: &Path) -> Result<Snapshot, Vec<String>> {
-    let files = manifest_files(dir).map_err(|e| vec![e])?;
+    load_dirs(&[dir.to_path_buf()])
+}
+
+/// Reads the manifests of several directories (in order) into one snapshot.
+pub fn load_dirs(dirs: &[PathBuf]) -> Result<Snapshot, Vec<String>> {
+    let mut files = Vec::new();
+    for dir in dirs {
+        files.extend(manifest_files(dir).map_err(|e| vec![e])?);
+    }
     let mut snapshot = Snapshot::default();
     let mut errors = Vec::new();
     let mut order = 0i64;
@@ -174,10 +182,10 @@ fn add<K: DeserializeOwned + SnapshotObject>(
     Ok(k)
 }
 
-/// A fingerprint of the directory's manifests.
-fn fingerprint(dir: &Path) -> Vec<u8> {
+/// A fingerprint of the directories' manifests.
+fn fingerprint(dirs: &[PathBuf]) -> Vec<u8> {
     let mut all = Vec::new();
-    for f in manifest_files(dir).unwrap_or_default() {
+    for f in dirs.iter().flat_map(|d| manifest_files(d).unwrap_or_default()) {
         all.extend(f.to_string_lossy().as_bytes());
         all.extend(std::fs::read(&f).unwrap_or_default());
     }
@@ -186,7 +194,7 @@ fn fingerprint(dir: &Path) -> Vec<u8> {
 
 /// Where the local control plane keeps its CA and the workload certificates it issues.
 pub struct LocalIdentity {
-    pub ca: crate::ca::MeshCa,
+    pub ca: crate::ca::SharedCa,
     pub state: PathBuf,
     pub trust_domain: String,
     pub lifetime: Duration,
@@ -194,18 +202,23 @@ pub struct LocalIdentity {
 
 /// Publishes the directory's mesh to `hub` now and after every change, and keeps the workload
 /// certificates of its meshed workloads current, until `shutdown`.
-pub async fn run(dir: PathBuf, hub: ConfigHub, identity: Option<LocalIdentity>, shutdown: CancellationToken) {
+pub async fn run(
+    dirs: Vec<PathBuf>,
+    hub: ConfigHub,
+    identity: Option<LocalIdentity>,
+    shutdown: CancellationToken,
+) {
     let mut last = None;
     let mut current = Snapshot::default();
     let mut renew_at = tokio::time::Instant::now();
     loop {
-        let now = fingerprint(&dir);
+        let now = fingerprint(&dirs);
         if last.as_ref() != Some(&now) {
             last = Some(now);
-            match load_dir(&dir) {
+            match load_dirs(&dirs) {
                 Ok(snapshot) => {
                     hub.publish(Arc::new(compute(&snapshot)));
-                    tracing::info!(dir = %dir.display(), "loaded the manifests");
+                    tracing::info!(dirs = ?dirs, "loaded the manifests");
                     current = snapshot;
                     renew_at = tokio::time::Instant::now();
                 }
@@ -221,7 +234,7 @@ pub async fn run(dir: PathBuf, hub: ConfigHub, identity: Option<LocalIdentity>, 
             }
         }
         if let Some(id) = identity.as_ref().filter(|_| tokio::time::Instant::now() >= renew_at) {
-            match issue_identities(&id.ca, &current, &id.state, &id.trust_domain, id.lifetime) {
+            match issue_identities(&id.ca.load(), &current, &id.state, &id.trust_domain, id.lifetime) {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(certificates = n, "issued workload certificates"),
                 Err(e) => tracing::warn!(error = %e, "cannot issue workload certificates"),

@@ -1,4 +1,5 @@
-//! The operator's plain HTTP server (port 8080): `/metrics`, `/healthz`, `/readyz`.
+//! The operator's plain HTTP server (port 8080): `/metrics`, `/healthz`, `/readyz`, and the
+//! service graph at `/topology` (a page) and `/topology.json`.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -19,6 +20,8 @@ pub struct HttpState {
     pub registry: Registry,
     /// Ready once every watcher has listed its kind and the stream server is listening.
     pub ready: watch::Receiver<bool>,
+    /// The connected proxies and their traffic, for the topology.
+    pub hub: crate::hub::ConfigHub,
 }
 
 pub async fn serve(listener: TcpListener, state: Arc<HttpState>, shutdown: CancellationToken) {
@@ -59,6 +62,11 @@ fn handle(req: &Request<Incoming>, state: &HttpState) -> Response<Full<Bytes>> {
                 Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, "text/plain", format!("{e}\n")),
             }
         }
+        "/topology" => (StatusCode::OK, "text/html; charset=utf-8", crate::topology::PAGE.to_string()),
+        "/topology.json" => match serde_json::to_string_pretty(&state.hub.topology()) {
+            Ok(json) => (StatusCode::OK, "application/json", json),
+            Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, "text/plain", format!("{e}\n")),
+        },
         _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".to_string()),
     };
     let mut response = Response::new(Full::new(Bytes::from(body)));

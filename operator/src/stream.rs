@@ -20,7 +20,7 @@ use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use skein_api::constants::{CONFIG_STREAM_PATH, IDENTITY_HEADER, PROXY_ID_HEADER};
-use skein_api::{StreamAck, WorkloadIdentity};
+use skein_api::{ProxyMessage, WorkloadIdentity};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -28,8 +28,9 @@ use crate::hub::{ConfigHub, ConnectionId, Pushed};
 
 type Body = UnsyncBoxBody<Bytes, Infallible>;
 
-/// Acknowledgement lines longer than this are refused (they are a few dozen bytes).
-const MAX_ACK_LINE: usize = 64 * 1024;
+/// Lines from a proxy longer than this are refused (acknowledgements are a few dozen bytes,
+/// traffic reports a few hundred per destination).
+const MAX_ACK_LINE: usize = 4 * 1024 * 1024;
 
 /// Serves the config stream until `shutdown` fires; open streams then end so proxies reconnect
 /// to another replica.
@@ -251,8 +252,9 @@ async fn read_acks(mut body: Incoming, conn: ConnectionId, hub: ConfigHub, proxy
         buffer.extend_from_slice(&data);
         while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
             let line = buffer.split_to(end + 1);
-            match serde_json::from_slice::<StreamAck>(&line[..end]) {
-                Ok(ack) => hub.acknowledge(conn, ack),
+            match serde_json::from_slice::<ProxyMessage>(&line[..end]) {
+                Ok(ProxyMessage::Ack(ack)) => hub.acknowledge(conn, ack),
+                Ok(ProxyMessage::Traffic { traffic }) => hub.record_traffic(conn, traffic),
                 Err(e) => tracing::warn!(proxy = %proxy_id, error = %e, "ignoring malformed acknowledgement"),
             }
         }

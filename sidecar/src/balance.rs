@@ -160,6 +160,13 @@ impl Pool {
 
     /// Chooses an endpoint, or `None` when the pool is empty.
     pub fn pick(&self, now_ms: u64) -> Option<Pick> {
+        self.pick_avoiding(now_ms, None)
+    }
+
+    /// Chooses an endpoint other than `avoid` (the one a retried attempt just failed on) while
+    /// another healthy one exists, as Envoy's `previous_hosts` retry predicate does: a retry to
+    /// the endpoint that just failed would most likely fail again.
+    pub fn pick_avoiding(&self, now_ms: u64, avoid: Option<&Arc<EndpointState>>) -> Option<Pick> {
         let all = &self.endpoints[..];
         match all.len() {
             0 => return None,
@@ -167,18 +174,23 @@ impl Pool {
             _ => {}
         }
         let healthy = |e: &&Arc<EndpointState>| !e.outlier.is_ejected(now_ms);
+        let wanted = |e: &&Arc<EndpointState>| healthy(e) && avoid.is_none_or(|a| !Arc::ptr_eq(e, a));
         // Fast path: draw among all, redraw a few times if we hit an ejected one.
         for _ in 0..4 {
             let choice = match self.lb {
                 LoadBalancer::RoundRobin => &all[self.next.fetch_add(1, Ordering::Relaxed) % all.len()],
                 LoadBalancer::P2cEwma => p2c(all),
             };
-            if healthy(&choice) {
+            if wanted(&choice) {
                 return Some(Pick { endpoint: choice.clone(), failed_open: false });
             }
         }
-        // Slow path: many are ejected. Choose among the healthy ones, or fail open.
-        let candidates: Vec<Arc<EndpointState>> = all.iter().filter(healthy).cloned().collect();
+        // Slow path: many are ejected (or the draws kept finding the avoided one). Choose among
+        // the healthy others, else the healthy, else fail open.
+        let mut candidates: Vec<Arc<EndpointState>> = all.iter().filter(wanted).cloned().collect();
+        if candidates.is_empty() {
+            candidates = all.iter().filter(healthy).cloned().collect();
+        }
         if candidates.is_empty() {
             return Some(Pick { endpoint: p2c(all).clone(), failed_open: true });
         }
@@ -227,6 +239,23 @@ mod tests {
             assert_ne!(w[0], w[1]);
         }
         assert_eq!(picks[0], picks[3]);
+    }
+
+    #[test]
+    fn a_retry_avoids_the_endpoint_that_just_failed_while_another_is_healthy() {
+        for lb in [LoadBalancer::RoundRobin, LoadBalancer::P2cEwma] {
+            let eps = endpoints(3);
+            let pool = Pool::new(eps.clone(), lb, None);
+            for _ in 0..200 {
+                assert_ne!(pool.pick_avoiding(0, Some(&eps[1])).unwrap().endpoint.addr, eps[1].addr);
+            }
+            // With the others ejected, the avoided one is still better than failing open.
+            let two = endpoints(2);
+            two[0].outlier.eject_until(u64::MAX);
+            let pool = Pool::new(two.clone(), lb, None);
+            let pick = pool.pick_avoiding(0, Some(&two[1])).unwrap();
+            assert_eq!((pick.endpoint.addr, pick.failed_open), (two[1].addr, false));
+        }
     }
 
     #[test]

@@ -15,7 +15,7 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use skein_api::constants::{CONFIG_STREAM_PATH, CONFIG_STREAM_PORT, IDENTITY_HEADER, PROXY_ID_HEADER};
-use skein_api::{ProxyConfig, StreamAck, WorkloadIdentity};
+use skein_api::{ProxyConfig, ProxyMessage, StreamAck, WorkloadIdentity};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
@@ -24,6 +24,8 @@ use crate::config_store::{ConfigStore, Source};
 /// Configs larger than this are refused rather than buffered without bound.
 const MAX_CONFIG_LINE: usize = 64 * 1024 * 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the proxy reports its traffic counters to the operator (for the topology).
+const TRAFFIC_REPORT_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Where the operator is and who this proxy is.
 #[derive(Clone, Debug)]
@@ -174,8 +176,28 @@ async fn session(cp: &ControlPlane, store: &ConfigStore, status: &StreamStatus) 
     let mut body = response.into_body();
     let mut buffer = BytesMut::new();
     let mut received = 0u64;
+    let mut report_tick = tokio::time::interval(TRAFFIC_REPORT_INTERVAL);
+    report_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_report = None;
     let result = loop {
-        let frame = match body.frame().await {
+        let next = tokio::select! {
+            frame = body.frame() => frame,
+            _ = report_tick.tick() => {
+                // Unchanged counters are not sent again: an idle proxy costs the operator nothing.
+                let report = store.shared.metrics.traffic_report();
+                if last_report.as_ref() != Some(&report) {
+                    let mut bytes = serde_json::to_vec(&ProxyMessage::Traffic { traffic: report.clone() })
+                        .expect("plain data serializes");
+                    bytes.push(b'\n');
+                    if acks.unbounded_send(Ok(Frame::data(Bytes::from(bytes)))).is_err() {
+                        break Ok(received);
+                    }
+                    last_report = Some(report);
+                }
+                continue;
+            }
+        };
+        let frame = match next {
             None => break Ok(received),
             Some(Err(e)) => break Err(format!("reading the stream: {e}")),
             Some(Ok(frame)) => frame,

@@ -9,8 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Latency bucket bounds in seconds: 100 µs to 10 s.
-pub const BUCKETS: [f64; 16] =
-    [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+pub const BUCKETS: [f64; 16] = skein_api::config::LATENCY_BUCKETS_SECONDS;
 
 /// Distinct status codes counted per series; rarer ones land in `other`.
 const STATUS_SLOTS: usize = 8;
@@ -36,6 +35,8 @@ pub struct Series {
     pub retries_skipped: AtomicU64,
     pub ejections: AtomicU64,
     pub fail_open: AtomicU64,
+    /// Requests answered over mTLS by the destination's sidecar.
+    pub mtls: AtomicU64,
 }
 
 impl Series {
@@ -91,6 +92,43 @@ impl Registry {
     /// The series for `key`, created on first use and kept across config swaps.
     pub fn series(&self, key: SeriesKey) -> Arc<Series> {
         self.series.lock().unwrap_or_else(|e| e.into_inner()).entry(key).or_default().clone()
+    }
+
+    /// The cumulative counters of every outbound series with traffic, summed per destination
+    /// and subset (routes apart), for the traffic report on the config stream.
+    pub fn traffic_report(&self) -> skein_api::TrafficReport {
+        let series = self.series.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut edges: BTreeMap<(String, String), skein_api::EdgeCounters> = BTreeMap::new();
+        for (k, s) in series.iter().filter(|(k, s)| k.direction == "outbound" && s.count() > 0) {
+            let e = edges.entry((k.destination.clone(), k.subset.clone())).or_insert_with(|| {
+                skein_api::EdgeCounters {
+                    destination: k.destination.clone(),
+                    subset: k.subset.clone(),
+                    latency_buckets: vec![0; BUCKETS.len() + 1],
+                    ..Default::default()
+                }
+            });
+            let count = s.count();
+            e.requests += count;
+            e.errors += s
+                .codes
+                .iter()
+                .filter(|(c, _)| c.load(Ordering::Relaxed) >= 500)
+                .map(|(_, n)| n.load(Ordering::Relaxed))
+                .sum::<u64>();
+            e.mtls += s.mtls.load(Ordering::Relaxed);
+            e.retries += s.retries.load(Ordering::Relaxed);
+            e.ejections += s.ejections.load(Ordering::Relaxed);
+            let mut bucketed = 0;
+            for (total, n) in e.latency_buckets.iter_mut().zip(&s.buckets) {
+                let n = n.load(Ordering::Relaxed);
+                *total += n;
+                bucketed += n;
+            }
+            // Counters are read one by one while requests land: never let the overflow go negative.
+            e.latency_buckets[BUCKETS.len()] += count.saturating_sub(bucketed);
+        }
+        skein_api::TrafficReport { edges: edges.into_values().collect() }
     }
 
     /// Prometheus text exposition of every request series.
@@ -149,6 +187,9 @@ impl Registry {
                 &s.retries_skipped
             }),
             ("skein_outlier_ejections_total", "Endpoints ejected by outlier detection.", |s| &s.ejections),
+            ("skein_mtls_requests_total", "Requests answered over mTLS by the destination's sidecar.", |s| {
+                &s.mtls
+            }),
             (
                 "skein_outlier_fail_open_total",
                 "Requests sent to an ejected endpoint because all were ejected.",
@@ -202,5 +243,33 @@ mod tests {
         assert!(text.contains(&format!("skein_request_duration_seconds_bucket{{{l},le=\"0.0001\"}} 1")));
         assert!(text.contains(&format!("skein_request_duration_seconds_bucket{{{l},le=\"+Inf\"}} 13")));
         assert!(text.contains(&format!("skein_request_duration_seconds_count{{{l}}} 13")));
+    }
+
+    #[test]
+    fn the_traffic_report_sums_routes_per_destination_and_subset() {
+        let r = Registry::default();
+        let key = |subset: &str, route: &str| SeriesKey {
+            direction: "outbound",
+            destination: "reviews.shop".into(),
+            subset: subset.into(),
+            route: route.into(),
+        };
+        let a = r.series(key("v1", "shop/a"));
+        a.record(200, Duration::from_micros(50));
+        a.record(503, Duration::from_secs(20));
+        a.mtls.fetch_add(2, Ordering::Relaxed);
+        a.retries.fetch_add(1, Ordering::Relaxed);
+        r.series(key("v1", "shop/b")).record(200, Duration::from_millis(3));
+        r.series(key("v2", "shop/a"));
+        r.series(SeriesKey { direction: "inbound", ..key("v1", "") }).record(200, Duration::from_millis(1));
+        let report = r.traffic_report();
+        assert_eq!(report.edges.len(), 1, "no traffic to v2 yet, inbound apart: {report:?}");
+        let e = &report.edges[0];
+        assert_eq!((e.destination.as_str(), e.subset.as_str()), ("reviews.shop", "v1"));
+        assert_eq!((e.requests, e.errors, e.mtls, e.retries), (3, 1, 2, 1));
+        assert_eq!(e.latency_buckets.len(), BUCKETS.len() + 1);
+        assert_eq!(e.latency_buckets[0], 1, "50 µs");
+        assert_eq!(e.latency_buckets[5], 1, "3 ms");
+        assert_eq!(e.latency_buckets[BUCKETS.len()], 1, "20 s overflows");
     }
 }

@@ -476,8 +476,11 @@ async fn forward(
     let deadline = overall.map(|d| tokio::time::Instant::now() + d);
 
     let mut attempt = 0u32;
+    let mut failed_on: Option<Arc<EndpointState>> = None;
     loop {
-        let Some(pick) = target.pool.pick(now_ms()) else { return no_endpoints(attempt) };
+        let Some(pick) = target.pool.pick_avoiding(now_ms(), failed_on.as_ref()) else {
+            return no_endpoints(attempt);
+        };
         if pick.failed_open {
             target.series.fail_open.fetch_add(1, Ordering::Relaxed);
         }
@@ -536,12 +539,16 @@ async fn forward(
             if fits && settings.budget.try_withdraw(now_ms() / 1000) {
                 target.series.retries.fetch_add(1, Ordering::Relaxed);
                 attempt += 1;
+                failed_on = Some(endpoint);
                 tokio::time::sleep(backoff).await;
                 continue;
             }
             if fits {
                 target.series.retries_skipped.fetch_add(1, Ordering::Relaxed);
             }
+        }
+        if result.as_ref().is_ok_and(|r| r.extensions().get::<OverMtls>().is_some()) {
+            target.series.mtls.fetch_add(1, Ordering::Relaxed);
         }
         let response = match result {
             Ok(r) => finish_response(r, attempt, None),
@@ -561,6 +568,10 @@ fn no_endpoints(retries: u32) -> Forwarded {
         upstream: None,
     }
 }
+
+/// Marks a response that came over mTLS from the destination's sidecar.
+#[derive(Clone, Copy, Debug)]
+struct OverMtls;
 
 /// Sends one attempt: plain HTTP/1.1 to an app endpoint, or HTTP/2 to a meshed endpoint's
 /// sidecar — over mTLS, verifying the peer's SPIFFE ID, when this sidecar has an identity.
@@ -588,11 +599,13 @@ async fn send(
                     *req.uri_mut() = uri;
                 }
             }
-            sender.send_request(req).await.map_err(|_| {
+            let mut response = sender.send_request(req).await.map_err(|_| {
                 // A broken connection is replaced on the next request.
                 ctx.peers.lock().unwrap_or_else(|p| p.into_inner()).remove(peer);
                 Failure::Reset
-            })
+            })?;
+            response.extensions_mut().insert(OverMtls);
+            Ok(response)
         }
         (Some(_), _, _) => ctx.h2_client.request(req).await.map_err(|e| failure_of(&e)),
         (None, _, _) => ctx.client.request(req).await.map_err(|e| failure_of(&e)),

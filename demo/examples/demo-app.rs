@@ -3,7 +3,7 @@
 //! file says so (a number between 0 and 1: the share of requests answered 503), which is how the
 //! demo shows retries and outlier ejection at work.
 //!
-//! `cargo run -p skein-proxy --example demo-app -- --name reviews --version v2 --addr 127.0.0.12:9080`
+//! `cargo run -p skein-demo --example demo-app -- --name reviews --version v2 --addr 127.0.0.12:9080`
 #![forbid(unsafe_code)]
 
 use std::convert::Infallible;

@@ -1,0 +1,295 @@
+#![forbid(unsafe_code)]
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use clap::Parser;
+use skein_demo::load::{self, LoadSpec, Tally};
+use skein_demo::mesh::{Mesh, Options, Topology, SERVICE_HOST};
+use tokio::io::AsyncBufReadExt;
+use tokio_util::sync::CancellationToken;
+
+/// The Skein mesh on one machine: a live canary of `reviews` with mTLS between the sidecars.
+#[derive(Parser, Debug)]
+#[command(name = "skein-demo", version)]
+struct Args {
+    /// The manifests the control plane reads (and re-reads when you edit them).
+    #[arg(long, env = "SKEIN_DEMO_MANIFESTS", default_value = "examples/canary")]
+    manifests: PathBuf,
+    /// The demo's own files: CA, certificates, generated manifests, fault files, logs.
+    #[arg(long, env = "SKEIN_DEMO_WORK", default_value = ".skein-demo")]
+    work: PathBuf,
+    /// First three octets of the loopback addresses the mesh uses.
+    #[arg(long, env = "SKEIN_DEMO_IP_PREFIX", default_value = "127.0.10", value_parser = parse_prefix)]
+    ip_prefix: [u8; 3],
+    /// Where skein-operator, skein-proxy and examples/demo-app are (by default, beside this binary).
+    #[arg(long, env = "SKEIN_DEMO_BIN_DIR")]
+    bin_dir: Option<PathBuf>,
+    /// Requests per second from everyone.
+    #[arg(long, default_value_t = 90.0)]
+    rate: f64,
+    /// Requests per second from beta users (`x-user-group: beta`).
+    #[arg(long, default_value_t = 10.0)]
+    beta_rate: f64,
+    /// Stop after this many seconds (by default, at Ctrl-C or `quit`).
+    #[arg(long)]
+    duration: Option<u64>,
+}
+
+fn parse_prefix(s: &str) -> Result<[u8; 3], String> {
+    let octets: Vec<u8> =
+        s.split('.').map(|o| o.parse::<u8>().map_err(|e| format!("{s}: {e}"))).collect::<Result<_, _>>()?;
+    match octets[..] {
+        [127, b, c] => Ok([127, b, c]),
+        _ => Err(format!("{s}: give three octets of 127.0.0.0/8, such as 127.0.10")),
+    }
+}
+
+/// The last seconds of one load generator, one tally per second.
+struct Window {
+    sink: Arc<Mutex<Tally>>,
+    seconds: std::collections::VecDeque<Tally>,
+}
+
+impl Window {
+    fn new() -> Self {
+        Self { sink: Arc::default(), seconds: Default::default() }
+    }
+
+    /// Takes the last second's tally; returns the sum of the last five.
+    fn tick(&mut self) -> Tally {
+        let last = std::mem::take(&mut *self.sink.lock().unwrap_or_else(|e| e.into_inner()));
+        self.seconds.push_back(last);
+        if self.seconds.len() > 5 {
+            self.seconds.pop_front();
+        }
+        let mut sum = Tally::default();
+        for t in &self.seconds {
+            sum.merge(t);
+        }
+        sum
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::try_parse().unwrap_or_else(|e| {
+        let _ = e.print();
+        std::process::exit(if e.use_stderr() { 64 } else { 0 });
+    });
+    let bin_dir = match args.bin_dir.clone() {
+        Some(d) => d,
+        None => std::env::current_exe()?.parent().map(PathBuf::from).unwrap_or_default(),
+    };
+    if !args.manifests.is_dir() {
+        eprintln!("skein-demo: {} is not a directory of manifests", args.manifests.display());
+        std::process::exit(64);
+    }
+    let options = Options {
+        bin_dir,
+        manifests: args.manifests.clone(),
+        work: args.work.clone(),
+        ip_prefix: args.ip_prefix,
+    };
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+
+    println!("starting the local mesh (logs in {})…", args.work.join("logs").display());
+    let mut mesh = tokio::select! {
+        mesh = Mesh::start(options) => match mesh {
+            Ok(m) => m,
+            Err(e) => {
+                eprintln!("skein-demo: {e}");
+                std::process::exit(1);
+            }
+        },
+        _ = shutdown.cancelled() => {
+            println!("stopped before the mesh was up");
+            return Ok(());
+        }
+    };
+    let topology_url = format!("http://{}/topology", mesh.topology_addr());
+    println!("ready: {} processes up; topology at {topology_url}", mesh.running().len());
+
+    let mut everyone = Window::new();
+    let mut beta = Window::new();
+    let proxy = mesh.client_proxy();
+    let load_stop = shutdown.child_token();
+    let generators = [
+        tokio::spawn(load::run(
+            LoadSpec::new(proxy, SERVICE_HOST, args.rate),
+            everyone.sink.clone(),
+            load_stop.clone(),
+        )),
+        tokio::spawn(load::run(
+            LoadSpec::new(proxy, SERVICE_HOST, args.beta_rate).header("x-user-group", "beta"),
+            beta.sink.clone(),
+            load_stop.clone(),
+        )),
+    ];
+    tokio::spawn(read_commands(
+        mesh.fault_file("reviews-v2-a").parent().map(PathBuf::from).unwrap_or_default(),
+        shutdown.clone(),
+    ));
+
+    let tty = std::io::stdout().is_terminal();
+    let started = tokio::time::Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut seconds = 0u64;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        if args.duration.is_some_and(|d| started.elapsed() >= Duration::from_secs(d)) {
+            break;
+        }
+        seconds += 1;
+        let all = everyone.tick();
+        let b = beta.tick();
+        let topology = mesh.topology().await.ok();
+        let text = summary(&all, &b, topology.as_ref(), &topology_url, &args.manifests, &mesh);
+        if tty {
+            print!("\x1b[H\x1b[2J{text}");
+        } else if seconds.is_multiple_of(5) {
+            // Not a terminal: one line every 5 s (everyone, beta users, the mesh).
+            let lines: Vec<&str> = text.lines().collect();
+            let pick = [3, 4, 6].map(|i| lines.get(i).map_or("", |l| l.trim()));
+            println!("{}", pick.join(" | "));
+        }
+    }
+
+    load_stop.cancel();
+    for g in generators {
+        let _ = g.await;
+    }
+    println!("\nstopping…");
+    let ended = mesh.stop().await;
+    let still = mesh.running();
+    println!(
+        "stopped {} processes{}",
+        ended.len(),
+        if still.is_empty() {
+            "; nothing left running".to_string()
+        } else {
+            format!("; still running: {still:?}")
+        }
+    );
+    Ok(())
+}
+
+fn percent(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        100.0 * part as f64 / whole as f64
+    }
+}
+
+fn row(label: &str, t: &Tally) -> String {
+    let n = t.requests();
+    format!(
+        "{label:<12} {:>7.1} {:>7.1}% {:>7.1}% {:>7.2}% {:>8.1} {:>8.1}\n",
+        n as f64 / 5.0,
+        percent(t.version("v1"), n),
+        percent(t.version("v2"), n),
+        percent(t.errors(), n),
+        t.quantile(0.5).as_secs_f64() * 1000.0,
+        t.quantile(0.99).as_secs_f64() * 1000.0,
+    )
+}
+
+fn summary(
+    all: &Tally,
+    beta: &Tally,
+    topology: Option<&Topology>,
+    url: &str,
+    manifests: &std::path::Path,
+    mesh: &Mesh,
+) -> String {
+    let mut out = String::from("Skein local mesh: canary of reviews (last 5 s)\n\n");
+    out.push_str(&format!(
+        "{:<12} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8}\n",
+        "", "req/s", "v1", "v2", "errors", "p50 ms", "p99 ms"
+    ));
+    out.push_str(&row("everyone", all));
+    out.push_str(&row("beta users", beta));
+    out.push('\n');
+    match topology {
+        Some(t) => {
+            let to_reviews = t.edge("workload:default/client", "service:reviews.default");
+            let (retries, ejections, mtls) =
+                to_reviews.map_or((0.0, 0, false), |e| (e.retries_per_second, e.ejections, e.mtls));
+            let synced = t.proxies.iter().filter(|p| p.in_sync).count();
+            out.push_str(&format!(
+                "mesh         retries {retries:.1}/s · ejections {ejections} (last 10 s) · client→reviews {} · config acknowledged by {synced}/{} proxies\n",
+                if mtls { "mTLS" } else { "plaintext" },
+                t.proxies.len()
+            ));
+        }
+        None => out.push_str(
+            "mesh         the control plane is not answering; the sidecars keep their last good config\n",
+        ),
+    }
+    out.push_str(&format!("topology     {url}\n\n"));
+    out.push_str(&format!(
+        "Try: edit {}/trafficroute.yaml (e.g. weights 50/50) and save;\n\
+         \x20    type `fail v2-a` to make one v2 replica fail (retries and ejection keep answers good),\n\
+         \x20    `fail v2` for both, `heal` to recover, `quit` or Ctrl-C to stop.\n\
+         \x20    (fault files: {})\n",
+        manifests.display(),
+        mesh.fault_file("").display()
+    ));
+    out
+}
+
+/// Reads `fail <replica|v2|v1> [share]`, `heal` and `quit` from stdin.
+async fn read_commands(faults: PathBuf, shutdown: CancellationToken) {
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let write = |replica: &str, share: f64| {
+            let _ = std::fs::write(faults.join(replica), format!("{share}\n"));
+        };
+        match words[..] {
+            ["quit" | "q" | "exit"] => {
+                shutdown.cancel();
+                return;
+            }
+            ["heal"] => {
+                for r in ["reviews-v1", "reviews-v2-a", "reviews-v2-b"] {
+                    write(r, 0.0);
+                }
+            }
+            ["fail", which, ref rest @ ..] => {
+                let share = rest.first().and_then(|s| s.parse::<f64>().ok()).unwrap_or(1.0).clamp(0.0, 1.0);
+                let replicas: &[&str] = match which {
+                    "v1" | "reviews-v1" => &["reviews-v1"],
+                    "v2" => &["reviews-v2-a", "reviews-v2-b"],
+                    "v2-a" | "reviews-v2-a" => &["reviews-v2-a"],
+                    "v2-b" | "reviews-v2-b" => &["reviews-v2-b"],
+                    _ => &[],
+                };
+                for r in replicas {
+                    write(r, share);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// SIGINT or SIGTERM stops the demo.
+async fn stop_on_signal(shutdown: CancellationToken) {
+    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
+        return;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    shutdown.cancel();
+}

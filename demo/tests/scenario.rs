@@ -1,0 +1,121 @@
+//! The demo's scenario, end to end with the real binaries: the 90/10 canary splits within
+//! tolerance, beta users always reach v2, an edit to the manifests reaches and is acknowledged
+//! by every sidecar, a failing v2 replica is ejected while retries keep every answer good, and
+//! killing the control plane leaves traffic flowing on the last good config. All hops between
+//! sidecars are mTLS. Bounded: about 30 s of traffic at 250 requests per second.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use skein_demo::load::{self, LoadSpec};
+use skein_demo::mesh::SERVICE_HOST;
+
+const RATE: f64 = 250.0;
+
+/// Within ±4.5 standard deviations of the binomial: a correct split fails about once in 150,000.
+fn assert_share(what: &str, got: u64, n: u64, p: f64) {
+    let mean = n as f64 * p;
+    let sd = (n as f64 * p * (1.0 - p)).sqrt();
+    assert!(
+        (got as f64 - mean).abs() <= 4.5 * sd,
+        "{what}: {got} of {n}, expected {mean:.0} ± {:.0}",
+        4.5 * sd
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_canary_splits_retries_ejects_and_survives_its_control_plane() {
+    let (mut mesh, manifests) = support::start("scenario").await;
+    let proxy = mesh.client_proxy();
+    let spec = || LoadSpec::new(proxy, SERVICE_HOST, RATE);
+
+    // 90/10 for everyone.
+    let t = load::send(spec().count(1000)).await;
+    assert_eq!(t.errors(), 0, "{t:?}");
+    assert_share("v2 at 90/10", t.version("v2"), 1000, 0.10);
+    println!(
+        "90/10: v1 {} v2 {} p50 {:?} p99 {:?}",
+        t.version("v1"),
+        t.version("v2"),
+        t.quantile(0.5),
+        t.quantile(0.99)
+    );
+
+    // Beta users: always v2.
+    let t = load::send(spec().header("x-user-group", "beta").count(200)).await;
+    assert_eq!((t.version("v2"), t.errors()), (200, 0), "{t:?}");
+
+    // Every hop from the client to reviews went over mTLS, as the topology shows once the
+    // client's sidecar has reported (every 2 s).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let topology = mesh.topology().await.unwrap();
+        let edge = topology.edge("workload:default/client", "service:reviews.default").cloned();
+        if let Some(edge) = edge.filter(|e| e.total_requests >= 1200) {
+            assert!(edge.mtls && edge.requests_per_second > 0.0, "{edge:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the topology does not show the traffic: {topology:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Edit the manifests to 50/50: every sidecar acknowledges the new config.
+    let before = mesh.topology().await.unwrap().acked();
+    let route = manifests.join("trafficroute.yaml");
+    let text = std::fs::read_to_string(&route).unwrap();
+    let edited = text
+        .replace("{subset: v1, weight: 90}", "{subset: v1, weight: 50}")
+        .replace("{subset: v2, weight: 10}", "{subset: v2, weight: 50}");
+    assert_ne!(text, edited, "the example's weights moved; update this test");
+    let edited_at = Instant::now();
+    std::fs::write(&route, edited).unwrap();
+    let deadline = edited_at + Duration::from_secs(15);
+    loop {
+        let t = mesh.topology().await.unwrap();
+        if t.all_in_sync(4) && t.acked()["client"] != before["client"] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the edit was not acknowledged by every proxy: {t:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!(
+        "the edit was acknowledged by all 4 proxies {:?} after the file was written",
+        edited_at.elapsed()
+    );
+    let t = load::send(spec().count(1000)).await;
+    assert_eq!(t.errors(), 0, "{t:?}");
+    assert_share("v2 at 50/50", t.version("v2"), 1000, 0.5);
+
+    // One v2 replica fails every request: it is ejected, and retries on the other replica keep
+    // every answer good.
+    let failing_admin = mesh.workloads[2].admin();
+    let served = |text: &str| support::counter(text, "skein_requests_total");
+    let served_before = served(&skein_demo::http::get(failing_admin, "/metrics").await.unwrap().1);
+    mesh.set_fault("reviews-v2-a", 1.0).unwrap();
+    let t = load::send(spec().count(1000)).await;
+    assert_eq!(t.errors(), 0, "retries should hide the failing replica: {t:?}");
+    assert_share("v2 with a failing replica", t.version("v2"), 1000, 0.5);
+    let (_, metrics) = skein_demo::http::get(mesh.workloads[0].admin(), "/metrics").await.unwrap();
+    let retries = support::counter(&metrics, "skein_retries_total");
+    let ejections = support::counter(&metrics, "skein_outlier_ejections_total");
+    println!("failing replica: {retries} retries, {ejections} ejections, p99 {:?}", t.quantile(0.99));
+    assert!(retries >= 5.0, "{metrics}");
+    assert!(ejections >= 1.0, "{metrics}");
+    // Without ejection it would get half of v2's 500; ejected after 5 errors in a row, a few.
+    let to_failing =
+        served(&skein_demo::http::get(failing_admin, "/metrics").await.unwrap().1) - served_before;
+    assert!(to_failing < 50.0, "the ejected replica kept getting traffic: {to_failing} requests");
+    mesh.set_fault("reviews-v2-a", 0.0).unwrap();
+
+    // The control plane dies; the sidecars keep the last good config (50/50) and traffic flows.
+    mesh.kill("skein-operator").await;
+    assert!(mesh.topology().await.is_err(), "the operator should be gone");
+    let t = load::send(spec().count(500)).await;
+    assert_eq!(t.errors(), 0, "{t:?}");
+    assert_share("v2 without a control plane", t.version("v2"), 500, 0.5);
+
+    let ended = mesh.stop().await;
+    assert_eq!(ended.len(), 8, "{ended:?}");
+    assert!(mesh.running().is_empty());
+}

@@ -1,0 +1,55 @@
+//! What the demo's tests share: a mesh of the real binaries on loopback addresses of its own,
+//! reading a copy of `examples/canary/` that the test may edit.
+
+use std::path::PathBuf;
+
+use skein_demo::{Mesh, Options};
+
+/// `target/debug` (or the profile the tests were built in): the binaries beside the test's.
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable");
+    exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>/deps").to_path_buf()
+}
+
+/// A fresh directory holding a copy of the canary manifests, and a work directory.
+pub fn dirs(test: &str) -> (PathBuf, PathBuf) {
+    let root = std::env::temp_dir().join(format!(
+        "skein-demo-{test}-{}-{:06x}",
+        std::process::id(),
+        fastrand::u32(..1 << 24)
+    ));
+    let manifests = root.join("manifests");
+    std::fs::create_dir_all(&manifests).unwrap();
+    let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/canary");
+    for entry in std::fs::read_dir(&examples).unwrap() {
+        let path = entry.unwrap().path();
+        if !path.is_file() {
+            continue;
+        }
+        std::fs::copy(&path, manifests.join(path.file_name().unwrap())).unwrap();
+    }
+    (manifests, root.join("work"))
+}
+
+/// Loopback addresses no other test (nor a running demo, on 127.0.10.*) uses.
+pub fn ip_prefix() -> [u8; 3] {
+    [127, fastrand::u8(100..250), fastrand::u8(1..250)]
+}
+
+pub async fn start(test: &str) -> (Mesh, PathBuf) {
+    let (manifests, work) = dirs(test);
+    let options = Options { bin_dir: bin_dir(), manifests: manifests.clone(), work, ip_prefix: ip_prefix() };
+    match Mesh::start(options).await {
+        Ok(mesh) => (mesh, manifests),
+        Err(e) => panic!("the mesh did not start: {e}"),
+    }
+}
+
+/// Sum of a counter over all its series in a sidecar's Prometheus text.
+pub fn counter(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

@@ -1,3 +1,4 @@
+#![allow(dead_code)] // each test binary uses its own part
 //! What the demo's tests share: a mesh of the real binaries on loopback addresses of its own,
 //! reading a copy of `examples/canary/` that the test may edit.
 

@@ -7,6 +7,7 @@ pub mod config;
 pub mod constants;
 pub mod crd;
 pub mod duration;
+pub mod topology;
 
 pub use config::{EdgeCounters, ProxyConfig, ProxyMessage, StreamAck, TrafficReport, WorkloadIdentity};
 pub use crd::{

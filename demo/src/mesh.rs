@@ -17,10 +17,10 @@ use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
-use serde::Deserialize;
 use skein_api::constants::{
     CONFIG_STREAM_PORT, OPERATOR_METRICS_PORT, PROXY_ADMIN_PORT, PROXY_INBOUND_PORT, PROXY_OUTBOUND_PORT,
 };
+pub use skein_api::topology::Topology;
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
@@ -117,62 +117,6 @@ pub struct Options {
     pub work: PathBuf,
     /// The first three octets of the loopback addresses used.
     pub ip_prefix: [u8; 3],
-}
-
-/// The topology as `/topology.json` serves it (the fields the demo reads).
-#[derive(Deserialize, Debug, Clone, Default)]
-#[serde(rename_all = "camelCase")]
-pub struct Topology {
-    pub nodes: Vec<TopologyNode>,
-    pub edges: Vec<TopologyEdge>,
-    pub proxies: Vec<TopologyProxy>,
-}
-
-#[derive(Deserialize, Debug, Clone)]
-#[serde(rename_all = "camelCase")]
-pub struct TopologyNode {
-    pub id: String,
-    pub kind: String,
-}
-
-#[derive(Deserialize, Debug, Clone)]
-#[serde(rename_all = "camelCase")]
-pub struct TopologyEdge {
-    pub source: String,
-    pub target: String,
-    pub requests_per_second: f64,
-    pub error_rate: f64,
-    pub p99_ms: Option<f64>,
-    pub retries_per_second: f64,
-    pub ejections: u64,
-    pub mtls: bool,
-    pub total_requests: u64,
-}
-
-#[derive(Deserialize, Debug, Clone)]
-#[serde(rename_all = "camelCase")]
-pub struct TopologyProxy {
-    pub id: String,
-    pub identity: String,
-    pub acked: Option<String>,
-    pub desired: Option<String>,
-    pub in_sync: bool,
-}
-
-impl Topology {
-    pub fn edge(&self, source: &str, target: &str) -> Option<&TopologyEdge> {
-        self.edges.iter().find(|e| e.source == source && e.target == target)
-    }
-
-    /// Whether `proxies` proxies are connected and each has acknowledged its current config.
-    pub fn all_in_sync(&self, proxies: usize) -> bool {
-        self.proxies.len() == proxies && self.proxies.iter().all(|p| p.in_sync)
-    }
-
-    /// The config version each proxy has acknowledged, by proxy.
-    pub fn acked(&self) -> std::collections::BTreeMap<String, Option<String>> {
-        self.proxies.iter().map(|p| (p.id.clone(), p.acked.clone())).collect()
-    }
 }
 
 /// The running mesh. Dropping it kills whatever is still running.

@@ -175,7 +175,7 @@ impl ConfigHub {
     }
 
     /// The service graph as the connected proxies report it.
-    pub fn topology(&self) -> crate::topology::Topology {
+    pub fn topology(&self) -> skein_api::topology::Topology {
         let state = self.lock();
         let proxies: Vec<_> = state
             .connections

@@ -10,8 +10,8 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
 use skein_api::config::LATENCY_BUCKETS_SECONDS;
+use skein_api::topology::{Edge, Node, ProxyState, Topology};
 use skein_api::{EdgeCounters, TrafficReport, WorkloadIdentity};
 
 /// The span rates are measured over.
@@ -68,54 +68,6 @@ pub struct ProxyTraffic<'a> {
     /// The version this proxy's identity should be at.
     pub desired: Option<String>,
     pub samples: &'a TrafficSamples,
-}
-
-#[derive(Serialize, Debug, Clone, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct Topology {
-    pub window_seconds: f64,
-    pub nodes: Vec<Node>,
-    pub edges: Vec<Edge>,
-    pub proxies: Vec<ProxyState>,
-}
-
-#[derive(Serialize, Debug, Clone, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct Node {
-    pub id: String,
-    /// `workload` (a source identity), `service`, or `subset` (a TrafficRoute subset of a service).
-    pub kind: &'static str,
-    pub name: String,
-    pub namespace: String,
-}
-
-#[derive(Serialize, Debug, Clone, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct Edge {
-    pub source: String,
-    pub target: String,
-    pub requests_per_second: f64,
-    /// Share of the window's requests answered 5xx.
-    pub error_rate: f64,
-    /// The 99th percentile of the window's latencies, interpolated within its bucket; absent
-    /// without requests in the window.
-    pub p99_ms: Option<f64>,
-    pub retries_per_second: f64,
-    pub ejections: u64,
-    /// Every request of the window (or, without one, every request so far) went over mTLS.
-    pub mtls: bool,
-    /// Requests since the sources started.
-    pub total_requests: u64,
-}
-
-#[derive(Serialize, Debug, Clone, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct ProxyState {
-    pub id: String,
-    pub identity: String,
-    pub acked: Option<String>,
-    pub desired: Option<String>,
-    pub in_sync: bool,
 }
 
 /// Counters summed over proxies, and the window's differences.
@@ -225,11 +177,11 @@ pub fn build(proxies: &[ProxyTraffic<'_>], now: Instant) -> Topology {
         let (ns, sa) = identity.split_once('/').unwrap_or(("", identity));
         nodes.insert(
             source.clone(),
-            Node { id: source.clone(), kind: "workload", name: sa.into(), namespace: ns.into() },
+            Node { id: source.clone(), kind: "workload".into(), name: sa.into(), namespace: ns.into() },
         );
         let (name, namespace) = service_name(destination);
         let target = format!("service:{destination}");
-        nodes.insert(target.clone(), Node { id: target.clone(), kind: "service", name, namespace });
+        nodes.insert(target.clone(), Node { id: target.clone(), kind: "service".into(), name, namespace });
         edges.push(sum.edge(source.clone(), target));
     }
     for ((destination, subset), sum) in &to_subset {
@@ -237,7 +189,7 @@ pub fn build(proxies: &[ProxyTraffic<'_>], now: Instant) -> Topology {
         let id = format!("subset:{destination}/{subset}");
         nodes.insert(
             id.clone(),
-            Node { id: id.clone(), kind: "subset", name: format!("{name} {subset}"), namespace },
+            Node { id: id.clone(), kind: "subset".into(), name: format!("{name} {subset}"), namespace },
         );
         edges.push(sum.edge(format!("service:{destination}"), id));
     }

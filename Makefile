@@ -32,10 +32,12 @@ run: build generate
 
 # The mesh on one machine: control plane, a canary of two versions, sidecars with mTLS and a
 # client, all on loopback, with a live summary. Edit examples/canary/*.yaml while it runs;
-# Ctrl-C stops everything. DEMO_ARGS passes flags (see `skein-demo --help`).
+# Ctrl-C stops everything. Release builds, so the latencies shown are the mesh's own
+# (DEMO_PROFILE=dev reuses the test build); DEMO_ARGS passes flags (`skein-demo --help`).
+DEMO_PROFILE ?= release
 demo:
-	$(CARGO) build -p skein-operator -p skein-proxy -p skein-demo --bins --examples
-	$(CARGO) run -q -p skein-demo -- $(DEMO_ARGS)
+	$(CARGO) build --profile $(DEMO_PROFILE) -p skein-operator -p skein-proxy -p skein-demo --bins --examples
+	$(CARGO) run -q --profile $(DEMO_PROFILE) -p skein-demo -- $(DEMO_ARGS)
 
 # The data-plane benchmark: skein-proxy next to Envoy, HAProxy and nginx on loopback (about
 # 10 minutes; RUNS, RATES, DURATION, TARGETS tune it, see bench/run.sh). Writes bench/RESULTS.md.

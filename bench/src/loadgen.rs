@@ -327,7 +327,7 @@ async fn closed_loop(mut client: Client, plan: Plan) -> Outcome {
 
 /// Waits until `due`: the timer for the bulk of the wait, then yields until the instant,
 /// because the timer wheel fires on 1 ms ticks and its lateness would count as latency.
-async fn pace(due: Instant, spin: Duration) {
+pub async fn pace(due: Instant, spin: Duration) {
     if let Some(wake) = due.checked_sub(spin) {
         if wake > Instant::now() {
             tokio::time::sleep_until(wake).await;

@@ -15,6 +15,10 @@ use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+/// How long before each due time the generator stops sleeping and yields until the instant:
+/// tokio's timer fires on 1 ms ticks, and that lateness would otherwise count as latency.
+const SPIN: Duration = Duration::from_micros(1100);
+
 /// What a run of requests came to.
 #[derive(Clone, Debug)]
 pub struct Tally {
@@ -161,7 +165,7 @@ async fn worker(
         let due = start + interval.mul_f64(k as f64);
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep_until(due) => {}
+            _ = skein_bench::loadgen::pace(due, SPIN) => {}
         }
         let answer = tokio::select! {
             _ = stop.cancelled() => return,

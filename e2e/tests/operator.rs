@@ -175,6 +175,16 @@ fn a_route_change_reaches_the_proxy_and_is_acknowledged() {
     let metrics = operator.metrics();
     assert!(metrics.contains("skein_operator_connected_proxies 1"), "{metrics}");
     assert!(metrics.contains("skein_operator_config_acks_total{result=\"applied\"}"), "{metrics}");
+    // The topology names the proxy and the config it acknowledged.
+    let (status, body) = http("GET", operator.metrics_port, "/topology.json").unwrap();
+    let topology: skein_api::topology::Topology = serde_json::from_str(&body).unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(topology.proxies.len(), 1, "{body}");
+    let p = &topology.proxies[0];
+    assert_eq!((p.id.as_str(), p.identity.as_str()), ("productpage-0", format!("{n}/productpage").as_str()));
+    assert!(p.in_sync && p.acked.as_deref() == Some(v2.as_str()), "{body}");
+    let (status, page) = http("GET", operator.metrics_port, "/topology").unwrap();
+    assert!(status == 200 && page.contains("Skein service graph"));
 
     // The proxy leaves: Programmed no longer counts it.
     drop(proxy);

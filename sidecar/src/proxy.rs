@@ -512,6 +512,12 @@ async fn forward(
             None => send(ctx, &endpoint, req).await,
         };
         drop(in_flight);
+        let result = result.map(|Sent { response, over_mtls }| {
+            if over_mtls {
+                target.series.mtls.fetch_add(1, Ordering::Relaxed);
+            }
+            response
+        });
 
         let failed = match &result {
             Ok(r) => r.status().is_server_error(),
@@ -547,9 +553,6 @@ async fn forward(
                 target.series.retries_skipped.fetch_add(1, Ordering::Relaxed);
             }
         }
-        if result.as_ref().is_ok_and(|r| r.extensions().get::<OverMtls>().is_some()) {
-            target.series.mtls.fetch_add(1, Ordering::Relaxed);
-        }
         let response = match result {
             Ok(r) => finish_response(r, attempt, None),
             Err(Failure::Timeout) if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) => {
@@ -569,9 +572,11 @@ fn no_endpoints(retries: u32) -> Forwarded {
     }
 }
 
-/// Marks a response that came over mTLS from the destination's sidecar.
-#[derive(Clone, Copy, Debug)]
-struct OverMtls;
+/// An attempt's answer, and whether it came over mTLS from the destination's sidecar.
+struct Sent {
+    response: Response<Incoming>,
+    over_mtls: bool,
+}
 
 /// Sends one attempt: plain HTTP/1.1 to an app endpoint, or HTTP/2 to a meshed endpoint's
 /// sidecar — over mTLS, verifying the peer's SPIFFE ID, when this sidecar has an identity.
@@ -579,8 +584,8 @@ async fn send(
     ctx: &ProxyContext,
     endpoint: &EndpointState,
     req: Request<ProxyBody>,
-) -> Result<Response<Incoming>, Failure> {
-    match (&endpoint.via_proxy, &endpoint.peer_identity, ctx.tls.current()) {
+) -> Result<Sent, Failure> {
+    let client = match (&endpoint.via_proxy, &endpoint.peer_identity, ctx.tls.current()) {
         (Some((peer, _)), Some(identity), Some(material)) => {
             let mut sender = peer_connection(ctx, *peer, identity, &material).await?;
             let mut req = req;
@@ -599,17 +604,18 @@ async fn send(
                     *req.uri_mut() = uri;
                 }
             }
-            let mut response = sender.send_request(req).await.map_err(|_| {
+            let response = sender.send_request(req).await.map_err(|_| {
                 // A broken connection is replaced on the next request.
                 ctx.peers.lock().unwrap_or_else(|p| p.into_inner()).remove(peer);
                 Failure::Reset
             })?;
-            response.extensions_mut().insert(OverMtls);
-            Ok(response)
+            return Ok(Sent { response, over_mtls: true });
         }
-        (Some(_), _, _) => ctx.h2_client.request(req).await.map_err(|e| failure_of(&e)),
-        (None, _, _) => ctx.client.request(req).await.map_err(|e| failure_of(&e)),
-    }
+        (Some(_), _, _) => &ctx.h2_client,
+        (None, _, _) => &ctx.client,
+    };
+    let response = client.request(req).await.map_err(|e| failure_of(&e))?;
+    Ok(Sent { response, over_mtls: false })
 }
 
 /// The multiplexed connection to a peer sidecar, made (TCP, mTLS, HTTP/2) on first use.

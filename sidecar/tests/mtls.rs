@@ -235,6 +235,12 @@ async fn requests_cross_two_sidecars_over_mtls_and_plaintext_is_refused() {
     assert_eq!(callee.tls.handshakes.load(Ordering::Relaxed), 1);
     let seen = app.last_headers.lock().unwrap().clone().unwrap();
     assert_eq!(seen.get("host").unwrap(), "reviews.shop:9080");
+    // Counted as mTLS requests, and reported so in the traffic report for the topology.
+    assert!(caller.metrics().contains(
+        "skein_mtls_requests_total{direction=\"outbound\",destination=\"reviews.shop\",subset=\"\",route=\"\"} 5"
+    ));
+    let report = caller.store.shared.metrics.traffic_report();
+    assert_eq!((report.edges[0].requests, report.edges[0].mtls), (5, 5), "{report:?}");
 
     // A sidecar without an identity speaks plaintext: the strict callee refuses it.
     let plain = support::proxy(cfg).await;

@@ -453,9 +453,9 @@ async fn forward(
         if pick.endpoint.via_proxy.is_some() {
             req.headers_mut().insert(&INBOUND_PORT, HeaderValue::from(pick.endpoint.addr.port()));
         }
-        let response = match ctx.client.request(req).await {
+        let response = match send_upgrade(ctx, &pick.endpoint, req).await {
             Ok(r) => finish_response(r, 0, upgrade),
-            Err(e) => failure_response(failure_of(&e)),
+            Err(f) => failure_response(f),
         };
         return Forwarded { response, retries: 0, upstream: Some(to.to_string()) };
     }
@@ -638,7 +638,28 @@ async fn peer_connection(
     if let Some(sender) = live(ctx) {
         return Ok(sender);
     }
-    let expected = identity.spiffe_id(&material.trust_domain);
+    let tls =
+        connect_peer(ctx, peer, identity, material.client_for(&identity.spiffe_id(&material.trust_domain)))
+            .await?;
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(30))
+        .handshake(TokioIo::new(tls))
+        .await
+        .map_err(|_| Failure::ConnectFailure)?;
+    tokio::spawn(conn);
+    ctx.peers.lock().unwrap_or_else(|p| p.into_inner()).insert(peer, (identity.clone(), sender.clone()));
+    Ok(sender)
+}
+
+/// A TCP connection to a peer sidecar wrapped in mTLS, the peer's certificate checked for
+/// `identity`'s SPIFFE ID.
+async fn connect_peer(
+    ctx: &ProxyContext,
+    peer: SocketAddr,
+    identity: &skein_api::WorkloadIdentity,
+    config: Arc<rustls::ClientConfig>,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, Failure> {
     let tcp = tokio::time::timeout(ctx.connect_timeout, tokio::net::TcpStream::connect(peer))
         .await
         .map_err(|_| Failure::ConnectFailure)?
@@ -650,32 +671,49 @@ async fn peer_connection(
             }
         })?;
     let _ = tcp.set_nodelay(true);
-    let connector = tokio_rustls::TlsConnector::from(material.client_for(&expected));
+    let connector = tokio_rustls::TlsConnector::from(config);
     let name = rustls::pki_types::ServerName::try_from("skein-peer.invalid").expect("a valid name");
-    let tls = match tokio::time::timeout(ctx.connect_timeout, connector.connect(name, tcp)).await {
+    match tokio::time::timeout(ctx.connect_timeout, connector.connect(name, tcp)).await {
         Ok(Ok(tls)) => {
             ctx.tls.handshakes.fetch_add(1, Ordering::Relaxed);
-            tls
+            Ok(tls)
         }
         Ok(Err(e)) => {
             ctx.tls.handshake_failures.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%peer, %expected, error = %e, "mTLS handshake with a peer sidecar failed");
-            return Err(Failure::ConnectFailure);
+            tracing::warn!(%peer, expected = %identity, error = %e, "mTLS handshake with a peer sidecar failed");
+            Err(Failure::ConnectFailure)
         }
         Err(_) => {
             ctx.tls.handshake_failures.fetch_add(1, Ordering::Relaxed);
-            return Err(Failure::ConnectFailure);
+            Err(Failure::ConnectFailure)
         }
+    }
+}
+
+/// An upgrade (WebSocket and the like) has a connection of its own. To a meshed endpoint it is
+/// HTTP/1.1 over mTLS to the peer's sidecar (ALPN `http/1.1`), so a strict peer accepts it;
+/// otherwise plain HTTP/1.1.
+async fn send_upgrade(
+    ctx: &ProxyContext,
+    endpoint: &EndpointState,
+    mut req: Request<ProxyBody>,
+) -> Result<Response<Incoming>, Failure> {
+    let (Some((peer, _)), Some(identity), Some(material)) =
+        (&endpoint.via_proxy, &endpoint.peer_identity, ctx.tls.current())
+    else {
+        return ctx.client.request(req).await.map_err(|e| failure_of(&e));
     };
-    let (sender, conn) = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-        .timer(hyper_util::rt::TokioTimer::new())
-        .keep_alive_interval(Duration::from_secs(30))
-        .handshake(TokioIo::new(tls))
+    let mut config = (*material.client_for(&identity.spiffe_id(&material.trust_domain))).clone();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tls = connect_peer(ctx, *peer, identity, Arc::new(config)).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
         .map_err(|_| Failure::ConnectFailure)?;
-    tokio::spawn(conn);
-    ctx.peers.lock().unwrap_or_else(|p| p.into_inner()).insert(peer, (identity.clone(), sender.clone()));
-    Ok(sender)
+    tokio::spawn(conn.with_upgrades());
+    // A connection of our own speaks origin-form; the Host header names the app.
+    let path = req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+    *req.uri_mut() = Uri::from(path);
+    sender.send_request(req).await.map_err(|_| Failure::Reset)
 }
 
 fn finish_response(

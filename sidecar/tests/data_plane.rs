@@ -330,33 +330,7 @@ async fn http2_from_the_app_is_served() {
 
 #[tokio::test]
 async fn websocket_style_upgrades_are_passed_through() {
-    // An upstream that switches to an echo protocol.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        let (stream, _) = listener.accept().await.unwrap();
-        let service =
-            hyper::service::service_fn(|mut req: http::Request<hyper::body::Incoming>| async move {
-                let on_upgrade = hyper::upgrade::on(&mut req);
-                tokio::spawn(async move {
-                    let upgraded = on_upgrade.await.unwrap();
-                    let mut io = hyper_util::rt::TokioIo::new(upgraded);
-                    let mut buf = [0u8; 4];
-                    tokio::io::AsyncReadExt::read_exact(&mut io, &mut buf).await.unwrap();
-                    tokio::io::AsyncWriteExt::write_all(&mut io, &buf).await.unwrap();
-                });
-                let mut r = http::Response::new(http_body_util::Empty::<bytes::Bytes>::new());
-                *r.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
-                r.headers_mut().insert("upgrade", http::HeaderValue::from_static("echo"));
-                r.headers_mut().insert("connection", http::HeaderValue::from_static("upgrade"));
-                Ok::<_, std::convert::Infallible>(r)
-            });
-        hyper::server::conn::http1::Builder::new()
-            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-            .with_upgrades()
-            .await
-            .unwrap();
-    });
+    let port = echo_upgrade_upstream().await;
     let ep = skein_api::config::Endpoint {
         address: "127.0.0.1".into(),
         ports: [("http".to_string(), port)].into(),
@@ -364,30 +338,10 @@ async fn websocket_style_upgrades_are_passed_through() {
         identity: None,
     };
     let p = proxy(config("c1", vec![ep], vec![])).await;
-    let addr = p.outbound;
-    let echoed = tokio::task::spawn_blocking(move || {
-        let mut s = std::net::TcpStream::connect(addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        s.write_all(
-            b"GET /ws HTTP/1.1\r\nHost: reviews.shop:9080\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
-        )
-        .unwrap();
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            s.read_exact(&mut byte).unwrap();
-            head.push(byte[0]);
-        }
-        s.write_all(b"ping").unwrap();
-        let mut echo = [0u8; 4];
-        s.read_exact(&mut echo).unwrap();
-        (String::from_utf8_lossy(&head).into_owned(), echo)
-    })
-    .await
-    .unwrap();
-    assert!(echoed.0.starts_with("HTTP/1.1 101"), "{}", echoed.0);
-    assert!(echoed.0.to_ascii_lowercase().contains("upgrade: echo"), "{}", echoed.0);
-    assert_eq!(&echoed.1, b"ping");
+    let (head, echo) = upgrade_through(p.outbound, "reviews.shop:9080").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(head.to_ascii_lowercase().contains("upgrade: echo"), "{head}");
+    assert_eq!(&echo, b"ping");
 }
 
 #[tokio::test]

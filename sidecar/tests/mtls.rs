@@ -251,6 +251,25 @@ async fn requests_cross_two_sidecars_over_mtls_and_plaintext_is_refused() {
 }
 
 #[tokio::test]
+async fn upgrades_cross_two_sidecars_over_mtls_to_a_strict_callee() {
+    let root = ca("root");
+    let port = support::echo_upgrade_upstream().await;
+    let callee = support::proxy_tls(
+        support::config("c1", vec![], vec![]),
+        "127.0.0.34:15006",
+        Some(fresh(&root, &root.pem, SERVER)),
+    )
+    .await;
+    let cfg = support::config("c1", vec![meshed("127.0.0.34", port)], vec![]);
+    let caller = support::proxy_tls(cfg, "127.0.0.1:0", Some(fresh(&root, &root.pem, CLIENT))).await;
+    let (head, echo) = support::upgrade_through(caller.outbound, "reviews.shop:9080").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert_eq!(&echo, b"ping");
+    assert_eq!(callee.tls.handshakes.load(Ordering::Relaxed), 1, "the upgrade came over mTLS");
+    assert_eq!(callee.tls.handshake_failures.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test]
 async fn a_callee_with_the_wrong_identity_gets_no_request() {
     let root = ca("root");
     let app = support::upstream("app").await;

@@ -297,3 +297,61 @@ pub fn tally(answers: &[Answer]) -> BTreeMap<String, usize> {
     }
     t
 }
+
+/// An upstream that answers one upgrade request by switching to an echo protocol (4 bytes);
+/// returns its port on 127.0.0.1.
+pub async fn echo_upgrade_upstream() -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let service =
+            hyper::service::service_fn(|mut req: http::Request<hyper::body::Incoming>| async move {
+                let on_upgrade = hyper::upgrade::on(&mut req);
+                tokio::spawn(async move {
+                    let upgraded = on_upgrade.await.unwrap();
+                    let mut io = hyper_util::rt::TokioIo::new(upgraded);
+                    let mut buf = [0u8; 4];
+                    tokio::io::AsyncReadExt::read_exact(&mut io, &mut buf).await.unwrap();
+                    tokio::io::AsyncWriteExt::write_all(&mut io, &buf).await.unwrap();
+                });
+                let mut r = http::Response::new(http_body_util::Empty::<bytes::Bytes>::new());
+                *r.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+                r.headers_mut().insert("upgrade", http::HeaderValue::from_static("echo"));
+                r.headers_mut().insert("connection", http::HeaderValue::from_static("upgrade"));
+                Ok::<_, std::convert::Infallible>(r)
+            });
+        hyper::server::conn::http1::Builder::new()
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+            .with_upgrades()
+            .await
+            .unwrap();
+    });
+    port
+}
+
+/// Sends an upgrade request for `host` to `proxy`, then `ping` on the switched connection:
+/// the response head and the 4 bytes that came back.
+pub async fn upgrade_through(proxy: SocketAddr, host: &str) -> (String, [u8; 4]) {
+    use std::io::{Read, Write};
+    let request = format!("GET /ws HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n");
+    tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(proxy).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+        s.write_all(request.as_bytes()).unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut byte).unwrap();
+            head.push(byte[0]);
+        }
+        let mut echo = [0u8; 4];
+        if head.starts_with(b"HTTP/1.1 101") {
+            s.write_all(b"ping").unwrap();
+            s.read_exact(&mut echo).unwrap();
+        }
+        (String::from_utf8_lossy(&head).into_owned(), echo)
+    })
+    .await
+    .unwrap()
+}

@@ -433,3 +433,18 @@ endpoints:
         None,
     );
 }
+
+/// Decodes base64 text (a Secret's data) with the system's `base64`.
+pub fn decode(b64: &str) -> String {
+    let out = Command::new("base64")
+        .arg("-d")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(b64.as_bytes())?;
+            c.wait_with_output()
+        });
+    String::from_utf8(out.expect("base64 runs").stdout).expect("PEM is text")
+}

@@ -7,20 +7,6 @@ use std::time::Duration;
 
 use skein_e2e::*;
 
-fn decode(b64: &str) -> String {
-    let out = Command::new("base64")
-        .arg("-d")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .and_then(|mut c| {
-            use std::io::Write;
-            c.stdin.take().unwrap().write_all(b64.as_bytes())?;
-            c.wait_with_output()
-        });
-    String::from_utf8(out.expect("base64 runs").stdout).expect("PEM is text")
-}
-
 #[test]
 fn meshed_service_accounts_get_spiffe_certificates_openssl_accepts() {
     if !cluster_available("meshed_service_accounts_get_spiffe_certificates_openssl_accepts") {

@@ -96,6 +96,13 @@ webhooks:
     let secret = get_json(&meshed.name, "secret/skein-identity-web")
         .expect("the certificate Secret was issued at injection");
     assert_eq!(secret["type"], "kubernetes.io/tls");
+    // The trust bundle the pod mounts exists already: the first meshed pod does not wait for it.
+    let bundle = get_json(&meshed.name, "configmap/skein-trust-bundle")
+        .expect("the trust bundle was published at injection");
+    assert_eq!(
+        bundle["data"]["roots.pem"].as_str().unwrap(),
+        decode(secret["data"]["ca.crt"].as_str().unwrap())
+    );
 
     // Creating it again (e.g. a re-invocation) does not inject twice.
     let again = kubectl_ok(

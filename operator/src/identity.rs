@@ -234,6 +234,19 @@ fn meshed(ctx: &Context) -> (BTreeSet<WorkloadIdentity>, BTreeSet<String>) {
     (identities, namespaces)
 }
 
+/// The trust bundle ConfigMap of a meshed namespace, holding `bundle` (PEM roots).
+pub fn trust_bundle_configmap(bundle: &str) -> ConfigMap {
+    ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(TRUST_BUNDLE_CONFIGMAP.into()),
+            labels: Some([(MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string())].into()),
+            ..Default::default()
+        },
+        data: Some([(TRUST_BUNDLE_KEY.to_string(), bundle.to_string())].into()),
+        ..Default::default()
+    }
+}
+
 async fn reconcile(
     ctx: &Context,
     ca: &MeshCa,
@@ -246,15 +259,7 @@ async fn reconcile(
         if state.bundles.get(ns).map(String::as_str) == Some(ca.trust_bundle()) {
             continue;
         }
-        let cm = ConfigMap {
-            metadata: ObjectMeta {
-                name: Some(TRUST_BUNDLE_CONFIGMAP.into()),
-                labels: Some([(MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string())].into()),
-                ..Default::default()
-            },
-            data: Some([(TRUST_BUNDLE_KEY.to_string(), ca.trust_bundle().to_string())].into()),
-            ..Default::default()
-        };
+        let cm = trust_bundle_configmap(ca.trust_bundle());
         let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
         api.patch(TRUST_BUNDLE_CONFIGMAP, &params, &Patch::Apply(&cm)).await?;
         state.bundles.insert(ns.clone(), ca.trust_bundle().to_string());

@@ -21,10 +21,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
-use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::ByteString;
-use kube::api::{Api, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::Client;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
@@ -101,6 +101,8 @@ pub struct WebhookState {
     pub lifetime: Duration,
     pub metrics: Metrics,
     namespaces: Mutex<HashMap<String, CachedLabels>>,
+    /// Namespaces known to hold the trust bundle ConfigMap.
+    bundles: Mutex<std::collections::HashSet<String>>,
 }
 
 impl WebhookState {
@@ -112,7 +114,16 @@ impl WebhookState {
         lifetime: Duration,
         metrics: Metrics,
     ) -> Self {
-        Self { client, ca, inject, trust_domain, lifetime, metrics, namespaces: Mutex::default() }
+        Self {
+            client,
+            ca,
+            inject,
+            trust_domain,
+            lifetime,
+            metrics,
+            namespaces: Mutex::default(),
+            bundles: Mutex::default(),
+        }
     }
 
     async fn namespace_labels(&self, namespace: &str) -> BTreeMap<String, String> {
@@ -138,9 +149,30 @@ impl WebhookState {
         labels
     }
 
+    /// Makes sure the namespace has the trust bundle ConfigMap the injected pod mounts, so the
+    /// first meshed pod of a namespace does not wait for the operator's next pass (not on dry
+    /// runs). The operator keeps its content current afterwards.
+    async fn ensure_trust_bundle(&self, namespace: &str) -> Result<(), String> {
+        let Some(client) = &self.client else { return Ok(()) };
+        if self.bundles.lock().unwrap_or_else(|e| e.into_inner()).contains(namespace) {
+            return Ok(());
+        }
+        let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+        if api.get_opt(crate::identity::TRUST_BUNDLE_CONFIGMAP).await.map_err(|e| e.to_string())?.is_none() {
+            let cm = crate::identity::trust_bundle_configmap(self.ca.load().trust_bundle());
+            let params = PatchParams::apply(skein_api::constants::FIELD_MANAGER).force();
+            api.patch(crate::identity::TRUST_BUNDLE_CONFIGMAP, &params, &Patch::Apply(&cm))
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        self.bundles.lock().unwrap_or_else(|e| e.into_inner()).insert(namespace.to_string());
+        Ok(())
+    }
+
     /// Makes sure the service account has a current certificate Secret (not on dry runs).
     async fn ensure_identity(&self, identity: &WorkloadIdentity) -> Result<(), String> {
         let Some(client) = &self.client else { return Ok(()) };
+        self.ensure_trust_bundle(&identity.namespace).await?;
         let api: Api<Secret> = Api::namespaced(client.clone(), &identity.namespace);
         let name = identity_secret_name(&identity.service_account);
         let now = OffsetDateTime::now_utc();

@@ -339,6 +339,10 @@ pub struct EdgeCounters {
     pub errors: u64,
     /// Requests whose answer came over mTLS from the destination's sidecar.
     pub mtls: u64,
+    /// Requests whose answer came in plaintext from the destination (answers the sidecar made
+    /// itself, such as timeouts, are neither).
+    #[serde(default)]
+    pub plaintext: u64,
     pub retries: u64,
     pub ejections: u64,
     /// Requests per latency bucket (not cumulative): one count per bound of

@@ -34,6 +34,12 @@ pub enum Error {
     Exited(String, std::path::PathBuf),
     #[error("{0}")]
     Http(String),
+    #[error("{addr} is in use (another skein-demo? --ip-prefix picks other addresses): {source}")]
+    AddressInUse {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

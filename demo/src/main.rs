@@ -8,7 +8,6 @@ use std::time::Duration;
 use clap::Parser;
 use skein_demo::load::{self, LoadSpec, Tally};
 use skein_demo::mesh::{Mesh, Options, Topology, SERVICE_HOST};
-use tokio::io::AsyncBufReadExt;
 use tokio_util::sync::CancellationToken;
 
 /// The Skein mesh on one machine: a live canary of `reviews` with mTLS between the sidecars.
@@ -129,10 +128,8 @@ async fn main() -> anyhow::Result<()> {
             load_stop.clone(),
         )),
     ];
-    tokio::spawn(read_commands(
-        mesh.fault_file("reviews-v2-a").parent().map(PathBuf::from).unwrap_or_default(),
-        shutdown.clone(),
-    ));
+    let mut commands = read_commands();
+    let mut said = String::from("(none yet)");
 
     let tty = std::io::stdout().is_terminal();
     let started = tokio::time::Instant::now();
@@ -143,6 +140,25 @@ async fn main() -> anyhow::Result<()> {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => {}
+            Some(line) = commands.recv() => {
+                match parse_command(&line) {
+                    Ok(Command::Quit) => break,
+                    Ok(Command::Fault(replicas, share)) => {
+                        said = format!("{line} → {}", fault_text(replicas, share));
+                        for r in replicas {
+                            if let Err(e) = mesh.set_fault(r, share) {
+                                said = format!("{line} → {e}");
+                            }
+                        }
+                    }
+                    Ok(Command::Nothing) => {}
+                    Err(e) => said = format!("{line} → {e}"),
+                }
+                if !tty {
+                    println!("command: {said}");
+                }
+                continue;
+            }
         }
         if args.duration.is_some_and(|d| started.elapsed() >= Duration::from_secs(d)) {
             break;
@@ -151,7 +167,7 @@ async fn main() -> anyhow::Result<()> {
         let all = everyone.tick();
         let b = beta.tick();
         let topology = mesh.topology().await.ok();
-        let text = summary(&all, &b, topology.as_ref(), &topology_url, &args.manifests, &mesh);
+        let text = summary(&all, &b, topology.as_ref(), &topology_url, &args.manifests, &mesh, &said);
         if tty {
             print!("\x1b[H\x1b[2J{text}");
         } else if seconds.is_multiple_of(5) {
@@ -209,6 +225,7 @@ fn summary(
     url: &str,
     manifests: &std::path::Path,
     mesh: &Mesh,
+    said: &str,
 ) -> String {
     let mut out = String::from("Skein local mesh: canary of reviews (last 5 s)\n\n");
     out.push_str(&format!(
@@ -239,47 +256,83 @@ fn summary(
         "Try: edit {}/trafficroute.yaml (e.g. weights 50/50) and save;\n\
          \x20    type `fail v2-a` to make one v2 replica fail (retries and ejection keep answers good),\n\
          \x20    `fail v2` for both, `heal` to recover, `quit` or Ctrl-C to stop.\n\
-         \x20    (fault files: {})\n",
+         \x20    (fault files: {})\n\n\
+         last command: {said}\n",
         manifests.display(),
         mesh.fault_file("").display()
     ));
     out
 }
 
-/// Reads `fail <replica|v2|v1> [share]`, `heal` and `quit` from stdin.
-async fn read_commands(faults: PathBuf, shutdown: CancellationToken) {
-    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        let write = |replica: &str, share: f64| {
-            let _ = std::fs::write(faults.join(replica), format!("{share}\n"));
-        };
-        match words[..] {
-            ["quit" | "q" | "exit"] => {
-                shutdown.cancel();
+/// A command typed while the demo runs.
+#[derive(Debug, PartialEq)]
+enum Command {
+    /// Make these replicas fail this share of their requests (0 heals).
+    Fault(&'static [&'static str], f64),
+    Quit,
+    Nothing,
+}
+
+const ALL_REPLICAS: &[&str] = &["reviews-v1", "reviews-v2-a", "reviews-v2-b"];
+
+/// `fail <v1|v2|v2-a|v2-b|all> [share: 0 to 1, or N%]`, `heal [which]`, `quit`.
+fn parse_command(line: &str) -> Result<Command, String> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let which = |w: Option<&&str>| -> Result<&'static [&'static str], String> {
+        match w.copied() {
+            None | Some("all") => Ok(ALL_REPLICAS),
+            Some("v1" | "reviews-v1") => Ok(&ALL_REPLICAS[..1]),
+            Some("v2") => Ok(&ALL_REPLICAS[1..]),
+            Some("v2-a" | "reviews-v2-a") => Ok(&ALL_REPLICAS[1..2]),
+            Some("v2-b" | "reviews-v2-b") => Ok(&ALL_REPLICAS[2..]),
+            Some(other) => Err(format!("no replica {other:?}: use v1, v2, v2-a, v2-b or all")),
+        }
+    };
+    match words.first().copied() {
+        None => Ok(Command::Nothing),
+        Some("quit" | "q" | "exit") => Ok(Command::Quit),
+        Some("heal") => Ok(Command::Fault(which(words.get(1))?, 0.0)),
+        Some("fail") if words.len() >= 2 => {
+            let share = match words.get(2) {
+                None => 1.0,
+                Some(s) => {
+                    let (number, scale) = match s.strip_suffix('%') {
+                        Some(n) => (n, 100.0),
+                        None => (*s, 1.0),
+                    };
+                    match number.parse::<f64>().map(|v| v / scale) {
+                        Ok(v) if (0.0..=1.0).contains(&v) => v,
+                        _ => return Err(format!("{s:?} is not a share: give 0 to 1, or a percentage")),
+                    }
+                }
+            };
+            Ok(Command::Fault(which(words.get(1))?, share))
+        }
+        Some(other) => Err(format!("unknown command {other:?}: fail <which> [share], heal, quit")),
+    }
+}
+
+fn fault_text(replicas: &[&str], share: f64) -> String {
+    if share == 0.0 {
+        format!("{} healthy", replicas.join(", "))
+    } else {
+        format!("{} failing {:.0}% of requests", replicas.join(", "), share * 100.0)
+    }
+}
+
+/// Lines typed on stdin, read on a thread of its own: a blocking read that Ctrl-C cannot
+/// interrupt must not hold up the runtime's shutdown.
+fn read_commands() -> tokio::sync::mpsc::UnboundedReceiver<String> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
                 return;
             }
-            ["heal"] => {
-                for r in ["reviews-v1", "reviews-v2-a", "reviews-v2-b"] {
-                    write(r, 0.0);
-                }
-            }
-            ["fail", which, ref rest @ ..] => {
-                let share = rest.first().and_then(|s| s.parse::<f64>().ok()).unwrap_or(1.0).clamp(0.0, 1.0);
-                let replicas: &[&str] = match which {
-                    "v1" | "reviews-v1" => &["reviews-v1"],
-                    "v2" => &["reviews-v2-a", "reviews-v2-b"],
-                    "v2-a" | "reviews-v2-a" => &["reviews-v2-a"],
-                    "v2-b" | "reviews-v2-b" => &["reviews-v2-b"],
-                    _ => &[],
-                };
-                for r in replicas {
-                    write(r, share);
-                }
-            }
-            _ => {}
         }
-    }
+    });
+    rx
 }
 
 /// SIGINT or SIGTERM stops the demo.
@@ -292,4 +345,31 @@ async fn stop_on_signal(shutdown: CancellationToken) {
         _ = term.recv() => {}
     }
     shutdown.cancel();
+    // A second one does not wait for the clean stop.
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    eprintln!("skein-demo: stopping at once");
+    std::process::exit(130);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_name_replicas_and_shares_or_say_what_is_wrong() {
+        assert_eq!(parse_command("fail v2-a"), Ok(Command::Fault(&["reviews-v2-a"], 1.0)));
+        assert_eq!(parse_command("fail v2 30%"), Ok(Command::Fault(&["reviews-v2-a", "reviews-v2-b"], 0.3)));
+        assert_eq!(parse_command(" fail v1 0.5 "), Ok(Command::Fault(&["reviews-v1"], 0.5)));
+        assert_eq!(parse_command("heal"), Ok(Command::Fault(ALL_REPLICAS, 0.0)));
+        assert_eq!(parse_command("quit"), Ok(Command::Quit));
+        assert_eq!(parse_command(""), Ok(Command::Nothing));
+        assert!(parse_command("fail v2 3x").unwrap_err().contains("not a share"));
+        assert!(parse_command("fail v2 150%").unwrap_err().contains("not a share"));
+        assert!(parse_command("fail v3").unwrap_err().contains("no replica"));
+        assert!(parse_command("fail").unwrap_err().contains("unknown command"));
+        assert!(parse_command("split 50").unwrap_err().contains("unknown command"));
+    }
 }

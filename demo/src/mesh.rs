@@ -134,6 +134,22 @@ impl Mesh {
         let p = options.ip_prefix;
         let control_plane = Ipv4Addr::new(p[0], p[1], p[2], 1);
         let workloads = workloads(p);
+        // Everything must be free before anything starts (or is cleaned): another demo on the
+        // same addresses would otherwise answer the readiness checks of this one.
+        let mut addresses = vec![
+            SocketAddr::from((control_plane, OPERATOR_METRICS_PORT)),
+            SocketAddr::from((control_plane, CONFIG_STREAM_PORT)),
+        ];
+        for w in &workloads {
+            for port in [PROXY_OUTBOUND_PORT, PROXY_INBOUND_PORT, PROXY_ADMIN_PORT, APP_PORT] {
+                addresses.push(SocketAddr::from((w.ip, port)));
+            }
+        }
+        for addr in addresses {
+            if let Err(source) = std::net::TcpListener::bind(addr) {
+                return Err(Error::AddressInUse { addr, source });
+            }
+        }
         let work = &options.work;
         for sub in ["workloads", "faults", "logs", "proxies"] {
             let dir = work.join(sub);
@@ -263,13 +279,14 @@ impl Mesh {
     {
         let deadline = Instant::now() + Duration::from_secs(secs);
         loop {
-            if check().await {
-                return Ok(());
-            }
+            // Our own process must be the one answering: check it is alive first.
             if let Some((_, child)) = self.children.iter_mut().find(|(n, _)| n == process) {
                 if !matches!(child.try_wait(), Ok(None)) {
                     return Err(Error::Exited(process.into(), self.log(process)));
                 }
+            }
+            if check().await {
+                return Ok(());
             }
             if Instant::now() >= deadline {
                 return Err(Error::Timeout {
@@ -311,11 +328,11 @@ impl Mesh {
         topology_at(self.topology_addr()).await
     }
 
-    /// The names of the processes still running.
+    /// The names of the processes still running (or whose state cannot be read).
     pub fn running(&mut self) -> Vec<String> {
         self.children
             .iter_mut()
-            .filter_map(|(n, c)| matches!(c.try_wait(), Ok(None)).then(|| n.clone()))
+            .filter_map(|(n, c)| (!matches!(c.try_wait(), Ok(Some(_)))).then(|| n.clone()))
             .collect()
     }
 
@@ -327,7 +344,7 @@ impl Mesh {
     }
 
     /// Stops every process: SIGTERM, then SIGKILL for any still running after 5 s. Returns
-    /// how each ended.
+    /// how each ended; one that could not be stopped stays listed by [`Mesh::running`].
     pub async fn stop(&mut self) -> Vec<(String, ExitStatus)> {
         for (_, child) in self.children.iter().rev() {
             if let Some(pid) = child.id() {
@@ -339,19 +356,21 @@ impl Mesh {
         }
         let deadline = Instant::now() + Duration::from_secs(5);
         let mut ended = Vec::new();
-        for (name, mut child) in self.children.drain(..) {
+        let mut survivors = Vec::new();
+        for (name, mut child) in std::mem::take(&mut self.children) {
             let status = match tokio::time::timeout_at(deadline, child.wait()).await {
-                Ok(Ok(status)) => status,
+                Ok(Ok(status)) => Some(status),
                 _ => {
                     let _ = child.kill().await;
-                    match child.wait().await {
-                        Ok(status) => status,
-                        Err(_) => continue,
-                    }
+                    child.wait().await.ok()
                 }
             };
-            ended.push((name, status));
+            match status {
+                Some(status) => ended.push((name, status)),
+                None => survivors.push((name, child)),
+            }
         }
+        self.children = survivors;
         ended
     }
 }

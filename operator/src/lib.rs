@@ -332,13 +332,19 @@ pub async fn run_local(args: Args, dirs: Vec<PathBuf>, shutdown: CancellationTok
     // The stream serves TLS as in a cluster (a certificate for --webhook-san, 127.0.0.1 and
     // localhost by default); proxies with a workload certificate prove their identity with it.
     let (dns, ips) = webhook::serving_names(&args.service_name, &args.namespace, &args.webhook_san);
-    let (serving, _) = webhook::ServingCert::issue(&ca, &dns, &ips).map_err(Error::Certificates)?;
+    let (serving, not_after) = webhook::ServingCert::issue(&ca, &dns, &ips).map_err(Error::Certificates)?;
+    let serving = Arc::new(serving);
     let ca: ca::SharedCa = Arc::new(arc_swap::ArcSwap::from_pointee(ca));
-    let stream_tls = stream::StreamTls {
-        cert: Arc::new(serving),
-        ca: ca.clone(),
-        require_client_cert: args.stream_require_mtls,
-    };
+    tokio::spawn(local::renew_serving_cert(
+        serving.clone(),
+        ca.clone(),
+        not_after,
+        dns,
+        ips,
+        shutdown.clone(),
+    ));
+    let stream_tls =
+        stream::StreamTls { cert: serving, ca: ca.clone(), require_client_cert: args.stream_require_mtls };
     let identity = local::LocalIdentity {
         ca,
         state,

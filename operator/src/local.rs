@@ -248,6 +248,32 @@ pub async fn run(
     }
 }
 
+/// Renews the config stream's serving certificate at half its remaining life, until `shutdown`.
+pub async fn renew_serving_cert(
+    serving: Arc<crate::webhook::ServingCert>,
+    ca: crate::ca::SharedCa,
+    mut not_after: time::OffsetDateTime,
+    dns: Vec<String>,
+    ips: Vec<std::net::IpAddr>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let left = (not_after - time::OffsetDateTime::now_utc()).max(time::Duration::ZERO);
+        let wait = Duration::try_from(left / 2).unwrap_or_default().max(Duration::from_secs(60));
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        match serving.renew(&ca.load(), &dns, &ips) {
+            Ok(until) => {
+                not_after = until;
+                tracing::info!(%until, "renewed the config stream's serving certificate");
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot renew the config stream's serving certificate"),
+        }
+    }
+}
+
 /// The CA in files (`<state>/ca/{tls.crt,tls.key,ca.crt}`), created on first use, as the
 /// `skein-ca` Secret is in a cluster.
 pub fn ensure_ca(state: &Path, trust_domain: &str) -> Result<crate::ca::MeshCa, String> {

@@ -70,36 +70,43 @@ pub struct ProxyTraffic<'a> {
     pub samples: &'a TrafficSamples,
 }
 
-/// Counters summed over proxies, and the window's differences.
+/// Counters summed over proxies: the window's differences, the totals, and the rates (each
+/// proxy's difference over its own span, so a proxy that connected a moment ago counts at its
+/// real rate).
 #[derive(Default)]
 struct Sum {
     window: EdgeCounters,
     total: EdgeCounters,
-    span_secs: f64,
+    requests_per_second: f64,
+    retries_per_second: f64,
 }
 
 impl Sum {
     fn add(&mut self, base: Option<&EdgeCounters>, latest: &EdgeCounters, span: Duration) {
         add_counters(&mut self.total, latest, None);
-        add_counters(&mut self.window, latest, base);
-        self.span_secs = self.span_secs.max(span.as_secs_f64());
+        let mut delta = EdgeCounters::default();
+        add_counters(&mut delta, latest, base);
+        let secs = span.as_secs_f64();
+        if secs > 0.0 {
+            self.requests_per_second += delta.requests as f64 / secs;
+            self.retries_per_second += delta.retries as f64 / secs;
+        }
+        add_counters(&mut self.window, &delta, None);
     }
 
     fn edge(&self, source: String, target: String) -> Edge {
         let w = &self.window;
-        let per_second = |n: u64| if self.span_secs > 0.0 { n as f64 / self.span_secs } else { 0.0 };
-        let mtls = if w.requests > 0 {
-            w.mtls >= w.requests
-        } else {
-            self.total.requests > 0 && self.total.mtls >= self.total.requests
-        };
+        // mTLS when answers came over mTLS and none in plaintext; answers the proxy made itself
+        // (timeouts, no endpoints) say nothing either way.
+        let secure = |c: &EdgeCounters| c.mtls > 0 && c.plaintext == 0;
+        let mtls = if w.mtls + w.plaintext > 0 { secure(w) } else { secure(&self.total) };
         Edge {
             source,
             target,
-            requests_per_second: per_second(w.requests),
+            requests_per_second: self.requests_per_second,
             error_rate: if w.requests > 0 { w.errors as f64 / w.requests as f64 } else { 0.0 },
             p99_ms: quantile(&w.latency_buckets, 0.99).map(|s| s * 1000.0),
-            retries_per_second: per_second(w.retries),
+            retries_per_second: self.retries_per_second,
             ejections: w.ejections,
             mtls,
             total_requests: self.total.requests,
@@ -113,6 +120,7 @@ fn add_counters(into: &mut EdgeCounters, latest: &EdgeCounters, base: Option<&Ed
     into.requests += diff(latest.requests, base.map(|b| b.requests));
     into.errors += diff(latest.errors, base.map(|b| b.errors));
     into.mtls += diff(latest.mtls, base.map(|b| b.mtls));
+    into.plaintext += diff(latest.plaintext, base.map(|b| b.plaintext));
     into.retries += diff(latest.retries, base.map(|b| b.retries));
     into.ejections += diff(latest.ejections, base.map(|b| b.ejections));
     if into.latency_buckets.len() < latest.latency_buckets.len() {
@@ -221,6 +229,7 @@ mod tests {
             requests,
             errors,
             mtls,
+            plaintext: 0,
             retries: errors / 2,
             ejections: 0,
             latency_buckets,
@@ -296,6 +305,27 @@ mod tests {
         let e = &topology.edges[0];
         assert_eq!((e.requests_per_second, e.p99_ms, e.mtls, e.total_requests), (0.0, None, false, 50));
         assert!(!topology.proxies[0].in_sync);
+    }
+
+    #[test]
+    fn replicas_add_their_own_rates_and_one_plaintext_answer_clears_mtls() {
+        let t0 = Instant::now();
+        let now = t0 + Duration::from_secs(20);
+        let (mut old, mut new) = (TrafficSamples::default(), TrafficSamples::default());
+        old.record(t0, report(vec![counters("", 0, 0, 0, 0)]));
+        old.record(now - Duration::from_secs(1), report(vec![counters("", 1000, 0, 1000, 1000)]));
+        // Connected 2 s ago: 200 requests since, 100 req/s, one answered in plaintext.
+        new.record(now - Duration::from_secs(2), report(vec![counters("", 0, 0, 0, 0)]));
+        let mut last = counters("", 200, 0, 199, 200);
+        last.plaintext = 1;
+        new.record(now, report(vec![last]));
+        let id = WorkloadIdentity::new("shop", "client");
+        let proxy =
+            |samples| ProxyTraffic { identity: &id, proxy_id: "p", acked: None, desired: None, samples };
+        let topology = build(&[proxy(&old), proxy(&new)], now);
+        let e = &topology.edges[0];
+        assert!((e.requests_per_second - 200.0).abs() < 1e-9, "100 + 100: {}", e.requests_per_second);
+        assert!(!e.mtls, "one plaintext answer in the window");
     }
 
     #[test]

@@ -160,13 +160,13 @@ impl Pool {
 
     /// Chooses an endpoint, or `None` when the pool is empty.
     pub fn pick(&self, now_ms: u64) -> Option<Pick> {
-        self.pick_avoiding(now_ms, None)
+        self.pick_avoiding(now_ms, &[])
     }
 
-    /// Chooses an endpoint other than `avoid` (the one a retried attempt just failed on) while
-    /// another healthy one exists, as Envoy's `previous_hosts` retry predicate does: a retry to
-    /// the endpoint that just failed would most likely fail again.
-    pub fn pick_avoiding(&self, now_ms: u64, avoid: Option<&Arc<EndpointState>>) -> Option<Pick> {
+    /// Chooses an endpoint other than those in `avoid` (the ones earlier attempts of a request
+    /// failed on) while another healthy one exists, as Envoy's `previous_hosts` retry predicate
+    /// does: a retry to an endpoint that just failed would most likely fail again.
+    pub fn pick_avoiding(&self, now_ms: u64, avoid: &[Arc<EndpointState>]) -> Option<Pick> {
         let all = &self.endpoints[..];
         match all.len() {
             0 => return None,
@@ -174,7 +174,8 @@ impl Pool {
             _ => {}
         }
         let healthy = |e: &&Arc<EndpointState>| !e.outlier.is_ejected(now_ms);
-        let wanted = |e: &&Arc<EndpointState>| healthy(e) && avoid.is_none_or(|a| !Arc::ptr_eq(e, a));
+        let fresh = |e: &&Arc<EndpointState>| !avoid.iter().any(|a| Arc::ptr_eq(e, a));
+        let wanted = |e: &&Arc<EndpointState>| healthy(e) && fresh(e);
         // Fast path: draw among all, redraw a few times if we hit an ejected one.
         for _ in 0..4 {
             let choice = match self.lb {
@@ -192,7 +193,10 @@ impl Pool {
             candidates = all.iter().filter(healthy).cloned().collect();
         }
         if candidates.is_empty() {
-            return Some(Pick { endpoint: p2c(all).clone(), failed_open: true });
+            // All ejected: fail open, still preferring an endpoint not tried yet.
+            let untried: Vec<Arc<EndpointState>> = all.iter().filter(fresh).cloned().collect();
+            let pool = if untried.is_empty() { all } else { &untried[..] };
+            return Some(Pick { endpoint: p2c(pool).clone(), failed_open: true });
         }
         let choice = match self.lb {
             LoadBalancer::RoundRobin => {
@@ -242,19 +246,26 @@ mod tests {
     }
 
     #[test]
-    fn a_retry_avoids_the_endpoint_that_just_failed_while_another_is_healthy() {
+    fn a_retry_avoids_the_endpoints_already_tried_while_another_is_healthy() {
         for lb in [LoadBalancer::RoundRobin, LoadBalancer::P2cEwma] {
             let eps = endpoints(3);
             let pool = Pool::new(eps.clone(), lb, None);
+            let tried = [eps[1].clone(), eps[2].clone()];
             for _ in 0..200 {
-                assert_ne!(pool.pick_avoiding(0, Some(&eps[1])).unwrap().endpoint.addr, eps[1].addr);
+                assert_eq!(pool.pick_avoiding(0, &tried).unwrap().endpoint.addr, eps[0].addr);
             }
-            // With the others ejected, the avoided one is still better than failing open.
+            // With the others ejected, a tried one is still better than failing open.
             let two = endpoints(2);
             two[0].outlier.eject_until(u64::MAX);
             let pool = Pool::new(two.clone(), lb, None);
-            let pick = pool.pick_avoiding(0, Some(&two[1])).unwrap();
+            let pick = pool.pick_avoiding(0, &[two[1].clone()]).unwrap();
             assert_eq!((pick.endpoint.addr, pick.failed_open), (two[1].addr, false));
+            // All ejected: failing open prefers one not tried yet.
+            two[1].outlier.eject_until(u64::MAX);
+            for _ in 0..50 {
+                let pick = pool.pick_avoiding(0, &[two[1].clone()]).unwrap();
+                assert_eq!((pick.endpoint.addr, pick.failed_open), (two[0].addr, true));
+            }
         }
     }
 

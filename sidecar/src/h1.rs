@@ -573,6 +573,10 @@ async fn forward(
         exchange(client, ctx, &endpoint, scratch, body_left, replayable, method_is_head, client_close).await;
     drop(in_flight);
 
+    if outcome.is_ok() && route.pool.is_some() {
+        // The fast path only serves endpoints without a sidecar: the answer came in plaintext.
+        route.series.plaintext.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
     let (status, keep) = match outcome {
         Ok(x) => x,
         Err(Failed::Connect) => {

@@ -28,15 +28,20 @@ pub struct SeriesKey {
 pub struct Series {
     codes: [(AtomicU16, AtomicU64); STATUS_SLOTS],
     other: AtomicU64,
-    buckets: [AtomicU64; BUCKETS.len()],
+    /// One count per bound of [`BUCKETS`], then the overflow.
+    buckets: [AtomicU64; BUCKETS.len() + 1],
     count: AtomicU64,
     sum_micros: AtomicU64,
     pub retries: AtomicU64,
     pub retries_skipped: AtomicU64,
     pub ejections: AtomicU64,
     pub fail_open: AtomicU64,
+    /// Requests answered 5xx (whatever their status slot).
+    errors: AtomicU64,
     /// Requests answered over mTLS by the destination's sidecar.
     pub mtls: AtomicU64,
+    /// Requests answered in plaintext by the destination (or its sidecar).
+    pub plaintext: AtomicU64,
 }
 
 impl Series {
@@ -61,8 +66,9 @@ impl Series {
         }
         let secs = elapsed.as_secs_f64();
         let i = BUCKETS.iter().position(|b| secs <= *b).unwrap_or(BUCKETS.len());
-        if i < BUCKETS.len() {
-            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        if status >= 500 {
+            self.errors.fetch_add(1, Ordering::Relaxed);
         }
         self.count.fetch_add(1, Ordering::Relaxed);
         self.sum_micros.fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
@@ -108,25 +114,19 @@ impl Registry {
                     ..Default::default()
                 }
             });
-            let count = s.count();
-            e.requests += count;
-            e.errors += s
-                .codes
-                .iter()
-                .filter(|(c, _)| c.load(Ordering::Relaxed) >= 500)
-                .map(|(_, n)| n.load(Ordering::Relaxed))
-                .sum::<u64>();
-            e.mtls += s.mtls.load(Ordering::Relaxed);
-            e.retries += s.retries.load(Ordering::Relaxed);
-            e.ejections += s.ejections.load(Ordering::Relaxed);
-            let mut bucketed = 0;
+            let mut requests = 0;
             for (total, n) in e.latency_buckets.iter_mut().zip(&s.buckets) {
                 let n = n.load(Ordering::Relaxed);
                 *total += n;
-                bucketed += n;
+                requests += n;
             }
-            // Counters are read one by one while requests land: never let the overflow go negative.
-            e.latency_buckets[BUCKETS.len()] += count.saturating_sub(bucketed);
+            // The buckets, not `count`, so that one report's counters agree with each other.
+            e.requests += requests;
+            e.errors += s.errors.load(Ordering::Relaxed);
+            e.mtls += s.mtls.load(Ordering::Relaxed);
+            e.plaintext += s.plaintext.load(Ordering::Relaxed);
+            e.retries += s.retries.load(Ordering::Relaxed);
+            e.ejections += s.ejections.load(Ordering::Relaxed);
         }
         skein_api::TrafficReport { edges: edges.into_values().collect() }
     }
@@ -175,7 +175,8 @@ impl Registry {
                 let _ =
                     writeln!(out, "skein_request_duration_seconds_bucket{{{l},le=\"{bound}\"}} {cumulative}");
             }
-            let count = s.count.load(Ordering::Relaxed);
+            // From the buckets, so that +Inf and the count agree with them while requests land.
+            let count = cumulative + s.buckets[BUCKETS.len()].load(Ordering::Relaxed);
             let _ = writeln!(out, "skein_request_duration_seconds_bucket{{{l},le=\"+Inf\"}} {count}");
             let sum = s.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
             let _ = writeln!(out, "skein_request_duration_seconds_sum{{{l}}} {sum}");
@@ -189,6 +190,9 @@ impl Registry {
             ("skein_outlier_ejections_total", "Endpoints ejected by outlier detection.", |s| &s.ejections),
             ("skein_mtls_requests_total", "Requests answered over mTLS by the destination's sidecar.", |s| {
                 &s.mtls
+            }),
+            ("skein_plaintext_requests_total", "Requests answered in plaintext by the destination.", |s| {
+                &s.plaintext
             }),
             (
                 "skein_outlier_fail_open_total",
@@ -258,6 +262,10 @@ mod tests {
         a.record(200, Duration::from_micros(50));
         a.record(503, Duration::from_secs(20));
         a.mtls.fetch_add(2, Ordering::Relaxed);
+        for code in 400..410 {
+            a.record(code, Duration::from_millis(1));
+        }
+        a.record(599, Duration::from_millis(1));
         a.retries.fetch_add(1, Ordering::Relaxed);
         r.series(key("v1", "shop/b")).record(200, Duration::from_millis(3));
         r.series(key("v2", "shop/a"));
@@ -266,10 +274,11 @@ mod tests {
         assert_eq!(report.edges.len(), 1, "no traffic to v2 yet, inbound apart: {report:?}");
         let e = &report.edges[0];
         assert_eq!((e.destination.as_str(), e.subset.as_str()), ("reviews.shop", "v1"));
-        assert_eq!((e.requests, e.errors, e.mtls, e.retries), (3, 1, 2, 1));
+        assert_eq!((e.requests, e.errors, e.mtls, e.retries), (14, 2, 2, 1), "a rare 5xx still counts");
         assert_eq!(e.latency_buckets.len(), BUCKETS.len() + 1);
         assert_eq!(e.latency_buckets[0], 1, "50 µs");
         assert_eq!(e.latency_buckets[5], 1, "3 ms");
+        assert_eq!(e.latency_buckets[3], 11, "1 ms");
         assert_eq!(e.latency_buckets[BUCKETS.len()], 1, "20 s overflows");
     }
 }

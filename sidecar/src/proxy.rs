@@ -453,8 +453,10 @@ async fn forward(
         if pick.endpoint.via_proxy.is_some() {
             req.headers_mut().insert(&INBOUND_PORT, HeaderValue::from(pick.endpoint.addr.port()));
         }
-        let response = match send_upgrade(ctx, &pick.endpoint, req).await {
-            Ok(r) => finish_response(r, 0, upgrade),
+        let result = send_upgrade(ctx, &pick.endpoint, req).await;
+        count_transport(&target.series, result.as_ref().ok().map(|sent| sent.over_mtls));
+        let response = match result {
+            Ok(sent) => finish_response(sent.response, 0, upgrade),
             Err(f) => failure_response(f),
         };
         return Forwarded { response, retries: 0, upstream: Some(to.to_string()) };
@@ -476,9 +478,10 @@ async fn forward(
     let deadline = overall.map(|d| tokio::time::Instant::now() + d);
 
     let mut attempt = 0u32;
-    let mut failed_on: Option<Arc<EndpointState>> = None;
+    // Endpoints an attempt failed on: retries go elsewhere while they can.
+    let mut tried: Vec<Arc<EndpointState>> = Vec::new();
     loop {
-        let Some(pick) = target.pool.pick_avoiding(now_ms(), failed_on.as_ref()) else {
+        let Some(pick) = target.pool.pick_avoiding(now_ms(), &tried) else {
             return no_endpoints(attempt);
         };
         if pick.failed_open {
@@ -512,12 +515,8 @@ async fn forward(
             None => send(ctx, &endpoint, req).await,
         };
         drop(in_flight);
-        let result = result.map(|Sent { response, over_mtls }| {
-            if over_mtls {
-                target.series.mtls.fetch_add(1, Ordering::Relaxed);
-            }
-            response
-        });
+        let over_mtls = result.as_ref().ok().map(|sent| sent.over_mtls);
+        let result = result.map(|sent| sent.response);
 
         let failed = match &result {
             Ok(r) => r.status().is_server_error(),
@@ -545,7 +544,7 @@ async fn forward(
             if fits && settings.budget.try_withdraw(now_ms() / 1000) {
                 target.series.retries.fetch_add(1, Ordering::Relaxed);
                 attempt += 1;
-                failed_on = Some(endpoint);
+                tried.push(endpoint);
                 tokio::time::sleep(backoff).await;
                 continue;
             }
@@ -553,6 +552,8 @@ async fn forward(
                 target.series.retries_skipped.fetch_add(1, Ordering::Relaxed);
             }
         }
+        // Counted once per request, by the answer that is returned.
+        count_transport(&target.series, over_mtls);
         let response = match result {
             Ok(r) => finish_response(r, attempt, None),
             Err(Failure::Timeout) if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) => {
@@ -570,6 +571,16 @@ fn no_endpoints(retries: u32) -> Forwarded {
         retries,
         upstream: None,
     }
+}
+
+/// Counts how the answer to a request travelled: over mTLS, in plaintext, or (`None`) not at
+/// all, when the proxy answered itself.
+fn count_transport(series: &Series, over_mtls: Option<bool>) {
+    match over_mtls {
+        Some(true) => series.mtls.fetch_add(1, Ordering::Relaxed),
+        Some(false) => series.plaintext.fetch_add(1, Ordering::Relaxed),
+        None => 0,
+    };
 }
 
 /// An attempt's answer, and whether it came over mTLS from the destination's sidecar.
@@ -697,11 +708,12 @@ async fn send_upgrade(
     ctx: &ProxyContext,
     endpoint: &EndpointState,
     mut req: Request<ProxyBody>,
-) -> Result<Response<Incoming>, Failure> {
+) -> Result<Sent, Failure> {
     let (Some((peer, _)), Some(identity), Some(material)) =
         (&endpoint.via_proxy, &endpoint.peer_identity, ctx.tls.current())
     else {
-        return ctx.client.request(req).await.map_err(|e| failure_of(&e));
+        let response = ctx.client.request(req).await.map_err(|e| failure_of(&e))?;
+        return Ok(Sent { response, over_mtls: false });
     };
     let mut config = (*material.client_for(&identity.spiffe_id(&material.trust_domain))).clone();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -713,7 +725,8 @@ async fn send_upgrade(
     // A connection of our own speaks origin-form; the Host header names the app.
     let path = req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
     *req.uri_mut() = Uri::from(path);
-    sender.send_request(req).await.map_err(|_| Failure::Reset)
+    let response = sender.send_request(req).await.map_err(|_| Failure::Reset)?;
+    Ok(Sent { response, over_mtls: true })
 }
 
 fn finish_response(

@@ -30,7 +30,7 @@ type Body = UnsyncBoxBody<Bytes, Infallible>;
 
 /// Lines from a proxy longer than this are refused (acknowledgements are a few dozen bytes,
 /// traffic reports a few hundred per destination).
-const MAX_ACK_LINE: usize = 4 * 1024 * 1024;
+const MAX_PROXY_LINE: usize = 4 * 1024 * 1024;
 
 /// Serves the config stream until `shutdown` fires; open streams then end so proxies reconnect
 /// to another replica.
@@ -255,11 +255,13 @@ async fn read_acks(mut body: Incoming, conn: ConnectionId, hub: ConfigHub, proxy
             match serde_json::from_slice::<ProxyMessage>(&line[..end]) {
                 Ok(ProxyMessage::Ack(ack)) => hub.acknowledge(conn, ack),
                 Ok(ProxyMessage::Traffic { traffic }) => hub.record_traffic(conn, traffic),
-                Err(e) => tracing::warn!(proxy = %proxy_id, error = %e, "ignoring malformed acknowledgement"),
+                Err(e) => {
+                    tracing::warn!(proxy = %proxy_id, error = %e, "ignoring a malformed line from the proxy")
+                }
             }
         }
-        if buffer.len() > MAX_ACK_LINE {
-            tracing::warn!(proxy = %proxy_id, "acknowledgement line too long; closing the ack stream");
+        if buffer.len() > MAX_PROXY_LINE {
+            tracing::warn!(proxy = %proxy_id, "a line from the proxy is too long; closing its side of the stream");
             break;
         }
     }

@@ -30,7 +30,6 @@ pub struct Series {
     other: AtomicU64,
     /// One count per bound of [`BUCKETS`], then the overflow.
     buckets: [AtomicU64; BUCKETS.len() + 1],
-    count: AtomicU64,
     sum_micros: AtomicU64,
     pub retries: AtomicU64,
     pub retries_skipped: AtomicU64,
@@ -70,12 +69,12 @@ impl Series {
         if status >= 500 {
             self.errors.fetch_add(1, Ordering::Relaxed);
         }
-        self.count.fetch_add(1, Ordering::Relaxed);
         self.sum_micros.fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
     }
 
+    /// Requests recorded so far (the sum of the latency buckets).
     pub fn count(&self) -> u64 {
-        self.count.load(Ordering::Relaxed)
+        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
     }
 
     /// Requests answered with `status` so far.
@@ -120,7 +119,6 @@ impl Registry {
                 *total += n;
                 requests += n;
             }
-            // The buckets, not `count`, so that one report's counters agree with each other.
             e.requests += requests;
             e.errors += s.errors.load(Ordering::Relaxed);
             e.mtls += s.mtls.load(Ordering::Relaxed);
@@ -175,7 +173,6 @@ impl Registry {
                 let _ =
                     writeln!(out, "skein_request_duration_seconds_bucket{{{l},le=\"{bound}\"}} {cumulative}");
             }
-            // From the buckets, so that +Inf and the count agree with them while requests land.
             let count = cumulative + s.buckets[BUCKETS.len()].load(Ordering::Relaxed);
             let _ = writeln!(out, "skein_request_duration_seconds_bucket{{{l},le=\"+Inf\"}} {count}");
             let sum = s.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;

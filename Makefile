@@ -22,6 +22,7 @@ generate:
 	$(CARGO) run -q --bin crdgen -- --out crds
 
 lint:
+	python3 .ci/module_cycles.py api operator sidecar bench demo e2e
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
@@ -42,6 +43,6 @@ demo:
 # The data-plane benchmark: skein-proxy next to Envoy, HAProxy and nginx on loopback (about
 # 10 minutes; RUNS, RATES, DURATION, TARGETS tune it, see bench/run.sh). Writes bench/RESULTS.md.
 bench:
-	$(CARGO) build --release -p skein-proxy -p skein-bench
+	$(CARGO) build --release -p skein-proxy -p skein-bench -p skein-identity-bench
 	bash bench/run.sh
 	taskset -c 0 $${CARGO_TARGET_DIR:-target}/release/identity-bench

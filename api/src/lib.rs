@@ -1,12 +1,15 @@
 //! Skein's shared vocabulary: the custom resources users apply (`TrafficRoute`, `OutlierPolicy`,
 //! `RetryPolicy`), the `ProxyConfig` the operator pushes to every sidecar, and the labels, ports
-//! and names the parts agree on. No I/O lives here.
+//! and names the parts agree on. No I/O lives here, except in `process` (the binaries' start-up
+//! and shutdown, behind the `process` feature).
 #![forbid(unsafe_code)]
 
 pub mod config;
 pub mod constants;
 pub mod crd;
 pub mod duration;
+#[cfg(feature = "process")]
+pub mod process;
 pub mod topology;
 
 pub use config::{EdgeCounters, ProxyConfig, ProxyMessage, StreamAck, TrafficReport, WorkloadIdentity};

@@ -12,6 +12,8 @@ use bytes::Bytes;
 use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
+use skein_bench::loadgen::pace;
+use skein_bench::schedule::Schedule;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -152,27 +154,29 @@ type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
 
 async fn worker(
     spec: Arc<LoadSpec>,
-    first: usize,
-    step: usize,
+    conn: usize,
+    connections: usize,
     start: Instant,
     sink: Arc<Mutex<Tally>>,
     stop: CancellationToken,
 ) {
-    let interval = Duration::from_secs_f64(1.0 / spec.rate.max(0.001));
+    // The bench's open-loop schedule: this connection sends requests conn, conn + n, …
+    let schedule = Schedule::new(spec.rate.max(0.001), conn as u64, connections as u64);
     let mut sender: Option<Sender> = None;
-    let mut k = first as u64;
-    while spec.count.is_none_or(|n| k < n) {
-        let due = start + interval.mul_f64(k as f64);
+    let mut k = 0u64;
+    let index = |k: u64| conn as u64 + k * connections as u64;
+    while spec.count.is_none_or(|n| index(k) < n) {
+        let due = start + schedule.due(k);
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = skein_bench::loadgen::pace(due, SPIN) => {}
+            _ = pace(due, SPIN) => {}
         }
         let answer = tokio::select! {
             _ = stop.cancelled() => return,
             answer = exchange(&spec, &mut sender) => answer,
         };
         sink.lock().unwrap_or_else(|e| e.into_inner()).record(answer, due.elapsed());
-        k += step as u64;
+        k += 1;
     }
 }
 

@@ -1,6 +1,7 @@
 //! `skein-demo` as a user runs it: it comes up, prints its summary, and on Ctrl-C (SIGINT to the
 //! demo alone, so it must stop its children itself) stops everything: afterwards nothing
 //! listens on the mesh's addresses.
+#![allow(clippy::unwrap_used)] // a test that unwraps an error fails, which is the point
 
 mod support;
 

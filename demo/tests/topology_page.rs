@@ -2,6 +2,7 @@
 //! playwright-core, `demo/tests/browser/`): with the demo's traffic flowing, the page draws
 //! client → reviews → v1 / v2 with non-zero rates over mTLS. The screenshot is kept as a test
 //! artifact in `<target>/test-artifacts/topology.png`.
+#![allow(clippy::unwrap_used)] // a test that unwraps an error fails, which is the point
 
 mod support;
 
@@ -14,7 +15,7 @@ use skein_demo::mesh::SERVICE_HOST;
 use tokio_util::sync::CancellationToken;
 
 fn browser_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/browser")
+    PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("run by cargo")).join("tests/browser")
 }
 
 /// Why the browser test cannot run here, if it cannot (CI installs all three).

@@ -18,7 +18,10 @@ use serde_json::Value;
 
 /// The workspace root.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("e2e/ sits in the workspace").to_path_buf()
+    Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("run by cargo"))
+        .parent()
+        .expect("e2e/ sits in the workspace")
+        .to_path_buf()
 }
 
 /// True when `KUBECONFIG` names a cluster; otherwise the caller skips (and says so).
@@ -443,7 +446,7 @@ pub fn decode(b64: &str) -> String {
         .spawn()
         .and_then(|mut c| {
             use std::io::Write;
-            c.stdin.take().unwrap().write_all(b64.as_bytes())?;
+            c.stdin.take().expect("stdin is piped").write_all(b64.as_bytes())?;
             c.wait_with_output()
         });
     String::from_utf8(out.expect("base64 runs").stdout).expect("PEM is text")

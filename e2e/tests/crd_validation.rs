@@ -1,5 +1,6 @@
 //! The API server itself rejects invalid Skein resources at apply time, with a message that
 //! names the field, and accepts the examples.
+#![allow(clippy::unwrap_used)] // a test that unwraps an error fails, which is the point
 
 use skein_e2e::*;
 

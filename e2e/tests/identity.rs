@@ -1,6 +1,7 @@
 //! Identity against a real API server: the operator creates the mesh CA, publishes the trust
 //! bundle into meshed namespaces and issues a SPIFFE certificate per meshed service account,
 //! which `openssl verify` (a client nobody here wrote) accepts.
+#![allow(clippy::unwrap_used)] // a test that unwraps an error fails, which is the point
 
 use std::process::Command;
 use std::time::Duration;

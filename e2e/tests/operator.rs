@@ -1,6 +1,7 @@
 //! The operator against a real API server: conditions and events on the canary route,
 //! conflicts, unresolved references, config pushed to a proxy and acknowledged, the last good
 //! config surviving a control-plane outage, and leader election.
+#![allow(clippy::unwrap_used)] // a test that unwraps an error fails, which is the point
 
 use std::time::Duration;
 

@@ -1,6 +1,7 @@
 //! The injecting webhook against a real API server: registered by URL on 127.0.0.1, its CA
 //! bundle patched in by the operator, pods in a labelled namespace stored with the sidecar,
 //! their certificate Secret issued, dry runs without side effects, other namespaces untouched.
+#![allow(clippy::unwrap_used)] // a test that unwraps an error fails, which is the point
 
 use std::time::Duration;
 

@@ -17,6 +17,11 @@ pub struct ErrorLabels {
     pub kind: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AdmissionLabels {
+    pub result: &'static str,
+}
+
 /// Every operator metric; cheap to clone (the series are shared).
 #[derive(Clone)]
 pub struct Metrics {
@@ -29,6 +34,8 @@ pub struct Metrics {
     pub status_writes: Counter,
     pub leader: Gauge,
     pub certificates_signed: Counter,
+    /// Admission reviews answered, by result.
+    pub admissions: Family<AdmissionLabels, Counter>,
     /// Unix time of the earliest expiry among the workload certificates issued.
     pub certificate_earliest_expiry: Gauge,
 }
@@ -45,6 +52,7 @@ impl Default for Metrics {
             status_writes: Counter::default(),
             leader: Gauge::default(),
             certificates_signed: Counter::default(),
+            admissions: Family::default(),
             certificate_earliest_expiry: Gauge::default(),
         }
     }
@@ -75,6 +83,7 @@ impl Metrics {
         r.register("status_writes", "Status subresource writes", self.status_writes.clone());
         r.register("leader", "1 while this replica holds the leader Lease", self.leader.clone());
         r.register("certificates_signed", "Workload certificates signed", self.certificates_signed.clone());
+        r.register("admissions", "Admission reviews answered, by result", self.admissions.clone());
         r.register(
             "certificate_earliest_expiry_seconds",
             "Unix time of the earliest expiry among issued workload certificates",

@@ -1,5 +1,6 @@
 //! The config stream end to end in one process, over real loopback sockets: the operator's
 //! stream server and hub on one side, skein-proxy's client and config store on the other.
+#![allow(clippy::unwrap_used)] // a test that unwraps an error fails, which is the point
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -11,19 +12,19 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use k8s_openapi::api::core::v1::Service;
 use skein_api::constants::{CONFIG_STREAM_PATH, IDENTITY_HEADER};
 use skein_api::{TrafficRoute, WorkloadIdentity};
-use skein_operator::compute::{compute, MeshConfig};
-use skein_operator::hub::ConfigHub;
-use skein_operator::metrics::Metrics;
-use skein_operator::snapshot::{Snapshot, SnapshotObject};
-use skein_proxy::config_store::{ConfigStore, Source};
-use skein_proxy::control::{self, ControlPlane, StreamStatus};
+use skein_operator::ConfigHub;
+use skein_operator::Metrics;
+use skein_operator::{compute, MeshConfig};
+use skein_operator::{Snapshot, SnapshotObject};
+use skein_proxy::{control, ControlPlane, StreamStatus};
+use skein_proxy::{ConfigStore, Source};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 fn canary_mesh(v1_weight: i32) -> MeshConfig {
-    let text =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/canary/trafficroute.yaml"))
-            .unwrap();
+    let route_file = std::path::PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("run by cargo"))
+        .join("../examples/canary/trafficroute.yaml");
+    let text = std::fs::read_to_string(route_file).unwrap();
     let mut route: TrafficRoute = serde_saphyr::from_str(&text).unwrap();
     route.metadata.namespace = Some("shop".into());
     route.spec.rules[1].backends[0].weight = v1_weight;
@@ -63,7 +64,7 @@ async fn configs_flow_to_the_proxy_and_acks_flow_back_across_a_restart() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server_stop = CancellationToken::new();
-    let server = tokio::spawn(skein_operator::stream::serve(listener, hub.clone(), server_stop.clone()));
+    let server = tokio::spawn(skein_operator::serve_stream(listener, hub.clone(), server_stop.clone()));
 
     let state = temp_dir();
     let store = Arc::new(ConfigStore::new(Some(state.clone())));
@@ -117,7 +118,7 @@ async fn configs_flow_to_the_proxy_and_acks_flow_back_across_a_restart() {
     hub2.publish(Arc::new(canary_mesh(50)));
     let listener = TcpListener::bind(addr).await.unwrap();
     let stop2 = CancellationToken::new();
-    tokio::spawn(skein_operator::stream::serve(listener, hub2.clone(), stop2.clone()));
+    tokio::spawn(skein_operator::serve_stream(listener, hub2.clone(), stop2.clone()));
     until("the reconnection and its ack", || {
         hub2.proxies().0.first().filter(|p| p.acked.as_deref() == Some(second.as_str())).map(drop)
     })
@@ -134,7 +135,7 @@ async fn malformed_stream_requests_get_4xx() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let stop = CancellationToken::new();
-    tokio::spawn(skein_operator::stream::serve(listener, hub.clone(), stop.clone()));
+    tokio::spawn(skein_operator::serve_stream(listener, hub.clone(), stop.clone()));
 
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (mut sender, conn) =
@@ -165,16 +166,15 @@ async fn malformed_stream_requests_get_4xx() {
 /// refused with 403), and plaintext is refused when client certificates are required.
 #[tokio::test]
 async fn over_mtls_the_certificate_decides_whose_config_is_served() {
-    use skein_operator::ca::{MeshCa, WORKLOAD_LIFETIME};
-    use skein_operator::stream::StreamTls;
+    use skein_operator::StreamTls;
+    use skein_operator::{MeshCa, WORKLOAD_LIFETIME};
     let _ = rustls::crypto::ring::default_provider().install_default();
     let now = time::OffsetDateTime::now_utc();
     let (ca, _) = MeshCa::generate("cluster.local", now).unwrap();
     let web = WorkloadIdentity::new("shop", "web");
     let leaf = ca.sign_workload(&web, "cluster.local", WORKLOAD_LIFETIME, now).unwrap();
-    let (dns, ips) =
-        skein_operator::webhook::serving_names("skein-operator", "skein-system", &["localhost".into()]);
-    let (serving, _) = skein_operator::webhook::ServingCert::issue(&ca, &dns, &ips).unwrap();
+    let (dns, ips) = skein_operator::serving_names("skein-operator", "skein-system", &["localhost".into()]);
+    let (serving, _) = skein_operator::ServingCert::issue(&ca, &dns, &ips).unwrap();
     let ca = Arc::new(arc_swap::ArcSwap::from_pointee(ca));
 
     let hub = ConfigHub::new(Metrics::default());
@@ -183,15 +183,15 @@ async fn over_mtls_the_certificate_decides_whose_config_is_served() {
     let port = listener.local_addr().unwrap().port();
     let stop = CancellationToken::new();
     let tls = StreamTls { cert: Arc::new(serving), ca, require_client_cert: true };
-    tokio::spawn(skein_operator::stream::serve_with(listener, hub.clone(), Some(tls), stop.clone()));
+    tokio::spawn(skein_operator::serve_stream_with(listener, hub.clone(), Some(tls), stop.clone()));
 
-    let material = skein_proxy::tls::TlsMaterial::from_pem(
+    let material = skein_proxy::TlsMaterial::from_pem(
         leaf.chain_pem.as_bytes(),
         leaf.key_pem.as_bytes(),
         leaf.bundle_pem.as_bytes(),
     )
     .unwrap();
-    let store_tls = Arc::new(skein_proxy::tls::TlsStore::default());
+    let store_tls = Arc::new(skein_proxy::TlsStore::default());
     store_tls.set(material);
     let store = Arc::new(ConfigStore::new(None));
     // The proxy presents the certificate of shop/web; the operator serves that identity.

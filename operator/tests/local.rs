@@ -1,6 +1,7 @@
 //! The file-backed control plane: the canary manifests from `examples/canary/` plus local
 //! endpoints, served over the config stream; an edit propagates; a bad file is refused with its
 //! name and the field, and the last good state stays.
+#![allow(clippy::unwrap_used)] // a test that unwraps an error fails, which is the point
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -8,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use skein_api::WorkloadIdentity;
-use skein_proxy::config_store::ConfigStore;
-use skein_proxy::control::{self, ControlPlane, StreamStatus};
+use skein_proxy::ConfigStore;
+use skein_proxy::{control, ControlPlane, StreamStatus};
 use tokio_util::sync::CancellationToken;
 
 const ENDPOINTS: &str = r#"
@@ -37,7 +38,8 @@ fn dir() -> PathBuf {
     let d =
         std::env::temp_dir().join(format!("skein-local-{}-{:08x}", std::process::id(), fastrand::u32(..)));
     std::fs::create_dir_all(&d).unwrap();
-    let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/canary");
+    let examples = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("run by cargo"))
+        .join("../examples/canary");
     for f in ["trafficroute.yaml", "policies.yaml", "service.yaml"] {
         std::fs::copy(examples.join(f), d.join(f)).unwrap();
     }
@@ -75,14 +77,23 @@ fn weights(store: &ConfigStore) -> Vec<u32> {
 #[test]
 fn a_bad_file_is_refused_naming_the_file_and_the_field() {
     let d = dir();
-    assert!(skein_operator::local::load_dir(&d).is_ok());
+    assert!(skein_operator::load_dir(&d).is_ok());
     std::fs::write(d.join("zz-bad.yaml"), "apiVersion: skein.dev/v1alpha1\nkind: RetryPolicy\nmetadata: {name: bad}\nspec: {targetRef: {kind: Service, name: reviews}, timeout: soon}\n").unwrap();
-    let errors = skein_operator::local::load_dir(&d).unwrap_err();
-    assert!(errors.iter().any(|e| e.contains("zz-bad.yaml") && e.contains("spec.timeout")), "{errors:?}");
+    let errors = skein_operator::load_dir(&d).unwrap_err();
+    assert!(
+        errors
+            .iter()
+            .map(ToString::to_string)
+            .any(|e| e.contains("zz-bad.yaml") && e.contains("spec.timeout")),
+        "{errors:?}"
+    );
     std::fs::write(d.join("zz-bad.yaml"), "kind: TrafficRoute\nmetadata: {name: x}\nspec: {rules: []}\n")
         .unwrap();
-    let errors = skein_operator::local::load_dir(&d).unwrap_err();
-    assert!(errors.iter().any(|e| e.contains("zz-bad.yaml") && e.contains("host")), "{errors:?}");
+    let errors = skein_operator::load_dir(&d).unwrap_err();
+    assert!(
+        errors.iter().map(ToString::to_string).any(|e| e.contains("zz-bad.yaml") && e.contains("host")),
+        "{errors:?}"
+    );
     let _ = std::fs::remove_dir_all(d);
 }
 
@@ -122,7 +133,7 @@ async fn the_local_control_plane_serves_the_manifests_and_follows_edits() {
         .output()
         .unwrap();
     assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
-    let material = skein_proxy::tls::TlsMaterial::from_dirs(&issued, None).expect("a sidecar can load them");
+    let material = skein_proxy::TlsMaterial::from_dirs(&issued, None).expect("a sidecar can load them");
     assert_eq!(material.identity, "spiffe://cluster.local/ns/default/sa/reviews");
 
     // Move to 50/50 by editing the file.
@@ -143,7 +154,8 @@ async fn the_local_control_plane_serves_the_manifests_and_follows_edits() {
 /// Everything the API server refuses (the e2e fixtures) is refused locally too, naming the file.
 #[test]
 fn every_invalid_fixture_is_refused_locally_as_by_the_api_server() {
-    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../e2e/fixtures/invalid");
+    let fixtures = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("run by cargo"))
+        .join("../e2e/fixtures/invalid");
     let mut accepted = Vec::new();
     let mut count = 0;
     for entry in std::fs::read_dir(&fixtures).unwrap() {
@@ -152,9 +164,12 @@ fn every_invalid_fixture_is_refused_locally_as_by_the_api_server() {
         let d = dir();
         let name = path.file_name().unwrap().to_str().unwrap().to_string();
         std::fs::copy(&path, d.join(&name)).unwrap();
-        match skein_operator::local::load_dir(&d) {
+        match skein_operator::load_dir(&d) {
             Ok(_) => accepted.push(name),
-            Err(errors) => assert!(errors.iter().any(|e| e.starts_with(&name)), "{name}: {errors:?}"),
+            Err(errors) => assert!(
+                errors.iter().map(ToString::to_string).any(|e| e.starts_with(&name)),
+                "{name}: {errors:?}"
+            ),
         }
         let _ = std::fs::remove_dir_all(d);
     }

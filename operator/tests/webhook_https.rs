@@ -1,5 +1,6 @@
 //! The webhook over real HTTPS on loopback, with AdmissionReview bodies as the API server sends
 //! them: a pod to inject, malformed input, and pods to leave alone or refuse.
+#![allow(clippy::unwrap_used)] // a test that unwraps an error fails, which is the point
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,10 +9,10 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
-use skein_operator::ca::MeshCa;
-use skein_operator::inject::InjectConfig;
-use skein_operator::metrics::Metrics;
-use skein_operator::webhook::{self, ServingCert, WebhookState};
+use skein_operator::InjectConfig;
+use skein_operator::MeshCa;
+use skein_operator::Metrics;
+use skein_operator::{serving_names, ServingCert, WebhookState};
 use tokio_util::sync::CancellationToken;
 
 struct Webhook {
@@ -30,7 +31,7 @@ async fn start() -> Webhook {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let (ca, files) = MeshCa::generate("cluster.local", time::OffsetDateTime::now_utc()).unwrap();
     let ca = Arc::new(arc_swap::ArcSwap::from_pointee(ca));
-    let (dns, ips) = webhook::serving_names("skein-operator", "skein-system", &["127.0.0.1".into()]);
+    let (dns, ips) = serving_names("skein-operator", "skein-system", &["127.0.0.1".into()]);
     let (cert, _) = ServingCert::issue(&ca.load(), &dns, &ips).unwrap();
     let inject = InjectConfig {
         proxy_image: "skein/proxy:test".into(),
@@ -49,7 +50,12 @@ async fn start() -> Webhook {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let stop = CancellationToken::new();
-    tokio::spawn(webhook::serve(listener, webhook::router(state), Arc::new(cert), stop.clone()));
+    tokio::spawn(skein_operator::serve_webhook(
+        listener,
+        skein_operator::webhook_router(state),
+        Arc::new(cert),
+        stop.clone(),
+    ));
 
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();

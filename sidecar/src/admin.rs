@@ -15,8 +15,8 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::config_store::ConfigStore;
-use crate::control::StreamStatus;
+use crate::config::store::ConfigStore;
+use crate::config::stream::StreamStatus;
 
 /// What the admin server reads.
 pub struct AdminState {
@@ -141,6 +141,10 @@ fn metrics(state: &AdminState) -> String {
     let _ = writeln!(out, "# HELP skein_control_plane_sessions_total Config streams opened.\n# TYPE skein_control_plane_sessions_total counter");
     let _ =
         writeln!(out, "skein_control_plane_sessions_total {}", state.stream.sessions.load(Ordering::Relaxed));
+    let _ = writeln!(out, "# HELP skein_control_plane_stream_failures_total Config stream sessions that failed, by kind.\n# TYPE skein_control_plane_stream_failures_total counter");
+    for (kind, n) in state.stream.failures.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        let _ = writeln!(out, "skein_control_plane_stream_failures_total{{kind=\"{kind}\"}} {n}");
+    }
     let tls = &state.tls;
     let _ = writeln!(out, "# HELP skein_tls_handshakes_total mTLS handshakes with peer sidecars, by result.\n# TYPE skein_tls_handshakes_total counter");
     let _ = writeln!(

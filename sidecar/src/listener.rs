@@ -17,7 +17,7 @@ use skein_api::config::Protocol;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::balance::now_ms;
+use crate::balance::now_ns;
 use crate::proxy::{self, ConnMeta, Direction, ProxyContext};
 
 /// How long to wait for a client's first bytes before treating a redirected connection as
@@ -94,15 +94,17 @@ async fn handle(stream: TcpStream, ctx: Arc<ProxyContext>, conn: ConnMeta) {
         }
     }
     if ctx.fast_path {
-        crate::h1::serve(stream, ctx, conn).await;
+        if let Some(handoff) = crate::http1::serve(stream, &ctx, conn).await {
+            serve_hyper(handoff, ctx, conn).await;
+        }
     } else {
         serve_hyper(stream, ctx, conn).await;
     }
 }
 
 /// Serves HTTP/1.x or HTTP/2 (prior knowledge) with hyper: every request goes through
-/// [`proxy::serve`].
-pub async fn serve_hyper<I>(io: I, ctx: Arc<ProxyContext>, conn: ConnMeta)
+/// [`proxy::serve`]. The only place the proxy's listeners call hyper.
+async fn serve_hyper<I>(io: I, ctx: Arc<ProxyContext>, conn: ConnMeta)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -154,7 +156,7 @@ async fn splice(mut client: TcpStream, ctx: &ProxyContext, conn: ConnMeta, origi
                 a.table
                     .resolve(None, None, Some(original), &parts)
                     .ok()
-                    .and_then(|t| t.pool.pick(now_ms()))
+                    .and_then(|t| t.pool.pick(now_ns()))
                     .map(|p| p.endpoint.addr)
             });
             picked.unwrap_or(original)

@@ -1,5 +1,6 @@
 //! The data plane over real loopback sockets: an in-process proxy between a hyper client and
 //! small upstream servers.
+#![allow(clippy::unwrap_used)] // a test that unwraps an error fails, which is the point
 
 mod support;
 
@@ -9,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use skein_api::config::{OutlierConfig, StringMatch};
-use skein_proxy::config_store::Source;
+use skein_proxy::Source;
 use support::*;
 
 const HOST: &str = "reviews.shop:9080";
@@ -142,7 +143,7 @@ async fn max_ejection_percent_holds_and_all_ejected_fails_open() {
     let active = p.store.current().unwrap();
     let parts = http::Request::new(()).into_parts().0;
     let target = active.table.resolve(Some("reviews.shop"), Some(9080), None, &parts).unwrap();
-    let now = skein_proxy::balance::now_ms();
+    let now = skein_proxy::now_ms();
     let ejected = target.pool.endpoints.iter().filter(|e| e.outlier.is_ejected(now)).count();
     assert_eq!(ejected, 1, "34% of 3 endpoints allows one ejection");
 
@@ -179,7 +180,7 @@ async fn trace_headers_are_generated_or_kept() {
     p.get(HOST, &[("x-b3-traceid", "80f198ee56343ba864fe8b2a57d3eff7")]).await;
     let seen = up.last_headers.lock().unwrap().clone().unwrap();
     let tp = seen.get("traceparent").unwrap().to_str().unwrap();
-    assert!(skein_proxy::trace::is_valid_traceparent(tp.as_bytes()), "{tp}");
+    assert!(skein_proxy::is_valid_traceparent(tp.as_bytes()), "{tp}");
     assert!(seen.contains_key("x-request-id"));
     assert_eq!(seen.get("x-b3-traceid").unwrap(), "80f198ee56343ba864fe8b2a57d3eff7");
 
@@ -374,10 +375,10 @@ async fn the_config_file_is_reloaded_and_a_bad_one_is_refused() {
         |cfg: &skein_api::ProxyConfig| std::fs::write(&path, serde_json::to_vec(cfg).unwrap()).unwrap();
     write(&config("f1", vec![endpoint(&v1, "v1")], vec![]));
 
-    let store = std::sync::Arc::new(skein_proxy::config_store::ConfigStore::new(None));
-    let loaded = skein_proxy::file_config::load(&path, &store).unwrap();
+    let store = std::sync::Arc::new(skein_proxy::ConfigStore::new(None));
+    let loaded = skein_proxy::config_file::load(&path, &store).unwrap();
     let stop = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(skein_proxy::file_config::watch(path.clone(), store.clone(), loaded, stop.clone()));
+    tokio::spawn(skein_proxy::config_file::watch(path.clone(), store.clone(), loaded, stop.clone()));
     let version = || store.current().unwrap().config.version.clone();
     assert_eq!(version(), "f1");
 

@@ -1,6 +1,7 @@
 //! Mutual TLS between sidecars on loopback, with certificates minted here: a valid peer is
 //! accepted; a wrong trust domain, an unexpected identity, an expired certificate, a foreign CA
 //! and a plaintext client are each refused with a reason.
+#![allow(clippy::unwrap_used)] // a test that unwraps an error fails, which is the point
 
 use std::sync::Arc;
 
@@ -8,7 +9,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType,
 };
-use skein_proxy::tls::TlsMaterial;
+use skein_proxy::TlsMaterial;
 use time::{Duration, OffsetDateTime};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

@@ -2,6 +2,7 @@
 //! connections for a Service address to the outbound listener. The proxy reads the original
 //! destination (`SO_ORIGINAL_DST`), routes HTTP by it, and splices a port marked opaque as plain
 //! TCP. Needs root, `ip` and `iptables`; without them the test says so and skips.
+#![allow(clippy::unwrap_used)] // a test that unwraps an error fails, which is the point
 
 mod support;
 
@@ -11,9 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use skein_api::config::{Endpoint, Protocol, ServicePort};
-use skein_proxy::access_log::AccessLog;
-use skein_proxy::config_store::{ConfigStore, Source};
-use skein_proxy::proxy::{Direction, ProxyContext};
+use skein_proxy::AccessLog;
+use skein_proxy::{ConfigStore, Source};
+use skein_proxy::{Direction, ProxyContext};
 
 struct Netns(String);
 
@@ -109,12 +110,7 @@ fn redirected_connections_are_routed_by_original_destination_and_opaque_ports_sp
                 Duration::from_millis(500),
             ));
             let listener = tokio::net::TcpListener::bind("127.0.0.1:15001").await.unwrap();
-            tokio::spawn(skein_proxy::listener::serve(
-                listener,
-                ctx,
-                Direction::Outbound,
-                Default::default(),
-            ));
+            tokio::spawn(skein_proxy::serve_listener(listener, ctx, Direction::Outbound, Default::default()));
 
             tokio::task::spawn_blocking(|| {
                 // HTTP to the Service address: routed by the original destination.
@@ -181,12 +177,7 @@ fn skein_proxy_init_installs_rules_that_capture_the_apps_but_not_the_proxy() {
                 Duration::from_millis(500),
             ));
             let listener = tokio::net::TcpListener::bind("0.0.0.0:15001").await.unwrap();
-            tokio::spawn(skein_proxy::listener::serve(
-                listener,
-                ctx,
-                Direction::Outbound,
-                Default::default(),
-            ));
+            tokio::spawn(skein_proxy::serve_listener(listener, ctx, Direction::Outbound, Default::default()));
             // The app (uid 65534) calls the Service address; iptables sends it to the proxy.
             let out = tokio::process::Command::new("ip")
                 .args(["netns", "exec", &name, "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"])

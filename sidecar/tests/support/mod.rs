@@ -17,9 +17,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use skein_api::config::*;
 use skein_api::{ProxyConfig, WorkloadIdentity};
-use skein_proxy::access_log::AccessLog;
-use skein_proxy::config_store::{ConfigStore, Source};
-use skein_proxy::proxy::{Direction, ProxyContext};
+use skein_proxy::AccessLog;
+use skein_proxy::{ConfigStore, Source};
+use skein_proxy::{Direction, ProxyContext};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -178,7 +178,7 @@ pub fn retry_config(attempts: u32, percent: u32, min_per_second: u32) -> RetryCo
 /// A proxy running in this process.
 pub struct TestProxy {
     pub store: Arc<ConfigStore>,
-    pub tls: Arc<skein_proxy::tls::TlsStore>,
+    pub tls: Arc<skein_proxy::TlsStore>,
     pub outbound: SocketAddr,
     pub inbound: SocketAddr,
     pub client: Client<HttpConnector, Full<Bytes>>,
@@ -204,11 +204,11 @@ pub async fn proxy_at(config: ProxyConfig, inbound: &str) -> TestProxy {
 pub async fn proxy_tls(
     config: ProxyConfig,
     inbound: &str,
-    material: Option<skein_proxy::tls::TlsMaterial>,
+    material: Option<skein_proxy::TlsMaterial>,
 ) -> TestProxy {
     let store = Arc::new(ConfigStore::new(None));
     store.apply(config, Source::File).expect("valid test config");
-    let tls = Arc::new(skein_proxy::tls::TlsStore::default());
+    let tls = Arc::new(skein_proxy::TlsStore::default());
     if let Some(m) = material {
         tls.set(m);
     }
@@ -224,8 +224,8 @@ pub async fn proxy_tls(
     let out = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let inb = TcpListener::bind(inbound).await.unwrap();
     let (outbound, inbound) = (out.local_addr().unwrap(), inb.local_addr().unwrap());
-    tokio::spawn(skein_proxy::listener::serve(out, ctx.clone(), Direction::Outbound, stop.clone()));
-    tokio::spawn(skein_proxy::listener::serve(inb, ctx, Direction::Inbound, stop.clone()));
+    tokio::spawn(skein_proxy::serve_listener(out, ctx.clone(), Direction::Outbound, stop.clone()));
+    tokio::spawn(skein_proxy::serve_listener(inb, ctx, Direction::Inbound, stop.clone()));
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     let client = Client::builder(TokioExecutor::new()).set_host(false).build(connector);

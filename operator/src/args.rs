@@ -1,0 +1,122 @@
+//! The command line of `skein-operator`, in groups: the API server and this replica, the
+//! webhook, the config stream, identity, and the file-backed (`--local`) mode. Every flag can
+//! also come from the environment.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use skein_api::constants::{DEFAULT_OPERATOR_NAMESPACE, DEFAULT_TRUST_DOMAIN};
+
+use crate::admission::webhook;
+
+/// Command line of `skein-operator`.
+#[derive(clap::Parser, Debug, Clone)]
+#[command(name = "skein-operator", version, about = "The Skein service mesh control plane")]
+pub struct Args {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    #[command(flatten)]
+    pub webhook: WebhookArgs,
+    #[command(flatten)]
+    pub stream: StreamArgs,
+    #[command(flatten)]
+    pub identity: IdentityArgs,
+    #[command(flatten)]
+    pub local: LocalArgs,
+    /// Log as JSON lines instead of text.
+    #[arg(long, env = "SKEIN_LOG_JSON")]
+    pub log_json: bool,
+}
+
+/// The API server and this replica.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ClusterArgs {
+    /// Kubeconfig file; without it, KUBECONFIG or the in-cluster service account is used.
+    #[arg(long, env = "SKEIN_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The operator's own namespace (its Lease and, later, its CA live here).
+    #[arg(long, env = "POD_NAMESPACE", default_value = DEFAULT_OPERATOR_NAMESPACE)]
+    pub namespace: String,
+    /// Watch only this namespace instead of the whole cluster.
+    #[arg(long, env = "SKEIN_WATCH_NAMESPACE")]
+    pub watch_namespace: Option<String>,
+    /// This replica's name in the leader Lease (the pod name in a cluster).
+    #[arg(long, env = "POD_NAME")]
+    pub instance: Option<String>,
+    /// Name of the operator's Service (the webhook's and the config stream's DNS name).
+    #[arg(long, env = "SKEIN_SERVICE_NAME", default_value = "skein-operator")]
+    pub service_name: String,
+    /// Address of `/metrics`, `/healthz` and `/readyz`.
+    #[arg(long, env = "SKEIN_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    pub metrics_addr: SocketAddr,
+}
+
+/// The admission webhook and what it injects.
+#[derive(clap::Args, Debug, Clone)]
+pub struct WebhookArgs {
+    /// Address of the admission webhook (HTTPS).
+    #[arg(long, env = "SKEIN_WEBHOOK_ADDR", default_value = "0.0.0.0:9443")]
+    pub webhook_addr: SocketAddr,
+    /// Extra names (DNS or IP) of the webhook's serving certificate, besides its Service's DNS names.
+    #[arg(long, env = "SKEIN_WEBHOOK_SAN", value_delimiter = ',', default_values_t = ["127.0.0.1".to_string(), "localhost".to_string()])]
+    pub webhook_san: Vec<String>,
+    /// The MutatingWebhookConfiguration whose CA bundle the operator keeps current.
+    #[arg(long, env = "SKEIN_WEBHOOK_CONFIGURATION", default_value = webhook::WEBHOOK_CONFIGURATION)]
+    pub webhook_configuration: String,
+    /// Image of the injected sidecar.
+    #[arg(long, env = "SKEIN_PROXY_IMAGE", default_value = concat!("ghcr.io/skein-mesh/skein-proxy:", env!("CARGO_PKG_VERSION")))]
+    pub proxy_image: String,
+    /// Config stream URL injected sidecars connect to; by default the operator's Service.
+    #[arg(long, env = "SKEIN_CONTROL_PLANE_URL")]
+    pub control_plane_url: Option<String>,
+}
+
+/// The config stream.
+#[derive(clap::Args, Debug, Clone)]
+pub struct StreamArgs {
+    /// Address of the config stream.
+    #[arg(long, env = "SKEIN_STREAM_ADDR", default_value = "0.0.0.0:15012")]
+    pub stream_addr: SocketAddr,
+    /// Refuse config-stream clients without a mesh client certificate (plaintext streams that
+    /// name their identity in a header are for development).
+    #[arg(long, env = "SKEIN_STREAM_REQUIRE_MTLS")]
+    pub stream_require_mtls: bool,
+}
+
+/// The mesh CA and workload certificates.
+#[derive(clap::Args, Debug, Clone)]
+pub struct IdentityArgs {
+    /// SPIFFE trust domain of workload identities.
+    #[arg(long, env = "SKEIN_TRUST_DOMAIN", default_value = DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// Use this Secret (tls.crt, tls.key, optional ca.crt; in --namespace) as the mesh CA instead
+    /// of creating `skein-ca`: for example an intermediate issued by cert-manager.
+    #[arg(long, env = "SKEIN_CA_SECRET")]
+    pub ca_secret: Option<String>,
+    /// Lifetime of workload certificates (renewed at half-life), e.g. 24h.
+    #[arg(long, env = "SKEIN_CERT_LIFETIME", default_value = "24h", value_parser = parse_lifetime)]
+    pub cert_lifetime: Duration,
+}
+
+/// The file-backed control plane.
+#[derive(clap::Args, Debug, Clone)]
+pub struct LocalArgs {
+    /// Run from a directory of manifests instead of an API server (the local mesh): the same
+    /// computation and config stream, the snapshot read from files and re-read on change.
+    /// Repeat it to read several directories as one (in the environment: separated by `:`).
+    #[arg(long = "local", env = "SKEIN_LOCAL_DIR", value_delimiter = ':')]
+    pub dirs: Vec<PathBuf>,
+    /// With --local: where the CA and the issued workload certificates are kept
+    /// (`ca/`, `identities/<ns>/<sa>/`); `<first DIR>/.skein` by default.
+    #[arg(long, env = "SKEIN_LOCAL_STATE")]
+    pub local_state: Option<PathBuf>,
+}
+
+fn parse_lifetime(s: &str) -> std::result::Result<Duration, String> {
+    let d = skein_api::duration::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < Duration::from_secs(60) {
+        return Err("certificate lifetime must be at least 1m".into());
+    }
+    Ok(d)
+}

@@ -1,0 +1,149 @@
+//! The shell around the pure parts: watchers fill the [`Snapshot`] and a loop recomputes the
+//! mesh and publishes it to the [`ConfigHub`]. The status writer (`super::status_writer`) and
+//! the identity loop are woken after each computation.
+
+use std::fmt::Debug;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::Api;
+use kube::runtime::events::Recorder;
+use kube::runtime::watcher::{self, watcher};
+use kube::runtime::WatchStreamExt;
+use kube::{Client, Resource};
+use serde::de::DeserializeOwned;
+use skein_api::{OutlierPolicy, RetryPolicy, TrafficRoute};
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::compute::compute;
+use crate::compute::snapshot::{ObjectKey, Snapshot, SnapshotObject};
+use crate::metrics::{ErrorLabels, Metrics};
+use crate::stream::hub::ConfigHub;
+
+/// Quiet time after a change before recomputing, so a burst of watch events costs one
+/// computation.
+const DEBOUNCE: Duration = Duration::from_millis(20);
+
+/// Shared state of the control loops.
+pub struct Context {
+    pub client: Client,
+    pub snapshot: RwLock<Snapshot>,
+    pub snapshot_changed: Notify,
+    pub hub: ConfigHub,
+    pub metrics: Metrics,
+    /// Watchers that have finished their first list; ready when all have.
+    pub synced: watch::Sender<usize>,
+    pub recorder: Recorder,
+}
+
+/// The number of watchers [`spawn_watchers`] starts.
+pub const WATCHERS: usize = 6;
+
+/// Starts one watcher per kind (namespaced to `namespace` when given).
+pub fn spawn_watchers(ctx: &Arc<Context>, namespace: Option<&str>, shutdown: &CancellationToken) {
+    spawn_watcher::<TrafficRoute>(ctx, namespace, shutdown);
+    spawn_watcher::<OutlierPolicy>(ctx, namespace, shutdown);
+    spawn_watcher::<RetryPolicy>(ctx, namespace, shutdown);
+    spawn_watcher::<Service>(ctx, namespace, shutdown);
+    spawn_watcher::<EndpointSlice>(ctx, namespace, shutdown);
+    spawn_watcher::<Pod>(ctx, namespace, shutdown);
+}
+
+fn spawn_watcher<K>(ctx: &Arc<Context>, namespace: Option<&str>, shutdown: &CancellationToken)
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + SnapshotObject
+        + Clone
+        + DeserializeOwned
+        + Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let api: Api<K> = match namespace {
+        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
+        None => Api::all(ctx.client.clone()),
+    };
+    let ctx = ctx.clone();
+    let shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        let kind = K::kind(&());
+        let mut events = watcher(api, watcher::Config::default()).default_backoff().boxed();
+        // Keys seen since the last (re)list started; what is not seen again is gone.
+        let mut relisted: Option<Vec<ObjectKey>> = None;
+        let mut synced_once = false;
+        loop {
+            let event = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                event = events.next() => match event {
+                    Some(e) => e,
+                    None => return,
+                },
+            };
+            let event = match event {
+                Ok(event) => event,
+                Err(e) => {
+                    // One bad object or a dropped watch never stops the loop: log, back off, go on.
+                    tracing::warn!(%kind, error = %e, "watch error");
+                    ctx.metrics.reconcile_errors.get_or_create(&ErrorLabels { kind: "watch" }).inc();
+                    continue;
+                }
+            };
+            {
+                let mut snapshot = ctx.snapshot.write().unwrap_or_else(|e| e.into_inner());
+                match event {
+                    watcher::Event::Init => relisted = Some(Vec::new()),
+                    watcher::Event::InitApply(obj) => {
+                        if let Some(seen) = relisted.as_mut() {
+                            seen.push(ObjectKey::of(&obj));
+                        }
+                        obj.apply(&mut snapshot);
+                    }
+                    watcher::Event::InitDone => {
+                        if let Some(seen) = relisted.take() {
+                            let seen: std::collections::HashSet<_> = seen.into_iter().collect();
+                            for key in K::keys(&snapshot).into_iter().filter(|k| !seen.contains(k)) {
+                                K::delete(&key, &mut snapshot);
+                            }
+                        }
+                        if !synced_once {
+                            synced_once = true;
+                            ctx.synced.send_modify(|n| *n += 1);
+                            tracing::info!(%kind, "initial list done");
+                        }
+                    }
+                    watcher::Event::Apply(obj) => obj.apply(&mut snapshot),
+                    watcher::Event::Delete(obj) => K::delete(&ObjectKey::of(&obj), &mut snapshot),
+                }
+            }
+            ctx.snapshot_changed.notify_one();
+        }
+    });
+}
+
+/// Recomputes the mesh after every snapshot change, publishes it, and wakes every loop in
+/// `computed` (status writer, identity).
+pub async fn compute_loop(ctx: Arc<Context>, computed: Vec<Arc<Notify>>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ctx.snapshot_changed.notified() => {}
+        }
+        tokio::time::sleep(DEBOUNCE).await;
+        let started = Instant::now();
+        let mesh = {
+            let snapshot = ctx.snapshot.read().unwrap_or_else(|e| e.into_inner());
+            compute(&snapshot)
+        };
+        ctx.hub.publish(Arc::new(mesh));
+        ctx.metrics.reconciles.inc();
+        ctx.metrics.reconcile_seconds.observe(started.elapsed().as_secs_f64());
+        for wake in &computed {
+            wake.notify_one();
+        }
+    }
+}

@@ -1,0 +1,167 @@
+//! Status conditions and events, written by the leader only: after every computation and every
+//! change in the connected proxies' acknowledgements, each Skein resource's desired status
+//! ([`crate::compute::status`]) is merged with what it has and patched when it differs, with an
+//! event for each condition that changed.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType};
+use kube::Resource;
+use skein_api::constants::FIELD_MANAGER;
+use skein_api::{OutlierPolicy, PolicyStatus, RetryPolicy, TrafficRoute};
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+
+use super::controller::Context;
+use crate::compute::status;
+use crate::compute::{ResourceKind, ResourceRef};
+use crate::metrics::ErrorLabels;
+
+/// Bound on one status write.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Writes status and events while this replica leads.
+pub async fn status_loop(
+    ctx: Arc<Context>,
+    computed: Arc<Notify>,
+    mut leader: watch::Receiver<bool>,
+    shutdown: CancellationToken,
+) {
+    // What this replica last wrote (per object uid, so a deleted and recreated object starts
+    // afresh), so an unchanged status is not written again before the watch echoes it back.
+    let mut written: HashMap<ResourceRef, Written> = HashMap::new();
+    let mut retry_soon = false;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = computed.notified() => {}
+            _ = ctx.hub.proxies_changed.notified() => {}
+            changed = leader.changed() => {
+                if changed.is_err() { return; }
+                written.clear();
+            }
+            _ = tokio::time::sleep(Duration::from_secs(5)), if retry_soon => {}
+        }
+        if !*leader.borrow() {
+            continue;
+        }
+        // Let a burst of acknowledgements land before writing.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        retry_soon = !write_statuses(&ctx, &mut written).await;
+    }
+}
+
+/// A status this replica wrote, for the object with this uid.
+struct Written {
+    uid: Option<String>,
+    status: PolicyStatus,
+}
+
+/// One pass over every resource; returns false when a write failed (to retry soon).
+async fn write_statuses(ctx: &Context, written: &mut HashMap<ResourceRef, Written>) -> bool {
+    let mesh = ctx.hub.mesh();
+    let (proxies, current) = ctx.hub.proxies();
+    let version_of = |id: &skein_api::WorkloadIdentity| {
+        current.get(id).cloned().unwrap_or_else(|| mesh.proxy_config(id).version)
+    };
+    let now = Time(Timestamp::now());
+    let mut ok = true;
+    written.retain(|r, _| mesh.statuses.contains_key(r));
+    for (resource, desired) in &mesh.statuses {
+        let Some((existing, reference)) = current_status(ctx, resource) else { continue };
+        let programmed = status::programmed(&desired.accepted, &proxies, version_of);
+        let ours = written.get(resource).filter(|w| w.uid == reference.uid).map(|w| &w.status);
+        let base = ours.or(existing.as_ref());
+        let new = status::merge(base, desired, &programmed, &now);
+        if status::same(base, &new) {
+            continue;
+        }
+        match patch_status(ctx, resource, &new).await {
+            Ok(()) => {
+                ctx.metrics.status_writes.inc();
+                for c in status::transitions(base, &new) {
+                    let event = Event {
+                        type_: if c.status == "True" { EventType::Normal } else { EventType::Warning },
+                        reason: c.reason.clone(),
+                        note: Some(format!("{}={}: {}", c.type_, c.status, c.message)),
+                        action: "Reconcile".into(),
+                        secondary: None,
+                    };
+                    if let Err(e) = ctx.recorder.publish(&event, &reference).await {
+                        tracing::warn!(%resource.key, error = %e, "could not publish event");
+                    }
+                }
+                written.insert(resource.clone(), Written { uid: reference.uid.clone(), status: new });
+            }
+            Err(e) => {
+                ok = false;
+                tracing::warn!(kind = resource.kind.as_str(), key = %resource.key, error = %e, "status write failed");
+                ctx.metrics.reconcile_errors.get_or_create(&ErrorLabels { kind: "status" }).inc();
+            }
+        }
+    }
+    ok
+}
+
+fn current_status(ctx: &Context, resource: &ResourceRef) -> Option<(Option<PolicyStatus>, ObjectReference)> {
+    let snapshot = ctx.snapshot.read().unwrap_or_else(|e| e.into_inner());
+    match resource.kind {
+        ResourceKind::TrafficRoute => {
+            snapshot.routes.get(&resource.key).map(|o| (o.status.clone(), o.object_ref(&())))
+        }
+        ResourceKind::OutlierPolicy => {
+            snapshot.outlier_policies.get(&resource.key).map(|o| (o.status.clone(), o.object_ref(&())))
+        }
+        ResourceKind::RetryPolicy => {
+            snapshot.retry_policies.get(&resource.key).map(|o| (o.status.clone(), o.object_ref(&())))
+        }
+    }
+}
+
+async fn patch_status(
+    ctx: &Context,
+    resource: &ResourceRef,
+    status: &PolicyStatus,
+) -> Result<(), kube::Error> {
+    let (ns, name) = (&resource.key.namespace, &resource.key.name);
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    let body = |api_version: String| {
+        serde_json::json!({
+            "apiVersion": api_version,
+            "kind": resource.kind.as_str(),
+            "status": status,
+        })
+    };
+    let write = async {
+        match resource.kind {
+            ResourceKind::TrafficRoute => {
+                let api: Api<TrafficRoute> = Api::namespaced(ctx.client.clone(), ns);
+                api.patch_status(name, &params, &Patch::Apply(body(TrafficRoute::api_version(&()).into())))
+                    .await
+                    .map(drop)
+            }
+            ResourceKind::OutlierPolicy => {
+                let api: Api<OutlierPolicy> = Api::namespaced(ctx.client.clone(), ns);
+                api.patch_status(name, &params, &Patch::Apply(body(OutlierPolicy::api_version(&()).into())))
+                    .await
+                    .map(drop)
+            }
+            ResourceKind::RetryPolicy => {
+                let api: Api<RetryPolicy> = Api::namespaced(ctx.client.clone(), ns);
+                api.patch_status(name, &params, &Patch::Apply(body(RetryPolicy::api_version(&()).into())))
+                    .await
+                    .map(drop)
+            }
+        }
+    };
+    match tokio::time::timeout(STATUS_TIMEOUT, write).await {
+        Ok(result) => result,
+        Err(_) => Err(kube::Error::Service("status write timed out".into())),
+    }
+}

@@ -1,0 +1,281 @@
+//! The config hub: the latest `ProxyConfig` per workload identity, the connected proxies and the
+//! version each last acknowledged.
+//!
+//! Each identity has one `watch` channel, so a slow proxy never queues configs: it always reads
+//! the newest (latest wins), and a config is built only for identities with a connected proxy.
+//! The lock is a plain mutex held for map updates only, never across an `.await`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::Bytes;
+
+use skein_api::{ProxyConfig, StreamAck, WorkloadIdentity};
+use tokio::sync::{watch, Notify};
+
+use crate::compute::status::ProxyView;
+use crate::compute::MeshConfig;
+use crate::metrics::Metrics;
+
+/// Identifies one stream connection.
+pub type ConnectionId = u64;
+
+struct Connected {
+    identity: WorkloadIdentity,
+    proxy_id: String,
+    acked: Option<String>,
+    rejected: Option<(String, String)>,
+    traffic: crate::stream::topology::TrafficSamples,
+}
+
+/// A config as sent: serialized once per identity and change, however many proxies read it.
+#[derive(Debug)]
+pub struct Pushed {
+    pub version: String,
+    /// The config as one JSON line, newline included.
+    pub line: Bytes,
+}
+
+impl Pushed {
+    pub fn new(config: &ProxyConfig) -> Self {
+        let mut line = serde_json::to_vec(config).expect("plain data serializes");
+        line.push(b'\n');
+        Self { version: config.version.clone(), line: line.into() }
+    }
+}
+
+struct Channel {
+    sender: watch::Sender<Arc<Pushed>>,
+    /// When the current version was published, for the push-latency metric.
+    published_at: Instant,
+}
+
+#[derive(Default)]
+struct State {
+    mesh: Arc<MeshConfig>,
+    channels: HashMap<WorkloadIdentity, Channel>,
+    connections: HashMap<ConnectionId, Connected>,
+    next_id: ConnectionId,
+}
+
+/// Shared between the computation (which publishes), the stream server (which subscribes and
+/// records acknowledgements) and the status writer (which reads the proxies).
+#[derive(Clone)]
+pub struct ConfigHub {
+    state: Arc<Mutex<State>>,
+    /// Woken when a proxy connects, disconnects or acknowledges.
+    pub proxies_changed: Arc<Notify>,
+    metrics: Metrics,
+}
+
+impl ConfigHub {
+    /// The operator's metrics, shared with everything that publishes to this hub.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub fn new(metrics: Metrics) -> Self {
+        Self { state: Arc::default(), proxies_changed: Arc::new(Notify::new()), metrics }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding this lock leaves plain maps behind; keep serving them.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Puts a newly computed mesh in force: every identity with a subscriber gets its new config
+    /// if its version changed.
+    pub fn publish(&self, mesh: Arc<MeshConfig>) {
+        let mut state = self.lock();
+        state.mesh = mesh.clone();
+        state.channels.retain(|_, c| c.sender.receiver_count() > 0);
+        for (identity, channel) in state.channels.iter_mut() {
+            let config = mesh.proxy_config(identity);
+            let changed = channel.sender.send_if_modified(|current| {
+                if current.version == config.version {
+                    return false;
+                }
+                *current = Arc::new(Pushed::new(&config));
+                true
+            });
+            if changed {
+                channel.published_at = Instant::now();
+            }
+        }
+    }
+
+    /// The mesh currently in force.
+    pub fn mesh(&self) -> Arc<MeshConfig> {
+        self.lock().mesh.clone()
+    }
+
+    /// Registers a proxy and returns its connection id and the channel of its configs (holding
+    /// the current one already).
+    pub fn connect(
+        &self,
+        identity: WorkloadIdentity,
+        proxy_id: String,
+    ) -> (ConnectionId, watch::Receiver<Arc<Pushed>>) {
+        let receiver = {
+            let mut state = self.lock();
+            let mesh = state.mesh.clone();
+            let id = state.next_id;
+            state.next_id += 1;
+            let receiver = state
+                .channels
+                .entry(identity.clone())
+                .or_insert_with(|| Channel {
+                    sender: watch::Sender::new(Arc::new(Pushed::new(&mesh.proxy_config(&identity)))),
+                    published_at: Instant::now(),
+                })
+                .sender
+                .subscribe();
+            state.connections.insert(
+                id,
+                Connected { identity, proxy_id, acked: None, rejected: None, traffic: Default::default() },
+            );
+            self.metrics.connected_proxies.set(state.connections.len() as i64);
+            (id, receiver)
+        };
+        self.proxies_changed.notify_one();
+        receiver
+    }
+
+    /// Records what a proxy said about a version.
+    pub fn acknowledge(&self, id: ConnectionId, ack: StreamAck) {
+        {
+            let mut state = self.lock();
+            let Some(conn) = state.connections.get(&id) else { return };
+            let identity = conn.identity.clone();
+            let published =
+                state.channels.get(&identity).map(|c| (c.sender.borrow().version.clone(), c.published_at));
+            let conn = state.connections.get_mut(&id).expect("looked up above");
+            match ack.error {
+                None => {
+                    if let Some((version, at)) = published {
+                        if version == ack.version {
+                            self.metrics.push_seconds.observe(at.elapsed().as_secs_f64());
+                        }
+                    }
+                    conn.acked = Some(ack.version);
+                    conn.rejected = None;
+                    self.metrics.acks.get_or_create(&crate::metrics::AckLabels { result: "applied" }).inc();
+                }
+                Some(error) => {
+                    tracing::warn!(proxy = %conn.proxy_id, identity = %conn.identity, version = %ack.version, %error, "proxy refused config");
+                    conn.rejected = Some((ack.version, error));
+                    self.metrics.acks.get_or_create(&crate::metrics::AckLabels { result: "refused" }).inc();
+                }
+            }
+        }
+        self.proxies_changed.notify_one();
+    }
+
+    /// Records a proxy's traffic report (for the topology; nothing waits on it).
+    pub fn record_traffic(&self, id: ConnectionId, report: skein_api::TrafficReport) {
+        if let Some(conn) = self.lock().connections.get_mut(&id) {
+            conn.traffic.record(Instant::now(), report);
+        }
+    }
+
+    /// The service graph as the connected proxies report it.
+    pub fn topology(&self) -> skein_api::topology::Topology {
+        let state = self.lock();
+        let proxies: Vec<_> = state
+            .connections
+            .values()
+            .map(|c| crate::stream::topology::ProxyTraffic {
+                identity: &c.identity,
+                proxy_id: &c.proxy_id,
+                acked: c.acked.as_deref(),
+                desired: state.channels.get(&c.identity).map(|ch| ch.sender.borrow().version.clone()),
+                samples: &c.traffic,
+            })
+            .collect();
+        crate::stream::topology::build(&proxies, Instant::now())
+    }
+
+    /// Forgets a proxy whose stream ended.
+    pub fn disconnect(&self, id: ConnectionId) {
+        {
+            let mut state = self.lock();
+            state.connections.remove(&id);
+            self.metrics.connected_proxies.set(state.connections.len() as i64);
+        }
+        self.proxies_changed.notify_one();
+    }
+
+    /// The connected proxies, and the version each identity should be at.
+    pub fn proxies(&self) -> (Vec<ProxyView>, HashMap<WorkloadIdentity, String>) {
+        let state = self.lock();
+        let views = state
+            .connections
+            .values()
+            .map(|c| ProxyView {
+                identity: c.identity.clone(),
+                proxy_id: c.proxy_id.clone(),
+                acked: c.acked.clone(),
+                rejected: c.rejected.clone(),
+            })
+            .collect();
+        let current =
+            state.channels.iter().map(|(id, c)| (id.clone(), c.sender.borrow().version.clone())).collect();
+        (views, current)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compute::compute;
+    use crate::compute::snapshot::Snapshot;
+
+    fn hub() -> ConfigHub {
+        ConfigHub::new(Metrics::default())
+    }
+
+    #[tokio::test]
+    async fn subscribers_get_the_current_config_then_only_changes() {
+        let hub = hub();
+        let identity = WorkloadIdentity::new("shop", "web");
+        let (conn, mut rx) = hub.connect(identity.clone(), "web-0".into());
+        let first = rx.borrow_and_update().clone();
+        let parsed: ProxyConfig = serde_json::from_slice(&first.line).unwrap();
+        assert_eq!(parsed.identity.as_ref(), Some(&identity));
+        assert_eq!(parsed.version, first.version);
+
+        // Same content: no new version, nothing to read.
+        hub.publish(Arc::new(compute(&Snapshot::default())));
+        assert!(!rx.has_changed().unwrap());
+
+        // New content: a new version arrives.
+        let mut snapshot = Snapshot::default();
+        snapshot
+            .services
+            .insert(crate::compute::snapshot::ObjectKey::new("shop", "reviews"), Default::default());
+        hub.publish(Arc::new(compute(&snapshot)));
+        assert!(rx.has_changed().unwrap());
+        let second = rx.borrow_and_update().clone();
+        assert_ne!(first.version, second.version);
+
+        hub.acknowledge(conn, StreamAck { version: second.version.clone(), error: None });
+        let (views, current) = hub.proxies();
+        assert_eq!(views[0].acked.as_deref(), Some(second.version.as_str()));
+        assert_eq!(current[&identity], second.version);
+
+        hub.disconnect(conn);
+        assert!(hub.proxies().0.is_empty());
+    }
+
+    #[tokio::test]
+    async fn refusals_are_recorded_until_a_version_is_applied() {
+        let hub = hub();
+        let (conn, rx) = hub.connect(WorkloadIdentity::new("a", "b"), "p".into());
+        let version = rx.borrow().version.clone();
+        hub.acknowledge(conn, StreamAck { version: version.clone(), error: Some("bad".into()) });
+        assert_eq!(hub.proxies().0[0].rejected, Some((version.clone(), "bad".into())));
+        hub.acknowledge(conn, StreamAck { version, error: None });
+        assert_eq!(hub.proxies().0[0].rejected, None);
+    }
+}

@@ -1,0 +1,268 @@
+//! The config stream server (port 15012): one long-lived HTTP/2 request per proxy.
+//!
+//! Protocol: the proxy `POST`s to [`CONFIG_STREAM_PATH`], proving its identity with its mTLS
+//! client certificate (or naming it in [`IDENTITY_HEADER`] on a plaintext development stream). The
+//! response body is a stream of JSON lines, one `ProxyConfig` each: the full config first, then a
+//! new one on every change (latest wins: a slow proxy skips versions, it never queues them). The
+//! request body, open in the other direction of the same HTTP/2 stream, carries one `StreamAck`
+//! line per config received. HTTP/2 keepalive pings find dead peers.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use skein_api::constants::{CONFIG_STREAM_PATH, IDENTITY_HEADER, PROXY_ID_HEADER};
+use skein_api::{ProxyMessage, WorkloadIdentity};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::stream::hub::{ConfigHub, ConnectionId, Pushed};
+
+type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+/// Lines from a proxy longer than this are refused (acknowledgements are a few dozen bytes,
+/// traffic reports a few hundred per destination).
+const MAX_PROXY_LINE: usize = 4 * 1024 * 1024;
+
+/// Serves the config stream until `shutdown` fires; open streams then end so proxies reconnect
+/// to another replica.
+/// TLS on the config stream: the operator's serving certificate, and client certificates
+/// verified against the mesh trust bundle.
+#[derive(Clone)]
+pub struct StreamTls {
+    pub cert: Arc<crate::identity::serving::ServingCert>,
+    pub ca: crate::identity::ca::SharedCa,
+    /// Refuse proxies that do not present a client certificate.
+    pub require_client_cert: bool,
+}
+
+impl StreamTls {
+    fn acceptor(&self) -> Option<tokio_rustls::TlsAcceptor> {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls::pki_types::CertificateDer::pem_slice_iter(self.ca.load().trust_bundle().as_bytes()) {
+            roots.add(c.ok()?).ok()?;
+        }
+        let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
+            .allow_unauthenticated()
+            .build()
+            .ok()?;
+        let mut config = rustls::ServerConfig::builder()
+            .with_client_cert_verifier(verifier)
+            .with_cert_resolver(self.cert.clone());
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+    }
+}
+
+/// The workload identity a client certificate proves (its SPIFFE ID `spiffe://<td>/ns/<ns>/sa/<sa>`).
+pub fn identity_from_cert(der: &[u8]) -> Option<WorkloadIdentity> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|n| match n {
+        x509_parser::extensions::GeneralName::URI(u) => {
+            let path = u.strip_prefix("spiffe://")?.split_once('/')?.1;
+            let rest = path.strip_prefix("ns/")?;
+            let (ns, sa) = rest.split_once("/sa/")?;
+            format!("{ns}/{sa}").parse().ok()
+        }
+        _ => None,
+    })
+}
+
+pub async fn serve(listener: TcpListener, hub: ConfigHub, shutdown: CancellationToken) {
+    serve_with(listener, hub, None, shutdown).await
+}
+
+/// Serves the stream; with `tls`, TLS connections (recognised by their first byte) are
+/// accepted and the client certificate, when present, decides the identity.
+pub async fn serve_with(
+    listener: TcpListener,
+    hub: ConfigHub,
+    tls: Option<StreamTls>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "config stream accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let hub = hub.clone();
+        let shutdown = shutdown.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let mut first = [0u8; 1];
+            let is_tls = matches!(stream.peek(&mut first).await, Ok(1)) && first[0] == 0x16;
+            let (io, proven): (Box<dyn Io>, Option<WorkloadIdentity>) = match (&tls, is_tls) {
+                (Some(t), true) => {
+                    let Some(acceptor) = t.acceptor() else { return };
+                    match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => {
+                            let proven = s
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|c| c.first())
+                                .and_then(|c| identity_from_cert(c));
+                            (Box::new(s), proven)
+                        }
+                        _ => {
+                            tracing::info!(%peer, "config stream TLS handshake failed");
+                            return;
+                        }
+                    }
+                }
+                (Some(t), false) if t.require_client_cert => {
+                    tracing::info!(%peer, "refused a plaintext config stream (mTLS required)");
+                    return;
+                }
+                _ => (Box::new(stream), None),
+            };
+            let require = tls.as_ref().is_some_and(|t| t.require_client_cert);
+            let svc_shutdown = shutdown.clone();
+            let service = service_fn(move |req| {
+                let response = handle(req, peer, proven.as_ref(), require, &hub, &svc_shutdown);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            builder
+                .timer(TokioTimer::new())
+                .keep_alive_interval(Some(Duration::from_secs(10)))
+                .keep_alive_timeout(Duration::from_secs(20));
+            let conn = builder.serve_connection(TokioIo::new(io), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                result = conn.as_mut() => {
+                    if let Err(e) = result {
+                        tracing::debug!(%peer, error = %e, "config stream connection ended");
+                    }
+                }
+                _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+                }
+            }
+        });
+    }
+}
+
+fn plain(status: StatusCode, text: &str) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::from(format!("{text}\n"))).boxed_unsync());
+    *response.status_mut() = status;
+    response
+}
+
+/// A connection the stream is served on: plain TCP or TLS.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+fn handle(
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    proven: Option<&WorkloadIdentity>,
+    require_client_cert: bool,
+    hub: &ConfigHub,
+    shutdown: &CancellationToken,
+) -> Response<Body> {
+    if req.uri().path() != CONFIG_STREAM_PATH {
+        return plain(StatusCode::NOT_FOUND, "not found");
+    }
+    if req.method() != Method::POST {
+        return plain(StatusCode::METHOD_NOT_ALLOWED, "the config stream is a POST");
+    }
+    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let claimed = match header(IDENTITY_HEADER).map(|v| v.parse::<WorkloadIdentity>()) {
+        Some(Ok(identity)) => Some(identity),
+        Some(Err(e)) => return plain(StatusCode::BAD_REQUEST, &e),
+        None => None,
+    };
+    // A client certificate decides; a proxy is served only its own identity's config.
+    let identity = match (proven, claimed) {
+        (Some(p), Some(c)) if *p != c => {
+            return plain(StatusCode::FORBIDDEN, &format!("the certificate proves {p}, not {c}"));
+        }
+        (Some(p), _) => p.clone(),
+        (None, _) if require_client_cert => {
+            return plain(StatusCode::FORBIDDEN, "a client certificate is required");
+        }
+        (None, Some(c)) => c,
+        (None, None) => return plain(StatusCode::BAD_REQUEST, &format!("missing {IDENTITY_HEADER} header")),
+    };
+    let proxy_id = header(PROXY_ID_HEADER)
+        .filter(|v| !v.is_empty() && v.len() <= 253)
+        .unwrap_or_else(|| peer.to_string());
+    tracing::info!(%identity, proxy = %proxy_id, %peer, "proxy connected");
+    let (conn, receiver) = hub.connect(identity, proxy_id.clone());
+
+    tokio::spawn(read_acks(req.into_body(), conn, hub.clone(), proxy_id));
+
+    let guard = Disconnect { hub: hub.clone(), conn };
+    let state = (receiver, guard, true, shutdown.clone());
+    let lines = futures::stream::unfold(state, |(mut receiver, guard, first, shutdown)| async move {
+        if !first {
+            tokio::select! {
+                changed = receiver.changed() => changed.ok()?,
+                _ = shutdown.cancelled() => return None,
+            }
+        }
+        let pushed: Arc<Pushed> = receiver.borrow_and_update().clone();
+        Some((Ok::<_, Infallible>(Frame::data(pushed.line.clone())), (receiver, guard, false, shutdown)))
+    });
+    let mut response = Response::new(StreamBody::new(lines).boxed_unsync());
+    response
+        .headers_mut()
+        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/x-ndjson"));
+    response
+}
+
+/// Unregisters the proxy when its response stream is dropped (the peer went away or the
+/// server is shutting down).
+struct Disconnect {
+    hub: ConfigHub,
+    conn: ConnectionId,
+}
+
+impl Drop for Disconnect {
+    fn drop(&mut self) {
+        self.hub.disconnect(self.conn);
+    }
+}
+
+async fn read_acks(mut body: Incoming, conn: ConnectionId, hub: ConfigHub, proxy_id: String) {
+    let mut buffer = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else { break };
+        let Ok(data) = frame.into_data() else { continue };
+        buffer.extend_from_slice(&data);
+        while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
+            let line = buffer.split_to(end + 1);
+            match serde_json::from_slice::<ProxyMessage>(&line[..end]) {
+                Ok(ProxyMessage::Ack(ack)) => hub.acknowledge(conn, ack),
+                Ok(ProxyMessage::Traffic { traffic }) => hub.record_traffic(conn, traffic),
+                Err(e) => {
+                    tracing::warn!(proxy = %proxy_id, error = %e, "ignoring a malformed line from the proxy")
+                }
+            }
+        }
+        if buffer.len() > MAX_PROXY_LINE {
+            tracing::warn!(proxy = %proxy_id, "a line from the proxy is too long; closing its side of the stream");
+            break;
+        }
+    }
+}

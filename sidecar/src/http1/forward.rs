@@ -1,0 +1,397 @@
+//! One request on the fast path: its head rewritten into one buffer (hop-by-hop headers out,
+//! trace headers in), sent with its body on an idle or new upstream connection, and the response
+//! copied back as it streams; then the shared observe step.
+
+use std::io;
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::framing::{take_body, Chunked, Framing};
+use super::head::{is_hop_by_hop, offset, Head, View, MAX_HEAD, MAX_HEADERS, READ_CHUNK};
+use super::pool::{checkin, checkout};
+use crate::balance::{now_ns, EndpointState, InFlight, Pool};
+use crate::proxy::{observe, ConnMeta, ProxyContext};
+use crate::route::table::RequestView;
+use crate::telemetry::metrics::Series;
+use crate::telemetry::trace;
+
+/// Where one request goes: a fixed endpoint (inbound) or a balanced pool.
+pub(super) struct Route {
+    pub(super) endpoint: Option<Arc<EndpointState>>,
+    pub(super) pool: Option<Arc<Pool>>,
+    pub(super) series: Arc<Series>,
+}
+
+/// Buffers reused across the requests of a connection.
+#[derive(Default)]
+pub(super) struct Scratch {
+    out: Vec<u8>,
+    resp: BytesMut,
+    headers: Vec<(Range<usize>, Range<usize>)>,
+}
+
+/// A minimal response the fast path writes itself.
+async fn answer(
+    stream: &mut TcpStream,
+    status: u16,
+    reason: &str,
+    code: &str,
+    close: bool,
+) -> io::Result<()> {
+    let body = format!("{reason}\n");
+    let conn = if close { "connection: close\r\n" } else { "" };
+    let text = format!(
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\nx-skein-error: {code}\r\ncontent-length: {}\r\n{conn}\r\n{body}",
+        body.len()
+    );
+    stream.write_all(text.as_bytes()).await
+}
+
+/// Forwards one request and its response; returns whether the client connection stays open.
+pub(super) async fn forward(
+    client: &mut TcpStream,
+    buf: &mut BytesMut,
+    head: &Head,
+    ctx: &ProxyContext,
+    conn: ConnMeta,
+    route: Route,
+    scratch: &mut Scratch,
+) -> io::Result<bool> {
+    let started = Instant::now();
+    let view = View { head, buf };
+    let endpoint = match (&route.endpoint, &route.pool) {
+        (Some(e), _) => e.clone(),
+        (None, Some(pool)) => match pool.pick(now_ns()) {
+            Some(pick) => {
+                if pick.failed_open {
+                    route.series.fail_open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                pick.endpoint
+            }
+            None => {
+                // The body is not read: close after answering.
+                answer(client, 503, "the destination has no endpoints", "no-endpoints", true).await?;
+                route.series.record(503, started.elapsed());
+                return Ok(false);
+            }
+        },
+        (None, None) => return Ok(false),
+    };
+
+    // The upstream head: the request line in origin-form, end-to-end headers, trace headers.
+    let out = &mut scratch.out;
+    out.clear();
+    out.extend_from_slice(&buf[head.method.clone()]);
+    out.push(b' ');
+    out.extend_from_slice(&buf[head.path.clone()]);
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (n, v) in &head.headers {
+        if is_hop_by_hop(&buf[n.clone()]) {
+            continue;
+        }
+        if !head.has_traceparent && buf[n.clone()].eq_ignore_ascii_case(b"traceparent") {
+            continue; // an invalid one is replaced
+        }
+        out.extend_from_slice(&buf[n.clone()]);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(&buf[v.clone()]);
+        out.extend_from_slice(b"\r\n");
+    }
+    if !head.has_host {
+        if let Some(a) = &head.authority {
+            out.extend_from_slice(b"host: ");
+            out.extend_from_slice(&buf[a.clone()]);
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+    let trace_id;
+    if head.has_traceparent {
+        let tp = head
+            .headers
+            .iter()
+            .find(|(n, _)| buf[n.clone()].eq_ignore_ascii_case(b"traceparent"))
+            .map(|(_, v)| v.clone());
+        trace_id = tp.map(|v| buf[v.start + 3..v.start + 35].to_vec()).unwrap_or_default();
+    } else {
+        let tp = trace::new_traceparent();
+        trace_id = tp.as_bytes()[3..35].to_vec();
+        out.extend_from_slice(b"traceparent: ");
+        out.extend_from_slice(tp.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !head.has_request_id {
+        out.extend_from_slice(b"x-request-id: ");
+        out.extend_from_slice(trace::new_request_id().as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    // As much of the body as is already buffered goes in the same write.
+    let buffered_body =
+        (buf.len() - head.len).min(usize::try_from(head.content_length).unwrap_or(usize::MAX));
+    out.extend_from_slice(&buf[head.len..head.len + buffered_body]);
+    let body_left = head.content_length - buffered_body as u64;
+    let replayable = body_left == 0;
+
+    let method_is_head = view.method() == "HEAD";
+    let log_method = if ctx.access_log.enabled() { view.method().to_string() } else { String::new() };
+    let log_path = if ctx.access_log.enabled() { view.str(&head.path).to_string() } else { String::new() };
+    let log_authority = if ctx.access_log.enabled() {
+        head.authority.as_ref().map(|a| view.str(a).to_string()).unwrap_or_default()
+    } else {
+        String::new()
+    };
+    let client_close = head.close;
+    buf.advance(head.len + buffered_body);
+
+    let mut in_flight = endpoint.start();
+    let outcome = exchange(
+        client,
+        ctx,
+        &endpoint,
+        &mut in_flight,
+        scratch,
+        body_left,
+        replayable,
+        method_is_head,
+        client_close,
+    )
+    .await;
+    drop(in_flight);
+
+    if outcome.is_ok() && route.pool.is_some() {
+        // The fast path only serves endpoints without a sidecar: the answer came in plaintext.
+        route.series.plaintext.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    let (status, keep) = match outcome {
+        Ok(x) => x,
+        Err(Failed::Connect) => {
+            answer(
+                client,
+                503,
+                "could not connect upstream",
+                "connect-failure",
+                body_left > 0 || client_close,
+            )
+            .await?;
+            (503, body_left == 0 && !client_close)
+        }
+        Err(Failed::BeforeResponse) => {
+            answer(client, 502, "upstream closed the connection before responding", "upstream-reset", true)
+                .await?;
+            (502, false)
+        }
+        Err(Failed::Midway) => (0, false),
+    };
+    if let (Some(pool), true) = (&route.pool, status != 0) {
+        observe::attempt(pool, &endpoint, status >= 500, &route.series);
+    }
+    let upstream = if ctx.access_log.enabled() { endpoint.addr.to_string() } else { String::new() };
+    observe::request(
+        &ctx.access_log,
+        &route.series,
+        started,
+        observe::Finished {
+            direction: conn.direction.as_str(),
+            method: &log_method,
+            authority: &log_authority,
+            path: &log_path,
+            status,
+            upstream: &upstream,
+            retries: 0,
+            trace_id: std::str::from_utf8(&trace_id).unwrap_or_default(),
+        },
+    );
+    Ok(keep)
+}
+
+enum Failed {
+    /// No connection could be made: nothing was sent.
+    Connect,
+    /// The upstream went away before answering.
+    BeforeResponse,
+    /// Something broke after the response started: both connections are dropped.
+    Midway,
+}
+
+/// Sends `scratch.out` (and the rest of the body from the client) upstream and copies the
+/// response back; returns the status and whether the client connection can be kept.
+#[allow(clippy::too_many_arguments)]
+async fn exchange(
+    client: &mut TcpStream,
+    ctx: &ProxyContext,
+    endpoint: &EndpointState,
+    in_flight: &mut InFlight,
+    scratch: &mut Scratch,
+    body_left: u64,
+    replayable: bool,
+    method_is_head: bool,
+    client_close: bool,
+) -> Result<(u16, bool), Failed> {
+    // A pooled connection may have been closed by the server in the meantime: then try once
+    // more on a fresh one, if the request can be sent again.
+    let mut fresh = false;
+    let upstream = loop {
+        let (mut up, reused) = match checkout(endpoint) {
+            Some(s) => (s, true),
+            None => {
+                let s = tokio::time::timeout(ctx.connect_timeout, TcpStream::connect(endpoint.addr))
+                    .await
+                    .map_err(|_| Failed::Connect)?
+                    .map_err(|_| Failed::Connect)?;
+                let _ = s.set_nodelay(true);
+                fresh = true;
+                (s, false)
+            }
+        };
+        in_flight.dispatched();
+        let sent = up.write_all(&scratch.out).await;
+        if sent.is_err() {
+            if reused && replayable && !fresh {
+                continue;
+            }
+            return Err(Failed::BeforeResponse);
+        }
+        if body_left > 0 {
+            let mut body = (&mut *client).take(body_left);
+            let copied = tokio::io::copy(&mut body, &mut up).await.map_err(|_| Failed::Midway)?;
+            if copied != body_left {
+                return Err(Failed::Midway);
+            }
+        }
+        // Read the response head; an empty answer on a reused connection means it was stale.
+        scratch.resp.clear();
+        scratch.resp.reserve(READ_CHUNK);
+        match read_response_head(&mut up, scratch).await {
+            Ok(Some(parsed)) => break (up, parsed),
+            Ok(None) if reused && replayable => continue,
+            Ok(None) | Err(_) => return Err(Failed::BeforeResponse),
+        }
+    };
+    let (mut up, (head_len, status, framing_hint, upstream_close)) = upstream;
+
+    // The downstream head: the upstream's, without hop-by-hop headers except the framing.
+    let out = &mut scratch.out;
+    out.clear();
+    let resp = &scratch.resp;
+    let line_end = resp.windows(2).position(|w| w == b"\r\n").unwrap_or(0);
+    out.extend_from_slice(&resp[..line_end + 2]);
+    for (n, v) in &scratch.headers {
+        let name = &resp[n.clone()];
+        if is_hop_by_hop(name) && !name.eq_ignore_ascii_case(b"transfer-encoding") {
+            continue;
+        }
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(&resp[v.clone()]);
+        out.extend_from_slice(b"\r\n");
+    }
+    let mut framing =
+        if method_is_head || status == 204 || status == 304 { Framing::None } else { framing_hint };
+    let keep = !client_close && !matches!(framing, Framing::UntilClose);
+    if !keep {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+
+    // Body bytes that came with the head.
+    let mut rest = &resp[head_len..];
+    let mut reusable = !upstream_close;
+    let done = take_body(&mut framing, &mut rest).map_err(|_| Failed::Midway)?;
+    out.extend_from_slice(&resp[head_len..resp.len() - rest.len()]);
+    if !rest.is_empty() {
+        reusable = false; // bytes beyond the response: do not trust this connection again
+    }
+    client.write_all(out).await.map_err(|_| Failed::Midway)?;
+    if !done {
+        let mut chunk = std::mem::take(&mut scratch.resp);
+        loop {
+            chunk.clear();
+            chunk.reserve(READ_CHUNK);
+            let n = up.read_buf(&mut chunk).await.map_err(|_| Failed::Midway)?;
+            if n == 0 {
+                if matches!(framing, Framing::UntilClose) {
+                    reusable = false;
+                    break;
+                }
+                return Err(Failed::Midway);
+            }
+            let mut part = &chunk[..];
+            let finished = take_body(&mut framing, &mut part).map_err(|_| Failed::Midway)?;
+            let used = chunk.len() - part.len();
+            client.write_all(&chunk[..used]).await.map_err(|_| Failed::Midway)?;
+            if !part.is_empty() {
+                reusable = false;
+            }
+            if finished {
+                break;
+            }
+        }
+        scratch.resp = chunk;
+    }
+    if reusable {
+        checkin(endpoint, up);
+    }
+    Ok((status, keep))
+}
+
+/// Reads a complete response head into `scratch.resp` (skipping interim 1xx responses other
+/// than 101); `Ok(None)` when the connection closed before any byte.
+async fn read_response_head(
+    up: &mut TcpStream,
+    scratch: &mut Scratch,
+) -> io::Result<Option<(usize, u16, Framing, bool)>> {
+    loop {
+        let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut res = httparse::Response::new(&mut raw);
+        match res.parse(&scratch.resp) {
+            Ok(httparse::Status::Complete(len)) => {
+                let status = res.code.unwrap_or(502);
+                if (100..200).contains(&status) && status != 101 {
+                    scratch.resp.advance(len);
+                    continue;
+                }
+                scratch.headers.clear();
+                let mut framing = Framing::UntilClose;
+                let mut close = res.version == Some(0);
+                for h in res.headers.iter() {
+                    let name = h.name.as_bytes();
+                    scratch.headers.push((offset(&scratch.resp, name), offset(&scratch.resp, h.value)));
+                    if name.eq_ignore_ascii_case(b"content-length") {
+                        let n = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse().ok());
+                        if let (Some(n), false) = (n, matches!(framing, Framing::Chunked(_))) {
+                            framing = Framing::Length(n);
+                        }
+                    } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+                        let chunked = h
+                            .value
+                            .split(|b| *b == b',')
+                            .next_back()
+                            .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+                        framing =
+                            if chunked { Framing::Chunked(Chunked::default()) } else { Framing::UntilClose };
+                    } else if name.eq_ignore_ascii_case(b"connection") {
+                        close |= h
+                            .value
+                            .split(|b| *b == b',')
+                            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+                    }
+                }
+                if status == 101 {
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, "unexpected 101"));
+                }
+                return Ok(Some((len, status, framing, close)));
+            }
+            Ok(httparse::Status::Partial) if scratch.resp.len() < MAX_HEAD => {}
+            _ => return Err(io::Error::new(io::ErrorKind::InvalidData, "malformed response head")),
+        }
+        let n = up.read_buf(&mut scratch.resp).await?;
+        if n == 0 {
+            return if scratch.resp.is_empty() { Ok(None) } else { Err(io::ErrorKind::UnexpectedEof.into()) };
+        }
+    }
+}

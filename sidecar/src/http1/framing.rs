@@ -1,0 +1,135 @@
+//! How a message body ends: by `Content-Length`, by chunked coding (scanned as it streams by,
+//! never re-encoded) or at close.
+
+/// Bytes that are not valid chunked coding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BadChunk;
+
+/// Scans chunked transfer coding (RFC 9112 §7.1) as it streams by, to find where the message
+/// ends; the bytes themselves are forwarded unchanged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Chunked {
+    Size { value: u64, digits: bool, ext: bool },
+    SizeLf { value: u64 },
+    Data(u64),
+    DataCr,
+    DataLf,
+    LineStart,
+    Line,
+    LineLf,
+    FinalLf,
+    Done,
+}
+
+impl Default for Chunked {
+    fn default() -> Self {
+        Self::Size { value: 0, digits: false, ext: false }
+    }
+}
+
+impl Chunked {
+    /// Feeds bytes; returns how many belong to the message (all of them unless it ended), or
+    /// `Err` for bytes that are not chunked coding.
+    pub fn feed(&mut self, bytes: &[u8]) -> Result<usize, BadChunk> {
+        let mut i = 0;
+        while i < bytes.len() {
+            if *self == Self::Done {
+                return Ok(i);
+            }
+            let b = bytes[i];
+            *self = match *self {
+                Self::Size { value, digits, ext } => match b {
+                    b'\r' if digits => Self::SizeLf { value },
+                    _ if ext => Self::Size { value, digits, ext },
+                    b';' | b' ' | b'\t' if digits => Self::Size { value, digits, ext: true },
+                    _ => {
+                        let d = (b as char).to_digit(16).ok_or(BadChunk)?;
+                        let value = value
+                            .checked_mul(16)
+                            .and_then(|v| v.checked_add(u64::from(d)))
+                            .ok_or(BadChunk)?;
+                        Self::Size { value, digits: true, ext: false }
+                    }
+                },
+                Self::SizeLf { value } if b == b'\n' => {
+                    if value == 0 {
+                        Self::LineStart
+                    } else {
+                        Self::Data(value)
+                    }
+                }
+                Self::Data(n) => {
+                    let take = (bytes.len() - i).min(usize::try_from(n).unwrap_or(usize::MAX));
+                    i += take;
+                    let left = n - take as u64;
+                    *self = if left == 0 { Self::DataCr } else { Self::Data(left) };
+                    continue;
+                }
+                Self::DataCr if b == b'\r' => Self::DataLf,
+                Self::DataLf if b == b'\n' => Self::default(),
+                Self::LineStart if b == b'\r' => Self::FinalLf,
+                Self::LineStart | Self::Line if b != b'\r' => Self::Line,
+                Self::Line => Self::LineLf,
+                Self::LineLf if b == b'\n' => Self::LineStart,
+                Self::FinalLf if b == b'\n' => {
+                    *self = Self::Done;
+                    return Ok(i + 1);
+                }
+                _ => return Err(BadChunk),
+            };
+            i += 1;
+        }
+        Ok(i)
+    }
+}
+
+/// How a response body ends.
+pub(super) enum Framing {
+    None,
+    Length(u64),
+    Chunked(Chunked),
+    UntilClose,
+}
+
+/// Consumes body bytes from `rest` according to `framing`; true when the body is complete.
+pub(super) fn take_body(framing: &mut Framing, rest: &mut &[u8]) -> Result<bool, BadChunk> {
+    match framing {
+        Framing::None => Ok(true),
+        Framing::Length(n) => {
+            let take = rest.len().min(usize::try_from(*n).unwrap_or(usize::MAX));
+            *n -= take as u64;
+            *rest = &rest[take..];
+            Ok(*n == 0)
+        }
+        Framing::Chunked(scanner) => {
+            let used = scanner.feed(rest)?;
+            *rest = &rest[used..];
+            Ok(*scanner == Chunked::Done)
+        }
+        Framing::UntilClose => {
+            *rest = &rest[rest.len()..];
+            Ok(false)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunked_scanner_finds_the_end() {
+        let body =
+            b"4\r\nWiki\r\n5;ext=1\r\npedia\r\nE\r\n in\r\n\r\nchunks.\r\n0\r\nx-trailer: 1\r\n\r\nNEXT";
+        for split in 0..=body.len() - 4 {
+            let mut s = Chunked::default();
+            let first = s.feed(&body[..split]).unwrap();
+            assert_eq!(first, split, "nothing ends early");
+            let second = s.feed(&body[split..]).unwrap();
+            assert_eq!(split + second, body.len() - 4, "split at {split}");
+            assert_eq!(s, Chunked::Done);
+        }
+        let mut s = Chunked::default();
+        assert!(s.feed(b"zz\r\n").is_err());
+    }
+}

@@ -1,0 +1,250 @@
+//! Request heads parsed in place: positions into the connection's buffer rather than copies,
+//! with what the fast path needs to know (authority, framing, whether anything is unusual) and
+//! the [`RequestView`] the route table matches on.
+
+use std::io;
+use std::ops::Range;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use http::HeaderName;
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+
+use crate::route::table::RequestView;
+use crate::telemetry::trace;
+
+/// The longest head accepted (request or response).
+pub(super) const MAX_HEAD: usize = 64 * 1024;
+/// Room made for every read (a `BytesMut` without spare capacity would read 64 bytes at a time).
+pub(super) const READ_CHUNK: usize = 16 * 1024;
+pub(super) const MAX_HEADERS: usize = 100;
+/// A keep-alive client connection idle this long is closed.
+const CLIENT_IDLE: Duration = Duration::from_secs(120);
+
+/// A parsed request head: positions into the connection's buffer.
+#[derive(Default)]
+pub(super) struct Head {
+    pub(super) len: usize,
+    pub(super) method: Range<usize>,
+    /// Path and query, origin-form.
+    pub(super) path: Range<usize>,
+    /// The authority: from an absolute-form target or the Host header.
+    pub(super) authority: Option<Range<usize>>,
+    pub(super) headers: Vec<(Range<usize>, Range<usize>)>,
+    pub(super) content_length: u64,
+    /// Something only the general path handles.
+    pub(super) unusual: bool,
+    pub(super) close: bool,
+    pub(super) has_host: bool,
+    pub(super) has_traceparent: bool,
+    pub(super) has_request_id: bool,
+}
+
+/// Header names a proxy never forwards (RFC 9110 §7.6.1).
+pub(super) fn is_hop_by_hop(name: &[u8]) -> bool {
+    const HOP: [&[u8]; 8] = [
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authorization",
+    ];
+    HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
+}
+
+pub(super) fn offset(base: &[u8], part: &[u8]) -> Range<usize> {
+    let start = part.as_ptr() as usize - base.as_ptr() as usize;
+    start..start + part.len()
+}
+
+impl Head {
+    /// Parses a complete head at the start of `buf`; `Ok(None)` when more bytes are needed.
+    pub(super) fn parse(buf: &[u8], head: &mut Head) -> Result<Option<()>, ()> {
+        let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut raw);
+        let len = match req.parse(buf) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(_) => return Err(()),
+        };
+        head.headers.clear();
+        head.len = len;
+        let (method, target) = (req.method.ok_or(())?, req.path.ok_or(())?);
+        head.method = offset(buf, method.as_bytes());
+        head.unusual = req.version != Some(1) || method == "CONNECT";
+        head.close = false;
+        head.content_length = 0;
+        head.authority = None;
+        head.has_host = false;
+        head.has_traceparent = false;
+        head.has_request_id = false;
+        // Absolute-form (an app using the sidecar as HTTP_PROXY): split off the authority.
+        let t = target.as_bytes();
+        head.path = offset(buf, t);
+        if let Some(rest) = target.strip_prefix("http://") {
+            let end = rest.find('/').unwrap_or(rest.len());
+            head.authority = Some(offset(buf, &rest.as_bytes()[..end]));
+            head.path = offset(buf, if end == rest.len() { b"/" } else { &rest.as_bytes()[end..] });
+            if end == rest.len() {
+                // "http://host" has no path: not worth a special case.
+                head.unusual = true;
+            }
+        } else if !target.starts_with('/') {
+            head.unusual = true; // "*" or an authority-form target
+        }
+        let mut lengths = 0;
+        for h in req.headers.iter() {
+            let name = h.name.as_bytes();
+            let value = h.value;
+            head.headers.push((offset(buf, name), offset(buf, value)));
+            if name.eq_ignore_ascii_case(b"content-length") {
+                lengths += 1;
+                head.content_length =
+                    std::str::from_utf8(value).ok().and_then(|v| v.trim().parse().ok()).ok_or(())?;
+            } else if name.eq_ignore_ascii_case(b"host") {
+                head.has_host = true;
+                if head.authority.is_none() {
+                    head.authority = Some(offset(buf, value));
+                }
+            } else if name.eq_ignore_ascii_case(b"connection") {
+                for token in value.split(|b| *b == b',').map(|t| t.trim_ascii()) {
+                    if token.eq_ignore_ascii_case(b"close") {
+                        head.close = true;
+                    } else if !token.eq_ignore_ascii_case(b"keep-alive") {
+                        head.unusual = true; // upgrade, or headers named as hop-by-hop
+                    }
+                }
+            } else if name.eq_ignore_ascii_case(b"transfer-encoding")
+                || name.eq_ignore_ascii_case(skein_api::constants::INBOUND_PORT_HEADER.as_bytes())
+                || name.eq_ignore_ascii_case(b"expect")
+                || name.eq_ignore_ascii_case(b"upgrade")
+            {
+                head.unusual = true;
+            } else if name.eq_ignore_ascii_case(b"traceparent") {
+                head.has_traceparent = trace::is_valid_traceparent(value);
+            } else if name.eq_ignore_ascii_case(b"x-request-id") {
+                head.has_request_id = true;
+            }
+        }
+        if lengths > 1 {
+            head.unusual = true; // let the general path judge conflicting lengths
+        }
+        Ok(Some(()))
+    }
+}
+
+/// A head together with its buffer, for route matching.
+pub(super) struct View<'a> {
+    pub(super) head: &'a Head,
+    pub(super) buf: &'a [u8],
+}
+
+impl View<'_> {
+    pub(super) fn str(&self, r: &Range<usize>) -> &str {
+        std::str::from_utf8(&self.buf[r.clone()]).unwrap_or("")
+    }
+}
+
+impl RequestView for View<'_> {
+    fn method(&self) -> &str {
+        self.str(&self.head.method)
+    }
+    fn path(&self) -> &str {
+        let p = self.str(&self.head.path);
+        p.split_once('?').map_or(p, |(path, _)| path)
+    }
+    fn any_header(&self, name: &HeaderName, f: &mut dyn FnMut(&str) -> bool) -> bool {
+        self.head
+            .headers
+            .iter()
+            .filter(|(n, _)| self.buf[n.clone()].eq_ignore_ascii_case(name.as_str().as_bytes()))
+            .any(|(_, v)| f(self.str(v)))
+    }
+}
+
+/// Splits an authority into host and port (`[::1]:80`, `host:80`, `host`).
+pub(super) fn host_port(authority: &str) -> (&str, Option<u16>) {
+    if let Some(rest) = authority.strip_prefix('[') {
+        let (host, after) = rest.split_once(']').unwrap_or((rest, ""));
+        return (host, after.strip_prefix(':').and_then(|p| p.parse().ok()));
+    }
+    match authority.rsplit_once(':') {
+        Some((h, p)) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => (h, p.parse().ok()),
+        _ => (authority, None),
+    }
+}
+
+/// Reads until `buf` holds a complete head; `Ok(false)` on a clean end of stream before any byte.
+pub(super) async fn fill_head(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    head: &mut Head,
+) -> io::Result<bool> {
+    loop {
+        if !buf.is_empty() {
+            match Head::parse(buf, head) {
+                Ok(Some(())) => return Ok(true),
+                Ok(None) if buf.len() >= MAX_HEAD => {
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, "head too large"))
+                }
+                Ok(None) => {}
+                Err(()) => return Err(io::Error::new(io::ErrorKind::InvalidData, "malformed head")),
+            }
+        }
+        buf.reserve(READ_CHUNK.saturating_sub(buf.capacity() - buf.len()).min(READ_CHUNK));
+        let read = if buf.is_empty() {
+            match tokio::time::timeout(CLIENT_IDLE, stream.read_buf(buf)).await {
+                Ok(r) => r?,
+                Err(_) => return Ok(false),
+            }
+        } else {
+            stream.read_buf(buf).await?
+        };
+        if read == 0 {
+            return if buf.is_empty() { Ok(false) } else { Err(io::ErrorKind::UnexpectedEof.into()) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heads_parse_in_place() {
+        let raw = b"GET http://reviews.shop:9080/api?x=1 HTTP/1.1\r\nX-User-Group: beta\r\nContent-Length: 3\r\n\r\nabc";
+        let mut head = Head::default();
+        Head::parse(raw, &mut head).unwrap().unwrap();
+        let view = View { head: &head, buf: raw };
+        assert_eq!(view.method(), "GET");
+        assert_eq!(view.path(), "/api");
+        assert_eq!(view.str(head.authority.as_ref().unwrap()), "reviews.shop:9080");
+        assert_eq!(head.content_length, 3);
+        assert!(!head.unusual && !head.has_host);
+        assert!(view.any_header(&HeaderName::from_static("x-user-group"), &mut |v| v == "beta"));
+
+        for unusual in [
+            &b"GET / HTTP/1.0\r\n\r\n"[..],
+            b"CONNECT a:443 HTTP/1.1\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"GET / HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+            b"POST / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n",
+        ] {
+            Head::parse(unusual, &mut head).unwrap().unwrap();
+            assert!(head.unusual, "{}", String::from_utf8_lossy(unusual));
+        }
+        assert!(Head::parse(b"GET / HTTP/1.1\r\nHost: a\r\n", &mut head).unwrap().is_none());
+        assert!(Head::parse(b"GARBAGE\r\n\r\n", &mut head).is_err());
+    }
+
+    #[test]
+    fn authorities_split_into_host_and_port() {
+        assert_eq!(host_port("reviews:9080"), ("reviews", Some(9080)));
+        assert_eq!(host_port("reviews"), ("reviews", None));
+        assert_eq!(host_port("[::1]:80"), ("::1", Some(80)));
+    }
+}

@@ -1,0 +1,145 @@
+//! The HTTP/1.1 fast path: plain request/response forwarding without hyper's per-request
+//! machinery (channels, pooled-client bookkeeping, header maps).
+//!
+//! Each client connection is one task: it parses a request head in place (httparse), decides
+//! the destination with the same route table, picks an endpoint with the same balancer, writes
+//! the rewritten head and the body to an idle upstream connection of that endpoint, and copies
+//! the response back, framing bodies by `Content-Length` or by scanning chunked encoding. Metrics,
+//! outlier detection, trace headers and the access log are the same as on the general path.
+//!
+//! Anything this path does not handle — HTTP/1.0, `CONNECT`, upgrades, `Expect`, chunked request
+//! bodies, destinations with retries or timeouts, passthrough hosts, errors — is handed back:
+//! [`serve`] returns a [`HandOff`] holding the connection and the bytes already read, and the
+//! listener gives it to hyper for the rest of its life (the shape of linkerd2-proxy's protocol
+//! detection). So the fast path only ever takes the common case, the general path decides
+//! everything else, and this module never calls hyper.
+//!
+//! Here: `head` (request heads parsed in place), `framing` (where bodies end), `pool` (idle
+//! upstream connections), `forward` (one request and its response). Depends on `proxy` (the
+//! context and the shared observe step), `route`, `balance` and `telemetry`.
+
+mod forward;
+mod framing;
+mod head;
+mod pool;
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::balance::EndpointState;
+use crate::proxy::{ConnMeta, Direction, ProxyContext};
+use crate::route::table::RequestView;
+use forward::{forward, Route, Scratch};
+use head::{fill_head, host_port, Head, View};
+
+/// Serves a client connection on the fast path for as long as its requests allow; returns the
+/// connection when the rest of it is for hyper, `None` when it is done.
+pub async fn serve(mut stream: TcpStream, ctx: &ProxyContext, conn: ConnMeta) -> Option<HandOff> {
+    let mut buf = BytesMut::with_capacity(8 * 1024);
+    let mut head = Head::default();
+    let mut scratch = Scratch::default();
+    let mut inbound: Option<(u16, Arc<EndpointState>)> = None;
+    loop {
+        match fill_head(&mut stream, &mut buf, &mut head).await {
+            Ok(true) => {}
+            Ok(false) => return None,
+            // Malformed or oversized: hyper gives the proper 400/431 answer.
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => break,
+            Err(_) => return None,
+        }
+        if head.unusual {
+            break;
+        }
+        let view = View { head: &head, buf: &buf };
+        let authority = head.authority.as_ref().map(|r| view.str(r));
+        let (host, port) = authority.map(host_port).map_or((None, None), |(h, p)| (Some(h), p));
+        let active = ctx.store.current();
+        let target = match conn.direction {
+            Direction::Inbound => {
+                let Some(port) = conn.original.map(|o| o.port()).or(port) else { break };
+                let endpoint = match &inbound {
+                    Some((p, e)) if *p == port => e.clone(),
+                    _ => {
+                        let e = ctx.store.shared.endpoint(SocketAddr::new(ctx.inbound_target, port));
+                        inbound = Some((port, e.clone()));
+                        e
+                    }
+                };
+                Route { endpoint: Some(endpoint), pool: None, series: ctx.inbound.clone() }
+            }
+            Direction::Outbound => {
+                let resolved = active.as_ref().map(|a| a.table.resolve(host, port, conn.original, &view));
+                match resolved {
+                    Some(Ok(t))
+                        if t.timeout.is_none()
+                            && !t.pool.meshed
+                            && t.protocol == skein_api::config::Protocol::Http
+                            && t.retry
+                                .as_ref()
+                                .is_none_or(|r| r.attempts == 0 || !r.method_allowed_str(view.method())) =>
+                    {
+                        Route { endpoint: None, pool: Some(t.pool.clone()), series: t.series.clone() }
+                    }
+                    _ => break,
+                }
+            }
+        };
+        match forward(&mut stream, &mut buf, &head, ctx, conn, target, &mut scratch).await {
+            Ok(true) => continue,
+            Ok(false) | Err(_) => return None,
+        }
+    }
+    Some(HandOff { prefix: buf.freeze(), inner: stream })
+}
+
+/// A connection the fast path hands over: the bytes it already read, then the socket. As I/O
+/// it reads the prefix first, so hyper sees the connection from its first byte.
+pub struct HandOff {
+    prefix: Bytes,
+    inner: TcpStream,
+}
+
+impl AsyncRead for HandOff {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(out.remaining());
+            out.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, out)
+    }
+}
+
+impl AsyncWrite for HandOff {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

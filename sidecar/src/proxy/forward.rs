@@ -1,0 +1,411 @@
+//! Steps 3–6: timeouts around retries around balancing around forwarding, for one request to
+//! a mesh destination or a fixed address; upgrades and CONNECT tunnels too.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+
+use super::body::{buffer, Buffered, ProxyBody, RETRY_BUFFER_LIMIT};
+use super::peer::{connect_peer, peer_connection};
+use super::{error, observe, ProxyContext, ATTEMPT_HEADER, INBOUND_PORT, RETRIED_HEADER};
+use crate::balance::{now_ms, now_ns, EndpointState, InFlight};
+use crate::route::retry::Failure;
+use crate::route::table::Target;
+use crate::telemetry::metrics::Series;
+
+/// Where one request is sent.
+pub(super) enum Upstream<'t> {
+    /// A mesh destination: balanced, retried, ejected.
+    Mesh(&'t Target),
+    /// A fixed address (passthrough, or the local app for inbound).
+    Fixed(Authority, &'t Arc<Series>),
+}
+
+/// What forwarding produced.
+pub(super) struct Forwarded {
+    pub(super) response: Response<ProxyBody>,
+    pub(super) retries: u32,
+    pub(super) upstream: Option<String>,
+}
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1): the fixed set and every header the
+/// `Connection` header names. `keep_upgrade` keeps `Connection: upgrade` and `Upgrade` for a
+/// protocol switch.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|n| !(keep_upgrade && *n == header::UPGRADE))
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [header::TE, header::TRAILER, header::TRANSFER_ENCODING, header::PROXY_AUTHORIZATION] {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::CONNECTION);
+        headers.remove(header::UPGRADE);
+    }
+}
+
+pub(super) fn is_upgrade(parts: &Parts) -> bool {
+    parts.version == Version::HTTP_11
+        && parts.headers.contains_key(header::UPGRADE)
+        && parts
+            .headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+}
+
+/// Builds the request for one attempt.
+fn upstream_request(
+    parts: &Parts,
+    headers: HeaderMap,
+    to: &Authority,
+    body: ProxyBody,
+    attempt: u32,
+    upgrade: bool,
+) -> Request<ProxyBody> {
+    let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let mut uri = Uri::builder().scheme(Scheme::HTTP).authority(to.clone()).path_and_query(path);
+    if parts.method == Method::OPTIONS && parts.uri.path() == "*" {
+        uri = Uri::builder().scheme(Scheme::HTTP).authority(to.clone()).path_and_query("*");
+    }
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = uri.build().expect("valid parts");
+    *req.headers_mut() = headers;
+    strip_hop_by_hop(req.headers_mut(), upgrade);
+    if attempt > 0 {
+        req.headers_mut().insert(&ATTEMPT_HEADER, HeaderValue::from(attempt));
+    }
+    req
+}
+
+/// Classifies a client error.
+fn failure_of(e: &hyper_util::client::legacy::Error) -> Failure {
+    if e.is_connect() {
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+        while let Some(s) = source {
+            if let Some(io) = s.downcast_ref::<std::io::Error>() {
+                if io.kind() == std::io::ErrorKind::ConnectionRefused {
+                    return Failure::Refused;
+                }
+            }
+            source = s.source();
+        }
+        return Failure::ConnectFailure;
+    }
+    Failure::Reset
+}
+
+fn failure_response(f: Failure) -> Response<ProxyBody> {
+    match f {
+        Failure::Refused => {
+            error(StatusCode::SERVICE_UNAVAILABLE, "connect-refused", "upstream refused the connection")
+        }
+        Failure::ConnectFailure => {
+            error(StatusCode::SERVICE_UNAVAILABLE, "connect-failure", "could not connect upstream")
+        }
+        Failure::Reset => error(
+            StatusCode::BAD_GATEWAY,
+            "upstream-reset",
+            "upstream closed the connection before responding",
+        ),
+        Failure::Timeout => error(StatusCode::GATEWAY_TIMEOUT, "timeout", "upstream did not respond in time"),
+    }
+}
+
+/// Steps 3–6: timeouts around retries around balancing around forwarding. `upgrade` is the
+/// downstream connection's upgrade handle for a protocol switch (WebSocket): such a request is
+/// sent once and, on `101`, both connections are spliced.
+pub(super) async fn forward(
+    ctx: &ProxyContext,
+    parts: &mut Parts,
+    body: Incoming,
+    upstream: &Upstream<'_>,
+    upgrade: Option<OnUpgrade>,
+) -> Forwarded {
+    let target = match upstream {
+        Upstream::Fixed(to, _) => {
+            let headers = std::mem::take(&mut parts.headers);
+            let req = upstream_request(parts, headers, to, ProxyBody::Incoming(body), 0, upgrade.is_some());
+            let response = match ctx.client.request(req).await {
+                Ok(r) => finish_response(r, 0, upgrade),
+                Err(e) => failure_response(failure_of(&e)),
+            };
+            return Forwarded { response, retries: 0, upstream: Some(to.to_string()) };
+        }
+        Upstream::Mesh(t) => *t,
+    };
+    if upgrade.is_some() {
+        let Some(pick) = target.pool.pick(now_ns()) else { return no_endpoints(0) };
+        let to = pick.endpoint.via_proxy.as_ref().map_or(&pick.endpoint.authority, |(_, a)| a).clone();
+        let headers = std::mem::take(&mut parts.headers);
+        let mut req = upstream_request(parts, headers, &to, ProxyBody::Incoming(body), 0, true);
+        if pick.endpoint.via_proxy.is_some() {
+            req.headers_mut().insert(&INBOUND_PORT, HeaderValue::from(pick.endpoint.addr.port()));
+        }
+        let result = send_upgrade(ctx, &pick.endpoint, req).await;
+        count_transport(&target.series, result.as_ref().ok().map(|sent| sent.over_mtls));
+        let response = match result {
+            Ok(sent) => finish_response(sent.response, 0, upgrade),
+            Err(f) => failure_response(f),
+        };
+        return Forwarded { response, retries: 0, upstream: Some(to.to_string()) };
+    }
+
+    let retry = target.retry.as_ref().filter(|r| r.attempts > 0 && r.method_allowed(&parts.method));
+    let now_secs = now_ms() / 1000;
+    if let Some(r) = retry {
+        r.budget.deposit(now_secs);
+    }
+    let mut body = match retry {
+        Some(_) => buffer(body, RETRY_BUFFER_LIMIT).await,
+        None => Buffered::OneShot(ProxyBody::Incoming(body)),
+    };
+    let overall = match (target.timeout, retry.and_then(|r| r.timeout)) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    let deadline = overall.map(|d| tokio::time::Instant::now() + d);
+
+    let mut attempt = 0u32;
+    // Endpoints an attempt failed on: retries go elsewhere while they can.
+    let mut tried: Vec<Arc<EndpointState>> = Vec::new();
+    loop {
+        let Some(pick) = target.pool.pick_avoiding(now_ns(), &tried) else {
+            return no_endpoints(attempt);
+        };
+        if pick.failed_open {
+            target.series.fail_open.fetch_add(1, Ordering::Relaxed);
+        }
+        let endpoint = pick.endpoint;
+        // A meshed endpoint is reached through its sidecar, over HTTP/2.
+        let to = endpoint.via_proxy.as_ref().map_or(&endpoint.authority, |(_, a)| a).clone();
+        // Headers are copied only while another attempt may need them.
+        let headers = if retry.is_some() && body.replayable() {
+            parts.headers.clone()
+        } else {
+            std::mem::take(&mut parts.headers)
+        };
+        let mut req = upstream_request(parts, headers, &to, body.take(), attempt, false);
+        if endpoint.via_proxy.is_some() {
+            *req.version_mut() = Version::HTTP_2;
+            req.headers_mut().insert(&INBOUND_PORT, HeaderValue::from(endpoint.addr.port()));
+        }
+        let per_try = retry.and_then(|r| r.per_try_timeout);
+        let limit = match (per_try.map(|p| tokio::time::Instant::now() + p), deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let mut in_flight = endpoint.start();
+        let result = match limit {
+            Some(at) => match tokio::time::timeout_at(at, send(ctx, &endpoint, req, &mut in_flight)).await {
+                Ok(r) => r,
+                Err(_) => Err(Failure::Timeout),
+            },
+            None => send(ctx, &endpoint, req, &mut in_flight).await,
+        };
+        drop(in_flight);
+        let over_mtls = result.as_ref().ok().map(|sent| sent.over_mtls);
+        let result = result.map(|sent| sent.response);
+
+        let failed = match &result {
+            Ok(r) => r.status().is_server_error(),
+            Err(_) => true,
+        };
+        observe::attempt(&target.pool, &endpoint, failed, &target.series);
+
+        let retryable = match (&result, retry) {
+            (_, None) => false,
+            (Ok(r), Some(s)) => s.retries_status(r.status()) && !r.headers().contains_key(&RETRIED_HEADER),
+            (Err(f), Some(s)) => s.retries_failure(*f),
+        };
+        let more = retry.is_some_and(|r| attempt < r.attempts) && body.replayable();
+        if retryable && more {
+            let settings = retry.expect("retryable implies a policy");
+            let backoff = settings.backoff(attempt + 1);
+            let fits = deadline.is_none_or(|d| tokio::time::Instant::now() + backoff < d);
+            if fits && settings.budget.try_withdraw(now_ms() / 1000) {
+                target.series.retries.fetch_add(1, Ordering::Relaxed);
+                attempt += 1;
+                tried.push(endpoint);
+                tokio::time::sleep(backoff).await;
+                continue;
+            }
+            if fits {
+                target.series.retries_skipped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        // Counted once per request, by the answer that is returned.
+        count_transport(&target.series, over_mtls);
+        let response = match result {
+            Ok(r) => finish_response(r, attempt, None),
+            Err(Failure::Timeout) if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) => {
+                error(StatusCode::GATEWAY_TIMEOUT, "timeout", "the request timed out")
+            }
+            Err(f) => failure_response(f),
+        };
+        return Forwarded { response, retries: attempt, upstream: Some(to.to_string()) };
+    }
+}
+
+fn no_endpoints(retries: u32) -> Forwarded {
+    Forwarded {
+        response: error(StatusCode::SERVICE_UNAVAILABLE, "no-endpoints", "the destination has no endpoints"),
+        retries,
+        upstream: None,
+    }
+}
+
+/// Counts how the answer to a request travelled: over mTLS, in plaintext, or (`None`) not at
+/// all, when the proxy answered itself.
+fn count_transport(series: &Series, over_mtls: Option<bool>) {
+    match over_mtls {
+        Some(true) => series.mtls.fetch_add(1, Ordering::Relaxed),
+        Some(false) => series.plaintext.fetch_add(1, Ordering::Relaxed),
+        None => 0,
+    };
+}
+
+/// An attempt's answer, and whether it came over mTLS from the destination's sidecar.
+struct Sent {
+    response: Response<Incoming>,
+    over_mtls: bool,
+}
+
+/// Sends one attempt: plain HTTP/1.1 to an app endpoint, or HTTP/2 to a meshed endpoint's
+/// sidecar — over mTLS, verifying the peer's SPIFFE ID, when this sidecar has an identity.
+async fn send(
+    ctx: &ProxyContext,
+    endpoint: &EndpointState,
+    req: Request<ProxyBody>,
+    in_flight: &mut InFlight,
+) -> Result<Sent, Failure> {
+    let client = match (&endpoint.via_proxy, &endpoint.peer_identity, ctx.tls.current()) {
+        (Some((peer, _)), Some(identity), Some(material)) => {
+            let mut sender = peer_connection(ctx, *peer, identity, &material).await?;
+            let mut req = req;
+            // HTTP/2 carries the authority in the URI: the original one, for the app's Host.
+            if let Some(host) = req
+                .headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .and_then(|h| h.parse::<Authority>().ok())
+            {
+                let path =
+                    req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+                if let Ok(uri) =
+                    Uri::builder().scheme(Scheme::HTTPS).authority(host).path_and_query(path).build()
+                {
+                    *req.uri_mut() = uri;
+                }
+            }
+            in_flight.dispatched();
+            let response = sender.send_request(req).await.map_err(|_| {
+                // A broken connection is replaced on the next request.
+                ctx.peers.lock().unwrap_or_else(|p| p.into_inner()).remove(peer);
+                Failure::Reset
+            })?;
+            return Ok(Sent { response, over_mtls: true });
+        }
+        (Some(_), _, _) => &ctx.h2_client,
+        (None, _, _) => &ctx.client,
+    };
+    let response = client.request(req).await.map_err(|e| failure_of(&e))?;
+    Ok(Sent { response, over_mtls: false })
+}
+
+/// An upgrade (WebSocket and the like) has a connection of its own. To a meshed endpoint it is
+/// HTTP/1.1 over mTLS to the peer's sidecar (ALPN `http/1.1`), so a strict peer accepts it;
+/// otherwise plain HTTP/1.1.
+async fn send_upgrade(
+    ctx: &ProxyContext,
+    endpoint: &EndpointState,
+    mut req: Request<ProxyBody>,
+) -> Result<Sent, Failure> {
+    let (Some((peer, _)), Some(identity), Some(material)) =
+        (&endpoint.via_proxy, &endpoint.peer_identity, ctx.tls.current())
+    else {
+        let response = ctx.client.request(req).await.map_err(|e| failure_of(&e))?;
+        return Ok(Sent { response, over_mtls: false });
+    };
+    let mut config = (*material.client_for(&identity.spiffe_id(&material.trust_domain))).clone();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tls = connect_peer(ctx, *peer, identity, Arc::new(config)).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .map_err(|_| Failure::ConnectFailure)?;
+    tokio::spawn(conn.with_upgrades());
+    // A connection of our own speaks origin-form; the Host header names the app.
+    let path = req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+    *req.uri_mut() = Uri::from(path);
+    let response = sender.send_request(req).await.map_err(|_| Failure::Reset)?;
+    Ok(Sent { response, over_mtls: true })
+}
+
+fn finish_response(
+    mut r: Response<Incoming>,
+    retries: u32,
+    upgrade: Option<OnUpgrade>,
+) -> Response<ProxyBody> {
+    let switching = upgrade.is_some() && r.status() == StatusCode::SWITCHING_PROTOCOLS;
+    if let (true, Some(downstream)) = (switching, upgrade) {
+        let upstream = hyper::upgrade::on(&mut r);
+        tokio::spawn(async move {
+            let (Ok(down), Ok(up)) = (downstream.await, upstream.await) else { return };
+            let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
+            let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+        });
+    }
+    let (mut parts, body) = r.into_parts();
+    strip_hop_by_hop(&mut parts.headers, switching);
+    if retries > 0 {
+        parts.headers.insert(&RETRIED_HEADER, HeaderValue::from(retries));
+    }
+    Response::from_parts(parts, ProxyBody::Incoming(body))
+}
+
+/// CONNECT (an app using the sidecar as an HTTPS proxy): answer 200 and splice the bytes.
+pub(super) fn tunnel(upgrade: Option<OnUpgrade>, upstream: &Upstream<'_>) -> Forwarded {
+    let to = match upstream {
+        Upstream::Fixed(a, _) => a.to_string(),
+        Upstream::Mesh(t) => match t.pool.pick(now_ns()) {
+            Some(p) => p.endpoint.addr.to_string(),
+            None => return no_endpoints(0),
+        },
+    };
+    let Some(on_upgrade) = upgrade else {
+        return Forwarded {
+            response: error(StatusCode::BAD_REQUEST, "no-upgrade", "CONNECT needs HTTP/1.1"),
+            retries: 0,
+            upstream: None,
+        };
+    };
+    let target = to.clone();
+    tokio::spawn(async move {
+        let Ok(upgraded) = on_upgrade.await else { return };
+        let Ok(mut server) = tokio::net::TcpStream::connect(&target).await else { return };
+        let mut client = TokioIo::new(upgraded);
+        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+    });
+    Forwarded { response: Response::new(ProxyBody::Empty), retries: 0, upstream: Some(to) }
+}

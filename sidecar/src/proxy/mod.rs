@@ -1,0 +1,154 @@
+//! The request path, assembled in one place and read top to bottom:
+//!
+//! 1. trace headers (`traceparent`, `x-request-id`) ensured;
+//! 2. destination decided from the route table (header/path/method rules, weighted backends),
+//!    or passthrough to where the client sent it;
+//! 3. timeouts (rule and retry deadlines) around
+//! 4. retries (budget, backoff, idempotency, 64 KiB replay buffer) around
+//! 5. balancing (P2C-EWMA or round robin over endpoints not ejected) and outlier recording
+//!    around
+//! 6. forwarding over pooled upstream connections, hop-by-hop headers removed (RFC 9110 §7.6.1);
+//! 7. metrics and one access-log line.
+//!
+//! Each step is a small function with its own tests; they are plain async functions rather than
+//! boxed tower layers so the hot path allocates as little as possible.
+//!
+//! Here: the context every request reads and the per-connection facts; `serve` (steps 1, 2
+//! and 7 for hyper's requests), `forward` (3–6), `peer` (the mTLS HTTP/2 connections to peer
+//! sidecars), `observe` (the outcome of an attempt and of a request, which the HTTP/1 fast path
+//! records through too) and `body`. Depends on `route`, `balance`, `config` (the store),
+//! `telemetry` and `tls`; never on `http1` or `listener`, which call into it.
+
+pub mod body;
+mod forward;
+pub mod observe;
+mod peer;
+mod serve;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::HeaderName;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+
+use crate::config::store::ConfigStore;
+use crate::telemetry::access_log::AccessLog;
+use crate::telemetry::metrics::{Series, SeriesKey};
+use body::ProxyBody;
+
+pub use serve::{error, serve};
+
+/// See [`skein_api::constants::INBOUND_PORT_HEADER`].
+pub static INBOUND_PORT: HeaderName = HeaderName::from_static(skein_api::constants::INBOUND_PORT_HEADER);
+/// Request header telling the upstream which attempt this is (1 = first retry).
+pub static ATTEMPT_HEADER: HeaderName = HeaderName::from_static("x-skein-attempt");
+/// Response header set when the proxy retried: an outer proxy that sees it does not retry
+/// again, so retries never multiply across hops.
+pub static RETRIED_HEADER: HeaderName = HeaderName::from_static("x-skein-retries");
+/// Response header naming why the proxy itself answered with an error.
+pub static ERROR_HEADER: HeaderName = HeaderName::from_static("x-skein-error");
+
+/// Which listener a request came in on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// App → mesh (15001).
+    Outbound,
+    /// Mesh → local app (15006).
+    Inbound,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Outbound => "outbound",
+            Self::Inbound => "inbound",
+        }
+    }
+}
+
+/// Everything the request path reads.
+pub struct ProxyContext {
+    pub store: Arc<ConfigStore>,
+    pub client: Client<HttpConnector, ProxyBody>,
+    pub h2_client: Client<HttpConnector, ProxyBody>,
+    pub access_log: AccessLog,
+    /// Where inbound requests go (the app, on the same port).
+    pub inbound_target: IpAddr,
+    pub connect_timeout: Duration,
+    /// Serve plain HTTP/1.1 requests on the fast path ([`crate::http1`]).
+    pub fast_path: bool,
+    pub passthrough: Arc<Series>,
+    pub inbound: Arc<Series>,
+    /// Identity material; when present, hops between sidecars are mTLS.
+    pub tls: Arc<crate::tls::TlsStore>,
+    /// Inbound accepts only mTLS from mesh identities (else plaintext is accepted too).
+    pub inbound_strict: bool,
+    /// One multiplexed mTLS HTTP/2 connection per peer sidecar and expected identity.
+    pub(crate) peers: std::sync::Mutex<peer::PeerConnections>,
+    /// Held while a new peer connection is made, so concurrent first requests share one.
+    pub(crate) peer_connect: tokio::sync::Mutex<()>,
+}
+
+impl ProxyContext {
+    pub fn new(
+        store: Arc<ConfigStore>,
+        access_log: AccessLog,
+        inbound_target: IpAddr,
+        connect_timeout: Duration,
+    ) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(connect_timeout));
+        connector.enforce_http(true);
+        let client = Client::builder(hyper_util::rt::TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(256)
+            .pool_timer(hyper_util::rt::TokioTimer::new())
+            .build(connector.clone());
+        // Proxy to proxy: one multiplexed HTTP/2 connection per peer sidecar.
+        let h2_client = Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .timer(hyper_util::rt::TokioTimer::new())
+            .pool_timer(hyper_util::rt::TokioTimer::new())
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(connector);
+        let series = |direction, destination: &str| {
+            store.shared.metrics.series(SeriesKey {
+                direction,
+                destination: destination.into(),
+                subset: String::new(),
+                route: String::new(),
+            })
+        };
+        let passthrough = series("outbound", "passthrough");
+        let inbound = series("inbound", "local");
+        Self {
+            store,
+            client,
+            h2_client,
+            access_log,
+            inbound_target,
+            connect_timeout,
+            fast_path: true,
+            passthrough,
+            inbound,
+            tls: Arc::default(),
+            inbound_strict: true,
+            peers: std::sync::Mutex::default(),
+            peer_connect: tokio::sync::Mutex::const_new(()),
+        }
+    }
+}
+
+/// Per-connection facts.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnMeta {
+    pub direction: Direction,
+    /// The listener's own address (to refuse requests that would loop back into it).
+    pub local: Option<SocketAddr>,
+    /// The original destination of a transparently redirected connection.
+    pub original: Option<SocketAddr>,
+}

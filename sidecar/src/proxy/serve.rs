@@ -1,0 +1,170 @@
+//! Steps 1, 2 and 7 for a request hyper parsed: trace headers, where it goes (the route table,
+//! the inbound app port, or passthrough), then its series and its access-log line.
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::header::{self, HeaderValue};
+use http::uri::{Authority, PathAndQuery};
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+
+use super::body::ProxyBody;
+use super::forward::{forward, is_upgrade, tunnel, Forwarded, Upstream};
+use super::{observe, ConnMeta, Direction, ProxyContext, ERROR_HEADER, INBOUND_PORT};
+use crate::route::table::NoTarget;
+use crate::telemetry::trace;
+
+/// Serves one request (hyper's service function).
+pub async fn serve(
+    ctx: Arc<ProxyContext>,
+    conn: ConnMeta,
+    mut req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let started = Instant::now();
+    let trace_id = trace::ensure(req.headers_mut());
+    let authority = authority_of(&req);
+    let active = ctx.store.current();
+
+    let (mut parts, body) = req.into_parts();
+    let decided = match (&authority, conn.direction) {
+        (None, _) if conn.original.is_none() => {
+            Err(error(StatusCode::BAD_REQUEST, "missing-host", "the request names no host"))
+        }
+        (_, Direction::Inbound) => {
+            // The app port: the connection's original destination (transparent capture), else
+            // what the calling sidecar named, else the authority's port.
+            let named = parts
+                .headers
+                .remove(&INBOUND_PORT)
+                .and_then(|v| v.to_str().ok().and_then(|v| v.parse().ok()));
+            let port = conn
+                .original
+                .map(|o| o.port())
+                .or(named)
+                .or_else(|| authority.as_ref().and_then(Authority::port_u16))
+                .unwrap_or(80);
+            Ok(Upstream::Fixed(authority_for(SocketAddr::new(ctx.inbound_target, port)), &ctx.inbound))
+        }
+        (_, Direction::Outbound) => {
+            let host = authority.as_ref().map(Authority::host);
+            let port = authority.as_ref().and_then(Authority::port_u16);
+            let resolved = match &active {
+                Some(a) => a.table.resolve(host, port, conn.original, &parts),
+                None => Err(NoTarget::Passthrough),
+            };
+            match resolved {
+                Ok(target) => Ok(Upstream::Mesh(target)),
+                Err(NoTarget::Passthrough) => match (conn.original, &authority) {
+                    (Some(original), _) => Ok(Upstream::Fixed(authority_for(original), &ctx.passthrough)),
+                    (None, Some(a)) if addresses_listener(a, conn.local) => Err(error(
+                        StatusCode::LOOP_DETECTED,
+                        "loop",
+                        "the request is addressed to the proxy itself",
+                    )),
+                    (None, Some(a)) => Ok(Upstream::Fixed(with_default_port(a), &ctx.passthrough)),
+                    (None, None) => {
+                        Err(error(StatusCode::BAD_REQUEST, "missing-host", "the request names no host"))
+                    }
+                },
+                Err(NoTarget::NoSuchPort { destination, port }) => Err(error(
+                    StatusCode::BAD_GATEWAY,
+                    "no-such-port",
+                    &format!("Service {destination} has no port {port}"),
+                )),
+                Err(NoTarget::NoRuleMatched { route }) => Err(error(
+                    StatusCode::NOT_FOUND,
+                    "no-route",
+                    &format!("no rule of route {route} matches the request"),
+                )),
+            }
+        }
+    };
+
+    let (forwarded, series) = match decided {
+        Err(response) => (Forwarded { response, retries: 0, upstream: None }, ctx.passthrough.clone()),
+        Ok(upstream) => {
+            let series = match &upstream {
+                Upstream::Mesh(t) => t.series.clone(),
+                Upstream::Fixed(_, s) => (*s).clone(),
+            };
+            let upgrade = parts
+                .extensions
+                .remove::<OnUpgrade>()
+                .filter(|_| parts.method == Method::CONNECT || is_upgrade(&parts));
+            if parts.method == Method::CONNECT {
+                (tunnel(upgrade, &upstream), series)
+            } else {
+                // Keep the authority the client used: HTTP/2 carries it in the URI only.
+                if !parts.headers.contains_key(header::HOST) {
+                    if let Some(a) = &authority {
+                        if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+                            parts.headers.insert(header::HOST, v);
+                        }
+                    }
+                }
+                (forward(&ctx, &mut parts, body, &upstream, upgrade).await, series)
+            }
+        }
+    };
+
+    observe::request(
+        &ctx.access_log,
+        &series,
+        started,
+        observe::Finished {
+            direction: conn.direction.as_str(),
+            method: parts.method.as_str(),
+            authority: authority.as_ref().map_or("", Authority::as_str),
+            path: parts.uri.path_and_query().map_or("/", PathAndQuery::as_str),
+            status: forwarded.response.status().as_u16(),
+            upstream: forwarded.upstream.as_deref().unwrap_or(""),
+            retries: forwarded.retries,
+            trace_id: trace_id.to_str().unwrap_or_default(),
+        },
+    );
+    Ok(forwarded.response)
+}
+
+fn authority_of(req: &Request<Incoming>) -> Option<Authority> {
+    if let Some(a) = req.uri().authority() {
+        return Some(a.clone());
+    }
+    req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).and_then(|h| h.parse().ok())
+}
+
+fn authority_for(addr: SocketAddr) -> Authority {
+    Authority::try_from(addr.to_string().as_str()).expect("a socket address is an authority")
+}
+
+/// Whether `a` names the listener the request came in on.
+fn addresses_listener(a: &Authority, local: Option<SocketAddr>) -> bool {
+    let (Some(local), Ok(ip)) = (local, a.host().trim_matches(|c| c == '[' || c == ']').parse::<IpAddr>())
+    else {
+        return false;
+    };
+    a.port_u16().unwrap_or(80) == local.port()
+        && (ip == local.ip() || ip.is_loopback() || local.ip().is_unspecified())
+}
+
+fn with_default_port(a: &Authority) -> Authority {
+    if a.port().is_some() {
+        a.clone()
+    } else {
+        Authority::try_from(format!("{}:80", a.host()).as_str()).unwrap_or_else(|_| a.clone())
+    }
+}
+
+/// A response the proxy makes itself.
+pub fn error(status: StatusCode, code: &'static str, message: &str) -> Response<ProxyBody> {
+    let mut response = Response::new(ProxyBody::text(format!("{message}\n")));
+    *response.status_mut() = status;
+    response.headers_mut().insert(&ERROR_HEADER, HeaderValue::from_static(code));
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response
+}

@@ -14,7 +14,7 @@ use skein_demo::mesh::SERVICE_HOST;
 use tokio_util::sync::CancellationToken;
 
 fn browser_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/browser")
+    PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("run by cargo")).join("tests/browser")
 }
 
 /// Why the browser test cannot run here, if it cannot (CI installs all three).

@@ -18,7 +18,10 @@ use serde_json::Value;
 
 /// The workspace root.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("e2e/ sits in the workspace").to_path_buf()
+    Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("run by cargo"))
+        .parent()
+        .expect("e2e/ sits in the workspace")
+        .to_path_buf()
 }
 
 /// True when `KUBECONFIG` names a cluster; otherwise the caller skips (and says so).

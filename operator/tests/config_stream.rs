@@ -21,9 +21,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 fn canary_mesh(v1_weight: i32) -> MeshConfig {
-    let text =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/canary/trafficroute.yaml"))
-            .unwrap();
+    let route_file = std::path::PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("run by cargo"))
+        .join("../examples/canary/trafficroute.yaml");
+    let text = std::fs::read_to_string(route_file).unwrap();
     let mut route: TrafficRoute = serde_saphyr::from_str(&text).unwrap();
     route.metadata.namespace = Some("shop".into());
     route.spec.rules[1].backends[0].weight = v1_weight;

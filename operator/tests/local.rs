@@ -37,7 +37,8 @@ fn dir() -> PathBuf {
     let d =
         std::env::temp_dir().join(format!("skein-local-{}-{:08x}", std::process::id(), fastrand::u32(..)));
     std::fs::create_dir_all(&d).unwrap();
-    let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/canary");
+    let examples = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("run by cargo"))
+        .join("../examples/canary");
     for f in ["trafficroute.yaml", "policies.yaml", "service.yaml"] {
         std::fs::copy(examples.join(f), d.join(f)).unwrap();
     }
@@ -143,7 +144,8 @@ async fn the_local_control_plane_serves_the_manifests_and_follows_edits() {
 /// Everything the API server refuses (the e2e fixtures) is refused locally too, naming the file.
 #[test]
 fn every_invalid_fixture_is_refused_locally_as_by_the_api_server() {
-    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../e2e/fixtures/invalid");
+    let fixtures = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("run by cargo"))
+        .join("../e2e/fixtures/invalid");
     let mut accepted = Vec::new();
     let mut count = 0;
     for entry in std::fs::read_dir(&fixtures).unwrap() {

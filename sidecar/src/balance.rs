@@ -3,8 +3,14 @@
 //! Every upstream address has one [`EndpointState`], shared by every destination, route and
 //! config version that names it, so latency estimates and outlier state survive config swaps.
 //! The default balancer is power of two choices over a peak-EWMA of latency × (in-flight + 1)
-//! (as in Finagle and linkerd2-proxy): two random endpoints, the cheaper one wins. Round robin is
-//! the alternative. Both skip ejected endpoints and fail open when all are ejected.
+//! (as in Finagle and linkerd2-proxy): two random endpoints, the cheaper one wins unless their
+//! costs are within [`TIE_RATIO`] of each other, when the (random) first one does. Round robin
+//! is the alternative. Both skip ejected endpoints and fail open when all are ejected.
+//!
+//! A latency sample runs from when the request is dispatched on a ready connection to its
+//! response: connecting and the mTLS handshake are not the endpoint's latency (linkerd2-proxy
+//! balances over ready endpoints only, so its samples exclude them too). See
+//! `docs/decisions.md`, "Balancing equal replicas".
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -19,6 +25,11 @@ use crate::outlier::OutlierState;
 const EWMA_DECAY: Duration = Duration::from_secs(10);
 /// Latency assumed for an endpoint never measured (so new endpoints get tried, not flooded).
 const DEFAULT_RTT: Duration = Duration::from_millis(1);
+/// Two costs closer than this ratio are a tie. At low concurrency the estimates of equal
+/// replicas differ by sampling noise alone, and a peak estimate keeps a noisy high sample for
+/// seconds: without the band the cheaper one took nearly all the traffic for long stretches.
+/// Below 2, so one request more in flight on equal latencies always decides.
+pub const TIE_RATIO: f64 = 1.5;
 
 /// Monotonic milliseconds and nanoseconds since the process started.
 pub fn now_ns() -> u64 {
@@ -89,7 +100,8 @@ impl EndpointState {
         decayed * f64::from(self.in_flight.load(Ordering::Relaxed) + 1)
     }
 
-    /// Counts a request in flight until the returned guard is dropped.
+    /// Counts a request in flight until the returned guard is dropped; its latency sample runs
+    /// from now, or from [`InFlight::dispatched`].
     pub fn start(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight { endpoint: self.clone(), started_ns: now_ns() }
@@ -120,6 +132,14 @@ impl EndpointState {
 pub struct InFlight {
     endpoint: Arc<EndpointState>,
     started_ns: u64,
+}
+
+impl InFlight {
+    /// The connection is ready and the request goes out now: connecting and handshakes are not
+    /// part of the endpoint's latency.
+    pub fn dispatched(&mut self) {
+        self.started_ns = now_ns();
+    }
 }
 
 impl Drop for InFlight {
@@ -158,15 +178,16 @@ impl Pool {
         Self { endpoints, meshed, lb, outlier, next: AtomicUsize::new(fastrand::usize(..1 << 16)) }
     }
 
-    /// Chooses an endpoint, or `None` when the pool is empty.
-    pub fn pick(&self, now_ms: u64) -> Option<Pick> {
-        self.pick_avoiding(now_ms, &[])
+    /// Chooses an endpoint at `now` ([`now_ns`]), or `None` when the pool is empty.
+    pub fn pick(&self, now: u64) -> Option<Pick> {
+        self.pick_avoiding(now, &[])
     }
 
     /// Chooses an endpoint other than those in `avoid` (the ones earlier attempts of a request
     /// failed on) while another healthy one exists, as Envoy's `previous_hosts` retry predicate
     /// does: a retry to an endpoint that just failed would most likely fail again.
-    pub fn pick_avoiding(&self, now_ms: u64, avoid: &[Arc<EndpointState>]) -> Option<Pick> {
+    pub fn pick_avoiding(&self, now: u64, avoid: &[Arc<EndpointState>]) -> Option<Pick> {
+        let now_ms = now / 1_000_000;
         let all = &self.endpoints[..];
         match all.len() {
             0 => return None,
@@ -180,7 +201,7 @@ impl Pool {
         for _ in 0..4 {
             let choice = match self.lb {
                 LoadBalancer::RoundRobin => &all[self.next.fetch_add(1, Ordering::Relaxed) % all.len()],
-                LoadBalancer::P2cEwma => p2c(all),
+                LoadBalancer::P2cEwma => p2c(all, now),
             };
             if wanted(&choice) {
                 return Some(Pick { endpoint: choice.clone(), failed_open: false });
@@ -196,19 +217,19 @@ impl Pool {
             // All ejected: fail open, still preferring an endpoint not tried yet.
             let untried: Vec<Arc<EndpointState>> = all.iter().filter(fresh).cloned().collect();
             let pool = if untried.is_empty() { all } else { &untried[..] };
-            return Some(Pick { endpoint: p2c(pool).clone(), failed_open: true });
+            return Some(Pick { endpoint: p2c(pool, now).clone(), failed_open: true });
         }
         let choice = match self.lb {
             LoadBalancer::RoundRobin => {
                 &candidates[self.next.fetch_add(1, Ordering::Relaxed) % candidates.len()]
             }
-            LoadBalancer::P2cEwma => p2c(&candidates),
+            LoadBalancer::P2cEwma => p2c(&candidates, now),
         };
         Some(Pick { endpoint: choice.clone(), failed_open: false })
     }
 }
 
-fn p2c(all: &[Arc<EndpointState>]) -> &Arc<EndpointState> {
+fn p2c(all: &[Arc<EndpointState>], now: u64) -> &Arc<EndpointState> {
     if all.len() == 1 {
         return &all[0];
     }
@@ -217,8 +238,8 @@ fn p2c(all: &[Arc<EndpointState>]) -> &Arc<EndpointState> {
     if b >= a {
         b += 1;
     }
-    let now = now_ns();
-    if all[b].cost(now) < all[a].cost(now) {
+    // `a` is drawn at random, so a tie goes to either with equal chance.
+    if all[b].cost(now) * TIE_RATIO < all[a].cost(now) {
         &all[b]
     } else {
         &all[a]
@@ -228,6 +249,8 @@ fn p2c(all: &[Arc<EndpointState>]) -> &Arc<EndpointState> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const MS: u64 = 1_000_000;
 
     fn endpoints(n: usize) -> Arc<[Arc<EndpointState>]> {
         (0..n)
@@ -296,17 +319,17 @@ mod tests {
         eps[0].outlier.eject_until(1_000);
         eps[1].outlier.eject_until(1_000);
         for _ in 0..20 {
-            let pick = pool.pick(10).unwrap();
+            let pick = pool.pick(10 * MS).unwrap();
             assert_eq!(pick.endpoint.addr, eps[2].addr);
             assert!(!pick.failed_open);
         }
         let p2c = Pool::new(eps.clone(), LoadBalancer::P2cEwma, None);
         for _ in 0..20 {
-            assert_eq!(p2c.pick(10).unwrap().endpoint.addr, eps[2].addr, "one healthy endpoint left");
+            assert_eq!(p2c.pick(10 * MS).unwrap().endpoint.addr, eps[2].addr, "one healthy endpoint left");
         }
         eps[2].outlier.eject_until(1_000);
-        assert!(pool.pick(10).unwrap().failed_open);
-        assert!(!pool.pick(2_000).unwrap().failed_open, "ejections end");
+        assert!(pool.pick(10 * MS).unwrap().failed_open);
+        assert!(!pool.pick(2_000 * MS).unwrap().failed_open, "ejections end");
     }
 
     #[test]
@@ -316,5 +339,39 @@ mod tests {
         assert_eq!(eps[0].in_flight(), 1);
         drop(guard);
         assert_eq!(eps[0].in_flight(), 0);
+    }
+
+    /// Two equal replicas at a low rate (one request at a time, as in the demo), with noisy
+    /// latencies and an occasional slow answer: each gets between 40% and 60%. Deterministic:
+    /// a fixed seed and a simulated clock.
+    #[test]
+    fn equal_replicas_share_the_load_at_low_concurrency() {
+        fastrand::seed(7);
+        let eps = endpoints(2);
+        let pool = Pool::new(eps.clone(), LoadBalancer::P2cEwma, None);
+        let (mut now, mut first) = (0u64, 0u32);
+        for _ in 0..2_000 {
+            now += 8 * MS; // 125 requests per second
+            let pick = pool.pick(now).unwrap().endpoint;
+            // 0.5 to 2.5 ms, and one answer in fifty takes 5 ms more.
+            let mut rtt = 500_000 + fastrand::u64(..2_000_000);
+            if fastrand::u32(..50) == 0 {
+                rtt += 5 * MS;
+            }
+            pick.observe(rtt, now + rtt);
+            first += u32::from(pick.addr == eps[0].addr);
+        }
+        assert!((800..=1_200).contains(&first), "{first} of 2000 to the first replica");
+    }
+
+    #[test]
+    fn connecting_is_not_part_of_the_latency_sample() {
+        let eps = endpoints(1);
+        let mut guard = eps[0].start();
+        std::thread::sleep(Duration::from_millis(30)); // a slow handshake
+        guard.dispatched();
+        drop(guard);
+        let estimate = eps[0].cost(now_ns());
+        assert!(estimate < 20e6, "the handshake was counted: {estimate} ns");
     }
 }

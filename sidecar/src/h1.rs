@@ -27,7 +27,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::access_log::{rfc3339, Entry};
-use crate::balance::{now_ms, EndpointState};
+use crate::balance::{now_ms, now_ns, EndpointState, InFlight};
 use crate::metrics::Series;
 use crate::outlier::{self, Outcome};
 use crate::proxy::{ConnMeta, Direction, ProxyContext};
@@ -486,7 +486,7 @@ async fn forward(
     let view = View { head, buf };
     let endpoint = match (&route.endpoint, &route.pool) {
         (Some(e), _) => e.clone(),
-        (None, Some(pool)) => match pool.pick(now_ms()) {
+        (None, Some(pool)) => match pool.pick(now_ns()) {
             Some(pick) => {
                 if pick.failed_open {
                     route.series.fail_open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -568,9 +568,19 @@ async fn forward(
     let client_close = head.close;
     buf.advance(head.len + buffered_body);
 
-    let in_flight = endpoint.start();
-    let outcome =
-        exchange(client, ctx, &endpoint, scratch, body_left, replayable, method_is_head, client_close).await;
+    let mut in_flight = endpoint.start();
+    let outcome = exchange(
+        client,
+        ctx,
+        &endpoint,
+        &mut in_flight,
+        scratch,
+        body_left,
+        replayable,
+        method_is_head,
+        client_close,
+    )
+    .await;
     drop(in_flight);
 
     if outcome.is_ok() && route.pool.is_some() {
@@ -642,6 +652,7 @@ async fn exchange(
     client: &mut TcpStream,
     ctx: &ProxyContext,
     endpoint: &EndpointState,
+    in_flight: &mut InFlight,
     scratch: &mut Scratch,
     body_left: u64,
     replayable: bool,
@@ -664,6 +675,7 @@ async fn exchange(
                 (s, false)
             }
         };
+        in_flight.dispatched();
         let sent = up.write_all(&scratch.out).await;
         if sent.is_err() {
             if reused && replayable && !fresh {

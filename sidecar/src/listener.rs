@@ -17,7 +17,7 @@ use skein_api::config::Protocol;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::balance::now_ms;
+use crate::balance::now_ns;
 use crate::proxy::{self, ConnMeta, Direction, ProxyContext};
 
 /// How long to wait for a client's first bytes before treating a redirected connection as
@@ -154,7 +154,7 @@ async fn splice(mut client: TcpStream, ctx: &ProxyContext, conn: ConnMeta, origi
                 a.table
                     .resolve(None, None, Some(original), &parts)
                     .ok()
-                    .and_then(|t| t.pool.pick(now_ms()))
+                    .and_then(|t| t.pool.pick(now_ns()))
                     .map(|p| p.endpoint.addr)
             });
             picked.unwrap_or(original)

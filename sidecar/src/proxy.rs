@@ -30,7 +30,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioIo;
 
 use crate::access_log::{rfc3339, AccessLog, Entry};
-use crate::balance::{now_ms, EndpointState};
+use crate::balance::{now_ms, now_ns, EndpointState, InFlight};
 use crate::body::{buffer, Buffered, ProxyBody, RETRY_BUFFER_LIMIT};
 use crate::config_store::ConfigStore;
 use crate::metrics::{Series, SeriesKey};
@@ -446,7 +446,7 @@ async fn forward(
         Upstream::Mesh(t) => *t,
     };
     if upgrade.is_some() {
-        let Some(pick) = target.pool.pick(now_ms()) else { return no_endpoints(0) };
+        let Some(pick) = target.pool.pick(now_ns()) else { return no_endpoints(0) };
         let to = pick.endpoint.via_proxy.as_ref().map_or(&pick.endpoint.authority, |(_, a)| a).clone();
         let headers = std::mem::take(&mut parts.headers);
         let mut req = upstream_request(parts, headers, &to, ProxyBody::Incoming(body), 0, true);
@@ -481,7 +481,7 @@ async fn forward(
     // Endpoints an attempt failed on: retries go elsewhere while they can.
     let mut tried: Vec<Arc<EndpointState>> = Vec::new();
     loop {
-        let Some(pick) = target.pool.pick_avoiding(now_ms(), &tried) else {
+        let Some(pick) = target.pool.pick_avoiding(now_ns(), &tried) else {
             return no_endpoints(attempt);
         };
         if pick.failed_open {
@@ -506,13 +506,13 @@ async fn forward(
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        let in_flight = endpoint.start();
+        let mut in_flight = endpoint.start();
         let result = match limit {
-            Some(at) => match tokio::time::timeout_at(at, send(ctx, &endpoint, req)).await {
+            Some(at) => match tokio::time::timeout_at(at, send(ctx, &endpoint, req, &mut in_flight)).await {
                 Ok(r) => r,
                 Err(_) => Err(Failure::Timeout),
             },
-            None => send(ctx, &endpoint, req).await,
+            None => send(ctx, &endpoint, req, &mut in_flight).await,
         };
         drop(in_flight);
         let over_mtls = result.as_ref().ok().map(|sent| sent.over_mtls);
@@ -595,6 +595,7 @@ async fn send(
     ctx: &ProxyContext,
     endpoint: &EndpointState,
     req: Request<ProxyBody>,
+    in_flight: &mut InFlight,
 ) -> Result<Sent, Failure> {
     let client = match (&endpoint.via_proxy, &endpoint.peer_identity, ctx.tls.current()) {
         (Some((peer, _)), Some(identity), Some(material)) => {
@@ -615,6 +616,7 @@ async fn send(
                     *req.uri_mut() = uri;
                 }
             }
+            in_flight.dispatched();
             let response = sender.send_request(req).await.map_err(|_| {
                 // A broken connection is replaced on the next request.
                 ctx.peers.lock().unwrap_or_else(|p| p.into_inner()).remove(peer);
@@ -755,7 +757,7 @@ fn finish_response(
 fn tunnel(upgrade: Option<OnUpgrade>, upstream: &Upstream<'_>) -> Forwarded {
     let to = match upstream {
         Upstream::Fixed(a, _) => a.to_string(),
-        Upstream::Mesh(t) => match t.pool.pick(now_ms()) {
+        Upstream::Mesh(t) => match t.pool.pick(now_ns()) {
             Some(p) => p.endpoint.addr.to_string(),
             None => return no_endpoints(0),
         },

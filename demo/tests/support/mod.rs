@@ -21,7 +21,8 @@ pub fn dirs(test: &str) -> (PathBuf, PathBuf) {
     ));
     let manifests = root.join("manifests");
     std::fs::create_dir_all(&manifests).unwrap();
-    let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/canary");
+    let examples = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("run by cargo"))
+        .join("../examples/canary");
     for entry in std::fs::read_dir(&examples).unwrap() {
         let path = entry.unwrap().path();
         if !path.is_file() {

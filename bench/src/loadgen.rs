@@ -15,6 +15,7 @@ use http::{header, HeaderValue, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
+use skein_api::process::error_chain;
 use tokio::net::TcpStream;
 use tokio::time::{timeout, timeout_at, Instant};
 
@@ -122,18 +123,6 @@ pub enum Error {
     Request(#[source] hyper::Error),
     #[error("a connection task failed")]
     Task(#[source] tokio::task::JoinError),
-}
-
-/// An error with its chain of causes on one line.
-fn describe(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// Runs the load `args` describe against `target` (from `args.validate()`), on a runtime of
@@ -249,7 +238,7 @@ impl Outcome {
                 let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX).min(MAX_LATENCY_US);
                 self.histogram.saturating_record(us);
             }
-            Err(e) => self.io_error(describe(e)),
+            Err(e) => self.io_error(error_chain(e)),
         }
     }
 

@@ -74,10 +74,7 @@ impl Window {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::try_parse().unwrap_or_else(|e| {
-        let _ = e.print();
-        std::process::exit(if e.use_stderr() { 64 } else { 0 });
-    });
+    let args: Args = skein_api::process::parse_args();
     let bin_dir = match args.bin_dir.clone() {
         Some(d) => d,
         None => std::env::current_exe()?.parent().map(PathBuf::from).unwrap_or_default(),

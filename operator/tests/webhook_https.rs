@@ -19,6 +19,7 @@ struct Webhook {
     addr: std::net::SocketAddr,
     tls: tokio_rustls::TlsConnector,
     stop: CancellationToken,
+    metrics: Metrics,
 }
 
 impl Drop for Webhook {
@@ -33,6 +34,7 @@ async fn start() -> Webhook {
     let ca = Arc::new(arc_swap::ArcSwap::from_pointee(ca));
     let (dns, ips) = serving_names("skein-operator", "skein-system", &["127.0.0.1".into()]);
     let (cert, _) = ServingCert::issue(&ca.load(), &dns, &ips).unwrap();
+    let metrics = Metrics::default();
     let inject = InjectConfig {
         proxy_image: "skein/proxy:test".into(),
         control_plane: "http://skein-operator.skein-system.svc:15012".into(),
@@ -45,7 +47,7 @@ async fn start() -> Webhook {
         inject,
         "cluster.local".into(),
         Duration::from_secs(3600),
-        Metrics::default(),
+        metrics.clone(),
     ));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -63,7 +65,7 @@ async fn start() -> Webhook {
         roots.add(c.unwrap()).unwrap();
     }
     let config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
-    Webhook { addr, tls: tokio_rustls::TlsConnector::from(Arc::new(config)), stop }
+    Webhook { addr, tls: tokio_rustls::TlsConnector::from(Arc::new(config)), stop, metrics }
 }
 
 impl Webhook {
@@ -159,6 +161,11 @@ async fn pods_left_alone_or_refused_get_the_right_answer() {
     assert_eq!(r["allowed"], false);
     assert_eq!(r["status"]["code"], 403);
     assert!(r["status"]["message"].as_str().unwrap().contains("hostNetwork"));
+
+    // Each answer is counted by what it was.
+    let count =
+        |result| w.metrics.admissions.get_or_create(&skein_operator::AdmissionLabels { result }).get();
+    assert_eq!((count("skipped"), count("denied"), count("injected")), (2, 1, 0));
 }
 
 #[tokio::test]

@@ -2,15 +2,11 @@
 //! `skein_bench::schedule`). `bench/run.sh` runs it with `--json`.
 #![forbid(unsafe_code)]
 
-use clap::Parser;
 use skein_bench::loadgen::{self, Args};
 
 fn main() -> anyhow::Result<()> {
     // Bad flags exit with 64 (EX_USAGE); --help and --version with 0.
-    let args = Args::try_parse().unwrap_or_else(|e| {
-        let _ = e.print();
-        std::process::exit(if e.use_stderr() { 64 } else { 0 });
-    });
+    let args: Args = skein_api::process::parse_args();
     let target = args.validate().unwrap_or_else(|message| {
         eprintln!("loadgen: {message}");
         std::process::exit(64);

@@ -391,3 +391,22 @@ fn write_files(dir: &Path, files: &[(&str, &str)]) -> Result<(), String> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_name_their_file_and_count_by_kind() {
+        let dir = std::env::temp_dir().join(format!("skein-local-refusals-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("a.yaml"), "kind: Deployment\nmetadata: {name: x}\n").unwrap();
+        std::fs::write(dir.join("b.yaml"), "{ not yaml").unwrap();
+        let refusals = load_dir(&dir).unwrap_err();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let labels: Vec<&str> = refusals.iter().map(Refusal::metric_label).collect();
+        assert_eq!(labels, ["local-kind", "local-decode"], "{refusals:?}");
+        assert!(refusals[0].to_string().starts_with("a.yaml (document 1): kind \"Deployment\""));
+        assert!(refusals[1].to_string().starts_with("b.yaml: not YAML"));
+    }
+}

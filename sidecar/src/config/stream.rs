@@ -320,6 +320,27 @@ mod tests {
         assert_eq!(b.ceiling(), Duration::from_millis(100));
     }
 
+    #[tokio::test]
+    async fn a_failed_session_is_counted_by_kind() {
+        // A port nobody listens on: the connection is refused.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let cp = ControlPlane {
+            url: format!("http://127.0.0.1:{port}").parse().unwrap(),
+            identity: "shop/reviews".parse().unwrap(),
+            proxy_id: "p".into(),
+            tls: None,
+        };
+        let (store, status) = (ConfigStore::new(None), StreamStatus::default());
+        let e = session(&cp, &store, &status).await.unwrap_err();
+        assert!(matches!(e, SessionError::Connect { .. }), "{e:?}");
+        status.failed(&e);
+        assert_eq!(status.failures.lock().unwrap().get("connect"), Some(&1));
+        let https = ControlPlane { url: format!("https://127.0.0.1:{port}").parse().unwrap(), ..cp };
+        // No certificate is checked before connecting, so this fails at connect too; without a
+        // listener there is nothing more to tell apart here.
+        assert_eq!(session(&https, &store, &status).await.unwrap_err().metric_label(), "connect");
+    }
+
     #[test]
     fn lines_are_applied_or_refused_with_a_reason() {
         let store = ConfigStore::new(None);

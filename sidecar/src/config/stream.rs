@@ -335,10 +335,12 @@ mod tests {
         assert!(matches!(e, SessionError::Connect { .. }), "{e:?}");
         status.failed(&e);
         assert_eq!(status.failures.lock().unwrap().get("connect"), Some(&1));
+        // An https control plane that accepts the connection, with no workload certificate yet.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
         let https = ControlPlane { url: format!("https://127.0.0.1:{port}").parse().unwrap(), ..cp };
-        // No certificate is checked before connecting, so this fails at connect too; without a
-        // listener there is nothing more to tell apart here.
-        assert_eq!(session(&https, &store, &status).await.unwrap_err().metric_label(), "connect");
+        let e = session(&https, &store, &status).await.unwrap_err();
+        assert_eq!(e.metric_label(), "no-certificate", "{e:?}");
     }
 
     #[test]

@@ -50,6 +50,7 @@ ENVOY_PORT=$((PORT_BASE + 4))
 ENVOY_ADMIN_PORT=$((PORT_BASE + 5))
 HAPROXY_PORT=$((PORT_BASE + 6))
 NGINX_PORT=$((PORT_BASE + 7))
+SKEIN_STATS_PORT=$((PORT_BASE + 8))
 
 say() { printf 'bench: %s\n' "$*" >&2; }
 die() { say "$*"; exit 1; }
@@ -244,7 +245,8 @@ start_target() { # name
         skein_config "$RUN_DIR/skein-config.json"
         launch skein "$SKEIN_PROXY" --config "$RUN_DIR/skein-config.json" \
             --outbound-addr "127.0.0.1:$SKEIN_OUTBOUND_PORT" --inbound-addr "127.0.0.1:$SKEIN_INBOUND_PORT" \
-            --admin-addr "127.0.0.1:$SKEIN_ADMIN_PORT" --access-log off --workers 1 \
+            --admin-addr "127.0.0.1:$SKEIN_ADMIN_PORT" --stats-addr "127.0.0.1:$SKEIN_STATS_PORT" \
+            --access-log off --workers 1 \
             --state-dir "$RUN_DIR/skein-state" \
             || { skip skein "it did not start, or did not forward a request within 15 s"; return 1; }
         ;;

@@ -30,8 +30,12 @@ pub const LEADER_LEASE: &str = "skein-operator";
 pub const PROXY_OUTBOUND_PORT: u16 = 15001;
 /// Sidecar inbound listener (mesh → app).
 pub const PROXY_INBOUND_PORT: u16 = 15006;
-/// Sidecar admin server.
+/// Sidecar admin server, on loopback only: everything, including what changes state
+/// (`POST /shutdown`) and what tells the mesh's config (`/config_dump`, `/certs`).
 pub const PROXY_ADMIN_PORT: u16 = 15000;
+/// Sidecar read-only listener on the pod IP: `/metrics`, `/ready`, `/live` (Prometheus and the
+/// kubelet's probes).
+pub const PROXY_STATS_PORT: u16 = 15020;
 /// Operator admission webhook (HTTPS).
 pub const WEBHOOK_PORT: u16 = 9443;
 /// Operator config stream.

@@ -8,6 +8,7 @@ pub mod config;
 pub mod constants;
 pub mod crd;
 pub mod duration;
+pub mod lines;
 #[cfg(feature = "process")]
 pub mod process;
 pub mod topology;

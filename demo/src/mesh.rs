@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use skein_api::constants::{
     CONFIG_STREAM_PORT, OPERATOR_METRICS_PORT, PROXY_ADMIN_PORT, PROXY_INBOUND_PORT, PROXY_OUTBOUND_PORT,
+    PROXY_STATS_PORT,
 };
 pub use skein_api::topology::Topology;
 use tokio::process::{Child, Command};
@@ -141,7 +142,9 @@ impl Mesh {
             SocketAddr::from((control_plane, CONFIG_STREAM_PORT)),
         ];
         for w in &workloads {
-            for port in [PROXY_OUTBOUND_PORT, PROXY_INBOUND_PORT, PROXY_ADMIN_PORT, APP_PORT] {
+            for port in
+                [PROXY_OUTBOUND_PORT, PROXY_INBOUND_PORT, PROXY_ADMIN_PORT, PROXY_STATS_PORT, APP_PORT]
+            {
                 addresses.push(SocketAddr::from((w.ip, port)));
             }
         }
@@ -233,6 +236,8 @@ impl Mesh {
                 .arg(w.ip.to_string())
                 .arg("--admin-addr")
                 .arg(addr(PROXY_ADMIN_PORT))
+                .arg("--stats-addr")
+                .arg(addr(PROXY_STATS_PORT))
                 .arg("--state-dir")
                 .arg(work.join("proxies").join(w.name))
                 .arg("--cert-dir")

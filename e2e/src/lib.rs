@@ -261,6 +261,9 @@ impl Operator {
             format!("127.0.0.1:{webhook_port}"),
             "--webhook-configuration".into(),
             webhook_configuration.clone(),
+            // The test proxies have no workload certificates: they name their identity on a
+            // plaintext stream, which both sides refuse unless told otherwise.
+            "--insecure-plaintext-stream".into(),
         ];
         let process = Process::spawn("skein-operator", &args);
         let operator = Self { process, metrics_port, stream_port, webhook_port, webhook_configuration };
@@ -299,8 +302,11 @@ impl Proxy {
             identity.into(),
             "--proxy-id".into(),
             proxy_id.into(),
+            "--insecure-plaintext-stream".into(),
             "--admin-addr".into(),
             format!("127.0.0.1:{admin_port}"),
+            "--stats-addr".into(),
+            format!("127.0.0.1:{}", free_port()),
             "--outbound-addr".into(),
             format!("127.0.0.1:{}", free_port()),
             "--inbound-addr".into(),

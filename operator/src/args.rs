@@ -78,10 +78,12 @@ pub struct StreamArgs {
     /// Address of the config stream.
     #[arg(long, env = "SKEIN_STREAM_ADDR", default_value = "0.0.0.0:15012")]
     pub stream_addr: SocketAddr,
-    /// Refuse config-stream clients without a mesh client certificate (plaintext streams that
-    /// name their identity in a header are for development).
-    #[arg(long, env = "SKEIN_STREAM_REQUIRE_MTLS")]
-    pub stream_require_mtls: bool,
+    /// Also serve proxies without a mesh client certificate: plaintext streams (or TLS without a
+    /// client certificate) that name their identity in a header. For development only: anyone
+    /// who can reach the port could then claim any identity's config. By default every proxy
+    /// proves its identity with its mTLS client certificate.
+    #[arg(long, env = "SKEIN_INSECURE_PLAINTEXT_STREAM")]
+    pub insecure_plaintext_stream: bool,
 }
 
 /// The mesh CA and workload certificates.

@@ -219,7 +219,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<()> {
     let stream_tls = server::StreamTls {
         cert: serving.clone(),
         ca: ca.clone(),
-        require_client_cert: args.stream.stream_require_mtls,
+        require_client_cert: !args.stream.insecure_plaintext_stream,
     };
     tokio::spawn(webhook::maintain(
         client.clone(),
@@ -276,7 +276,7 @@ pub async fn run_local(args: Args, dirs: Vec<PathBuf>, shutdown: CancellationTok
     let stream_tls = server::StreamTls {
         cert: serving,
         ca: ca.clone(),
-        require_client_cert: args.stream.stream_require_mtls,
+        require_client_cert: !args.stream.insecure_plaintext_stream,
     };
     let identity = local::LocalIdentity {
         ca,

@@ -227,6 +227,28 @@ async fn over_mtls_the_certificate_decides_whose_config_is_served() {
     let response = sender.send_request(req).await.unwrap();
     assert_eq!(response.status(), 403);
 
+    // TLS without a client certificate, naming an identity: 403, nothing served.
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(leaf.bundle_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut anonymous = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    anonymous.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(anonymous)).connect(name, tcp).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake::<_, _, Empty<Bytes>>(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post(format!("https://localhost:{port}{CONFIG_STREAM_PATH}"))
+        .header(IDENTITY_HEADER, "shop/web")
+        .body(Empty::new())
+        .unwrap();
+    assert_eq!(sender.send_request(req).await.unwrap().status(), 403, "no certificate, no config");
+
     // A plaintext client is refused when client certificates are required.
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let refused = match hyper::client::conn::http2::handshake::<_, _, Empty<Bytes>>(

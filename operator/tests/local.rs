@@ -113,17 +113,7 @@ async fn the_local_control_plane_serves_the_manifests_and_follows_edits() {
     let stop = CancellationToken::new();
     tokio::spawn(skein_operator::run(args, stop.clone()));
 
-    let store = Arc::new(ConfigStore::new(None));
-    let cp = ControlPlane {
-        url: format!("http://127.0.0.1:{stream}").parse().unwrap(),
-        identity: WorkloadIdentity::new("default", "productpage"),
-        proxy_id: "productpage-0".into(),
-        tls: None,
-    };
-    tokio::spawn(control::run(cp, store.clone(), Arc::new(StreamStatus::default()), stop.clone()));
-    until("the canary at the proxy", || (weights(&store) == [90, 10]).then_some(())).await;
-
-    // The local CA (files instead of Secrets) issued the meshed workload's certificate.
+    // The local CA (files instead of Secrets) issues the meshed workload's certificate.
     let issued = d.join(".skein/identities/default/reviews");
     until("the workload certificate files", || issued.join("tls.crt").exists().then_some(())).await;
     let verify = std::process::Command::new("openssl")
@@ -135,6 +125,37 @@ async fn the_local_control_plane_serves_the_manifests_and_follows_edits() {
     assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
     let material = skein_proxy::TlsMaterial::from_dirs(&issued, None).expect("a sidecar can load them");
     assert_eq!(material.identity, "spiffe://cluster.local/ns/default/sa/reviews");
+
+    // The proxy proves that identity with the certificate, as the stream requires by default.
+    let tls = Arc::new(skein_proxy::TlsStore::default());
+    tls.set(material);
+    let store = Arc::new(ConfigStore::new(None));
+    let cp = ControlPlane {
+        url: format!("https://127.0.0.1:{stream}").parse().unwrap(),
+        identity: WorkloadIdentity::new("default", "reviews"),
+        proxy_id: "reviews-0".into(),
+        tls: Some(tls),
+    };
+    tokio::spawn(control::run(cp, store.clone(), Arc::new(StreamStatus::default()), stop.clone()));
+    until("the canary at the proxy", || (weights(&store) == [90, 10]).then_some(())).await;
+
+    // By default a plaintext stream that merely names an identity gets nothing.
+    let plain = Arc::new(ConfigStore::new(None));
+    let status = Arc::new(StreamStatus::default());
+    let cp = ControlPlane {
+        url: format!("http://127.0.0.1:{stream}").parse().unwrap(),
+        identity: WorkloadIdentity::new("default", "reviews"),
+        proxy_id: "impostor".into(),
+        tls: None,
+    };
+    let impostor = CancellationToken::new();
+    tokio::spawn(control::run(cp, plain.clone(), status.clone(), impostor.clone()));
+    until("the plaintext stream to fail", || {
+        status.failures.lock().unwrap().values().any(|n| *n > 0).then_some(())
+    })
+    .await;
+    assert!(plain.current().is_none(), "a plaintext stream was served a config");
+    impostor.cancel();
 
     // Move to 50/50 by editing the file.
     let route = d.join("trafficroute.yaml");

@@ -1,5 +1,7 @@
-//! The admin server (port 15000): `/ready`, `/live`, `/metrics`, `/config_dump`,
-//! `POST /shutdown`.
+//! The admin server (port 15000, loopback only): `/ready`, `/live`, `/metrics`, `/config_dump`,
+//! `/certs`, `POST /shutdown`; and the read-only stats listener (port 15020, on the pod IP):
+//! `/ready`, `/live`, `/metrics` and nothing else, for Prometheus and the kubelet's probes.
+//! `docs/security.md` says who reaches which.
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
@@ -23,12 +25,23 @@ pub struct AdminState {
     pub store: Arc<ConfigStore>,
     pub stream: Arc<StreamStatus>,
     pub tls: Arc<crate::tls::TlsStore>,
+    /// Access-log lines dropped because the writer fell behind.
+    pub access_log_dropped: Arc<std::sync::atomic::AtomicU64>,
     /// Ready only once a certificate is loaded too.
     pub needs_cert: bool,
     pub shutdown: CancellationToken,
 }
 
-pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
+/// What a listener of the admin server answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// Everything: for callers inside the pod.
+    Full,
+    /// `/ready`, `/live`, `/metrics`: for callers outside it.
+    ReadOnly,
+}
+
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>, scope: Scope) {
     loop {
         let (stream, _) = tokio::select! {
             _ = state.shutdown.cancelled() => return,
@@ -40,10 +53,13 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
         let state = state.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
-                let response = handle(&req, &state);
+                let response = handle(&req, &state, scope);
                 async move { Ok::<_, Infallible>(response) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .max_buf_size(16 * 1024)
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
@@ -57,9 +73,13 @@ fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>)
     response
 }
 
-fn handle(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
+fn handle(req: &Request<Incoming>, state: &AdminState, scope: Scope) -> Response<Full<Bytes>> {
     let text = "text/plain; charset=utf-8";
-    match (req.method(), req.uri().path()) {
+    let path = req.uri().path();
+    if scope == Scope::ReadOnly && !matches!(path, "/live" | "/ready" | "/metrics") {
+        return reply(StatusCode::NOT_FOUND, text, "not found\n");
+    }
+    match (req.method(), path) {
         (&Method::GET, "/live") => reply(StatusCode::OK, text, "live\n"),
         (&Method::GET, "/ready") => {
             match (state.store.current(), state.needs_cert && state.tls.current().is_none()) {
@@ -145,6 +165,9 @@ fn metrics(state: &AdminState) -> String {
     for (kind, n) in state.stream.failures.lock().unwrap_or_else(|p| p.into_inner()).iter() {
         let _ = writeln!(out, "skein_control_plane_stream_failures_total{{kind=\"{kind}\"}} {n}");
     }
+    let _ = writeln!(out, "# HELP skein_access_log_dropped_total Access-log lines dropped because stdout fell behind.\n# TYPE skein_access_log_dropped_total counter");
+    let _ =
+        writeln!(out, "skein_access_log_dropped_total {}", state.access_log_dropped.load(Ordering::Relaxed));
     let tls = &state.tls;
     let _ = writeln!(out, "# HELP skein_tls_handshakes_total mTLS handshakes with peer sidecars, by result.\n# TYPE skein_tls_handshakes_total counter");
     let _ = writeln!(

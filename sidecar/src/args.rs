@@ -36,7 +36,8 @@ pub struct Args {
 /// Where the config comes from.
 #[derive(clap::Args, Debug, Clone)]
 pub struct SourceArgs {
-    /// The operator's config stream, such as http://skein-operator.skein-system:15012.
+    /// The operator's config stream, such as https://skein-operator.skein-system:15012 (mTLS with
+    /// the workload certificate of --cert-dir).
     #[arg(long, env = "SKEIN_CONTROL_PLANE", conflicts_with = "config")]
     pub control_plane: Option<String>,
     /// Run from a ProxyConfig JSON file instead, reloaded when it changes.
@@ -45,6 +46,10 @@ pub struct SourceArgs {
     /// This workload's identity, `<namespace>/<service-account>` (required with --control-plane).
     #[arg(long = "identity", env = "SKEIN_IDENTITY", value_parser = parse_identity)]
     pub workload: Option<WorkloadIdentity>,
+    /// Accept an `http://` (plaintext) --control-plane URL. For development only: without TLS the
+    /// operator cannot tell which workload is asking, and anyone on the path reads the config.
+    #[arg(long, env = "SKEIN_INSECURE_PLAINTEXT_STREAM")]
+    pub insecure_plaintext_stream: bool,
     /// This proxy's name in the operator's status (the pod name in a cluster).
     #[arg(long, env = "POD_NAME")]
     pub proxy_id: Option<String>,
@@ -53,21 +58,50 @@ pub struct SourceArgs {
     pub state_dir: PathBuf,
 }
 
-/// The proxy's listeners.
+/// The proxy's listeners. Each takes a comma-separated list of addresses; an IPv6 address that
+/// this host cannot bind (no IPv6 in the pod) is skipped with a warning, an IPv4 one is an error.
+/// The defaults are the doors `docs/security.md` describes: outbound and admin on loopback, the
+/// inbound (mTLS) and read-only stats listeners on every address.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ListenerArgs {
-    /// Outbound listener (app → mesh).
-    #[arg(long, env = "SKEIN_OUTBOUND_ADDR", default_value = "0.0.0.0:15001")]
-    pub outbound_addr: SocketAddr,
+    /// Outbound listener (app → mesh); loopback only, or every pod could use this pod's identity.
+    #[arg(
+        long,
+        env = "SKEIN_OUTBOUND_ADDR",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:15001,[::1]:15001"
+    )]
+    pub outbound_addr: Vec<SocketAddr>,
     /// Inbound listener (mesh → app).
-    #[arg(long, env = "SKEIN_INBOUND_ADDR", default_value = "0.0.0.0:15006")]
-    pub inbound_addr: SocketAddr,
+    #[arg(
+        long,
+        env = "SKEIN_INBOUND_ADDR",
+        value_delimiter = ',',
+        default_value = "0.0.0.0:15006,[::]:15006"
+    )]
+    pub inbound_addr: Vec<SocketAddr>,
     /// Where inbound requests are delivered (the app, on the request's port).
     #[arg(long, env = "SKEIN_INBOUND_TARGET", default_value = "127.0.0.1")]
     pub inbound_target: IpAddr,
-    /// Admin server address.
-    #[arg(long, env = "SKEIN_ADMIN_ADDR", default_value = "0.0.0.0:15000")]
-    pub admin_addr: SocketAddr,
+    /// Admin server: `/config_dump`, `/certs`, `POST /shutdown` and the stats endpoints. Keep it
+    /// on loopback.
+    #[arg(long, env = "SKEIN_ADMIN_ADDR", value_delimiter = ',', default_value = "127.0.0.1:15000")]
+    pub admin_addr: Vec<SocketAddr>,
+    /// Read-only listener for Prometheus and the kubelet: `/metrics`, `/ready`, `/live`.
+    #[arg(long, env = "SKEIN_STATS_ADDR", value_delimiter = ',', default_value = "0.0.0.0:15020,[::]:15020")]
+    pub stats_addr: Vec<SocketAddr>,
+}
+
+impl ListenerArgs {
+    /// Every port the proxy listens on: never a destination for inbound traffic, so that a peer
+    /// cannot reach the outbound listener or the admin server through the inbound path.
+    pub fn own_ports(&self) -> Vec<u16> {
+        let all = [&self.outbound_addr, &self.inbound_addr, &self.admin_addr, &self.stats_addr];
+        let mut ports: Vec<u16> = all.iter().flat_map(|a| a.iter().map(SocketAddr::port)).collect();
+        ports.sort_unstable();
+        ports.dedup();
+        ports
+    }
 }
 
 /// The workload certificate and what inbound accepts.
@@ -101,6 +135,14 @@ pub struct ProxyArgs {
     /// Upstream connect timeout in milliseconds.
     #[arg(long, env = "SKEIN_CONNECT_TIMEOUT_MS", default_value_t = 1000)]
     pub connect_timeout_ms: u64,
+    /// A client must send a whole request head within this many milliseconds of its first byte
+    /// (slow clients holding connections open are closed).
+    #[arg(long, env = "SKEIN_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
+    pub header_read_timeout_ms: u64,
+    /// Refuse requests declaring a larger body with 413; no limit when absent (bodies stream
+    /// through, they are never buffered whole).
+    #[arg(long, env = "SKEIN_MAX_REQUEST_BODY_BYTES")]
+    pub max_request_body_bytes: Option<u64>,
 }
 
 /// Whether inbound traffic must be mTLS.
@@ -149,7 +191,7 @@ mod tests {
             "--identity",
             "shop/reviews",
             "--outbound-addr",
-            "127.0.0.1:1",
+            "127.0.0.1:1,[::1]:1",
             "--inbound-mode",
             "permissive",
             "--http1-fast-path",
@@ -157,7 +199,8 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(args.source.workload.unwrap().to_string(), "shop/reviews");
-        assert_eq!(args.listeners.outbound_addr.port(), 1);
+        assert_eq!(args.listeners.outbound_addr.len(), 2);
+        assert_eq!(args.listeners.own_ports(), vec![1, 15000, 15006, 15020]);
         assert_eq!(args.identity.inbound_mode, InboundMode::Permissive);
         assert!(!args.proxy.http1_fast_path);
         assert!(Args::try_parse_from(["skein-proxy", "--config", "a", "--control-plane", "b"]).is_err());

@@ -1,11 +1,22 @@
 //! Transparent capture (`skein-proxy init`, run once as a pod's init step with `NET_ADMIN`):
 //! iptables `nat` rules that send the pod's inbound TCP to 15006 and its outbound TCP to 15001,
 //! except the proxy's own traffic (by UID), loopback traffic, the proxy's own ports and the
-//! excluded ports. The rules are a plain list built by [`capture_rules`]; [`install`] runs them.
+//! excluded ports.
+//!
+//! The rules are one `iptables-restore --noflush` batch per address family, built by
+//! [`capture_batch`]: the kernel takes the whole batch or none of it. Declaring a chain in the
+//! batch creates it or empties it, so a re-run replaces Skein's rules instead of failing on
+//! `-N` or adding them twice; the jumps into Skein's chains are added only when
+//! `iptables-save` does not already show them. IPv6 gets the same rules through
+//! `ip6tables-restore` whenever the kernel has IPv6, so no IPv6 connection slips past the mesh.
+//!
+//! Inbound, the proxy's ports are not redirected: 15006 and 15020 are served on the pod IP, and
+//! 15001 and 15000 listen on loopback only, so a connection from another pod to them is refused.
 
-use std::process::Command;
+use std::io::Write as _;
+use std::process::{Command, Stdio};
 
-use skein_api::constants::{PROXY_ADMIN_PORT, PROXY_INBOUND_PORT, PROXY_OUTBOUND_PORT};
+use skein_api::constants::{PROXY_ADMIN_PORT, PROXY_INBOUND_PORT, PROXY_OUTBOUND_PORT, PROXY_STATS_PORT};
 
 /// Chain for traffic coming into the pod.
 pub const INBOUND_CHAIN: &str = "SKEIN_INBOUND";
@@ -21,65 +32,142 @@ pub struct InitArgs {
     /// Ports (comma-separated) never captured, in either direction.
     #[arg(long, value_delimiter = ',')]
     pub exclude_ports: Vec<u16>,
-    /// Print the iptables commands instead of running them.
+    /// IPv6 capture: `auto` whenever the kernel has IPv6 (a failure is then an error), `on`
+    /// always, `off` never.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub ipv6: Ipv6Mode,
+    /// Print the batches instead of applying them.
     #[arg(long)]
     pub dry_run: bool,
 }
 
-/// The iptables invocations (arguments after `iptables`), in order.
-pub fn capture_rules(proxy_uid: u32, excluded: &[u16]) -> Vec<Vec<String>> {
-    let mut rules: Vec<Vec<String>> = Vec::new();
-    let mut add = |args: &[&str]| rules.push(args.iter().map(|s| s.to_string()).collect());
-    let (inbound, outbound) = (PROXY_INBOUND_PORT.to_string(), PROXY_OUTBOUND_PORT.to_string());
-    add(&["-t", "nat", "-N", INBOUND_CHAIN]);
-    // The proxy's own listeners are reached directly (probes, peers' sidecars).
-    for port in [PROXY_ADMIN_PORT, PROXY_INBOUND_PORT, PROXY_OUTBOUND_PORT] {
-        add(&["-t", "nat", "-A", INBOUND_CHAIN, "-p", "tcp", "--dport", &port.to_string(), "-j", "RETURN"]);
-    }
-    for port in excluded {
-        add(&["-t", "nat", "-A", INBOUND_CHAIN, "-p", "tcp", "--dport", &port.to_string(), "-j", "RETURN"]);
-    }
-    add(&["-t", "nat", "-A", INBOUND_CHAIN, "-p", "tcp", "-j", "REDIRECT", "--to-ports", &inbound]);
-    add(&["-t", "nat", "-A", "PREROUTING", "-p", "tcp", "-j", INBOUND_CHAIN]);
-
-    add(&["-t", "nat", "-N", OUTPUT_CHAIN]);
-    add(&[
-        "-t",
-        "nat",
-        "-A",
-        OUTPUT_CHAIN,
-        "-m",
-        "owner",
-        "--uid-owner",
-        &proxy_uid.to_string(),
-        "-j",
-        "RETURN",
-    ]);
-    add(&["-t", "nat", "-A", OUTPUT_CHAIN, "-d", "127.0.0.1/32", "-j", "RETURN"]);
-    for port in excluded {
-        add(&["-t", "nat", "-A", OUTPUT_CHAIN, "-p", "tcp", "--dport", &port.to_string(), "-j", "RETURN"]);
-    }
-    add(&["-t", "nat", "-A", OUTPUT_CHAIN, "-p", "tcp", "-j", "REDIRECT", "--to-ports", &outbound]);
-    add(&["-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-j", OUTPUT_CHAIN]);
-    rules
+/// Whether IPv6 traffic is captured too.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ipv6Mode {
+    Auto,
+    On,
+    Off,
 }
 
-/// Runs the rules with `iptables`; stops at the first failure and says which rule failed.
+/// An address family's tools and loopback.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    fn restore(self) -> &'static str {
+        match self {
+            Self::V4 => "iptables-restore",
+            Self::V6 => "ip6tables-restore",
+        }
+    }
+
+    fn save(self) -> &'static str {
+        match self {
+            Self::V4 => "iptables-save",
+            Self::V6 => "ip6tables-save",
+        }
+    }
+
+    fn loopback(self) -> &'static str {
+        match self {
+            Self::V4 => "127.0.0.1/32",
+            Self::V6 => "::1/128",
+        }
+    }
+}
+
+/// The jumps from the built-in chains into Skein's, as `iptables-save` prints them.
+fn jumps() -> [String; 2] {
+    [format!("-A PREROUTING -p tcp -j {INBOUND_CHAIN}"), format!("-A OUTPUT -p tcp -j {OUTPUT_CHAIN}")]
+}
+
+/// The `iptables-restore --noflush` input for one family. `existing` is what `iptables-save -t
+/// nat` printed: jumps already there are not added again.
+pub fn capture_batch(family: Family, proxy_uid: u32, excluded: &[u16], existing: &str) -> String {
+    let mut b = String::from("*nat\n");
+    b += &format!(":{INBOUND_CHAIN} - [0:0]\n:{OUTPUT_CHAIN} - [0:0]\n");
+    // The proxy's listeners are reached directly (peers' sidecars, probes) or not at all
+    // (loopback-only ones): never redirected into the inbound listener.
+    for port in [PROXY_INBOUND_PORT, PROXY_STATS_PORT, PROXY_ADMIN_PORT, PROXY_OUTBOUND_PORT]
+        .into_iter()
+        .chain(excluded.iter().copied())
+    {
+        b += &format!("-A {INBOUND_CHAIN} -p tcp --dport {port} -j RETURN\n");
+    }
+    b += &format!("-A {INBOUND_CHAIN} -p tcp -j REDIRECT --to-ports {PROXY_INBOUND_PORT}\n");
+    b += &format!("-A {OUTPUT_CHAIN} -m owner --uid-owner {proxy_uid} -j RETURN\n");
+    b += &format!("-A {OUTPUT_CHAIN} -d {} -j RETURN\n", family.loopback());
+    for port in excluded {
+        b += &format!("-A {OUTPUT_CHAIN} -p tcp --dport {port} -j RETURN\n");
+    }
+    b += &format!("-A {OUTPUT_CHAIN} -p tcp -j REDIRECT --to-ports {PROXY_OUTBOUND_PORT}\n");
+    let present: Vec<&str> = existing.lines().map(str::trim).collect();
+    for jump in jumps() {
+        if !present.contains(&jump.as_str()) {
+            b += &jump;
+            b.push('\n');
+        }
+    }
+    b += "COMMIT\n";
+    b
+}
+
+/// Which families to capture.
+fn families(mode: Ipv6Mode) -> Vec<Family> {
+    let has_ipv6 = std::path::Path::new("/proc/net/if_inet6").exists();
+    match mode {
+        Ipv6Mode::On => vec![Family::V4, Family::V6],
+        Ipv6Mode::Auto if has_ipv6 => vec![Family::V4, Family::V6],
+        Ipv6Mode::Auto | Ipv6Mode::Off => vec![Family::V4],
+    }
+}
+
+/// Applies the rules, one atomic batch per family; says which family and tool failed.
 pub fn install(args: &InitArgs) -> Result<(), String> {
-    for rule in capture_rules(args.proxy_uid, &args.exclude_ports) {
+    for family in families(args.ipv6) {
+        let existing = if args.dry_run { String::new() } else { save(family)? };
+        let batch = capture_batch(family, args.proxy_uid, &args.exclude_ports, &existing);
         if args.dry_run {
-            println!("iptables {}", rule.join(" "));
+            println!("# {}\n{batch}", family.restore());
             continue;
         }
-        let out =
-            Command::new("iptables").args(&rule).output().map_err(|e| format!("running iptables: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "iptables {}: {}",
-                rule.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
+        restore(family, &batch)?;
+    }
+    Ok(())
+}
+
+fn save(family: Family) -> Result<String, String> {
+    let out = Command::new(family.save())
+        .args(["-t", "nat"])
+        .output()
+        .map_err(|e| format!("running {}: {e}", family.save()))?;
+    if !out.status.success() {
+        return Err(format!("{} -t nat: {}", family.save(), String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn restore(family: Family, batch: &str) -> Result<(), String> {
+    let tool = family.restore();
+    let mut child = Command::new(tool)
+        .args(["--noflush", "--wait", "10"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("running {tool}: {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(batch.as_bytes()).map_err(|e| format!("writing to {tool}: {e}"))?;
+    }
+    let out = child.wait_with_output().map_err(|e| format!("running {tool}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{tool} refused the batch (nothing was changed): {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
     }
     Ok(())
 }
@@ -108,18 +196,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rules_exclude_the_proxy_loopback_and_excluded_ports() {
-        let rules: Vec<String> = capture_rules(1337, &[3306]).iter().map(|r| r.join(" ")).collect();
-        assert!(rules.contains(&"-t nat -A SKEIN_OUTPUT -m owner --uid-owner 1337 -j RETURN".to_string()));
-        assert!(rules.contains(&"-t nat -A SKEIN_OUTPUT -p tcp --dport 3306 -j RETURN".to_string()));
-        assert!(rules.contains(&"-t nat -A SKEIN_INBOUND -p tcp --dport 15000 -j RETURN".to_string()));
-        // Exclusions come before the redirects they exempt from.
-        let redirect = rules
-            .iter()
-            .position(|r| r.contains("SKEIN_OUTPUT -p tcp -j REDIRECT --to-ports 15001"))
-            .unwrap();
-        let owner = rules.iter().position(|r| r.contains("--uid-owner")).unwrap();
-        assert!(owner < redirect);
-        assert_eq!(rules.last().unwrap(), "-t nat -A OUTPUT -p tcp -j SKEIN_OUTPUT");
+    fn the_batch_exempts_the_proxy_loopback_and_excluded_ports_before_redirecting() {
+        let batch = capture_batch(Family::V4, 1337, &[3306], "");
+        let lines: Vec<&str> = batch.lines().collect();
+        assert_eq!(lines[0], "*nat");
+        assert_eq!(*lines.last().unwrap(), "COMMIT");
+        let at = |l: &str| lines.iter().position(|x| *x == l).unwrap_or_else(|| panic!("{l} in {batch}"));
+        let redirect_out = at("-A SKEIN_OUTPUT -p tcp -j REDIRECT --to-ports 15001");
+        assert!(at("-A SKEIN_OUTPUT -m owner --uid-owner 1337 -j RETURN") < redirect_out);
+        assert!(at("-A SKEIN_OUTPUT -d 127.0.0.1/32 -j RETURN") < redirect_out);
+        assert!(at("-A SKEIN_OUTPUT -p tcp --dport 3306 -j RETURN") < redirect_out);
+        let redirect_in = at("-A SKEIN_INBOUND -p tcp -j REDIRECT --to-ports 15006");
+        for port in [15006, 15020, 15000, 15001, 3306] {
+            assert!(at(&format!("-A SKEIN_INBOUND -p tcp --dport {port} -j RETURN")) < redirect_in);
+        }
+        at("-A PREROUTING -p tcp -j SKEIN_INBOUND");
+        at("-A OUTPUT -p tcp -j SKEIN_OUTPUT");
+    }
+
+    #[test]
+    fn a_rerun_does_not_add_the_jumps_twice_and_ipv6_uses_its_loopback() {
+        let saved = "*nat\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -p tcp -j SKEIN_INBOUND\n\
+                     -A OUTPUT -p tcp -j SKEIN_OUTPUT\nCOMMIT\n";
+        let batch = capture_batch(Family::V6, 1337, &[], saved);
+        assert!(!batch.contains("-A PREROUTING"), "{batch}");
+        assert!(!batch.contains("-A OUTPUT "), "{batch}");
+        assert!(batch.contains("-A SKEIN_OUTPUT -d ::1/128 -j RETURN"), "{batch}");
+        // The chains are declared, which empties them: a re-run replaces the rules.
+        assert!(batch.contains(":SKEIN_INBOUND - [0:0]\n:SKEIN_OUTPUT - [0:0]\n"), "{batch}");
     }
 }

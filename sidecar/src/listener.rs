@@ -24,6 +24,26 @@ use crate::proxy::{self, ConnMeta, Direction, ProxyContext};
 /// opaque TCP (server-first protocols such as MySQL never speak first).
 const DETECT_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// Binds a listening socket. An IPv6 one is IPv6-only, so `0.0.0.0:P` and `[::]:P` can both be
+/// bound, and `[::1]:P` never answers for IPv4.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(SockProtocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Whether a bind failed because this host (or pod) has no IPv6 at all.
+pub fn no_ipv6_here(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(nix::libc::EAFNOSUPPORT | nix::libc::EADDRNOTAVAIL))
+}
+
 /// Accepts connections until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
@@ -47,7 +67,10 @@ pub async fn serve(
         let ctx = ctx.clone();
         tokio::spawn(async move {
             let _ = stream.set_nodelay(true);
-            let original = original_destination(&stream).filter(|o| Some(*o) != local);
+            // Conntrack knows every connection's destination; only one that differs from the
+            // socket's own address was redirected.
+            let own = stream.local_addr().ok();
+            let original = original_destination(&stream).filter(|o| Some(*o) != own);
             handle(stream, ctx, ConnMeta { direction, local, original }).await;
         });
     }
@@ -108,9 +131,15 @@ async fn serve_hyper<I>(io: I, ctx: Arc<ProxyContext>, conn: ConnMeta)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let head_timeout = ctx.head_timeout;
     let service = service_fn(move |req| proxy::serve(ctx.clone(), conn, req));
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30)).keep_alive(true);
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(head_timeout)
+        .max_buf_size(crate::http1::MAX_HEAD)
+        .keep_alive(true);
     builder.http2().timer(TokioTimer::new());
     if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(io), service).await {
         tracing::debug!(error = %e, "connection ended with an error");
@@ -149,6 +178,13 @@ pub fn looks_like_http(first: &[u8]) -> bool {
 /// Service) and copy bytes both ways.
 async fn splice(mut client: TcpStream, ctx: &ProxyContext, conn: ConnMeta, original: SocketAddr) {
     let upstream = match conn.direction {
+        Direction::Inbound if !ctx.inbound_port_allowed(original.port()) => {
+            tracing::info!(
+                port = original.port(),
+                "refused inbound traffic for one of the proxy's own ports"
+            );
+            return;
+        }
         Direction::Inbound => SocketAddr::new(ctx.inbound_target, original.port()),
         Direction::Outbound => {
             let picked = ctx.store.current().and_then(|a| {
@@ -171,12 +207,22 @@ async fn splice(mut client: TcpStream, ctx: &ProxyContext, conn: ConnMeta, origi
     }
 }
 
-/// `SO_ORIGINAL_DST` of a connection redirected by iptables `REDIRECT`; `None` otherwise.
+/// The original destination of a connection redirected by iptables `REDIRECT`
+/// (`SO_ORIGINAL_DST`, or `IP6T_SO_ORIGINAL_DST` for IPv6); `None` otherwise.
 fn original_destination(stream: &TcpStream) -> Option<SocketAddr> {
     use nix::sys::socket::{getsockopt, sockopt};
-    let addr = getsockopt(stream, sockopt::OriginalDst).ok()?;
-    let ip = std::net::Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr));
-    Some(SocketAddr::from((ip, u16::from_be(addr.sin_port))))
+    match stream.local_addr().ok()? {
+        SocketAddr::V4(_) => {
+            let addr = getsockopt(stream, sockopt::OriginalDst).ok()?;
+            let ip = std::net::Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr));
+            Some(SocketAddr::from((ip, u16::from_be(addr.sin_port))))
+        }
+        SocketAddr::V6(_) => {
+            let addr = getsockopt(stream, sockopt::Ip6tOriginalDst).ok()?;
+            let ip = std::net::Ipv6Addr::from(addr.sin6_addr.s6_addr);
+            Some(SocketAddr::from((ip, u16::from_be(addr.sin6_port))))
+        }
+    }
 }
 
 #[cfg(test)]

@@ -25,8 +25,13 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error("invalid --control-plane URL {0:?}: use https://host:port (or http:// for development)")]
+    #[error("invalid --control-plane URL {0:?}: use https://host:port")]
     ControlPlaneUrl(String),
+    #[error(
+        "refusing the plaintext --control-plane URL {0:?}: the stream needs mTLS (https:// and \
+         --cert-dir); --insecure-plaintext-stream allows http:// for development"
+    )]
+    PlaintextStream(String),
     #[error("--identity is required with --control-plane")]
     MissingIdentity,
     #[error("give --control-plane URL or --config FILE")]
@@ -37,8 +42,20 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-async fn bind(addr: SocketAddr) -> Result<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })
+/// Binds every address of one listener. An IPv6 address this host has no IPv6 for is skipped
+/// (a pod without IPv6 still starts); any other failure is an error.
+fn bind(addrs: &[SocketAddr]) -> Result<Vec<TcpListener>> {
+    let mut listeners = Vec::new();
+    for &addr in addrs {
+        match listener::bind(addr) {
+            Ok(l) => listeners.push(l),
+            Err(e) if addr.is_ipv6() && listener::no_ipv6_here(&e) => {
+                tracing::info!(%addr, error = %e, "no IPv6 here; not listening on this address");
+            }
+            Err(source) => return Err(Error::Bind { addr, source }),
+        }
+    }
+    Ok(listeners)
 }
 
 /// Runs the proxy until `shutdown` fires (or `POST /shutdown`).
@@ -68,6 +85,9 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<()> {
             if !matches!(parsed.scheme_str(), Some("http" | "https")) || parsed.host().is_none() {
                 return Err(Error::ControlPlaneUrl(url.clone()));
             }
+            if parsed.scheme_str() == Some("http") && !args.source.insecure_plaintext_stream {
+                return Err(Error::PlaintextStream(url.clone()));
+            }
             let identity = args.source.workload.clone().ok_or(Error::MissingIdentity)?;
             if store.load_persisted() {
                 tracing::info!(dir = %args.source.state_dir.display(), "started from the last good config");
@@ -87,13 +107,15 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<()> {
         _ => return Err(Error::NoConfigSource),
     }
 
-    let outbound = bind(args.listeners.outbound_addr).await?;
-    let inbound = bind(args.listeners.inbound_addr).await?;
-    let admin = bind(args.listeners.admin_addr).await?;
+    let outbound = bind(&args.listeners.outbound_addr)?;
+    let inbound = bind(&args.listeners.inbound_addr)?;
+    let admin = bind(&args.listeners.admin_addr)?;
+    let stats = bind(&args.listeners.stats_addr)?;
     let access_log = match args.proxy.access_log {
         AccessLogMode::Stdout => AccessLog::stdout(),
         AccessLogMode::Off => AccessLog::off(),
     };
+    let access_log_dropped = access_log.dropped.clone();
     let mut ctx = ProxyContext::new(
         store.clone(),
         access_log,
@@ -103,21 +125,38 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<()> {
     ctx.fast_path = args.proxy.http1_fast_path;
     ctx.inbound_strict = args.identity.inbound_mode == InboundMode::Strict;
     ctx.tls = tls.clone();
+    ctx.own_ports = args.listeners.own_ports();
+    ctx.head_timeout = Duration::from_millis(args.proxy.header_read_timeout_ms);
+    ctx.max_request_body = args.proxy.max_request_body_bytes;
     let ctx = Arc::new(ctx);
-    tokio::spawn(listener::serve(outbound, ctx.clone(), Direction::Outbound, shutdown.clone()));
-    tokio::spawn(listener::serve(inbound, ctx, Direction::Inbound, shutdown.clone()));
+    for l in outbound {
+        tokio::spawn(listener::serve(l, ctx.clone(), Direction::Outbound, shutdown.clone()));
+    }
+    for l in inbound {
+        tokio::spawn(listener::serve(l, ctx.clone(), Direction::Inbound, shutdown.clone()));
+    }
 
     let state = Arc::new(admin::AdminState {
         store,
         stream,
         tls,
+        access_log_dropped,
         needs_cert: args.identity.cert_dir.is_some(),
         shutdown: shutdown.clone(),
     });
+    for l in stats {
+        tokio::spawn(admin::serve(l, state.clone(), admin::Scope::ReadOnly));
+    }
+    let l = &args.listeners;
     tracing::info!(
-        outbound = %args.listeners.outbound_addr, inbound = %args.listeners.inbound_addr, admin = %args.listeners.admin_addr,
+        outbound = ?l.outbound_addr, inbound = ?l.inbound_addr, admin = ?l.admin_addr, stats = ?l.stats_addr,
         "skein-proxy started"
     );
-    admin::serve(admin, state).await;
+    let admins: Vec<_> =
+        admin.into_iter().map(|l| tokio::spawn(admin::serve(l, state.clone(), admin::Scope::Full))).collect();
+    shutdown.cancelled().await;
+    for a in admins {
+        let _ = a.await;
+    }
     Ok(())
 }

@@ -334,7 +334,7 @@ pub async fn watch(
     trust_dir: Option<PathBuf>,
     shutdown: CancellationToken,
 ) {
-    let fingerprint = |dir: &Path, trust: Option<&Path>| {
+    fn fingerprint(dir: &Path, trust: Option<&Path>) -> Vec<u8> {
         let mut bytes = Vec::new();
         for p in [dir.join("tls.crt"), dir.join("tls.key"), dir.join("ca.crt")]
             .into_iter()
@@ -343,24 +343,34 @@ pub async fn watch(
             bytes.extend(std::fs::read(p).unwrap_or_default());
         }
         bytes
+    }
+    // Files are read and certificates parsed on the blocking pool, off the request path.
+    let dirs = Arc::new((cert_dir, trust_dir));
+    let mut last = {
+        let dirs = dirs.clone();
+        tokio::task::spawn_blocking(move || fingerprint(&dirs.0, dirs.1.as_deref())).await.unwrap_or_default()
     };
-    let mut last = fingerprint(&cert_dir, trust_dir.as_deref());
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
-        let now = fingerprint(&cert_dir, trust_dir.as_deref());
-        if now == last {
-            continue;
-        }
+        let d = dirs.clone();
+        let previous = std::mem::take(&mut last);
+        let checked = tokio::task::spawn_blocking(move || {
+            let now = fingerprint(&d.0, d.1.as_deref());
+            let changed = (now != previous).then(|| TlsMaterial::from_dirs(&d.0, d.1.as_deref()));
+            (now, changed)
+        });
+        let Ok((now, changed)) = checked.await else { continue };
         last = now;
-        match TlsMaterial::from_dirs(&cert_dir, trust_dir.as_deref()) {
-            Ok(m) => {
+        match changed {
+            None => {}
+            Some(Ok(m)) => {
                 tracing::info!(identity = %m.identity, not_after = m.not_after, "reloaded the workload certificate");
                 store.set(m);
             }
-            Err(e) => {
+            Some(Err(e)) => {
                 store.reload_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %e, "refusing the changed certificate files; the last good ones stay");
             }

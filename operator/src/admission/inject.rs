@@ -17,7 +17,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::{json, Value};
 use skein_api::constants::{
-    INJECT_ANNOTATION, INJECT_LABEL, PROXY_ADMIN_PORT, PROXY_INBOUND_PORT, PROXY_OUTBOUND_PORT,
+    INJECT_ANNOTATION, INJECT_LABEL, PROXY_INBOUND_PORT, PROXY_OUTBOUND_PORT, PROXY_STATS_PORT,
 };
 
 use crate::compute::snapshot::SIDECAR_CONTAINER;
@@ -305,7 +305,9 @@ fn sidecar_container(
     let probe = |path: &str, failures: i32| Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.into()),
-            port: IntOrString::Int(i32::from(PROXY_ADMIN_PORT)),
+            // The read-only listener on the pod IP: the kubelet probes from the node, and the
+            // admin port answers on loopback only.
+            port: IntOrString::Int(i32::from(PROXY_STATS_PORT)),
             ..Default::default()
         }),
         period_seconds: Some(1),
@@ -333,9 +335,9 @@ fn sidecar_container(
             env("RUST_LOG", log_level),
         ]),
         ports: Some(vec![
-            port("skein-outbound", PROXY_OUTBOUND_PORT),
+            // Only what other pods and the node reach; 15001 and 15000 are loopback-only.
             port("skein-inbound", PROXY_INBOUND_PORT),
-            port("skein-admin", PROXY_ADMIN_PORT),
+            port("skein-stats", PROXY_STATS_PORT),
         ]),
         startup_probe: Some(probe("/ready", 120)),
         readiness_probe: Some(probe("/ready", 3)),
@@ -433,6 +435,17 @@ mod tests {
         assert_eq!(sidecar["name"], "skein-proxy");
         assert_eq!(sidecar["restartPolicy"], "Always");
         assert_eq!(sidecar["startupProbe"]["httpGet"]["path"], "/ready");
+        // Every probe goes to the read-only listener: the admin port is loopback-only.
+        for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+            assert_eq!(sidecar[probe]["httpGet"]["port"], 15020, "{probe}");
+        }
+        let ports: Vec<i64> = sidecar["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["containerPort"].as_i64().unwrap())
+            .collect();
+        assert_eq!(ports, vec![15006, 15020]);
         assert_eq!(sidecar["securityContext"]["runAsNonRoot"], true);
         assert_eq!(sidecar["securityContext"]["readOnlyRootFilesystem"], true);
         assert_eq!(sidecar["securityContext"]["allowPrivilegeEscalation"], false);

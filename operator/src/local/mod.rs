@@ -263,10 +263,26 @@ pub async fn run(
     let mut current = Snapshot::default();
     let mut renew_at = tokio::time::Instant::now();
     loop {
-        let now = fingerprint(&dirs);
-        if last.as_ref() != Some(&now) {
-            last = Some(now);
-            match load_dirs(&dirs) {
+        // Reading and parsing the files run on the blocking pool, off the runtime's threads.
+        let (d, previous) = (dirs.clone(), last.take());
+        let checked = tokio::task::spawn_blocking(move || {
+            let now = fingerprint(&d);
+            let loaded = (previous.as_ref() != Some(&now)).then(|| load_dirs(&d));
+            (now, loaded)
+        })
+        .await;
+        let loaded = match checked {
+            Ok((now, loaded)) => {
+                last = Some(now);
+                loaded
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "reading the manifests failed");
+                None
+            }
+        };
+        if let Some(loaded) = loaded {
+            match loaded {
                 Ok(snapshot) => {
                     hub.publish(Arc::new(compute(&snapshot)));
                     tracing::info!(dirs = ?dirs, "loaded the manifests");

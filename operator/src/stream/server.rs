@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
@@ -20,6 +20,7 @@ use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use skein_api::constants::{CONFIG_STREAM_PATH, IDENTITY_HEADER, PROXY_ID_HEADER};
+use skein_api::lines::LineBuffer;
 use skein_api::{ProxyMessage, WorkloadIdentity};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -245,24 +246,26 @@ impl Drop for Disconnect {
 }
 
 async fn read_acks(mut body: Incoming, conn: ConnectionId, hub: ConfigHub, proxy_id: String) {
-    let mut buffer = BytesMut::new();
+    let mut lines = LineBuffer::new(MAX_PROXY_LINE);
     while let Some(frame) = body.frame().await {
         let Ok(frame) = frame else { break };
         let Ok(data) = frame.into_data() else { continue };
-        buffer.extend_from_slice(&data);
-        while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
-            let line = buffer.split_to(end + 1);
-            match serde_json::from_slice::<ProxyMessage>(&line[..end]) {
-                Ok(ProxyMessage::Ack(ack)) => hub.acknowledge(conn, ack),
-                Ok(ProxyMessage::Traffic { traffic }) => hub.record_traffic(conn, traffic),
-                Err(e) => {
-                    tracing::warn!(proxy = %proxy_id, error = %e, "ignoring a malformed line from the proxy")
+        lines.extend(&data);
+        loop {
+            match lines.next_line() {
+                Ok(Some(line)) => match serde_json::from_slice::<ProxyMessage>(line) {
+                    Ok(ProxyMessage::Ack(ack)) => hub.acknowledge(conn, ack),
+                    Ok(ProxyMessage::Traffic { traffic }) => hub.record_traffic(conn, traffic),
+                    Err(e) => {
+                        tracing::warn!(proxy = %proxy_id, error = %e, "ignoring a malformed line from the proxy")
+                    }
+                },
+                Ok(None) => break,
+                Err(_) => {
+                    tracing::warn!(proxy = %proxy_id, "a line from the proxy is too long; closing its side of the stream");
+                    return;
                 }
             }
-        }
-        if buffer.len() > MAX_PROXY_LINE {
-            tracing::warn!(proxy = %proxy_id, "a line from the proxy is too long; closing its side of the stream");
-            break;
         }
     }
 }

@@ -38,23 +38,29 @@ fn fingerprint(bytes: &[u8]) -> u64 {
 }
 
 /// Reloads the file whenever its content differs from `loaded` (the fingerprint [`load`]
-/// returned), until `shutdown`.
+/// returned), until `shutdown`. Reading and parsing run on the blocking pool, never on the
+/// runtime's threads that serve requests (a slow or huge file, a hung network mount).
 pub async fn watch(path: PathBuf, store: Arc<ConfigStore>, mut loaded: u64, shutdown: CancellationToken) {
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(POLL) => {}
         }
-        let Ok(bytes) = std::fs::read(&path) else { continue };
-        if fingerprint(&bytes) == loaded {
-            continue;
-        }
-        loaded = match load(&path, &store) {
-            Ok(print) => print,
-            Err((print, e)) => {
+        let (path, store) = (path.clone(), store.clone());
+        let checked = tokio::task::spawn_blocking(move || {
+            let bytes = std::fs::read(&path).ok()?;
+            if fingerprint(&bytes) == loaded {
+                return None;
+            }
+            Some(load(&path, &store))
+        });
+        loaded = match checked.await {
+            Ok(Some(Ok(print))) => print,
+            Ok(Some(Err((print, e)))) => {
                 tracing::warn!(error = %e, "refusing the changed config file; the last good config stays");
                 print
             }
+            Ok(None) | Err(_) => loaded,
         };
     }
 }

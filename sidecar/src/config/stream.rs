@@ -8,13 +8,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::channel::mpsc;
 use http::{Request, StatusCode, Uri};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use skein_api::constants::{CONFIG_STREAM_PATH, CONFIG_STREAM_PORT, IDENTITY_HEADER, PROXY_ID_HEADER};
+use skein_api::lines::LineBuffer;
 use skein_api::{ProxyConfig, ProxyMessage, StreamAck, WorkloadIdentity};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -233,7 +234,7 @@ async fn session(cp: &ControlPlane, store: &ConfigStore, status: &StreamStatus) 
     tracing::info!(url = %cp.url, identity = %cp.identity, "config stream open");
 
     let mut body = response.into_body();
-    let mut buffer = BytesMut::new();
+    let mut lines = LineBuffer::new(MAX_CONFIG_LINE);
     let mut received = 0u64;
     let mut report_tick = tokio::time::interval(TRAFFIC_REPORT_INTERVAL);
     report_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -262,18 +263,26 @@ async fn session(cp: &ControlPlane, store: &ConfigStore, status: &StreamStatus) 
             Some(Ok(frame)) => frame,
         };
         let Ok(data) = frame.into_data() else { continue };
-        buffer.extend_from_slice(&data);
-        while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
-            let line = buffer.split_to(end + 1);
+        lines.extend(&data);
+        let mut closed = false;
+        loop {
+            let line = match lines.next_line() {
+                Ok(Some(line)) => line,
+                Ok(None) => break,
+                Err(_) => {
+                    closed = true;
+                    break;
+                }
+            };
             received += 1;
-            let ack = apply_line(store, &line[..end]);
+            let ack = apply_line(store, line);
             let mut bytes = serde_json::to_vec(&ack).expect("plain data serializes");
             bytes.push(b'\n');
             if acks.unbounded_send(Ok(Frame::data(Bytes::from(bytes)))).is_err() {
                 break;
             }
         }
-        if buffer.len() > MAX_CONFIG_LINE {
+        if closed {
             break Err(SessionError::LineTooLong);
         }
     };

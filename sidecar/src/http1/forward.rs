@@ -12,7 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::framing::{take_body, Chunked, Framing};
-use super::head::{is_hop_by_hop, offset, Head, View, MAX_HEAD, MAX_HEADERS, READ_CHUNK};
+use super::head::{is_hop_by_hop, offset, parse_length, Head, View, MAX_HEAD, MAX_HEADERS, READ_CHUNK};
 use super::pool::{checkin, checkout};
 use crate::balance::{now_ns, EndpointState, InFlight, Pool};
 use crate::proxy::{observe, ConnMeta, ProxyContext};
@@ -36,7 +36,7 @@ pub(super) struct Scratch {
 }
 
 /// A minimal response the fast path writes itself.
-async fn answer(
+pub(super) async fn answer(
     stream: &mut TcpStream,
     status: u16,
     reason: &str,
@@ -94,6 +94,9 @@ pub(super) async fn forward(
         if is_hop_by_hop(&buf[n.clone()]) {
             continue;
         }
+        if head.absolute && buf[n.clone()].eq_ignore_ascii_case(b"host") {
+            continue; // the target's authority replaces it (RFC 9112 §3.2.2)
+        }
         if !head.has_traceparent && buf[n.clone()].eq_ignore_ascii_case(b"traceparent") {
             continue; // an invalid one is replaced
         }
@@ -102,7 +105,7 @@ pub(super) async fn forward(
         out.extend_from_slice(&buf[v.clone()]);
         out.extend_from_slice(b"\r\n");
     }
-    if !head.has_host {
+    if head.absolute || !head.has_host {
         if let Some(a) = &head.authority {
             out.extend_from_slice(b"host: ");
             out.extend_from_slice(&buf[a.clone()]);
@@ -135,7 +138,10 @@ pub(super) async fn forward(
         (buf.len() - head.len).min(usize::try_from(head.content_length).unwrap_or(usize::MAX));
     out.extend_from_slice(&buf[head.len..head.len + buffered_body]);
     let body_left = head.content_length - buffered_body as u64;
-    let replayable = body_left == 0;
+    // Sent again on a fresh connection when a pooled one turns out closed: only a request
+    // that is whole in hand and idempotent (RFC 9110 §9.2.2), since the server may have acted
+    // on it before closing.
+    let replayable = body_left == 0 && is_idempotent(view.method());
 
     let method_is_head = view.method() == "HEAD";
     let log_method = if ctx.access_log.enabled() { view.method().to_string() } else { String::new() };
@@ -209,6 +215,11 @@ pub(super) async fn forward(
     Ok(keep)
 }
 
+/// GET, HEAD, OPTIONS, TRACE, PUT and DELETE.
+fn is_idempotent(method: &str) -> bool {
+    matches!(method, "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE")
+}
+
 enum Failed {
     /// No connection could be made: nothing was sent.
     Connect,
@@ -272,17 +283,30 @@ async fn exchange(
             Ok(None) | Err(_) => return Err(Failed::BeforeResponse),
         }
     };
-    let (mut up, (head_len, status, framing_hint, upstream_close)) = upstream;
+    let (mut up, parsed) = upstream;
+    let ResponseHead {
+        len: head_len,
+        status,
+        framing: framing_hint,
+        close: upstream_close,
+        chunked_and_length,
+    } = parsed;
 
-    // The downstream head: the upstream's, without hop-by-hop headers except the framing.
+    // The downstream head: the upstream's, without hop-by-hop headers except the framing, each
+    // line rebuilt with CRLF; with both framing headers, Transfer-Encoding wins and
+    // Content-Length is dropped (RFC 9112 §6.3).
     let out = &mut scratch.out;
     out.clear();
     let resp = &scratch.resp;
-    let line_end = resp.windows(2).position(|w| w == b"\r\n").unwrap_or(0);
-    out.extend_from_slice(&resp[..line_end + 2]);
+    let line_end = resp.iter().position(|b| *b == b'\n').unwrap_or(0);
+    out.extend_from_slice(resp[..line_end].strip_suffix(b"\r").unwrap_or(&resp[..line_end]));
+    out.extend_from_slice(b"\r\n");
     for (n, v) in &scratch.headers {
         let name = &resp[n.clone()];
         if is_hop_by_hop(name) && !name.eq_ignore_ascii_case(b"transfer-encoding") {
+            continue;
+        }
+        if chunked_and_length && name.eq_ignore_ascii_case(b"content-length") {
             continue;
         }
         out.extend_from_slice(name);
@@ -300,7 +324,8 @@ async fn exchange(
 
     // Body bytes that came with the head.
     let mut rest = &resp[head_len..];
-    let mut reusable = !upstream_close;
+    // An upstream that framed a response both ways is not trusted with another request.
+    let mut reusable = !upstream_close && !chunked_and_length;
     let done = take_body(&mut framing, &mut rest).map_err(|_| Failed::Midway)?;
     out.extend_from_slice(&resp[head_len..resp.len() - rest.len()]);
     if !rest.is_empty() {
@@ -339,12 +364,21 @@ async fn exchange(
     Ok((status, keep))
 }
 
+/// A parsed response head.
+struct ResponseHead {
+    len: usize,
+    status: u16,
+    framing: Framing,
+    close: bool,
+    /// It had both `Transfer-Encoding` and `Content-Length`.
+    chunked_and_length: bool,
+}
+
 /// Reads a complete response head into `scratch.resp` (skipping interim 1xx responses other
-/// than 101); `Ok(None)` when the connection closed before any byte.
-async fn read_response_head(
-    up: &mut TcpStream,
-    scratch: &mut Scratch,
-) -> io::Result<Option<(usize, u16, Framing, bool)>> {
+/// than 101); `Ok(None)` when the connection closed before any byte. A `Content-Length` that is
+/// not digits, or two that differ, is an error (502), as in hyper's client.
+async fn read_response_head(up: &mut TcpStream, scratch: &mut Scratch) -> io::Result<Option<ResponseHead>> {
+    let invalid = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
     loop {
         let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut res = httparse::Response::new(&mut raw);
@@ -356,24 +390,25 @@ async fn read_response_head(
                     continue;
                 }
                 scratch.headers.clear();
-                let mut framing = Framing::UntilClose;
+                let (mut length, mut chunked, mut coded) = (None, false, false);
                 let mut close = res.version == Some(0);
                 for h in res.headers.iter() {
                     let name = h.name.as_bytes();
                     scratch.headers.push((offset(&scratch.resp, name), offset(&scratch.resp, h.value)));
                     if name.eq_ignore_ascii_case(b"content-length") {
-                        let n = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse().ok());
-                        if let (Some(n), false) = (n, matches!(framing, Framing::Chunked(_))) {
-                            framing = Framing::Length(n);
+                        let n = parse_length(h.value).ok_or_else(|| invalid("bad content-length"))?;
+                        if length.is_some_and(|l| l != n) {
+                            return Err(invalid("conflicting content-length"));
                         }
+                        length = Some(n);
                     } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-                        let chunked = h
+                        // The last coding decides: chunked ends the body, anything else runs to close.
+                        coded = true;
+                        chunked = h
                             .value
                             .split(|b| *b == b',')
                             .next_back()
                             .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-                        framing =
-                            if chunked { Framing::Chunked(Chunked::default()) } else { Framing::UntilClose };
                     } else if name.eq_ignore_ascii_case(b"connection") {
                         close |= h
                             .value
@@ -382,12 +417,19 @@ async fn read_response_head(
                     }
                 }
                 if status == 101 {
-                    return Err(io::Error::new(io::ErrorKind::InvalidData, "unexpected 101"));
+                    return Err(invalid("unexpected 101"));
                 }
-                return Ok(Some((len, status, framing, close)));
+                let framing = match (coded, chunked, length) {
+                    (true, true, _) => Framing::Chunked(Chunked::default()),
+                    (true, false, _) => Framing::UntilClose,
+                    (false, _, Some(n)) => Framing::Length(n),
+                    (false, _, None) => Framing::UntilClose,
+                };
+                let chunked_and_length = coded && length.is_some();
+                return Ok(Some(ResponseHead { len, status, framing, close, chunked_and_length }));
             }
             Ok(httparse::Status::Partial) if scratch.resp.len() < MAX_HEAD => {}
-            _ => return Err(io::Error::new(io::ErrorKind::InvalidData, "malformed response head")),
+            _ => return Err(invalid("malformed response head")),
         }
         let n = up.read_buf(&mut scratch.resp).await?;
         if n == 0 {

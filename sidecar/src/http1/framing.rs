@@ -6,11 +6,26 @@
 pub struct BadChunk;
 
 /// Scans chunked transfer coding (RFC 9112 §7.1) as it streams by, to find where the message
-/// ends; the bytes themselves are forwarded unchanged.
+/// ends; the bytes themselves are forwarded unchanged, so the scan is strict about what the
+/// next reader could take differently: every line ends in CRLF (a bare LF is an error, also
+/// inside an extension), a size is hex digits that fit in 64 bits, an extension follows only
+/// optional whitespace and `;` and holds no control bytes, and trailer lines hold none either.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Chunked {
-    Size { value: u64, digits: bool, ext: bool },
-    SizeLf { value: u64 },
+    Size {
+        value: u64,
+        digits: bool,
+    },
+    /// Whitespace after the size: only `;` or CR may follow.
+    SizeSpace {
+        value: u64,
+    },
+    Ext {
+        value: u64,
+    },
+    SizeLf {
+        value: u64,
+    },
     Data(u64),
     DataCr,
     DataLf,
@@ -23,8 +38,13 @@ pub enum Chunked {
 
 impl Default for Chunked {
     fn default() -> Self {
-        Self::Size { value: 0, digits: false, ext: false }
+        Self::Size { value: 0, digits: false }
     }
+}
+
+/// Bytes a line may hold: visible ASCII, space, tab and obs-text; no other control byte.
+fn line_byte(b: u8) -> bool {
+    b == b'\t' || b >= 0x20 && b != 0x7f
 }
 
 impl Chunked {
@@ -38,18 +58,29 @@ impl Chunked {
             }
             let b = bytes[i];
             *self = match *self {
-                Self::Size { value, digits, ext } => match b {
+                Self::Size { value, digits } => match b {
                     b'\r' if digits => Self::SizeLf { value },
-                    _ if ext => Self::Size { value, digits, ext },
-                    b';' | b' ' | b'\t' if digits => Self::Size { value, digits, ext: true },
+                    b';' if digits => Self::Ext { value },
+                    b' ' | b'\t' if digits => Self::SizeSpace { value },
                     _ => {
                         let d = (b as char).to_digit(16).ok_or(BadChunk)?;
                         let value = value
                             .checked_mul(16)
                             .and_then(|v| v.checked_add(u64::from(d)))
                             .ok_or(BadChunk)?;
-                        Self::Size { value, digits: true, ext: false }
+                        Self::Size { value, digits: true }
                     }
+                },
+                Self::SizeSpace { value } => match b {
+                    b' ' | b'\t' => Self::SizeSpace { value },
+                    b';' => Self::Ext { value },
+                    b'\r' => Self::SizeLf { value },
+                    _ => return Err(BadChunk),
+                },
+                Self::Ext { value } => match b {
+                    b'\r' => Self::SizeLf { value },
+                    _ if line_byte(b) => Self::Ext { value },
+                    _ => return Err(BadChunk),
                 },
                 Self::SizeLf { value } if b == b'\n' => {
                     if value == 0 {
@@ -68,8 +99,8 @@ impl Chunked {
                 Self::DataCr if b == b'\r' => Self::DataLf,
                 Self::DataLf if b == b'\n' => Self::default(),
                 Self::LineStart if b == b'\r' => Self::FinalLf,
-                Self::LineStart | Self::Line if b != b'\r' => Self::Line,
-                Self::Line => Self::LineLf,
+                Self::LineStart | Self::Line if line_byte(b) => Self::Line,
+                Self::Line if b == b'\r' => Self::LineLf,
                 Self::LineLf if b == b'\n' => Self::LineStart,
                 Self::FinalLf if b == b'\n' => {
                     *self = Self::Done;
@@ -131,5 +162,29 @@ mod tests {
         }
         let mut s = Chunked::default();
         assert!(s.feed(b"zz\r\n").is_err());
+    }
+
+    #[test]
+    fn chunked_scanner_refuses_what_a_peer_could_read_differently() {
+        for bad in [
+            &b"5\nhello\r\n0\r\n\r\n"[..],    // bare LF after the size
+            b"5;a\nb\r\nhello\r\n0\r\n\r\n",  // bare LF inside an extension
+            b"5 x\r\nhello\r\n0\r\n\r\n",     // junk after the size
+            b"5;a\x00\r\nhello\r\n0\r\n\r\n", // NUL in an extension
+            b"5\r\nhello\n0\r\n\r\n",         // bare LF after the data
+            b"5\r\nhelloX0\r\n\r\n",          // data longer than its size
+            b"0\r\nx: 1\n\r\n",               // bare LF ending a trailer
+            b"0\r\n\n",                       // bare LF ending the message
+            b"-5\r\nhello\r\n0\r\n\r\n",      // a sign
+            b"0x5\r\nhello\r\n0\r\n\r\n",     // a prefix
+            b";\r\n",                         // an extension without a size
+            b"10000000000000000\r\n",         // 17 hex digits: past 64 bits
+        ] {
+            let mut s = Chunked::default();
+            assert!(s.feed(bad).is_err(), "{}", String::from_utf8_lossy(bad).escape_debug());
+        }
+        let mut s = Chunked::default();
+        assert_eq!(s.feed(b"5 ; a=\"b c\"\r\nhello\r\n0\r\n\r\n"), Ok(25));
+        assert_eq!(s, Chunked::Done);
     }
 }

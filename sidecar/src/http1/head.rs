@@ -15,12 +15,14 @@ use crate::route::table::RequestView;
 use crate::telemetry::trace;
 
 /// The longest head accepted (request or response).
-pub(super) const MAX_HEAD: usize = 64 * 1024;
+pub(crate) const MAX_HEAD: usize = 64 * 1024;
 /// Room made for every read (a `BytesMut` without spare capacity would read 64 bytes at a time).
 pub(super) const READ_CHUNK: usize = 16 * 1024;
 pub(super) const MAX_HEADERS: usize = 100;
 /// A keep-alive client connection idle this long is closed.
 const CLIENT_IDLE: Duration = Duration::from_secs(120);
+/// The longest `Content-Length` value taken: 19 digits always fit in a u64.
+const MAX_LENGTH_DIGITS: usize = 19;
 
 /// A parsed request head: positions into the connection's buffer.
 #[derive(Default)]
@@ -31,6 +33,8 @@ pub(super) struct Head {
     pub(super) path: Range<usize>,
     /// The authority: from an absolute-form target or the Host header.
     pub(super) authority: Option<Range<usize>>,
+    /// The target was absolute-form: its authority replaces any `Host` (RFC 9112 §3.2.2).
+    pub(super) absolute: bool,
     pub(super) headers: Vec<(Range<usize>, Range<usize>)>,
     pub(super) content_length: u64,
     /// Something only the general path handles.
@@ -61,8 +65,36 @@ pub(super) fn offset(base: &[u8], part: &[u8]) -> Range<usize> {
     start..start + part.len()
 }
 
+/// A `Content-Length` value as RFC 9110 §8.6 writes it: digits only (no sign, no spaces, no
+/// list), and small enough to count.
+pub(crate) fn parse_length(value: &[u8]) -> Option<u64> {
+    if value.is_empty() || value.len() > MAX_LENGTH_DIGITS || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    value.iter().try_fold(0u64, |n, d| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))
+}
+
+/// Whether every line of a head ends in CRLF: httparse also takes a bare LF, which a peer
+/// could read differently.
+pub(super) fn crlf_only(head: &[u8]) -> bool {
+    let mut previous = 0u8;
+    head.iter().all(|&b| {
+        let ok = b != b'\n' || previous == b'\r';
+        previous = b;
+        ok
+    })
+}
+
+/// Whether an authority (`host[:port]`, `[v6]:port`) holds only what one may: no userinfo, no
+/// spaces or path, not empty.
+fn plain_authority(a: &[u8]) -> bool {
+    !a.is_empty() && a.iter().all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:[]%".contains(b))
+}
+
 impl Head {
     /// Parses a complete head at the start of `buf`; `Ok(None)` when more bytes are needed.
+    /// Anything the fast path is not sure of sets `unusual`, and hyper's path, which is
+    /// strict about the rest, decides (with a 400 for what it refuses).
     pub(super) fn parse(buf: &[u8], head: &mut Head) -> Result<Option<()>, ()> {
         let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut req = httparse::Request::new(&mut raw);
@@ -75,10 +107,11 @@ impl Head {
         head.len = len;
         let (method, target) = (req.method.ok_or(())?, req.path.ok_or(())?);
         head.method = offset(buf, method.as_bytes());
-        head.unusual = req.version != Some(1) || method == "CONNECT";
+        head.unusual = req.version != Some(1) || method == "CONNECT" || !crlf_only(&buf[..len]);
         head.close = false;
         head.content_length = 0;
         head.authority = None;
+        head.absolute = false;
         head.has_host = false;
         head.has_traceparent = false;
         head.has_request_id = false;
@@ -87,26 +120,34 @@ impl Head {
         head.path = offset(buf, t);
         if let Some(rest) = target.strip_prefix("http://") {
             let end = rest.find('/').unwrap_or(rest.len());
-            head.authority = Some(offset(buf, &rest.as_bytes()[..end]));
+            let authority = &rest.as_bytes()[..end];
+            head.authority = Some(offset(buf, authority));
+            head.absolute = true;
             head.path = offset(buf, if end == rest.len() { b"/" } else { &rest.as_bytes()[end..] });
-            if end == rest.len() {
-                // "http://host" has no path: not worth a special case.
+            if end == rest.len() || !plain_authority(authority) {
+                // "http://host" has no path, "http://user@host/" has userinfo: for hyper.
                 head.unusual = true;
             }
         } else if !target.starts_with('/') {
-            head.unusual = true; // "*" or an authority-form target
+            head.unusual = true; // "*", an authority-form target or another scheme
         }
-        let mut lengths = 0;
+        let (mut lengths, mut hosts) = (0, 0);
         for h in req.headers.iter() {
             let name = h.name.as_bytes();
             let value = h.value;
             head.headers.push((offset(buf, name), offset(buf, value)));
             if name.eq_ignore_ascii_case(b"content-length") {
                 lengths += 1;
-                head.content_length =
-                    std::str::from_utf8(value).ok().and_then(|v| v.trim().parse().ok()).ok_or(())?;
+                match parse_length(value) {
+                    Some(n) => head.content_length = n,
+                    None => head.unusual = true,
+                }
             } else if name.eq_ignore_ascii_case(b"host") {
+                hosts += 1;
                 head.has_host = true;
+                if !plain_authority(value) {
+                    head.unusual = true;
+                }
                 if head.authority.is_none() {
                     head.authority = Some(offset(buf, value));
                 }
@@ -130,8 +171,8 @@ impl Head {
                 head.has_request_id = true;
             }
         }
-        if lengths > 1 {
-            head.unusual = true; // let the general path judge conflicting lengths
+        if lengths > 1 || hosts > 1 {
+            head.unusual = true; // hyper's path refuses these with 400
         }
         Ok(Some(()))
     }
@@ -178,31 +219,43 @@ pub(super) fn host_port(authority: &str) -> (&str, Option<u16>) {
     }
 }
 
-/// Reads until `buf` holds a complete head; `Ok(false)` on a clean end of stream before any byte.
+/// Reads until `buf` holds a complete head; `Ok(false)` on a clean end of stream before any
+/// byte, or an idle connection. Once a head has begun it must be complete within
+/// `head_timeout` (a slowloris client gets `TimedOut`).
 pub(super) async fn fill_head(
     stream: &mut TcpStream,
     buf: &mut BytesMut,
     head: &mut Head,
+    head_timeout: Duration,
 ) -> io::Result<bool> {
+    let mut deadline = (!buf.is_empty()).then(|| tokio::time::Instant::now() + head_timeout);
     loop {
         if !buf.is_empty() {
             match Head::parse(buf, head) {
+                Ok(Some(())) if head.len > MAX_HEAD => {
+                    return Err(io::Error::new(io::ErrorKind::FileTooLarge, "head too large"))
+                }
                 Ok(Some(())) => return Ok(true),
                 Ok(None) if buf.len() >= MAX_HEAD => {
-                    return Err(io::Error::new(io::ErrorKind::InvalidData, "head too large"))
+                    return Err(io::Error::new(io::ErrorKind::FileTooLarge, "head too large"))
                 }
                 Ok(None) => {}
                 Err(()) => return Err(io::Error::new(io::ErrorKind::InvalidData, "malformed head")),
             }
         }
         buf.reserve(READ_CHUNK.saturating_sub(buf.capacity() - buf.len()).min(READ_CHUNK));
-        let read = if buf.is_empty() {
-            match tokio::time::timeout(CLIENT_IDLE, stream.read_buf(buf)).await {
-                Ok(r) => r?,
+        let read = match deadline {
+            None => match tokio::time::timeout(CLIENT_IDLE, stream.read_buf(buf)).await {
+                Ok(r) => {
+                    deadline = Some(tokio::time::Instant::now() + head_timeout);
+                    r?
+                }
                 Err(_) => return Ok(false),
-            }
-        } else {
-            stream.read_buf(buf).await?
+            },
+            Some(at) => match tokio::time::timeout_at(at, stream.read_buf(buf)).await {
+                Ok(r) => r?,
+                Err(_) => return Err(io::ErrorKind::TimedOut.into()),
+            },
         };
         if read == 0 {
             return if buf.is_empty() { Ok(false) } else { Err(io::ErrorKind::UnexpectedEof.into()) };
@@ -239,6 +292,43 @@ mod tests {
         }
         assert!(Head::parse(b"GET / HTTP/1.1\r\nHost: a\r\n", &mut head).unwrap().is_none());
         assert!(Head::parse(b"GARBAGE\r\n\r\n", &mut head).is_err());
+    }
+
+    #[test]
+    fn what_the_fast_path_is_not_sure_of_goes_to_hyper() {
+        let mut head = Head::default();
+        for odd in [
+            &b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +5\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999999999999999\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n",
+            b"GET / HTTP/1.1\nHost: a\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\n\r\n",
+            b"GET http://user@a/ HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET https://a/ HTTP/1.1\r\nHost: a\r\n\r\n",
+        ] {
+            match Head::parse(odd, &mut head) {
+                Ok(Some(())) => assert!(head.unusual, "{}", String::from_utf8_lossy(odd).escape_debug()),
+                Ok(None) => panic!("incomplete: {}", String::from_utf8_lossy(odd).escape_debug()),
+                Err(()) => {} // malformed: also hyper's
+            }
+        }
+        Head::parse(b"GET http://a:1/x HTTP/1.1\r\nHost: b\r\n\r\n", &mut head).unwrap().unwrap();
+        assert!(!head.unusual && head.absolute);
+        assert_eq!(&b"GET http://a:1/x HTTP/1.1\r\nHost: b\r\n\r\n"[head.authority.clone().unwrap()], b"a:1");
+    }
+
+    #[test]
+    fn lengths_are_digits_only() {
+        assert_eq!(parse_length(b"0"), Some(0));
+        assert_eq!(parse_length(b"0012"), Some(12));
+        assert_eq!(parse_length(b"18446744073709551615"), None); // 20 digits
+        assert_eq!(parse_length(b"9999999999999999999"), Some(9_999_999_999_999_999_999));
+        for bad in [&b""[..], b"+5", b"-1", b" 5", b"5 ", b"5,5", b"0x5", "５".as_bytes()] {
+            assert_eq!(parse_length(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
     }
 
     #[test]

@@ -38,6 +38,7 @@ use crate::proxy::{ConnMeta, Direction, ProxyContext};
 use crate::route::table::RequestView;
 use forward::{forward, Route, Scratch};
 use head::{fill_head, host_port, Head, View};
+pub(crate) use head::{parse_length, MAX_HEAD};
 
 /// Serves a client connection on the fast path for as long as its requests allow; returns the
 /// connection when the rest of it is for hyper, `None` when it is done.
@@ -47,15 +48,27 @@ pub async fn serve(mut stream: TcpStream, ctx: &ProxyContext, conn: ConnMeta) ->
     let mut scratch = Scratch::default();
     let mut inbound: Option<(u16, Arc<EndpointState>)> = None;
     loop {
-        match fill_head(&mut stream, &mut buf, &mut head).await {
+        match fill_head(&mut stream, &mut buf, &mut head, ctx.head_timeout).await {
             Ok(true) => {}
             Ok(false) => return None,
-            // Malformed or oversized: hyper gives the proper 400/431 answer.
+            // Malformed: hyper gives the proper 400 answer.
             Err(e) if e.kind() == io::ErrorKind::InvalidData => break,
+            // Larger than hyper would take either: the same answer, without handing over.
+            Err(e) if e.kind() == io::ErrorKind::FileTooLarge => {
+                let _ = forward::answer(
+                    &mut stream,
+                    431,
+                    "request header fields too large",
+                    "head-too-large",
+                    true,
+                )
+                .await;
+                return None;
+            }
             Err(_) => return None,
         }
-        if head.unusual {
-            break;
+        if head.unusual || ctx.max_request_body.is_some_and(|limit| head.content_length > limit) {
+            break; // hyper's path decides, or answers 413
         }
         let view = View { head: &head, buf: &buf };
         let authority = head.authority.as_ref().map(|r| view.str(r));
@@ -64,6 +77,9 @@ pub async fn serve(mut stream: TcpStream, ctx: &ProxyContext, conn: ConnMeta) ->
         let target = match conn.direction {
             Direction::Inbound => {
                 let Some(port) = conn.original.map(|o| o.port()).or(port) else { break };
+                if !ctx.inbound_port_allowed(port) {
+                    break; // hyper's path answers 403
+                }
                 let endpoint = match &inbound {
                     Some((p, e)) if *p == port => e.clone(),
                     _ => {

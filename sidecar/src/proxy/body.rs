@@ -81,8 +81,11 @@ impl Body for ProxyBody {
 pub enum Buffered {
     /// Small enough to send again.
     Replayable(Bytes),
-    /// Too large (or broken): sent once, never retried.
+    /// Too large: sent once, never retried.
     OneShot(ProxyBody),
+    /// The client's body broke while it was read (malformed chunked coding, cut short): it is
+    /// not sent at all, rather than passed on truncated as if complete.
+    Broken,
 }
 
 impl Buffered {
@@ -93,6 +96,7 @@ impl Buffered {
             Self::Replayable(b) if b.is_empty() => ProxyBody::Empty,
             Self::Replayable(b) => ProxyBody::Full(Some(b.clone())),
             Self::OneShot(body) => std::mem::replace(body, ProxyBody::Empty),
+            Self::Broken => ProxyBody::Empty,
         }
     }
 
@@ -126,12 +130,7 @@ pub async fn buffer(mut body: Incoming, limit: usize) -> Buffered {
                     });
                 }
             }
-            Some(Err(_)) => {
-                return Buffered::OneShot(ProxyBody::Prefixed {
-                    prefix: Some(collected.freeze()),
-                    rest: body,
-                })
-            }
+            Some(Err(_)) => return Buffered::Broken,
         }
     }
 }

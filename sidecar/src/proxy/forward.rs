@@ -99,8 +99,29 @@ fn upstream_request(
     req
 }
 
+/// Whether a send failed because the request body failed: hyper reports the body's own error
+/// (from the client's connection) as a user error with that error as its source.
+fn request_body_failed(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if let Some(h) = s.downcast_ref::<hyper::Error>() {
+            if h.is_user()
+                && std::error::Error::source(h)
+                    .is_some_and(|inner| inner.downcast_ref::<hyper::Error>().is_some())
+            {
+                return true;
+            }
+        }
+        source = s.source();
+    }
+    false
+}
+
 /// Classifies a client error.
 fn failure_of(e: &hyper_util::client::legacy::Error) -> Failure {
+    if request_body_failed(e) {
+        return Failure::ClientBody;
+    }
     if e.is_connect() {
         let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
         while let Some(s) = source {
@@ -130,6 +151,11 @@ fn failure_response(f: Failure) -> Response<ProxyBody> {
             "upstream closed the connection before responding",
         ),
         Failure::Timeout => error(StatusCode::GATEWAY_TIMEOUT, "timeout", "upstream did not respond in time"),
+        Failure::ClientBody => {
+            let mut r = error(StatusCode::BAD_REQUEST, "bad-request-body", "the request body is malformed");
+            r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            r
+        }
     }
 }
 
@@ -181,6 +207,9 @@ pub(super) async fn forward(
         Some(_) => buffer(body, RETRY_BUFFER_LIMIT).await,
         None => Buffered::OneShot(ProxyBody::Incoming(body)),
     };
+    if matches!(body, Buffered::Broken) {
+        return Forwarded { response: failure_response(Failure::ClientBody), retries: 0, upstream: None };
+    }
     let overall = match (target.timeout, retry.and_then(|r| r.timeout)) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
@@ -230,6 +259,7 @@ pub(super) async fn forward(
 
         let failed = match &result {
             Ok(r) => r.status().is_server_error(),
+            Err(Failure::ClientBody) => false,
             Err(_) => true,
         };
         observe::attempt(&target.pool, &endpoint, failed, &target.series);
@@ -320,7 +350,10 @@ async fn send(
                 }
             }
             in_flight.dispatched();
-            let response = sender.send_request(req).await.map_err(|_| {
+            let response = sender.send_request(req).await.map_err(|e| {
+                if request_body_failed(&e) {
+                    return Failure::ClientBody; // the stream was reset, the connection is fine
+                }
                 // A broken connection is replaced on the next request.
                 ctx.peers.lock().unwrap_or_else(|p| p.into_inner()).remove(peer);
                 Failure::Reset
@@ -377,6 +410,11 @@ fn finish_response(
         });
     }
     let (mut parts, body) = r.into_parts();
+    // Framed both ways: Transfer-Encoding won (RFC 9112 §6.3) and hyper re-frames the body,
+    // so the Content-Length is dropped rather than passed on beside a different framing.
+    if parts.headers.contains_key(header::TRANSFER_ENCODING) {
+        parts.headers.remove(header::CONTENT_LENGTH);
+    }
     strip_hop_by_hop(&mut parts.headers, switching);
     if retries > 0 {
         parts.headers.insert(&RETRIED_HEADER, HeaderValue::from(retries));

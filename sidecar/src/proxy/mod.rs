@@ -32,6 +32,7 @@ use std::time::Duration;
 use http::header::HeaderName;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
+use skein_api::constants::{PROXY_ADMIN_PORT, PROXY_INBOUND_PORT, PROXY_OUTBOUND_PORT, PROXY_STATS_PORT};
 
 use crate::config::store::ConfigStore;
 use crate::telemetry::access_log::AccessLog;
@@ -68,6 +69,9 @@ impl Direction {
     }
 }
 
+/// How long a client may take to send a request head, by default.
+pub const DEFAULT_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Everything the request path reads.
 pub struct ProxyContext {
     pub store: Arc<ConfigStore>,
@@ -85,6 +89,13 @@ pub struct ProxyContext {
     pub tls: Arc<crate::tls::TlsStore>,
     /// Inbound accepts only mTLS from mesh identities (else plaintext is accepted too).
     pub inbound_strict: bool,
+    /// The ports the proxy itself listens on: inbound traffic is never delivered to them, or a
+    /// peer could reach the outbound listener (and send as this workload) or the admin server.
+    pub own_ports: Vec<u16>,
+    /// Requests declaring a larger body are refused with 413 (`None`: no limit).
+    pub max_request_body: Option<u64>,
+    /// A request head must arrive within this long of its first byte (slowloris).
+    pub head_timeout: Duration,
     /// One multiplexed mTLS HTTP/2 connection per peer sidecar and expected identity.
     pub(crate) peers: std::sync::Mutex<peer::PeerConnections>,
     /// Held while a new peer connection is made, so concurrent first requests share one.
@@ -137,9 +148,19 @@ impl ProxyContext {
             inbound,
             tls: Arc::default(),
             inbound_strict: true,
+            max_request_body: None,
+            head_timeout: DEFAULT_HEAD_TIMEOUT,
+            own_ports: vec![PROXY_ADMIN_PORT, PROXY_OUTBOUND_PORT, PROXY_INBOUND_PORT, PROXY_STATS_PORT],
             peers: std::sync::Mutex::default(),
             peer_connect: tokio::sync::Mutex::const_new(()),
         }
+    }
+}
+
+impl ProxyContext {
+    /// Whether inbound traffic may be delivered to the app on `port`.
+    pub fn inbound_port_allowed(&self, port: u16) -> bool {
+        !self.own_ports.contains(&port)
     }
 }
 

@@ -25,6 +25,9 @@ pub async fn serve(
     mut req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
+    if let Some(refused) = refusal(&ctx, &req) {
+        return Ok(refused);
+    }
     let trace_id = trace::ensure(req.headers_mut());
     let authority = authority_of(&req);
     let active = ctx.store.current();
@@ -47,7 +50,15 @@ pub async fn serve(
                 .or(named)
                 .or_else(|| authority.as_ref().and_then(Authority::port_u16))
                 .unwrap_or(80);
-            Ok(Upstream::Fixed(authority_for(SocketAddr::new(ctx.inbound_target, port)), &ctx.inbound))
+            if ctx.inbound_port_allowed(port) {
+                Ok(Upstream::Fixed(authority_for(SocketAddr::new(ctx.inbound_target, port)), &ctx.inbound))
+            } else {
+                Err(error(
+                    StatusCode::FORBIDDEN,
+                    "proxy-port",
+                    &format!("port {port} is the proxy's own; inbound traffic is for the app"),
+                ))
+            }
         }
         (_, Direction::Outbound) => {
             let host = authority.as_ref().map(Authority::host);
@@ -98,8 +109,10 @@ pub async fn serve(
             if parts.method == Method::CONNECT {
                 (tunnel(upgrade, &upstream), series)
             } else {
-                // Keep the authority the client used: HTTP/2 carries it in the URI only.
-                if !parts.headers.contains_key(header::HOST) {
+                // Keep the authority the client used: HTTP/2 carries it in the URI only, and an
+                // absolute-form target's authority replaces any Host (RFC 9112 §3.2.2).
+                let absolute = parts.uri.authority().is_some();
+                if absolute || !parts.headers.contains_key(header::HOST) {
                     if let Some(a) = &authority {
                         if let Ok(v) = HeaderValue::from_str(a.as_str()) {
                             parts.headers.insert(header::HOST, v);
@@ -127,6 +140,53 @@ pub async fn serve(
         },
     );
     Ok(forwarded.response)
+}
+
+/// Refuses, with 400 (or 413) and a closed connection, what a strict HTTP/1.1 server must not
+/// pass on: more than one `Host` (RFC 9112 §3.2), a `Content-Length` that is not one value of
+/// digits, and a body declared larger than the limit. hyper has already refused malformed
+/// heads, differing lengths and codings other than chunked; given both `Content-Length` and
+/// `Transfer-Encoding` it keeps only the latter and closes the connection after the response
+/// (RFC 9112 §6.3), so bytes smuggled behind the body are never read as a request.
+fn refusal(ctx: &ProxyContext, req: &Request<Incoming>) -> Option<Response<ProxyBody>> {
+    let h = req.headers();
+    let refuse = |status, code, message: &str| {
+        tracing::info!(code, "refused a request: {message}");
+        let mut response = error(status, code, message);
+        response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        Some(response)
+    };
+    let mut hosts = h.get_all(header::HOST).iter();
+    if hosts.next().is_some_and(|v| v.to_str().ok().and_then(|v| v.parse::<Authority>().ok()).is_none()) {
+        return refuse(StatusCode::BAD_REQUEST, "bad-host", "the Host header is not a host[:port]");
+    }
+    if hosts.next().is_some() {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "duplicate-host",
+            "the request has more than one Host header",
+        );
+    }
+    let mut lengths = h.get_all(header::CONTENT_LENGTH).iter();
+    let strict_length = lengths.next().is_none_or(|v| crate::http1::parse_length(v.as_bytes()).is_some());
+    if !strict_length || lengths.next().is_some() {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "bad-length",
+            "Content-Length must be one value of digits only",
+        );
+    }
+    if let Some(limit) = ctx.max_request_body {
+        let declared = h.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit) {
+            return refuse(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body-too-large",
+                &format!("the request body is larger than {limit} bytes"),
+            );
+        }
+    }
+    None
 }
 
 fn authority_of(req: &Request<Incoming>) -> Option<Authority> {

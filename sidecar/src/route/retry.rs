@@ -93,6 +93,7 @@ impl RetrySettings {
             Failure::ConnectFailure => self.on & on::CONNECT_FAILURE != 0,
             Failure::Reset => self.on & on::RESET != 0,
             Failure::Timeout => self.on & (on::SERVER_ERROR | on::GATEWAY_ERROR) != 0,
+            Failure::ClientBody => false,
         }
     }
 
@@ -116,6 +117,9 @@ pub enum Failure {
     Reset,
     /// The per-try timeout fired.
     Timeout,
+    /// The client's request body was malformed or cut short: the client's fault, never the
+    /// endpoint's (not retried, not counted against it).
+    ClientBody,
 }
 
 #[derive(Debug, Default, Clone, Copy)]

@@ -1,14 +1,18 @@
-//! One JSON access-log line per request, written by a task of its own so the request path never
-//! waits on stdout: lines go through a bounded channel and are dropped (and counted) when the
-//! writer falls behind.
+//! One JSON access-log line per request, written by a thread of its own so the request path
+//! never waits on stdout: a full pipe (a log shipper that stalls, nobody reading) blocks only
+//! that thread. Lines go through a bounded queue and are dropped, and counted in
+//! `skein_access_log_dropped_total`, when the writer falls behind.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
-use tokio::sync::mpsc;
+
+/// Lines queued for the writer before new ones are dropped.
+const QUEUE: usize = 4096;
 
 /// One request, as logged.
 #[derive(Serialize, Debug)]
@@ -28,17 +32,23 @@ pub struct Entry<'a> {
 /// The access log; cheap to clone.
 #[derive(Clone, Default)]
 pub struct AccessLog {
-    tx: Option<mpsc::Sender<String>>,
+    tx: Option<mpsc::SyncSender<String>>,
+    /// Lines dropped because the queue was full.
     pub dropped: Arc<AtomicU64>,
 }
 
 impl AccessLog {
-    /// Writes to stdout from a background task.
+    /// Writes to stdout from a thread of its own.
     pub fn stdout() -> Self {
-        let (tx, mut rx) = mpsc::channel::<String>(4096);
-        tokio::spawn(async move {
-            let mut out = std::io::BufWriter::new(std::io::stdout());
-            while let Some(line) = rx.recv().await {
+        Self::to_writer(std::io::stdout())
+    }
+
+    /// Writes to `out` from a thread of its own; the thread ends when every clone is dropped.
+    pub fn to_writer(out: impl Write + Send + 'static) -> Self {
+        let (tx, rx) = mpsc::sync_channel::<String>(QUEUE);
+        let spawned = std::thread::Builder::new().name("access-log".into()).spawn(move || {
+            let mut out = std::io::BufWriter::new(out);
+            while let Ok(line) = rx.recv() {
                 let _ = out.write_all(line.as_bytes());
                 while let Ok(more) = rx.try_recv() {
                     let _ = out.write_all(more.as_bytes());
@@ -46,7 +56,13 @@ impl AccessLog {
                 let _ = out.flush();
             }
         });
-        Self { tx: Some(tx), dropped: Arc::default() }
+        match spawned {
+            Ok(_) => Self { tx: Some(tx), dropped: Arc::default() },
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start the access-log thread; access logs are off");
+                Self::off()
+            }
+        }
     }
 
     /// Logs nothing.
@@ -95,6 +111,69 @@ pub fn rfc3339(t: SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A writer that never returns, like stdout into a pipe nobody reads.
+    struct Stuck;
+
+    impl Write for Stuck {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            loop {
+                std::thread::park();
+            }
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn entry() -> Entry<'static> {
+        Entry {
+            time: rfc3339(UNIX_EPOCH),
+            direction: "outbound",
+            method: "GET",
+            authority: "reviews:9080",
+            path: "/",
+            status: 200,
+            duration_ms: 0.25,
+            upstream: "10.0.0.1:9080",
+            retries: 0,
+            trace_id: "4bf92f3577b34da6a3ce929d0e0e4736",
+        }
+    }
+
+    #[test]
+    fn a_stuck_writer_drops_and_counts_lines_instead_of_blocking_the_caller() {
+        let log = AccessLog::to_writer(Stuck);
+        let n = QUEUE as u64 * 3;
+        for _ in 0..n {
+            log.log(&entry()); // would block forever on a full queue if it waited
+        }
+        let dropped = log.dropped.load(Ordering::Relaxed);
+        // The queue holds QUEUE lines and the writer's 8 KiB buffer a few dozen more (lines are
+        // about 250 bytes); the rest are dropped.
+        assert!(dropped >= n - QUEUE as u64 - 100, "dropped {dropped} of {n}");
+    }
+
+    #[test]
+    fn lines_reach_the_writer() {
+        let (tx, rx) = mpsc::channel::<Vec<u8>>();
+        struct Collect(mpsc::Sender<Vec<u8>>);
+        impl Write for Collect {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                let _ = self.0.send(b.to_vec());
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let log = AccessLog::to_writer(Collect(tx));
+        log.log(&entry());
+        let got = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        let line: serde_json::Value = serde_json::from_slice(&got).unwrap();
+        assert_eq!(line["authority"], "reviews:9080");
+        assert_eq!(log.dropped.load(Ordering::Relaxed), 0);
+    }
 
     #[test]
     fn formats_rfc3339() {

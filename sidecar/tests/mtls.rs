@@ -3,44 +3,14 @@
 //! and a plaintext client are each refused with a reason.
 #![allow(clippy::unwrap_used)] // a test that unwraps an error fails, which is the point
 
+mod support;
+
 use std::sync::Arc;
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
-};
 use skein_proxy::TlsMaterial;
+use support::pki::{ca, leaf, Ca};
 use time::{Duration, OffsetDateTime};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    pem: String,
-}
-
-fn ca(name: &str) -> Ca {
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let mut params = CertificateParams::default();
-    params.distinguished_name.push(DnType::CommonName, name);
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
-    let cert = params.self_signed(&key).unwrap();
-    Ca { pem: cert.pem(), issuer: Issuer::new(params, key) }
-}
-
-/// A workload certificate for `uri`, valid from `from` to `until`; returns (chain, key).
-fn leaf(ca: &Ca, uri: &str, from: OffsetDateTime, until: OffsetDateTime) -> (String, String) {
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let mut params = CertificateParams::default();
-    params.subject_alt_names = vec![SanType::URI(uri.try_into().unwrap())];
-    params.extended_key_usages =
-        vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.not_before = from;
-    params.not_after = until;
-    let cert = params.signed_by(&key, &ca.issuer).unwrap();
-    (cert.pem(), key.serialize_pem())
-}
 
 fn material(ca: &Ca, bundle: &str, uri: &str, from: OffsetDateTime, until: OffsetDateTime) -> TlsMaterial {
     let (chain, key) = leaf(ca, uri, from, until);
@@ -198,8 +168,6 @@ fn bad_material_is_refused_with_a_reason() {
         .contains("no certificate"));
 }
 
-mod support;
-
 use std::sync::atomic::Ordering;
 
 fn meshed(ip: &str, port: u16) -> skein_api::config::Endpoint {
@@ -346,4 +314,28 @@ async fn certificates_and_roots_rotate_under_load_without_a_failed_request() {
     // callee made a new handshake for every probe.
     assert_eq!(caller.tls.handshakes.load(Ordering::Relaxed), 1);
     assert!(callee.tls.handshakes.load(Ordering::Relaxed) >= 41);
+}
+
+/// A mesh peer with a valid certificate still cannot use the inbound listener to reach this
+/// proxy's own ports: it would otherwise send through the outbound listener as this workload
+/// (15001), or reach the admin server (15000).
+#[tokio::test]
+async fn a_peer_cannot_reach_the_callees_own_ports_through_inbound() {
+    let root = ca("root");
+    let callee = support::proxy_tls(
+        support::config("c1", vec![], vec![]),
+        "127.0.0.35:15006",
+        Some(fresh(&root, &root.pem, SERVER)),
+    )
+    .await;
+    for port in [15000, 15001, 15006, 15020] {
+        // The caller's destination names the proxy port as the app port: the caller sends it
+        // in the inbound-port header, as a hostile peer could.
+        let cfg = support::config("c1", vec![meshed("127.0.0.35", port)], vec![]);
+        let caller = support::proxy_tls(cfg, "127.0.0.1:0", Some(fresh(&root, &root.pem, CLIENT))).await;
+        let a = caller.send("GET", "reviews.shop:9080", "/config_dump", &[], b"").await;
+        assert_eq!(a.status, 403, "port {port}: {}", a.body);
+        assert_eq!(a.headers.get("x-skein-error").unwrap(), "proxy-port", "port {port}");
+    }
+    assert!(callee.tls.handshakes.load(Ordering::Relaxed) >= 4, "the peers were authenticated first");
 }

@@ -1,7 +1,8 @@
 //! Transparent capture: iptables, in a network namespace the test creates, redirects a client's
 //! connections for a Service address to the outbound listener. The proxy reads the original
 //! destination (`SO_ORIGINAL_DST`), routes HTTP by it, and splices a port marked opaque as plain
-//! TCP. Needs root, `ip` and `iptables`; without them the test says so and skips.
+//! TCP; `skein-proxy init` installs the same capture for IPv4 and IPv6, and a re-run changes
+//! nothing. Needs root, `ip` and `iptables`; without them the test says so and skips.
 #![allow(clippy::unwrap_used)] // a test that unwraps an error fails, which is the point
 
 mod support;
@@ -191,5 +192,99 @@ fn skein_proxy_init_installs_rules_that_capture_the_apps_but_not_the_proxy() {
     .join()
     .expect("namespace thread");
     assert_eq!(body.0, "web:0", "the captured request reached the Service's endpoint");
+    assert_eq!(body.1, 1);
+}
+
+/// Lines of `iptables-save -t nat` (or ip6tables-save) that are rules or chains.
+fn nat_rules(ns: &Netns, save: &str) -> Vec<String> {
+    let out = Command::new("ip").args(["netns", "exec", &ns.0, save, "-t", "nat"]).output().unwrap();
+    assert!(out.status.success(), "{save}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with("-A") || l.starts_with(':'))
+        .map(|l| l.split(" [").next().unwrap_or(l).to_string()) // drop the packet counters
+        .collect()
+}
+
+#[test]
+fn init_is_idempotent_and_captures_ipv6_too() {
+    if !have("ip")
+        || !have("iptables-restore")
+        || !have("ip6tables-restore")
+        || !have("setpriv")
+        || !have("curl")
+    {
+        eprintln!("skipping: needs ip, iptables-restore, ip6tables-restore, setpriv and curl");
+        return;
+    }
+    let Some(ns) = Netns::create() else {
+        eprintln!("skipping: cannot create a network namespace (needs root)");
+        return;
+    };
+    ns.exec(&["ip", "link", "set", "lo", "up"]);
+    // An IPv6 network for the Service address to be routable.
+    ns.exec(&["ip", "link", "add", "svc0", "type", "veth", "peer", "name", "svc1"]);
+    ns.exec(&["ip", "-6", "addr", "add", "fd00:5f::1/64", "dev", "svc0", "nodad"]);
+    ns.exec(&["ip", "link", "set", "svc0", "up"]);
+    ns.exec(&["ip", "link", "set", "svc1", "up"]);
+    let init = [
+        env!("CARGO_BIN_EXE_skein-proxy"),
+        "init",
+        "--proxy-uid",
+        "0",
+        "--exclude-ports",
+        "5432",
+        "--ipv6",
+        "on",
+    ];
+    ns.exec(&init);
+    let (v4, v6) = (nat_rules(&ns, "iptables-save"), nat_rules(&ns, "ip6tables-save"));
+    // Run again, as a restarted init container would: the same rules, not twice as many.
+    ns.exec(&init);
+    assert_eq!(nat_rules(&ns, "iptables-save"), v4, "a re-run changed the IPv4 rules");
+    assert_eq!(nat_rules(&ns, "ip6tables-save"), v6, "a re-run changed the IPv6 rules");
+    for (family, rules) in [("IPv4", &v4), ("IPv6", &v6)] {
+        let jumps = rules.iter().filter(|r| *r == "-A PREROUTING -p tcp -j SKEIN_INBOUND").count();
+        assert_eq!(jumps, 1, "{family}: {rules:?}");
+        assert!(
+            rules.iter().any(|r| r == "-A SKEIN_OUTPUT -p tcp -j REDIRECT --to-ports 15001"),
+            "{family}: {rules:?}"
+        );
+    }
+    assert!(v6.iter().any(|r| r == "-A SKEIN_OUTPUT -d ::1/128 -j RETURN"), "{v6:?}");
+
+    // An app (uid 65534) calls an IPv6 Service address: captured to the proxy on [::1]:15001,
+    // which reads the IPv6 original destination and routes by it.
+    let netns_file = std::fs::File::open(format!("/var/run/netns/{}", ns.0)).expect("netns file");
+    let name = ns.0.clone();
+    let body = std::thread::spawn(move || {
+        nix::sched::setns(&netns_file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let web = support::upstream("web6").await;
+            let mut cfg = support::config("t6", vec![support::endpoint(&web, "v1")], vec![]);
+            cfg.destinations[0].addresses = vec!["fd00:5f::99".into()];
+            let store = Arc::new(ConfigStore::new(None));
+            store.apply(cfg, Source::File).unwrap();
+            let ctx = Arc::new(ProxyContext::new(
+                store,
+                AccessLog::off(),
+                "127.0.0.1".parse().unwrap(),
+                Duration::from_millis(500),
+            ));
+            let listener = tokio::net::TcpListener::bind("[::1]:15001").await.unwrap();
+            tokio::spawn(skein_proxy::serve_listener(listener, ctx, Direction::Outbound, Default::default()));
+            let out = tokio::process::Command::new("ip")
+                .args(["netns", "exec", &name, "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"])
+                .args(["curl", "-s", "-m", "5", "http://[fd00:5f::99]:9080/via-ipv6-capture"])
+                .output()
+                .await
+                .unwrap();
+            (String::from_utf8_lossy(&out.stdout).into_owned(), web.hits())
+        })
+    })
+    .join()
+    .expect("namespace thread");
+    assert_eq!(body.0, "web6:0", "the captured IPv6 request reached the Service's endpoint");
     assert_eq!(body.1, 1);
 }

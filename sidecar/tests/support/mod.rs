@@ -1,6 +1,8 @@
 //! Test upstreams, a proxy started in-process, and a client — all on real loopback sockets.
 #![allow(dead_code)]
 
+pub mod pki;
+
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;

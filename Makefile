@@ -2,7 +2,7 @@
 # cluster, the end-to-end tests against it.
 CARGO ?= cargo
 
-.PHONY: build test unit e2e generate lint run demo bench
+.PHONY: build test unit e2e generate lint fuzz run demo bench
 
 build:
 	$(CARGO) build --workspace --bins --examples
@@ -24,7 +24,13 @@ generate:
 lint:
 	python3 .ci/module_cycles.py api operator sidecar bench demo e2e
 	$(CARGO) fmt --all --check
+	$(CARGO) fmt --check --manifest-path fuzz/Cargo.toml
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# Every fuzz target under libFuzzer for FUZZ_SECONDS (default 60) each; see fuzz/run.sh. A
+# finding fails the run and is left in fuzz/artifacts/<target>/.
+fuzz:
+	bash fuzz/run.sh
 
 # The control plane against the cluster in KUBECONFIG (CRDs installed first).
 run: build generate

@@ -29,7 +29,12 @@ pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
     let mut total = 0f64;
     while !rest.is_empty() {
         let number_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(err)?;
-        if number_len == 0 {
+        // As the schema's pattern: digits, optionally a point and more digits ("1.s" and ".5s"
+        // are refused there, so here too).
+        let number = &rest[..number_len];
+        let (whole, fraction) = number.split_once('.').unwrap_or((number, "1"));
+        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        if !digits(whole) || !digits(fraction) {
             return Err(err());
         }
         let value: f64 = rest[..number_len].parse().map_err(|_| err())?;

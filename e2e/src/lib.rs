@@ -457,3 +457,24 @@ pub fn decode(b64: &str) -> String {
         });
     String::from_utf8(out.expect("base64 runs").stdout).expect("PEM is text")
 }
+
+/// What of `keys` (PEM private keys) shows in `outputs` (name, text): a PEM private-key block
+/// of any key, or any 32-character run of a key's base64 body. Empty when nothing leaked.
+pub fn key_leaks(outputs: &[(String, String)], keys: &[String]) -> Vec<String> {
+    let mut fragments = Vec::new();
+    for pem in keys {
+        let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        assert!(body.len() >= 32, "not a PEM key: {pem:?}");
+        fragments.extend(body.as_bytes().chunks_exact(32).map(|c| String::from_utf8_lossy(c).into_owned()));
+    }
+    let mut leaks = Vec::new();
+    for (name, text) in outputs {
+        if text.contains("PRIVATE KEY") {
+            leaks.push(format!("{name}: a PEM private key"));
+        }
+        if let Some(f) = fragments.iter().find(|f| text.contains(f.as_str())) {
+            leaks.push(format!("{name}: a fragment of a private key ({f})"));
+        }
+    }
+    leaks
+}

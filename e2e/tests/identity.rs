@@ -217,3 +217,62 @@ fn the_mesh_root_rotates_without_a_restart() {
     });
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Secrets stay secret: everything the operator and a proxy say about a meshed namespace (logs,
+/// events, resource statuses, metrics, the proxy's config dump) holds no private key material
+/// of the mesh CA or of the workload certificates it issued.
+#[test]
+fn no_log_event_status_or_metric_carries_a_private_key() {
+    if !cluster_available("no_log_event_status_or_metric_carries_a_private_key") {
+        return;
+    }
+    install_crds();
+    let ns = TestNamespace::create("secrets");
+    let n = &ns.name;
+    let operator = Operator::start(n, "op-0");
+    kubectl_ok(&["-n", n, "apply", "-f", repo_root().join("examples/canary").to_str().unwrap()], None);
+    run_pod(
+        n,
+        "reviews-v1-0",
+        "reviews",
+        &[("app", "reviews"), ("version", "v1")],
+        "10.244.2.11",
+        "reviews",
+        9080,
+    );
+    run_pod(
+        n,
+        "reviews-v2-0",
+        "reviews",
+        &[("app", "reviews"), ("version", "v2")],
+        "10.244.2.12",
+        "reviews",
+        9080,
+    );
+    let state = temp_dir("secrets");
+    let proxy = Proxy::start(&operator.stream_url(), &format!("{n}/productpage"), "productpage-0", &state);
+    proxy.wait_for_config();
+    wait_condition(n, "trafficroute/reviews", "Programmed", "True", "Programmed");
+    let key_of = |secret: &str| {
+        let s = eventually(secret, Duration::from_secs(20), || get_json(n, secret));
+        decode(s["data"]["tls.key"].as_str().expect("tls.key"))
+    };
+    let keys = [key_of("secret/skein-ca"), key_of("secret/skein-identity-reviews")];
+
+    let get = |what: &str| kubectl_ok(&["-n", n, "get", what, "-o", "json"], None);
+    let outputs = vec![
+        ("operator log".to_string(), operator.process.log()),
+        ("proxy log".to_string(), proxy.process.log()),
+        ("events".to_string(), get("events")),
+        ("statuses".to_string(), get("trafficroutes,outlierpolicies,retrypolicies")),
+        ("operator metrics".to_string(), operator.metrics()),
+        ("proxy metrics".to_string(), http("GET", proxy.admin_port, "/metrics").unwrap().1),
+        ("proxy config dump".to_string(), proxy.config_dump().unwrap().to_string()),
+        ("describe".to_string(), kubectl_ok(&["-n", n, "describe", "trafficroute", "reviews"], None)),
+    ];
+    assert!(outputs.iter().all(|(_, text)| !text.is_empty()), "an output was empty");
+    let leaks = key_leaks(&outputs, &keys);
+    assert!(leaks.is_empty(), "private key material leaked: {leaks:?}");
+    // The check itself finds a key where there is one.
+    assert!(!key_leaks(&[("probe".into(), format!("x{}y", &keys[1][40..120]))], &keys).is_empty());
+}

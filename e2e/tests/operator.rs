@@ -97,7 +97,20 @@ spec:
     assert!(!events.trim().is_empty(), "a SubsetEmpty event was emitted");
 
     // Deleted and recreated at once: the new object gets its own status, and is now the newer
-    // of the two routes, so the rival wins.
+    // of the two routes, so the rival wins. Creation times have whole seconds, and a tie goes
+    // by name (to "reviews"): first let the API server's clock pass the rival's second.
+    let rival_created =
+        get_json(n, "trafficroute/reviews-rival").unwrap()["metadata"]["creationTimestamp"].clone();
+    eventually("a second after the rival's creation", Duration::from_secs(5), || {
+        let _ = kubectl(&["-n", n, "delete", "configmap", "clock", "--ignore-not-found"], None);
+        kubectl_ok(&["-n", n, "create", "configmap", "clock"], None);
+        let now = get_json(n, "configmap/clock")?["metadata"]["creationTimestamp"].clone();
+        if now.as_str() > rival_created.as_str() {
+            Ok(())
+        } else {
+            Err(format!("{now} is still {rival_created}"))
+        }
+    });
     let route = repo_root().join("examples/canary/trafficroute.yaml");
     kubectl_ok(&["-n", n, "replace", "--force", "-f", route.to_str().unwrap()], None);
     let lost = wait_condition(n, "trafficroute/reviews", "Accepted", "False", "Conflicted");

@@ -15,6 +15,8 @@ mod admission;
 mod args;
 mod compute;
 pub mod crdgen;
+#[doc(hidden)]
+pub mod fuzzing;
 mod identity;
 mod k8s;
 mod local;

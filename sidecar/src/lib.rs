@@ -17,6 +17,8 @@ mod args;
 mod balance;
 mod capture;
 mod config;
+#[doc(hidden)]
+pub mod fuzzing;
 mod http1;
 mod listener;
 mod proxy;

@@ -216,6 +216,12 @@ fn another_pod_reaches_only_the_inbound_and_read_only_ports() {
             r
         });
         for (port, method, path, result) in results {
+            let shown = match &result {
+                Err(kind) => format!("{kind:?}"),
+                Ok(None) => "closed without an answer".to_string(),
+                Ok(Some((status, _))) => format!("HTTP {status}"),
+            };
+            println!("attack | another pod: {method} {path} to [{ip}]:{port} | {shown}");
             let what = format!("{method} [{ip}]:{port}{path}: {result:?}\n{}", proxy_log());
             match (port, path) {
                 (15001 | 15000, _) => assert_eq!(result, Err(ErrorKind::ConnectionRefused), "{what}"),
@@ -240,4 +246,18 @@ fn another_pod_reaches_only_the_inbound_and_read_only_ports() {
     assert!(body.contains("doors-1"), "{body}");
     drop(proxy);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_plaintext_control_plane_is_refused_unless_asked_for() {
+    let out = Command::new(env!("CARGO_BIN_EXE_skein-proxy"))
+        .args(["--control-plane", "http://127.0.0.1:1", "--identity", "shop/web"])
+        .args(["--outbound-addr", "127.0.0.1:0", "--inbound-addr", "127.0.0.1:0"])
+        .args(["--admin-addr", "127.0.0.1:0", "--stats-addr", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--insecure-plaintext-stream"), "{stderr}");
+    println!("attack | skein-proxy given an http:// control plane | exits: {}", stderr.trim());
 }

@@ -312,9 +312,11 @@ fn case(name: &'static str, raw: &str, statuses: &[u16], closed: bool, upstream:
 /// upstream records must be the same.
 async fn run_both(up: &RawUpstream, fast: &Proxy, general: &Proxy, c: &Case) {
     let mut records = Vec::new();
+    let mut outcome = String::new();
     for (label, p) in [("fast path", fast), ("hyper path", general)] {
         up.reset();
         let got = exchange(p.addr, &c.raw, c.statuses.len(), c.closed).await;
+        outcome = format!("{:?}{}", got.statuses, if got.closed { ", closed" } else { "" });
         assert_eq!(got.statuses, c.statuses, "{}: statuses through the {label}", c.name);
         if c.closed {
             assert!(got.closed, "{}: the {label} must close the connection", c.name);
@@ -329,6 +331,8 @@ async fn run_both(up: &RawUpstream, fast: &Proxy, general: &Proxy, c: &Case) {
         "{}: the upstream saw different requests through the two paths",
         c.name
     );
+    let lines: Vec<&str> = records[0].iter().map(|s| s.line.as_str()).collect();
+    println!("attack | {} | both paths: {outcome}; upstream saw {lines:?}", c.name);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -525,6 +529,10 @@ async fn smuggled_requests_never_reach_the_upstream() {
             assert!(got.closed, "{name} through the {label}");
             let seen = up.seen();
             assert!(seen.iter().all(|s| !s.line.contains("/hidden")), "{name} through the {label}: {seen:?}");
+            println!(
+                "attack | bad chunked body: {name} | {label}: {:?}, closed; no hidden request",
+                got.statuses
+            );
         }
     }
 }
@@ -554,6 +562,7 @@ async fn hostile_responses_are_sanitized_or_refused() {
         let second = read_one_response(&mut s).await;
         assert!(!second.contains("SMUGGLED"), "{label}: the second response was the smuggled one: {second}");
         assert!(second.is_empty() || second.ends_with("ok"), "{label}: {second}");
+        println!("attack | response with both framings and a smuggled response behind | {label}: 200 without Content-Length; the next request got a fresh answer");
 
         // Lengths a strict reader refuses: 502, never a guess.
         for bad in [
@@ -564,6 +573,10 @@ async fn hostile_responses_are_sanitized_or_refused() {
             *up.response.lock().unwrap() = bad.as_bytes().to_vec();
             let got = exchange(p.addr, get.as_bytes(), 1, false).await;
             assert_eq!(got.statuses, vec![502], "{label}: {bad:?}");
+            println!(
+                "attack | response with {} | {label}: 502",
+                bad.split("\r\n").skip(1).take_while(|l| !l.is_empty()).collect::<Vec<_>>().join(", ")
+            );
         }
         // A broken chunked body: the connection is cut, no second response is invented.
         up.reset();
@@ -580,6 +593,7 @@ async fn hostile_responses_are_sanitized_or_refused() {
             "{label}: {}",
             String::from_utf8_lossy(&all)
         );
+        println!("attack | response with a bare LF in its chunked body | {label}: connection cut, nothing smuggled");
     }
 }
 
@@ -642,6 +656,7 @@ async fn slow_and_huge_clients_are_cut_off_while_others_are_served() {
             // Cut off at the head timeout (plus a probe interval), long before the head's 12 s.
             assert!(lasted < Duration::from_secs(5), "{label}: a slow head lasted {lasted:?}");
         }
+        println!("attack | 20 slowloris clients (a head byte every 100 ms) | {label}: each cut off within 5 s (head timeout {head_timeout:?}); an ordinary client got 200 meanwhile");
 
         // A body declared over the limit: 413, and nothing forwarded.
         up.reset();
@@ -649,6 +664,7 @@ async fn slow_and_huge_clients_are_cut_off_while_others_are_served() {
         let got = exchange(p.addr, raw.as_bytes(), 1, true).await;
         assert_eq!(got.statuses, vec![413], "{label}");
         assert!(up.seen().is_empty(), "{label}");
+        println!("attack | body declared over the {limit}-byte limit | {label}: 413, nothing forwarded");
     }
 
     // A large body (under no limit) streams through; the process's peak memory grows by far
@@ -675,6 +691,11 @@ async fn slow_and_huge_clients_are_cut_off_while_others_are_served() {
         assert_eq!(up.discarded.load(std::sync::atomic::Ordering::Relaxed), size, "{label}");
         let grew = peak_rss_kib().saturating_sub(before);
         assert!(grew < 48 * 1024, "{label}: peak RSS grew {grew} KiB for a {size}-byte body");
+        println!(
+            "attack | a {} MiB body | {label}: streamed through, peak RSS of the test process +{} MiB",
+            size >> 20,
+            grew / 1024
+        );
     }
 }
 

@@ -336,6 +336,7 @@ async fn a_peer_cannot_reach_the_callees_own_ports_through_inbound() {
         let a = caller.send("GET", "reviews.shop:9080", "/config_dump", &[], b"").await;
         assert_eq!(a.status, 403, "port {port}: {}", a.body);
         assert_eq!(a.headers.get("x-skein-error").unwrap(), "proxy-port", "port {port}");
+        println!("attack | a mesh peer with a valid certificate names port {port} as the app port | 403 proxy-port");
     }
     assert!(callee.tls.handshakes.load(Ordering::Relaxed) >= 4, "the peers were authenticated first");
 }

@@ -90,21 +90,28 @@ pub fn load_dirs(dirs: &[PathBuf]) -> Result<Snapshot, Vec<Refusal>> {
     for dir in dirs {
         files.extend(manifest_files(dir).map_err(|e| vec![e])?);
     }
-    let mut snapshot = Snapshot::default();
     let mut errors = Vec::new();
+    let mut texts = Vec::new();
+    for file in &files {
+        let name = file.file_name().and_then(|n| n.to_str()).unwrap_or("?").to_string();
+        match std::fs::read_to_string(file) {
+            Ok(text) => texts.push((name, text)),
+            Err(e) => errors.push(Refusal::ReadFile { file: name, message: e.to_string() }),
+        }
+    }
+    load_texts(&texts, errors)
+}
+
+/// The snapshot of manifests given as (file name, text) pairs, validated as the API server
+/// would; `errors` are refusals found already (files that could not be read).
+pub fn load_texts(texts: &[(String, String)], mut errors: Vec<Refusal>) -> Result<Snapshot, Vec<Refusal>> {
+    let mut snapshot = Snapshot::default();
     let mut order = 0i64;
     // Where each Skein resource came from, to name the file in a computation error.
     let mut origin: BTreeMap<(String, String, String), String> = BTreeMap::new();
-    for file in &files {
-        let name = file.file_name().and_then(|n| n.to_str()).unwrap_or("?").to_string();
-        let text = match std::fs::read_to_string(file) {
-            Ok(t) => t,
-            Err(e) => {
-                errors.push(Refusal::ReadFile { file: name, message: e.to_string() });
-                continue;
-            }
-        };
-        let docs: Vec<Value> = match serde_saphyr::from_multiple(&text) {
+    for (name, text) in texts {
+        let name = name.clone();
+        let docs: Vec<Value> = match serde_saphyr::from_multiple(text) {
             Ok(d) => d,
             Err(e) => {
                 errors.push(Refusal::NotYaml { file: name, message: e.to_string() });

@@ -20,6 +20,7 @@
 
 mod forward;
 mod framing;
+pub(crate) mod fuzz;
 mod head;
 mod pool;
 
@@ -37,8 +38,8 @@ use crate::balance::EndpointState;
 use crate::proxy::{ConnMeta, Direction, ProxyContext};
 use crate::route::table::RequestView;
 use forward::{forward, Route, Scratch};
+pub(crate) use head::MAX_HEAD;
 use head::{fill_head, host_port, Head, View};
-pub(crate) use head::{parse_length, MAX_HEAD};
 
 /// Serves a client connection on the fast path for as long as its requests allow; returns the
 /// connection when the rest of it is for hyper, `None` when it is done.

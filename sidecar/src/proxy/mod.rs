@@ -24,6 +24,7 @@ mod forward;
 pub mod observe;
 mod peer;
 mod serve;
+pub mod syntax;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;

@@ -157,8 +157,15 @@ fn refusal(ctx: &ProxyContext, req: &Request<Incoming>) -> Option<Response<Proxy
         Some(response)
     };
     let mut hosts = h.get_all(header::HOST).iter();
-    if hosts.next().is_some_and(|v| v.to_str().ok().and_then(|v| v.parse::<Authority>().ok()).is_none()) {
-        return refuse(StatusCode::BAD_REQUEST, "bad-host", "the Host header is not a host[:port]");
+    let target = req.uri().authority().map(|a| a.as_str().as_bytes());
+    if hosts
+        .next()
+        .map(|v| v.as_bytes())
+        .into_iter()
+        .chain(target)
+        .any(|a| !super::syntax::valid_authority(a))
+    {
+        return refuse(StatusCode::BAD_REQUEST, "bad-host", "the authority is not a host[:port]");
     }
     if hosts.next().is_some() {
         return refuse(
@@ -168,7 +175,7 @@ fn refusal(ctx: &ProxyContext, req: &Request<Incoming>) -> Option<Response<Proxy
         );
     }
     let mut lengths = h.get_all(header::CONTENT_LENGTH).iter();
-    let strict_length = lengths.next().is_none_or(|v| crate::http1::parse_length(v.as_bytes()).is_some());
+    let strict_length = lengths.next().is_none_or(|v| super::syntax::parse_length(v.as_bytes()).is_some());
     if !strict_length || lengths.next().is_some() {
         return refuse(
             StatusCode::BAD_REQUEST,

@@ -4,6 +4,9 @@
 # FUZZ_SECONDS (default 60). Seeds are corpus/<target>/; what a run finds is written to
 # artifacts/<target>/ and the run fails: fix it, and move the input into regressions/<target>/,
 # which `make test` replays from then on.
+#
+# FUZZ_RUNS=N (CI) runs N inputs per target instead, from the seeds alone with a fixed random
+# seed: the same inputs every time, so a CI pass is repeatable rather than a lottery.
 set -euo pipefail
 cd "$(dirname "$0")"
 seconds=${FUZZ_SECONDS:-60}
@@ -19,10 +22,17 @@ cargo build --release --locked --target "$host" --target-dir "$target_dir" --bin
 bin="$target_dir/$host/release"
 failed=0
 for t in $targets; do
-    work="$target_dir/corpus/$t"
+    if [ -n "${FUZZ_RUNS:-}" ]; then
+        work=$(mktemp -d)
+        budget=(-runs="$FUZZ_RUNS" -seed=1 -max_total_time=300)
+        echo "== fuzz $t ($FUZZ_RUNS inputs, seed 1)"
+    else
+        work="$target_dir/corpus/$t"
+        budget=(-max_total_time="$seconds")
+        echo "== fuzz $t (${seconds}s)"
+    fi
     mkdir -p "$work" "artifacts/$t" "regressions/$t"
-    echo "== fuzz $t (${seconds}s)"
-    if ! "$bin/$t" -max_total_time="$seconds" -max_len=65536 -timeout=10 -rss_limit_mb=2048 \
+    if ! "$bin/$t" "${budget[@]}" -max_len=65536 -timeout=10 -rss_limit_mb=2048 \
         -artifact_prefix="artifacts/$t/" -print_final_stats=1 "$work" "corpus/$t" "regressions/$t" \
         >"$target_dir/$t.log" 2>&1; then
         failed=1
@@ -30,6 +40,7 @@ for t in $targets; do
         echo "fuzz $t: FAILED (full log: $target_dir/$t.log); the input is in fuzz/artifacts/$t/"
         continue
     fi
+    [ -n "${FUZZ_RUNS:-}" ] && rm -rf "$work"
     runs=$(grep -Eo 'stat::number_of_executed_units: *[0-9]+' "$target_dir/$t.log" | grep -Eo '[0-9]+$' || echo '?')
     cov=$(grep -Eo 'cov: [0-9]+' "$target_dir/$t.log" | tail -1 || true)
     echo "fuzz $t: ok, $runs inputs, $cov"

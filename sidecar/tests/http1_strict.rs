@@ -46,6 +46,9 @@ struct RawUpstream {
     response: Mutex<Vec<u8>>,
     /// Bytes of request bodies received and thrown away (the large-body test).
     discarded: std::sync::atomic::AtomicU64,
+    /// Read the second request of each connection, then close without answering (a server
+    /// that went away with the request in hand).
+    drop_second: std::sync::atomic::AtomicBool,
 }
 
 impl RawUpstream {
@@ -56,6 +59,7 @@ impl RawUpstream {
             seen: Mutex::default(),
             response: Mutex::new(OK_RESPONSE.to_vec()),
             discarded: Default::default(),
+            drop_second: Default::default(),
         });
         let u = up.clone();
         tokio::spawn(async move {
@@ -77,10 +81,13 @@ impl RawUpstream {
 
     async fn serve(self: Arc<Self>, mut s: TcpStream) {
         let mut buf = Vec::new();
-        loop {
+        for n in 1.. {
             let Some((seen, used)) = self.read_request(&mut s, &mut buf).await else { return };
             buf.drain(..used);
             self.seen.lock().unwrap().push(seen);
+            if n == 2 && self.drop_second.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
             let response = self.response.lock().unwrap().clone();
             if s.write_all(&response).await.is_err() {
                 return;
@@ -707,4 +714,33 @@ fn peak_rss_kib() -> u64 {
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_idempotent_requests_are_sent_again_after_a_connection_dies() {
+    let up = RawUpstream::start().await;
+    up.drop_second.store(true, std::sync::atomic::Ordering::SeqCst);
+    for (method, body, expect, upstream_saw) in [
+        // A GET on the reused connection dies unanswered: sent again on a new one.
+        ("GET", "", 200, vec!["GET /first HTTP/1.1", "GET /again HTTP/1.1", "GET /again HTTP/1.1"]),
+        // A POST may have been acted on: never sent twice, 502 instead.
+        ("POST", "x", 502, vec!["GET /first HTTP/1.1", "POST /again HTTP/1.1"]),
+    ] {
+        up.reset();
+        let fast = proxy(&up, true, |_| {}).await; // a pool of its own
+        let mut s = TcpStream::connect(fast.addr).await.unwrap();
+        s.write_all(format!("GET /first HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes()).await.unwrap();
+        assert!(read_one_response(&mut s).await.starts_with("HTTP/1.1 200"));
+        // The same client connection, so the proxy reuses its upstream connection.
+        let second = format!(
+            "{method} /again HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(second.as_bytes()).await.unwrap();
+        let answer = read_one_response(&mut s).await;
+        assert!(answer.starts_with(&format!("HTTP/1.1 {expect}")), "{method}: {answer}");
+        let lines: Vec<String> = up.seen().into_iter().map(|r| r.line).collect();
+        assert_eq!(lines, upstream_saw, "{method}");
+        println!("attack | the upstream dies holding a reused connection's {method} | {expect}; upstream saw {lines:?}");
+    }
 }

@@ -116,6 +116,14 @@ impl Head {
         } else if !target.starts_with('/') {
             head.unusual = true; // "*", an authority-form target or another scheme
         }
+        // Path and query of RFC 3986 characters only: a fragment ('#'), which hyper's side
+        // strips, or bytes the `http` crate reads otherwise, are for hyper's path.
+        if !buf[head.path.clone()]
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%".contains(b))
+        {
+            head.unusual = true;
+        }
         let (mut lengths, mut hosts) = (0, 0);
         for h in req.headers.iter() {
             let name = h.name.as_bytes();
@@ -295,6 +303,8 @@ mod tests {
             b"GET / HTTP/1.1\r\nHost: a\n\r\n",
             b"GET http://user@a/ HTTP/1.1\r\nHost: a\r\n\r\n",
             b"GET https://a/ HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET /a#b HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET /a{b} HTTP/1.1\r\nHost: a\r\n\r\n",
         ] {
             match Head::parse(odd, &mut head) {
                 Ok(Some(())) => assert!(head.unusual, "{}", String::from_utf8_lossy(odd).escape_debug()),

@@ -15,11 +15,25 @@ const POOL_MAX: usize = 64;
 pub(super) fn checkout(endpoint: &EndpointState) -> Option<TcpStream> {
     let mut idle = endpoint.idle.lock().unwrap_or_else(|e| e.into_inner());
     while let Some((s, at)) = idle.pop() {
-        if at.elapsed() < POOL_TTL {
+        if at.elapsed() < POOL_TTL && still_open(&s) {
             return Some(s);
         }
     }
     None
+}
+
+/// Whether an idle connection is still open and quiet: the server has neither closed it (a
+/// peek reads the end of the stream) nor sent anything unasked. One non-blocking syscall; it
+/// catches the common stale connection before a request is written to it, so a request that
+/// cannot be re-sent (not idempotent) rarely meets one.
+fn still_open(s: &TcpStream) -> bool {
+    use nix::sys::socket::{recv, MsgFlags};
+    use std::os::fd::AsRawFd;
+    let mut byte = [0u8; 1];
+    matches!(
+        recv(s.as_raw_fd(), &mut byte, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT),
+        Err(nix::errno::Errno::EAGAIN)
+    )
 }
 
 pub(super) fn checkin(endpoint: &EndpointState, stream: TcpStream) {

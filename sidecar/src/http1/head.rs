@@ -64,15 +64,44 @@ pub(super) fn offset(base: &[u8], part: &[u8]) -> Range<usize> {
     start..start + part.len()
 }
 
+/// The bytes a path and query may hold (RFC 3986: unreserved, sub-delims, `:@/?%`).
+const TARGET_BYTES: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+                    | b':'
+                    | b'@'
+                    | b'/'
+                    | b'?'
+                    | b'%'
+            );
+        b += 1;
+    }
+    table
+};
+
 /// Whether every line of a head ends in CRLF: httparse also takes a bare LF, which a peer
 /// could read differently.
 pub(crate) fn crlf_only(head: &[u8]) -> bool {
-    let mut previous = 0u8;
-    head.iter().all(|&b| {
-        let ok = b != b'\n' || previous == b'\r';
-        previous = b;
-        ok
-    })
+    memchr::memchr_iter(b'\n', head).all(|i| i > 0 && head[i - 1] == b'\r')
 }
 
 impl Head {
@@ -118,10 +147,7 @@ impl Head {
         }
         // Path and query of RFC 3986 characters only: a fragment ('#'), which hyper's side
         // strips, or bytes the `http` crate reads otherwise, are for hyper's path.
-        if !buf[head.path.clone()]
-            .iter()
-            .all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%".contains(b))
-        {
+        if !buf[head.path.clone()].iter().all(|b| TARGET_BYTES[usize::from(*b)]) {
             head.unusual = true;
         }
         let (mut lengths, mut hosts) = (0, 0);
@@ -223,7 +249,8 @@ pub(super) async fn fill_head(
     head: &mut Head,
     head_timeout: Duration,
 ) -> io::Result<bool> {
-    let mut deadline = (!buf.is_empty()).then(|| tokio::time::Instant::now() + head_timeout);
+    // Set when a partial head is first waited on: about when its first byte arrived.
+    let mut deadline = None;
     loop {
         if !buf.is_empty() {
             match Head::parse(buf, head) {
@@ -239,18 +266,17 @@ pub(super) async fn fill_head(
             }
         }
         buf.reserve(READ_CHUNK.saturating_sub(buf.capacity() - buf.len()).min(READ_CHUNK));
-        let read = match deadline {
-            None => match tokio::time::timeout(CLIENT_IDLE, stream.read_buf(buf)).await {
-                Ok(r) => {
-                    deadline = Some(tokio::time::Instant::now() + head_timeout);
-                    r?
-                }
+        let read = if buf.is_empty() {
+            match tokio::time::timeout(CLIENT_IDLE, stream.read_buf(buf)).await {
+                Ok(r) => r?,
                 Err(_) => return Ok(false),
-            },
-            Some(at) => match tokio::time::timeout_at(at, stream.read_buf(buf)).await {
+            }
+        } else {
+            let at = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + head_timeout);
+            match tokio::time::timeout_at(at, stream.read_buf(buf)).await {
                 Ok(r) => r?,
                 Err(_) => return Err(io::ErrorKind::TimedOut.into()),
-            },
+            }
         };
         if read == 0 {
             return if buf.is_empty() { Ok(false) } else { Err(io::ErrorKind::UnexpectedEof.into()) };

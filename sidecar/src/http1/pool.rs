@@ -11,11 +11,15 @@ use crate::balance::EndpointState;
 /// connections after a few seconds; reusing one that is closing fails the request).
 const POOL_TTL: Duration = Duration::from_secs(4);
 const POOL_MAX: usize = 64;
+/// A connection idle at least this long is peeked before reuse; one used moments ago is not
+/// worth a syscall (servers close idle connections after seconds, not milliseconds).
+const PEEK_AFTER: Duration = Duration::from_millis(250);
 
 pub(super) fn checkout(endpoint: &EndpointState) -> Option<TcpStream> {
     let mut idle = endpoint.idle.lock().unwrap_or_else(|e| e.into_inner());
     while let Some((s, at)) = idle.pop() {
-        if at.elapsed() < POOL_TTL && still_open(&s) {
+        let idle_for = at.elapsed();
+        if idle_for < POOL_TTL && (idle_for < PEEK_AFTER || still_open(&s)) {
             return Some(s);
         }
     }

@@ -25,6 +25,7 @@ lint:
 	python3 .ci/module_cycles.py api operator sidecar bench demo e2e
 	$(CARGO) fmt --all --check
 	$(CARGO) fmt --check --manifest-path fuzz/Cargo.toml
+	$(CARGO) metadata --locked --format-version 1 --manifest-path fuzz/Cargo.toml >/dev/null
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 # Every fuzz target under libFuzzer for FUZZ_SECONDS (default 60) each; see fuzz/run.sh. A

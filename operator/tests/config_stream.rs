@@ -211,21 +211,7 @@ async fn over_mtls_the_certificate_decides_whose_config_is_served() {
 
     // The same certificate with a header naming someone else: 403.
     let material = store_tls.current().unwrap();
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let tls =
-        tokio_rustls::TlsConnector::from(material.control_plane_client()).connect(name, tcp).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake::<_, _, Empty<Bytes>>(TokioExecutor::new(), TokioIo::new(tls))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let req = http::Request::post(format!("https://localhost:{port}{CONFIG_STREAM_PATH}"))
-        .header(IDENTITY_HEADER, "shop/other")
-        .body(Empty::new())
-        .unwrap();
-    let response = sender.send_request(req).await.unwrap();
-    assert_eq!(response.status(), 403);
+    assert_eq!(tls_stream_status(port, material.control_plane_client(), "shop/other").await, 403);
 
     // TLS without a client certificate, naming an identity: 403, nothing served.
     use rustls::pki_types::pem::PemObject;
@@ -235,19 +221,11 @@ async fn over_mtls_the_certificate_decides_whose_config_is_served() {
     }
     let mut anonymous = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
     anonymous.alpn_protocols = vec![b"h2".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(anonymous)).connect(name, tcp).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake::<_, _, Empty<Bytes>>(TokioExecutor::new(), TokioIo::new(tls))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let req = http::Request::post(format!("https://localhost:{port}{CONFIG_STREAM_PATH}"))
-        .header(IDENTITY_HEADER, "shop/web")
-        .body(Empty::new())
-        .unwrap();
-    assert_eq!(sender.send_request(req).await.unwrap().status(), 403, "no certificate, no config");
+    assert_eq!(
+        tls_stream_status(port, Arc::new(anonymous), "shop/web").await,
+        403,
+        "no certificate, no config"
+    );
 
     // A plaintext client is refused when client certificates are required.
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
@@ -271,4 +249,22 @@ async fn over_mtls_the_certificate_decides_whose_config_is_served() {
     assert_eq!(hub.proxies().0.len(), 1);
     proxy_stop.cancel();
     stop.cancel();
+}
+
+/// Opens the config stream over TLS with `client` (to `localhost:port`), naming `identity` in
+/// the header; the response status.
+async fn tls_stream_status(port: u16, client: Arc<rustls::ClientConfig>, identity: &str) -> u16 {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(client).connect(name, tcp).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake::<_, _, Empty<Bytes>>(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post(format!("https://localhost:{port}{CONFIG_STREAM_PATH}"))
+        .header(IDENTITY_HEADER, identity)
+        .body(Empty::new())
+        .unwrap();
+    sender.send_request(req).await.unwrap().status().as_u16()
 }

@@ -160,15 +160,37 @@ fn skein_proxy_init_installs_rules_that_capture_the_apps_but_not_the_proxy() {
     assert!(rules.contains("-A SKEIN_OUTPUT -m owner --uid-owner 0 -j RETURN"), "{rules}");
     assert!(rules.contains("-A SKEIN_OUTPUT -p tcp -m tcp --dport 5432 -j RETURN"), "{rules}");
 
+    // The app (uid 65534) calls the Service address; iptables sends it to the proxy.
+    let body = app_calls_through_capture(
+        &ns,
+        "web",
+        "0.0.0.0:15001",
+        "127.0.0.2",
+        "http://127.0.0.2:9080/via-capture",
+    );
+    assert_eq!(body.0, "web:0", "the captured request reached the Service's endpoint");
+    assert_eq!(body.1, 1);
+}
+
+/// In `ns`: an upstream named `name`, a proxy on `listen` whose destination `reviews.shop` has
+/// the Service address `service`, and an app (uid 65534) fetching `url` with curl, captured by
+/// the rules already installed. Returns what curl printed and the upstream's hit count.
+fn app_calls_through_capture(
+    ns: &Netns,
+    name: &'static str,
+    listen: &'static str,
+    service: &'static str,
+    url: &'static str,
+) -> (String, u64) {
     let netns_file = std::fs::File::open(format!("/var/run/netns/{}", ns.0)).expect("netns file");
-    let name = ns.0.clone();
-    let body = std::thread::spawn(move || {
+    let ns_name = ns.0.clone();
+    std::thread::spawn(move || {
         nix::sched::setns(&netns_file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
-            let web = support::upstream("web").await;
+            let web = support::upstream(name).await;
             let mut cfg = support::config("t1", vec![support::endpoint(&web, "v1")], vec![]);
-            cfg.destinations[0].addresses = vec!["127.0.0.2".into()];
+            cfg.destinations[0].addresses = vec![service.into()];
             let store = Arc::new(ConfigStore::new(None));
             store.apply(cfg, Source::File).unwrap();
             let ctx = Arc::new(ProxyContext::new(
@@ -177,12 +199,19 @@ fn skein_proxy_init_installs_rules_that_capture_the_apps_but_not_the_proxy() {
                 "127.0.0.1".parse().unwrap(),
                 Duration::from_millis(500),
             ));
-            let listener = tokio::net::TcpListener::bind("0.0.0.0:15001").await.unwrap();
+            let listener = tokio::net::TcpListener::bind(listen).await.unwrap();
             tokio::spawn(skein_proxy::serve_listener(listener, ctx, Direction::Outbound, Default::default()));
-            // The app (uid 65534) calls the Service address; iptables sends it to the proxy.
             let out = tokio::process::Command::new("ip")
-                .args(["netns", "exec", &name, "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"])
-                .args(["curl", "-s", "-m", "5", "http://127.0.0.2:9080/via-capture"])
+                .args([
+                    "netns",
+                    "exec",
+                    &ns_name,
+                    "setpriv",
+                    "--reuid=65534",
+                    "--regid=65534",
+                    "--clear-groups",
+                ])
+                .args(["curl", "-s", "-m", "5", url])
                 .output()
                 .await
                 .unwrap();
@@ -190,9 +219,7 @@ fn skein_proxy_init_installs_rules_that_capture_the_apps_but_not_the_proxy() {
         })
     })
     .join()
-    .expect("namespace thread");
-    assert_eq!(body.0, "web:0", "the captured request reached the Service's endpoint");
-    assert_eq!(body.1, 1);
+    .expect("namespace thread")
 }
 
 /// Lines of `iptables-save -t nat` (or ip6tables-save) that are rules or chains.
@@ -255,36 +282,13 @@ fn init_is_idempotent_and_captures_ipv6_too() {
 
     // An app (uid 65534) calls an IPv6 Service address: captured to the proxy on [::1]:15001,
     // which reads the IPv6 original destination and routes by it.
-    let netns_file = std::fs::File::open(format!("/var/run/netns/{}", ns.0)).expect("netns file");
-    let name = ns.0.clone();
-    let body = std::thread::spawn(move || {
-        nix::sched::setns(&netns_file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        rt.block_on(async {
-            let web = support::upstream("web6").await;
-            let mut cfg = support::config("t6", vec![support::endpoint(&web, "v1")], vec![]);
-            cfg.destinations[0].addresses = vec!["fd00:5f::99".into()];
-            let store = Arc::new(ConfigStore::new(None));
-            store.apply(cfg, Source::File).unwrap();
-            let ctx = Arc::new(ProxyContext::new(
-                store,
-                AccessLog::off(),
-                "127.0.0.1".parse().unwrap(),
-                Duration::from_millis(500),
-            ));
-            let listener = tokio::net::TcpListener::bind("[::1]:15001").await.unwrap();
-            tokio::spawn(skein_proxy::serve_listener(listener, ctx, Direction::Outbound, Default::default()));
-            let out = tokio::process::Command::new("ip")
-                .args(["netns", "exec", &name, "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"])
-                .args(["curl", "-s", "-m", "5", "http://[fd00:5f::99]:9080/via-ipv6-capture"])
-                .output()
-                .await
-                .unwrap();
-            (String::from_utf8_lossy(&out.stdout).into_owned(), web.hits())
-        })
-    })
-    .join()
-    .expect("namespace thread");
+    let body = app_calls_through_capture(
+        &ns,
+        "web6",
+        "[::1]:15001",
+        "fd00:5f::99",
+        "http://[fd00:5f::99]:9080/via-ipv6-capture",
+    );
     assert_eq!(body.0, "web6:0", "the captured IPv6 request reached the Service's endpoint");
     assert_eq!(body.1, 1);
 }

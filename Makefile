@@ -2,24 +2,28 @@
 # cluster, the end-to-end tests against it.
 CARGO ?= cargo
 
-.PHONY: build test unit e2e generate lint fuzz run demo bench
+.PHONY: build test unit e2e generate lint fuzz run demo bench images
 
 build:
 	$(CARGO) build --workspace --bins --examples
 
-# The e2e tests start the real binaries, so build them first.
+# The e2e tests start the real binaries, so build them first; with a cluster, the install test
+# also runs the images.
 test: build
-	@[ -n "$$KUBECONFIG" ] || echo "note: KUBECONFIG is not set, so the e2e tests skip (they need a cluster)"
+	@if [ -n "$$KUBECONFIG" ]; then $(MAKE) --no-print-directory images; \
+	 else echo "note: KUBECONFIG is not set, so the e2e tests skip (they need a cluster)"; fi
 	$(CARGO) test --workspace
 
 unit:
 	$(CARGO) test --workspace --exclude skein-e2e
 
-e2e: build
+e2e: build images
 	$(CARGO) test -p skein-e2e
 
+# The CRDs, from the Rust types: for kubectl users (crds/) and in the chart (charts/skein/crds/).
 generate:
 	$(CARGO) run -q --bin crdgen -- --out crds
+	$(CARGO) run -q --bin crdgen -- --out charts/skein/crds
 
 lint:
 	python3 .ci/module_cycles.py api operator sidecar bench demo e2e
@@ -27,6 +31,20 @@ lint:
 	$(CARGO) fmt --check --manifest-path fuzz/Cargo.toml
 	$(CARGO) metadata --locked --format-version 1 --manifest-path fuzz/Cargo.toml >/dev/null
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	@if command -v helm >/dev/null 2>&1; then \
+	  helm lint --strict charts/skein && helm template skein charts/skein -n skein-system >/dev/null; \
+	 else echo "note: helm is not installed, so the chart is not linted (.ci/install_helm.py)"; fi
+
+# Container images as OCI archives, without a container daemon (images/build.py): skein-operator,
+# skein-proxy and skein-demo-app in $(TARGET_DIR)/images/, from release builds. Load them with
+# `kind load image-archive`, `docker load`, or push them with skopeo. IMAGE_REGISTRY and
+# IMAGE_TAG name them (ghcr.io/skein-mesh, the workspace version).
+TARGET_DIR = $${CARGO_TARGET_DIR:-target}
+images:
+	$(CARGO) build --release -p skein-operator -p skein-proxy --bins
+	$(CARGO) build --release -p skein-demo --example demo-app
+	SKEIN_IMAGE_REGISTRY=$(IMAGE_REGISTRY) SKEIN_IMAGE_TAG=$(IMAGE_TAG) \
+	  python3 images/build.py --bin-dir $(TARGET_DIR)/release --out $(TARGET_DIR)/images
 
 # Every fuzz target under libFuzzer for FUZZ_SECONDS (default 60) each; see fuzz/run.sh. A
 # finding fails the run and is left in fuzz/artifacts/<target>/.

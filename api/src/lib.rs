@@ -9,6 +9,7 @@ pub mod constants;
 pub mod crd;
 pub mod duration;
 pub mod lines;
+pub mod probes;
 #[cfg(feature = "process")]
 pub mod process;
 pub mod topology;

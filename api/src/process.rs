@@ -5,6 +5,30 @@
 
 use tokio_util::sync::CancellationToken;
 
+/// How a binary writes its log lines.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Text, with colours only when stderr is a terminal (never in a container's log).
+    #[default]
+    Plain,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// Sets up logging on stderr: the filter from `RUST_LOG`, else `default_filter`; `format` as
+/// asked. ANSI colour escapes are written only to a terminal, and never when `NO_COLOR` is set.
+pub fn init_logging(format: LogFormat, default_filter: &str) {
+    use std::io::IsTerminal as _;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let subscriber = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => subscriber.json().init(),
+        LogFormat::Plain => subscriber.with_ansi(colour).init(),
+    }
+}
+
 /// Exit code for bad configuration (EX_USAGE).
 pub const EXIT_USAGE: i32 = 64;
 

@@ -33,6 +33,18 @@ struct Args {
     fault_file: Option<PathBuf>,
 }
 
+/// How long to wait before answering: the request's `delay_ms` query parameter (at most 10 s),
+/// for tests that need requests in flight.
+fn delay(query: Option<&str>) -> std::time::Duration {
+    let ms = query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|kv| kv.strip_prefix("delay_ms="))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    std::time::Duration::from_millis(ms.min(10_000))
+}
+
 /// The share of requests to fail, from the fault file's text.
 fn failure_share(text: &str) -> f64 {
     text.trim().parse::<f64>().map(|p| p.clamp(0.0, 1.0)).unwrap_or(0.0)
@@ -50,6 +62,10 @@ async fn main() -> anyhow::Result<()> {
             let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                 let args = args.clone();
                 async move {
+                    let wait = delay(req.uri().query());
+                    if !wait.is_zero() {
+                        tokio::time::sleep(wait).await;
+                    }
                     let share = args
                         .fault_file
                         .as_ref()
@@ -83,7 +99,15 @@ async fn main() -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::failure_share;
+    use super::{delay, failure_share};
+
+    #[test]
+    fn delays_come_from_the_query() {
+        assert_eq!(delay(None).as_millis(), 0);
+        assert_eq!(delay(Some("a=1&delay_ms=250")).as_millis(), 250);
+        assert_eq!(delay(Some("delay_ms=999999")).as_millis(), 10_000);
+        assert_eq!(delay(Some("delay_ms=x")).as_millis(), 0);
+    }
 
     #[test]
     fn the_fault_file_holds_a_share() {

@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod node;
+
 /// The workspace root.
 pub fn repo_root() -> PathBuf {
     Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("run by cargo"))
@@ -264,6 +266,10 @@ impl Operator {
             // The test proxies have no workload certificates: they name their identity on a
             // plaintext stream, which both sides refuse unless told otherwise.
             "--insecure-plaintext-stream".into(),
+            // The pods of these tests never run (the tests play kubelet), so they are injected
+            // the unprivileged way; the install test runs transparent capture in real pods.
+            "--capture-mode".into(),
+            "explicit".into(),
         ];
         let process = Process::spawn("skein-operator", &args);
         let operator = Self { process, metrics_port, stream_port, webhook_port, webhook_configuration };
@@ -393,6 +399,10 @@ pub fn wait_condition(namespace: &str, resource: &str, type_: &str, status: &str
     })
 }
 
+/// The node name of pods a test plays kubelet for: no real node (such as the test API server's,
+/// while the install test runs it) takes them.
+pub const FAKE_NODE: &str = "e2e-played-node";
+
 /// Plays kubelet and the endpoints controller (the test API server runs neither): creates a
 /// running, ready pod with `labels` and service account `sa`, and an EndpointSlice of `service`
 /// with its address.
@@ -415,6 +425,7 @@ metadata:
   labels: {{{labels}}}
 spec:
   serviceAccountName: {sa}
+  nodeName: {FAKE_NODE}
   containers:
     - {{name: app, image: example.invalid/app:1}}
     - {{name: skein-proxy, image: example.invalid/skein-proxy:1}}

@@ -150,7 +150,7 @@ fn a_route_change_reaches_the_proxy_and_is_acknowledged() {
     });
     let v1 = first["version"].as_str().unwrap().to_string();
     let programmed = wait_condition(n, "trafficroute/reviews", "Programmed", "True", "Programmed");
-    assert_eq!(programmed.message, format!("1/1 proxies at config {v1}"));
+    assert_eq!(programmed.message, format!("1/1 proxies at config {v1}: productpage-0"));
 
     // Move to 50/50: the change arrives, is acknowledged, and Programmed follows the generation.
     kubectl_ok(
@@ -185,7 +185,7 @@ fn a_route_change_reaches_the_proxy_and_is_acknowledged() {
             Err(format!("{c:?}"))
         }
     });
-    assert_eq!(programmed.message, format!("1/1 proxies at config {v2}"));
+    assert_eq!(programmed.message, format!("1/1 proxies at config {v2}: productpage-0"));
     let metrics = operator.metrics();
     assert!(metrics.contains("skein_operator_connected_proxies 1"), "{metrics}");
     assert!(metrics.contains("skein_operator_config_acks_total{result=\"applied\"}"), "{metrics}");

@@ -25,6 +25,7 @@ kind: Pod
 metadata: {{name: {name}, labels: {{app: web}}}}
 spec:
   serviceAccountName: {sa}
+  nodeName: {FAKE_NODE}
   containers: [{{name: app, image: example.invalid/web:1}}]
 "#
     )
@@ -139,6 +140,7 @@ spec:
     metadata: {labels: {app: api}}
     spec:
       serviceAccountName: api
+      nodeName: e2e-played-node
       containers: [{name: app, image: example.invalid/api:1}]
 "#;
     kubectl_ok(&["-n", &meshed.name, "apply", "-f", "-"], Some(deployment));

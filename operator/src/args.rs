@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use skein_api::constants::{DEFAULT_OPERATOR_NAMESPACE, DEFAULT_TRUST_DOMAIN};
 
+use crate::admission::inject::{CaptureMode, InboundMode, LogFormat};
 use crate::admission::webhook;
 
 /// Command line of `skein-operator`.
@@ -24,9 +25,9 @@ pub struct Args {
     pub identity: IdentityArgs,
     #[command(flatten)]
     pub local: LocalArgs,
-    /// Log as JSON lines instead of text.
-    #[arg(long, env = "SKEIN_LOG_JSON")]
-    pub log_json: bool,
+    /// Log lines as `plain` text (colours only on a terminal) or `json`, one object per line.
+    #[arg(long, env = "SKEIN_LOG_FORMAT", value_enum, default_value = "plain")]
+    pub log_format: skein_api::process::LogFormat,
 }
 
 /// The API server and this replica.
@@ -70,6 +71,59 @@ pub struct WebhookArgs {
     /// Config stream URL injected sidecars connect to; by default the operator's Service.
     #[arg(long, env = "SKEIN_CONTROL_PLANE_URL")]
     pub control_plane_url: Option<String>,
+    /// How injected pods' traffic reaches the sidecar unless a pod's `skein.dev/capture-mode`
+    /// says otherwise: `transparent` (iptables, an init step with NET_ADMIN) or `explicit`
+    /// (HTTP_PROXY, no privileges, nothing enforced on the app's own port).
+    #[arg(long, env = "SKEIN_CAPTURE_MODE", value_enum, default_value = "transparent")]
+    pub capture_mode: CaptureMode,
+    /// Inbound mode of injected sidecars unless a pod's `skein.dev/inbound-mode` says otherwise:
+    /// `strict` (mTLS from mesh identities only) or `permissive` (plaintext too).
+    #[arg(long, env = "SKEIN_DEFAULT_INBOUND_MODE", value_enum, default_value = "strict")]
+    pub inbound_mode: InboundMode,
+    /// The sidecar's CPU request (a pod's `skein.dev/proxy-cpu` overrides it).
+    #[arg(long, env = "SKEIN_PROXY_CPU_REQUEST", default_value = "10m", value_parser = parse_quantity)]
+    pub proxy_cpu_request: String,
+    /// The sidecar's memory request (a pod's `skein.dev/proxy-memory` overrides it).
+    #[arg(long, env = "SKEIN_PROXY_MEMORY_REQUEST", default_value = "16Mi", value_parser = parse_quantity)]
+    pub proxy_memory_request: String,
+    /// The sidecar's CPU limit; empty (the default) for none: a throttled proxy slows every
+    /// request of its pod.
+    #[arg(long, env = "SKEIN_PROXY_CPU_LIMIT", default_value = "", value_parser = parse_limit)]
+    pub proxy_cpu_limit: String,
+    /// The sidecar's memory limit; empty for none.
+    #[arg(long, env = "SKEIN_PROXY_MEMORY_LIMIT", default_value = "64Mi", value_parser = parse_limit)]
+    pub proxy_memory_limit: String,
+    /// The sidecar's log level (`RUST_LOG` syntax; a pod's `skein.dev/log-level` overrides it).
+    #[arg(long, env = "SKEIN_PROXY_LOG_LEVEL", default_value = "info")]
+    pub proxy_log_level: String,
+    /// The sidecar's log format: `plain` or `json`.
+    #[arg(long, env = "SKEIN_PROXY_LOG_FORMAT", value_enum, default_value = "plain")]
+    pub proxy_log_format: LogFormat,
+    /// Seconds an app container keeps serving after its pod is deleted, while its endpoint
+    /// leaves every proxy (a preStop sleep; a pod's `skein.dev/drain-seconds` overrides it).
+    #[arg(long, env = "SKEIN_DRAIN_SECONDS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(0..=300))]
+    pub drain_seconds: u32,
+}
+
+/// A quantity, or empty for no limit.
+fn parse_limit(s: &str) -> std::result::Result<String, String> {
+    if s.is_empty() {
+        Ok(String::new())
+    } else {
+        parse_quantity(s)
+    }
+}
+
+/// A Kubernetes quantity such as `10m`, `1.5`, `64Mi`.
+fn parse_quantity(s: &str) -> std::result::Result<String, String> {
+    let (number, suffix) = s.split_at(s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len()));
+    let number_ok = !number.is_empty() && number.parse::<f64>().is_ok_and(|n| n >= 0.0);
+    let suffix_ok = ["", "m", "k", "M", "G", "T", "Ki", "Mi", "Gi", "Ti"].contains(&suffix);
+    if number_ok && suffix_ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!("{s:?} is not a Kubernetes quantity (such as 10m, 0.5, 64Mi)"))
+    }
 }
 
 /// The config stream.

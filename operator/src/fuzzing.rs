@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use serde_json::Value;
 use skein_api::constants::INJECT_LABEL;
 
-use crate::admission::inject::{inject_sidecar, Decision, InjectConfig};
+use crate::admission::inject::{inject_sidecar, CaptureMode, Decision, InjectConfig};
 
 /// AdmissionReview decoding and patch building: a patch the webhook answers with applies to
 /// the pod it was built for, and the patched pod is not injected again.
@@ -17,13 +17,14 @@ pub fn admission_review(data: &[u8]) {
     let pod = &request["object"];
     let namespace = request["namespace"].as_str().unwrap_or("shop");
     let labels: BTreeMap<String, String> = [(INJECT_LABEL.to_string(), "enabled".to_string())].into();
-    for native in [true, false] {
-        let cfg = InjectConfig {
-            proxy_image: "skein-proxy:fuzz".into(),
-            control_plane: "https://skein-operator.skein-system.svc:15012".into(),
-            operator_namespace: "skein-system".into(),
-            native_sidecars: native,
-        };
+    for (native, capture) in [(true, CaptureMode::Transparent), (false, CaptureMode::Explicit)] {
+        let mut cfg = InjectConfig::new(
+            "skein-proxy:fuzz",
+            "https://skein-operator.skein-system.svc:15012",
+            "skein-system",
+            native,
+        );
+        cfg.capture = capture;
         if let Decision::Inject { patch, .. } = inject_sidecar(pod, namespace, &labels, &cfg) {
             let mut patched = pod.clone();
             if let Err(e) = json_patch::patch(&mut patched, &patch) {

@@ -29,7 +29,7 @@ pub use args::{Args, ClusterArgs, IdentityArgs, LocalArgs, StreamArgs, WebhookAr
 pub use run::{run, run_local, Error, Result};
 
 // What the integration tests, the benchmarks and the demo drive in process.
-pub use admission::inject::InjectConfig;
+pub use admission::inject::{CaptureMode, InboundMode, InjectConfig, ProxyResources};
 pub use admission::webhook::{router as webhook_router, serve as serve_webhook, WebhookState};
 pub use compute::snapshot::{Snapshot, SnapshotObject};
 pub use compute::{compute, MeshConfig};

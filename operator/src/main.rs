@@ -8,14 +8,7 @@ use tokio_util::sync::CancellationToken;
 async fn main() -> anyhow::Result<()> {
     let args: Args = process::parse_args();
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,kube=warn".into());
-    let subscriber = tracing_subscriber::fmt().with_env_filter(filter);
-    if args.log_json {
-        subscriber.json().init();
-    } else {
-        subscriber.init();
-    }
+    process::init_logging(args.log_format, "info,kube=warn");
 
     let shutdown = CancellationToken::new();
     tokio::spawn(process::cancel_on_signal(shutdown.clone()));

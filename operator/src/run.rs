@@ -21,7 +21,7 @@ use crate::args::Args;
 use crate::identity::ca::SharedCa;
 use crate::identity::serving;
 use crate::k8s::identity as secrets;
-use crate::k8s::{controller, leader, status_writer};
+use crate::k8s::{controller, leader, proxy_reports, status_writer};
 use crate::stream::{hub, server};
 use crate::{local, metrics, web};
 
@@ -97,7 +97,23 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<()> {
         metrics: metrics.clone(),
         synced: watch::Sender::new(0),
         recorder: Recorder::new(client.clone(), reporter),
+        peers: Arc::default(),
+        instance: instance.clone(),
     });
+    tokio::spawn(proxy_reports::publish(
+        client.clone(),
+        hub.clone(),
+        args.cluster.namespace.clone(),
+        instance.clone(),
+        shutdown.clone(),
+    ));
+    tokio::spawn(proxy_reports::watch_reports(
+        client.clone(),
+        metrics.clone(),
+        args.cluster.namespace.clone(),
+        ctx.peers.clone(),
+        shutdown.clone(),
+    ));
 
     let ca_name =
         args.identity.ca_secret.clone().unwrap_or_else(|| skein_api::constants::CA_SECRET.to_string());
@@ -121,16 +137,15 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<()> {
     ));
 
     // The admission webhook: serving certificate from the mesh CA, hot-swapped when renewed.
-    let native_sidecars = match client.apiserver_version().await {
-        Ok(v) => {
-            let minor: u32 = v.minor.trim_end_matches('+').parse().unwrap_or(0);
-            v.major == "1" && minor >= 29
-        }
+    let minor = match client.apiserver_version().await {
+        Ok(v) if v.major == "1" => v.minor.trim_end_matches('+').parse().unwrap_or(0),
+        Ok(_) => 0,
         Err(e) => {
             tracing::warn!(error = %e, "cannot read the API server version; injecting classic sidecars");
-            false
+            0
         }
     };
+    let native_sidecars = minor >= 29;
     let (dns, ips) = serving::serving_names(
         &args.cluster.service_name,
         &args.cluster.namespace,
@@ -189,18 +204,29 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<()> {
             tracing::info!("every watcher has listed: ready");
         });
     }
+    let w = &args.webhook;
+    let control_plane = w.control_plane_url.clone().unwrap_or_else(|| {
+        format!(
+            "https://{}.{}.svc:{}",
+            args.cluster.service_name,
+            args.cluster.namespace,
+            args.stream.stream_addr.port()
+        )
+    });
     let inject = inject::InjectConfig {
-        proxy_image: args.webhook.proxy_image.clone(),
-        control_plane: args.webhook.control_plane_url.clone().unwrap_or_else(|| {
-            format!(
-                "https://{}.{}.svc:{}",
-                args.cluster.service_name,
-                args.cluster.namespace,
-                args.stream.stream_addr.port()
-            )
-        }),
-        operator_namespace: args.cluster.namespace.clone(),
-        native_sidecars,
+        sleep_hooks: minor >= 30,
+        capture: w.capture_mode,
+        inbound: w.inbound_mode,
+        resources: inject::ProxyResources {
+            cpu_request: w.proxy_cpu_request.clone(),
+            memory_request: w.proxy_memory_request.clone(),
+            cpu_limit: Some(w.proxy_cpu_limit.clone()).filter(|l| !l.is_empty()),
+            memory_limit: Some(w.proxy_memory_limit.clone()).filter(|l| !l.is_empty()),
+        },
+        log_level: w.proxy_log_level.clone(),
+        log_format: w.proxy_log_format,
+        drain_seconds: w.drain_seconds,
+        ..inject::InjectConfig::new(&w.proxy_image, &control_plane, &args.cluster.namespace, native_sidecars)
     };
     let webhook_state = Arc::new(webhook::WebhookState::new(
         Some(client.clone()),

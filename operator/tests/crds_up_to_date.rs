@@ -1,21 +1,31 @@
-//! `crds/` is generated from the Rust types; this fails when someone changed one without the
-//! other (run `make generate`).
+//! `crds/` and the chart's `charts/skein/crds/` are generated from the Rust types; this fails
+//! when someone changed one without the others (run `make generate`).
 #![allow(clippy::unwrap_used)] // a test that unwraps an error fails, which is the point
 
 #[test]
 fn crds_match_the_rust_types() {
-    let dir = std::path::PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("run by cargo"))
-        .join("../crds");
+    let root =
+        std::path::PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("run by cargo")).join("..");
     let mut stale = Vec::new();
-    for (file, crd) in skein_operator::crdgen::crds() {
-        let on_disk = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
-        if on_disk != skein_operator::crdgen::render(&crd) {
-            stale.push(file);
+    for dir in ["crds", "charts/skein/crds"] {
+        let generated: Vec<&str> = skein_operator::crdgen::crds().iter().map(|(file, _)| *file).collect();
+        for (file, crd) in skein_operator::crdgen::crds() {
+            let on_disk = std::fs::read_to_string(root.join(dir).join(file)).unwrap_or_default();
+            if on_disk != skein_operator::crdgen::render(&crd) {
+                stale.push(format!("{dir}/{file}"));
+            }
+        }
+        // Nothing else in there either: a CRD removed from the types leaves no file behind.
+        for entry in std::fs::read_dir(root.join(dir)).unwrap() {
+            let name = entry.unwrap().file_name().into_string().unwrap();
+            if !generated.contains(&name.as_str()) {
+                stale.push(format!("{dir}/{name} (not generated)"));
+            }
         }
     }
     assert!(
         stale.is_empty(),
-        "crds/ differs from the types for {stale:?}: run `make generate` and commit crds/"
+        "generated CRDs differ from the types: {stale:?}: run `make generate` and commit them"
     );
 }
 

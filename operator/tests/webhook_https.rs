@@ -35,12 +35,12 @@ async fn start() -> Webhook {
     let (dns, ips) = serving_names("skein-operator", "skein-system", &["127.0.0.1".into()]);
     let (cert, _) = ServingCert::issue(&ca.load(), &dns, &ips).unwrap();
     let metrics = Metrics::default();
-    let inject = InjectConfig {
-        proxy_image: "skein/proxy:test".into(),
-        control_plane: "http://skein-operator.skein-system.svc:15012".into(),
-        operator_namespace: "skein-system".into(),
-        native_sidecars: true,
-    };
+    let inject = InjectConfig::new(
+        "skein/proxy:test",
+        "https://skein-operator.skein-system.svc:15012",
+        "skein-system",
+        true,
+    );
     let state = Arc::new(WebhookState::new(
         None,
         ca,
@@ -141,7 +141,9 @@ async fn an_opted_in_pod_gets_a_patch_that_applies() {
     assert_eq!(r["patchType"], "JSONPatch");
     let mut patched = p;
     json_patch::patch(&mut patched, &decode_patch(&r)).unwrap();
-    assert_eq!(patched["spec"]["initContainers"][0]["name"], "skein-proxy");
+    // Transparent capture by default: the iptables step first, then the native sidecar.
+    assert_eq!(patched["spec"]["initContainers"][0]["name"], "skein-init");
+    assert_eq!(patched["spec"]["initContainers"][1]["name"], "skein-proxy");
 }
 
 #[tokio::test]

@@ -1,6 +1,7 @@
 //! The admin server (port 15000, loopback only): `/ready`, `/live`, `/metrics`, `/config_dump`,
 //! `/certs`, `POST /shutdown`; and the read-only stats listener (port 15020, on the pod IP):
-//! `/ready`, `/live`, `/metrics` and nothing else, for Prometheus and the kubelet's probes.
+//! `/ready`, `/live`, `/metrics` and the app's rewritten probes (`/app-health/…`, see
+//! [`crate::probe`]) and nothing else, for Prometheus and the kubelet's probes.
 //! `docs/security.md` says who reaches which.
 
 use std::convert::Infallible;
@@ -19,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::store::ConfigStore;
 use crate::config::stream::StreamStatus;
+use crate::probe::{AppProber, Outcome};
 
 /// What the admin server reads.
 pub struct AdminState {
@@ -29,6 +31,8 @@ pub struct AdminState {
     pub access_log_dropped: Arc<std::sync::atomic::AtomicU64>,
     /// Ready only once a certificate is loaded too.
     pub needs_cert: bool,
+    /// The app containers' probes, run for the kubelet.
+    pub app_probes: AppProber,
     pub shutdown: CancellationToken,
 }
 
@@ -52,9 +56,9 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, scope: Scope) 
         };
         let state = state.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let response = handle(&req, &state, scope);
-                async move { Ok::<_, Infallible>(response) }
+            let service = service_fn(move |req: Request<Incoming>| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(respond(req, &state, scope).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -71,6 +75,19 @@ fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>)
     *response.status_mut() = status;
     response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(content_type));
     response
+}
+
+async fn respond(req: Request<Incoming>, state: &AdminState, scope: Scope) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    if req.method() == Method::GET && path.starts_with(skein_api::probes::APP_HEALTH_PREFIX) {
+        let text = "text/plain; charset=utf-8";
+        return match state.app_probes.check(path).await {
+            Some(Outcome::Healthy(why)) => reply(StatusCode::OK, text, why + "\n"),
+            Some(Outcome::Unhealthy(why)) => reply(StatusCode::SERVICE_UNAVAILABLE, text, why + "\n"),
+            None => reply(StatusCode::NOT_FOUND, text, "no such probe\n"),
+        };
+    }
+    handle(&req, state, scope)
 }
 
 fn handle(req: &Request<Incoming>, state: &AdminState, scope: Scope) -> Response<Full<Bytes>> {

@@ -5,6 +5,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
+use skein_api::probes::AppProbes;
 use skein_api::WorkloadIdentity;
 
 use crate::capture;
@@ -28,9 +29,9 @@ pub struct Args {
     pub identity: IdentityArgs,
     #[command(flatten)]
     pub proxy: ProxyArgs,
-    /// Log as JSON lines instead of text.
-    #[arg(long, env = "SKEIN_LOG_JSON")]
-    pub log_json: bool,
+    /// Log lines as `plain` text (colours only on a terminal) or `json`, one object per line.
+    #[arg(long, env = "SKEIN_LOG_FORMAT", value_enum, default_value = "plain")]
+    pub log_format: skein_api::process::LogFormat,
 }
 
 /// Where the config comes from.
@@ -90,6 +91,10 @@ pub struct ListenerArgs {
     /// Read-only listener for Prometheus and the kubelet: `/metrics`, `/ready`, `/live`.
     #[arg(long, env = "SKEIN_STATS_ADDR", value_delimiter = ',', default_value = "0.0.0.0:15020,[::]:15020")]
     pub stats_addr: Vec<SocketAddr>,
+    /// The app containers' kubelet probes, rewritten by the webhook to `/app-health/…` on the
+    /// stats listener (JSON, path → probe); the proxy sends each to the app on --inbound-target.
+    #[arg(long, env = skein_api::probes::APP_PROBES_ENV, value_parser = crate::probe::parse_probes)]
+    pub app_probes: Option<AppProbes>,
 }
 
 impl ListenerArgs {

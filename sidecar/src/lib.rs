@@ -8,7 +8,7 @@
 //! verifiers), `balance` (endpoint state, balancers, outlier detection), `route` (the route
 //! table and retry policies), `config` (the config in force and its sources), `proxy` (the
 //! request path), `http1` (the HTTP/1.1 fast path), `listener` (accept, detect, hand to one of
-//! the two paths), `admin`, `capture` (transparent-capture init), and `args`/`run` (the binary's
+//! the two paths), `probe` (the app's kubelet probes, run for the kubelet), `admin`, `capture` (transparent-capture init), and `args`/`run` (the binary's
 //! flags and wiring). See `docs/ARCHITECTURE.md`.
 #![forbid(unsafe_code)]
 
@@ -21,6 +21,7 @@ mod config;
 pub mod fuzzing;
 mod http1;
 mod listener;
+mod probe;
 mod proxy;
 mod route;
 mod run;

@@ -20,13 +20,7 @@ fn main() -> anyhow::Result<()> {
         }
         None => {}
     }
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let subscriber = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if args.log_json {
-        subscriber.json().init();
-    } else {
-        subscriber.init();
-    }
+    process::init_logging(args.log_format, "info");
 
     // A sidecar is small: one thread by default, and then a current-thread runtime, which
     // avoids the work-stealing scheduler's cross-thread wake-ups; more workers if asked.

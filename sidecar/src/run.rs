@@ -14,7 +14,7 @@ use crate::config::store::ConfigStore;
 use crate::config::stream::{ControlPlane, StreamStatus};
 use crate::proxy::{Direction, ProxyContext};
 use crate::telemetry::access_log::AccessLog;
-use crate::{admin, config, listener};
+use crate::{admin, config, listener, probe};
 
 /// Errors that stop the proxy.
 #[derive(Debug, thiserror::Error)]
@@ -142,6 +142,10 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<()> {
         tls,
         access_log_dropped,
         needs_cert: args.identity.cert_dir.is_some(),
+        app_probes: probe::AppProber::new(
+            args.listeners.app_probes.clone().unwrap_or_default(),
+            args.listeners.inbound_target,
+        ),
         shutdown: shutdown.clone(),
     });
     for l in stats {

@@ -69,12 +69,12 @@ async fn main() -> anyhow::Result<()> {
     let ca = Arc::new(arc_swap::ArcSwap::from_pointee(ca));
     let (dns, ips) = serving_names("skein-operator", "skein-system", &["127.0.0.1".into()]);
     let (cert, _) = ServingCert::issue(&ca.load(), &dns, &ips).map_err(anyhow::Error::msg)?;
-    let inject = InjectConfig {
-        proxy_image: "skein/proxy".into(),
-        control_plane: "http://skein-operator.skein-system.svc:15012".into(),
-        operator_namespace: "skein-system".into(),
-        native_sidecars: true,
-    };
+    let inject = InjectConfig::new(
+        "skein/proxy",
+        "https://skein-operator.skein-system.svc:15012",
+        "skein-system",
+        true,
+    );
     let state = Arc::new(WebhookState::new(
         None,
         ca.clone(),

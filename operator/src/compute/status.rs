@@ -7,8 +7,10 @@ use skein_api::{PolicyStatus, WorkloadIdentity};
 
 use crate::compute::{Cond, DesiredStatus};
 
-/// One connected proxy as the status computation sees it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// One connected proxy as the status computation sees it (and as replicas report theirs to the
+/// leader, in JSON).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct ProxyView {
     pub identity: WorkloadIdentity,
     /// The proxy's own name (its pod name), for messages.
@@ -17,6 +19,20 @@ pub struct ProxyView {
     pub acked: Option<String>,
     /// The last version it refused, with its reason.
     pub rejected: Option<(String, String)>,
+}
+
+/// Every replica's proxies as one list: the leader's own first, then what the other replicas
+/// reported; a proxy that shows up twice (it moved to another replica, and the old report is
+/// not yet renewed) counts once, as the leader sees it or else as its first report says.
+pub fn all_proxies(own: Vec<ProxyView>, reported: impl IntoIterator<Item = ProxyView>) -> Vec<ProxyView> {
+    let mut seen: std::collections::HashSet<String> = own.iter().map(|p| p.proxy_id.clone()).collect();
+    let mut all = own;
+    for p in reported {
+        if seen.insert(p.proxy_id.clone()) {
+            all.push(p);
+        }
+    }
+    all
 }
 
 /// `Programmed`: has every connected proxy that needs this resource applied the config that
@@ -62,12 +78,28 @@ pub fn programmed(
     };
     let summary = format!("{acked}/{total} proxies at {at}");
     if acked == total {
-        Cond::ok("Programmed", summary)
+        Cond::ok("Programmed", format!("{summary}: {}", named(proxies)))
     } else if let Some(why) = rejected {
         Cond::fail("Rejected", format!("{summary}; {why}"))
     } else {
         Cond::fail("Pending", format!("{summary}; {}", waiting.unwrap_or_default()))
     }
+}
+
+/// The proxies by name (their pods' names in a cluster), the first few of a long list, so
+/// `kubectl describe` says which pods are programmed without growing with the mesh.
+fn named(proxies: &[ProxyView]) -> String {
+    const SHOWN: usize = 5;
+    let mut names: Vec<&str> = proxies.iter().map(|p| p.proxy_id.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    let more = names.len().saturating_sub(SHOWN);
+    names.truncate(SHOWN);
+    let mut out = names.join(", ");
+    if more > 0 {
+        out += &format!(" and {more} more");
+    }
+    out
 }
 
 /// The status to write: desired conditions merged onto the existing ones. A condition keeps its
@@ -165,12 +197,29 @@ mod tests {
     }
 
     #[test]
+    fn every_replica_s_proxies_count_once() {
+        let own = vec![proxy("a", "x", Some("v1"))];
+        let reported = vec![proxy("b", "x", Some("v1")), proxy("a", "x", Some("old")), proxy("c", "y", None)];
+        let all = all_proxies(own, reported);
+        let names: Vec<(&str, Option<&str>)> =
+            all.iter().map(|p| (p.proxy_id.as_str(), p.acked.as_deref())).collect();
+        assert_eq!(names, vec![("a", Some("v1")), ("b", Some("v1")), ("c", None)]);
+        let text = serde_json::to_string(&all).unwrap();
+        assert_eq!(serde_json::from_str::<Vec<ProxyView>>(&text).unwrap(), all);
+    }
+
+    #[test]
     fn programmed_counts_proxies_at_their_current_version() {
         let accepted = Cond::ok("Accepted", "");
         let current = |_: &WorkloadIdentity| "abc".to_string();
         let all =
             programmed(&accepted, &[proxy("a", "x", Some("abc")), proxy("b", "x", Some("abc"))], current);
-        assert_eq!(all, Cond::ok("Programmed", "2/2 proxies at config abc"));
+        assert_eq!(all, Cond::ok("Programmed", "2/2 proxies at config abc: a, b"));
+        let many: Vec<ProxyView> = (0..8).map(|i| proxy(&format!("p{i}"), "x", Some("abc"))).collect();
+        assert_eq!(
+            programmed(&accepted, &many, current).message,
+            "8/8 proxies at config abc: p0, p1, p2, p3, p4 and 3 more"
+        );
 
         let some =
             programmed(&accepted, &[proxy("a", "x", Some("abc")), proxy("b", "x", Some("old"))], current);

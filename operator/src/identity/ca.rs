@@ -114,10 +114,15 @@ pub fn validity(pem_text: &str) -> Option<(OffsetDateTime, OffsetDateTime)> {
 }
 
 /// Whether a certificate should be renewed at `now`: past half its lifetime, expired, or
-/// unreadable.
+/// unreadable. The lifetime runs from when it was signed: `notBefore` is [`BACKDATE`] earlier
+/// (for clocks behind ours), which would otherwise put a short-lived certificate past its
+/// half-life the moment it is signed, and have it signed again at every look.
 pub fn needs_renewal(pem_text: &str, now: OffsetDateTime) -> bool {
     match validity(pem_text) {
-        Some((from, until)) => now >= from + (until - from) / 2,
+        Some((from, until)) => {
+            let signed = (from + BACKDATE).min(until);
+            now >= signed + (until - signed) / 2
+        }
         None => true,
     }
 }
@@ -388,6 +393,13 @@ mod tests {
         assert!(!needs_renewal(&cert.chain_pem, now() + time::Duration::minutes(20)));
         assert!(needs_renewal(&cert.chain_pem, now() + time::Duration::minutes(40)));
         assert!(needs_renewal("garbage", now()));
+        // A lifetime shorter than the backdating still renews at its own half-life.
+        let short = ca
+            .sign_workload(&WorkloadIdentity::new("a", "b"), "cluster.local", Duration::from_secs(120), now())
+            .unwrap();
+        assert!(!needs_renewal(&short.chain_pem, now()));
+        assert!(!needs_renewal(&short.chain_pem, now() + time::Duration::seconds(59)));
+        assert!(needs_renewal(&short.chain_pem, now() + time::Duration::seconds(61)));
     }
 
     #[test]

@@ -38,6 +38,10 @@ pub struct Context {
     /// Watchers that have finished their first list; ready when all have.
     pub synced: watch::Sender<usize>,
     pub recorder: Recorder,
+    /// The proxies the other operator replicas serve (read by the leader's status writer).
+    pub peers: Arc<super::proxy_reports::PeerReports>,
+    /// This replica's name (its pod's), as its proxy report names it.
+    pub instance: String,
 }
 
 /// The number of watchers [`spawn_watchers`] starts.
@@ -77,13 +81,7 @@ where
         let mut relisted: Option<Vec<ObjectKey>> = None;
         let mut synced_once = false;
         loop {
-            let event = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                event = events.next() => match event {
-                    Some(e) => e,
-                    None => return,
-                },
-            };
+            let Some(Some(event)) = shutdown.run_until_cancelled(events.next()).await else { return };
             let event = match event {
                 Ok(event) => event,
                 Err(e) => {

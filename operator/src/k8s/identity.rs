@@ -176,28 +176,39 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let mut state = Published::default();
+    let mut wait = Duration::from_secs(60);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = computed.notified() => {}
-            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+            _ = tokio::time::sleep(wait) => {}
             changed = leader.changed() => {
                 if changed.is_err() { return; }
                 state = Published::default();
             }
         }
         if !*leader.borrow() {
+            wait = Duration::from_secs(60);
             continue;
         }
         let current = ca.load_full();
-        if let Err(e) = reconcile(&ctx, &current, &settings, &mut state).await {
-            tracing::warn!(error = %e, "identity reconcile failed; retrying");
-            ctx.metrics
-                .reconcile_errors
-                .get_or_create(&crate::metrics::ErrorLabels { kind: "identity" })
-                .inc();
-        }
+        let failures = reconcile(&ctx, &current, &settings, &mut state).await;
+        wait = next_wake(&state, settings.lifetime, OffsetDateTime::now_utc(), failures > 0);
     }
+}
+
+/// How long the loop may sleep: until the first certificate is due for renewal (never more than
+/// a minute, so short lifetimes renew on time), or 5 s after a failure.
+fn next_wake(state: &Published, lifetime: Duration, now: OffsetDateTime, failed: bool) -> Duration {
+    let half = time::Duration::try_from(lifetime / 2).unwrap_or_default();
+    let due = state.certificates.values().map(|not_after| *not_after - half - now).min();
+    let mut wait = due
+        .map(|d| Duration::try_from(d.max(time::Duration::ZERO)).unwrap_or_default())
+        .unwrap_or(Duration::from_secs(60));
+    if failed {
+        wait = wait.min(Duration::from_secs(5));
+    }
+    wait.clamp(Duration::from_secs(1), Duration::from_secs(60))
 }
 
 /// What this replica has written, so unchanged things are not written again.
@@ -216,76 +227,136 @@ fn meshed(ctx: &Context) -> (BTreeSet<WorkloadIdentity>, BTreeSet<String>) {
     (identities, namespaces)
 }
 
-async fn reconcile(
+/// One pass over every meshed namespace and identity; returns how many failed. One that fails
+/// (a namespace being deleted, say) is logged, counted and tried again on the next pass, and
+/// never keeps the others from their bundle or certificate.
+async fn reconcile(ctx: &Context, ca: &MeshCa, settings: &IdentitySettings, state: &mut Published) -> usize {
+    let (identities, namespaces) = meshed(ctx);
+    let mut failures = 0;
+    let mut failed = |what: &str, e: IdentityError| {
+        failures += 1;
+        tracing::warn!(%what, error = %e, "identity reconcile failed; retrying");
+        ctx.metrics.reconcile_errors.get_or_create(&crate::metrics::ErrorLabels { kind: "identity" }).inc();
+    };
+    for ns in &namespaces {
+        if let Err(e) = publish_bundle(ctx, ca, ns, state).await {
+            failed(&format!("trust bundle in {ns}"), e);
+        }
+    }
+    let now = OffsetDateTime::now_utc();
+    for id in &identities {
+        if let Err(e) = renew(ctx, ca, settings, id, now, state).await {
+            failed(&format!("certificate of {id}"), e);
+        }
+    }
+    // Identities that left the mesh no longer count towards the earliest expiry.
+    state.certificates.retain(|id, _| identities.contains(id));
+    let earliest = state.certificates.values().min().map(|t| t.unix_timestamp()).unwrap_or(0);
+    ctx.metrics.certificate_earliest_expiry.set(earliest);
+    failures
+}
+
+/// Publishes the trust bundle in `ns` unless it holds the current one already.
+async fn publish_bundle(
+    ctx: &Context,
+    ca: &MeshCa,
+    ns: &str,
+    state: &mut Published,
+) -> Result<(), IdentityError> {
+    if state.bundles.get(ns).map(String::as_str) == Some(ca.trust_bundle()) {
+        return Ok(());
+    }
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    let cm = trust_bundle_configmap(ca.trust_bundle());
+    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
+    api.patch(TRUST_BUNDLE_CONFIGMAP, &params, &Patch::Apply(&cm)).await?;
+    state.bundles.insert(ns.to_string(), ca.trust_bundle().to_string());
+    Ok(())
+}
+
+/// Issues `id` a certificate when it has none, or one past half-life or from another root.
+async fn renew(
     ctx: &Context,
     ca: &MeshCa,
     settings: &IdentitySettings,
+    id: &WorkloadIdentity,
+    now: OffsetDateTime,
     state: &mut Published,
 ) -> Result<(), IdentityError> {
-    let (identities, namespaces) = meshed(ctx);
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    for ns in &namespaces {
-        if state.bundles.get(ns).map(String::as_str) == Some(ca.trust_bundle()) {
-            continue;
-        }
-        let cm = trust_bundle_configmap(ca.trust_bundle());
-        let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
-        api.patch(TRUST_BUNDLE_CONFIGMAP, &params, &Patch::Apply(&cm)).await?;
-        state.bundles.insert(ns.clone(), ca.trust_bundle().to_string());
+    let due = |not_after: &OffsetDateTime| {
+        *not_after - now < time::Duration::try_from(settings.lifetime / 2).unwrap_or_default()
+    };
+    if state.certificates.get(id).is_some_and(|t| !due(t)) {
+        return Ok(());
     }
-
-    let now = OffsetDateTime::now_utc();
-    for id in &identities {
-        let due = |not_after: &OffsetDateTime| {
-            *not_after - now < time::Duration::try_from(settings.lifetime / 2).unwrap_or_default()
-        };
-        if state.certificates.get(id).is_some_and(|t| !due(t)) {
-            continue;
-        }
-        let name = identity_secret_name(&id.service_account);
-        let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &id.namespace);
-        // Someone (the webhook, another leader) may have issued one already.
-        if let Some(existing) = api.get_opt(&name).await? {
-            let current = key_of(&existing, "tls.crt").unwrap_or_default();
-            let bundle_current = key_of(&existing, "ca.crt").as_deref() == Some(ca.trust_bundle());
-            if bundle_current && !ca::needs_renewal(&current, now) {
-                if let Some((_, not_after)) = ca::validity(&current) {
-                    state.certificates.insert(id.clone(), not_after);
-                    continue;
-                }
+    let name = identity_secret_name(&id.service_account);
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &id.namespace);
+    // Someone (the webhook, another leader) may have issued one already.
+    if let Some(existing) = api.get_opt(&name).await? {
+        let current = key_of(&existing, "tls.crt").unwrap_or_default();
+        let bundle_current = key_of(&existing, "ca.crt").as_deref() == Some(ca.trust_bundle());
+        if bundle_current && !ca::needs_renewal(&current, now) {
+            if let Some((_, not_after)) = ca::validity(&current) {
+                state.certificates.insert(id.clone(), not_after);
+                return Ok(());
             }
         }
-        let cert = ca.sign_workload(id, &settings.trust_domain, settings.lifetime, now)?;
-        let secret = Secret {
-            metadata: ObjectMeta {
-                name: Some(name.clone()),
-                labels: Some([(MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string())].into()),
-                annotations: Some(
-                    [("skein.dev/spiffe-id".to_string(), id.spiffe_id(&settings.trust_domain))].into(),
-                ),
-                ..Default::default()
-            },
-            type_: Some("kubernetes.io/tls".into()),
-            data: Some(data(&[
-                ("tls.crt", &cert.chain_pem),
-                ("tls.key", &cert.key_pem),
-                ("ca.crt", &cert.bundle_pem),
-            ])),
-            ..Default::default()
-        };
-        api.patch(&name, &params, &Patch::Apply(&secret)).await?;
-        ctx.metrics.certificates_signed.inc();
-        tracing::info!(identity = %id, not_after = %cert.not_after, "issued a workload certificate");
-        state.certificates.insert(id.clone(), cert.not_after);
     }
-    let earliest = state.certificates.values().min().map(|t| t.unix_timestamp()).unwrap_or(0);
-    ctx.metrics.certificate_earliest_expiry.set(earliest);
+    let cert = ca.sign_workload(id, &settings.trust_domain, settings.lifetime, now)?;
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            labels: Some([(MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string())].into()),
+            annotations: Some(
+                [("skein.dev/spiffe-id".to_string(), id.spiffe_id(&settings.trust_domain))].into(),
+            ),
+            ..Default::default()
+        },
+        type_: Some("kubernetes.io/tls".into()),
+        data: Some(data(&[
+            ("tls.crt", &cert.chain_pem),
+            ("tls.key", &cert.key_pem),
+            ("ca.crt", &cert.bundle_pem),
+        ])),
+        ..Default::default()
+    };
+    api.patch(&name, &params, &Patch::Apply(&secret)).await?;
+    ctx.metrics.certificates_signed.inc();
+    tracing::info!(identity = %id, not_after = %cert.not_after, "issued a workload certificate");
+    state.certificates.insert(id.clone(), cert.not_after);
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_loop_wakes_when_the_first_certificate_is_due() {
+        let now = OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap();
+        let lifetime = Duration::from_secs(120);
+        let mut state = Published::default();
+        assert_eq!(next_wake(&state, lifetime, now, false), Duration::from_secs(60), "nothing to renew");
+        state.certificates.insert(WorkloadIdentity::new("shop", "a"), now + time::Duration::seconds(100));
+        state.certificates.insert(WorkloadIdentity::new("shop", "b"), now + time::Duration::seconds(90));
+        assert_eq!(next_wake(&state, lifetime, now, false), Duration::from_secs(30), "b is due at 90 - 60");
+        assert_eq!(
+            next_wake(&state, lifetime, now, true),
+            Duration::from_secs(5),
+            "a failure is retried soon"
+        );
+        state.certificates.insert(WorkloadIdentity::new("shop", "c"), now + time::Duration::seconds(10));
+        assert_eq!(
+            next_wake(&state, lifetime, now, false),
+            Duration::from_secs(1),
+            "overdue: at once, not in a loop"
+        );
+        let day = Duration::from_secs(24 * 3600);
+        let mut long = Published::default();
+        long.certificates.insert(WorkloadIdentity::new("shop", "a"), now + time::Duration::hours(24));
+        assert_eq!(next_wake(&long, day, now, false), Duration::from_secs(60), "at most a minute");
+    }
 
     #[test]
     fn secret_names_follow_the_service_account() {

@@ -37,11 +37,14 @@ pub async fn status_loop(
     // afresh), so an unchanged status is not written again before the watch echoes it back.
     let mut written: HashMap<ResourceRef, Written> = HashMap::new();
     let mut retry_soon = false;
+    let mut proxies_changed = ctx.hub.proxies_changed.subscribe();
+    let mut peers_changed = ctx.peers.changed.subscribe();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = computed.notified() => {}
-            _ = ctx.hub.proxies_changed.notified() => {}
+            _ = proxies_changed.changed() => {}
+            _ = peers_changed.changed() => {}
             changed = leader.changed() => {
                 if changed.is_err() { return; }
                 written.clear();
@@ -66,7 +69,10 @@ struct Written {
 /// One pass over every resource; returns false when a write failed (to retry soon).
 async fn write_statuses(ctx: &Context, written: &mut HashMap<ResourceRef, Written>) -> bool {
     let mesh = ctx.hub.mesh();
-    let (proxies, current) = ctx.hub.proxies();
+    let (own, current) = ctx.hub.proxies();
+    // Proxies connected to the other replicas count too: each reports its own.
+    let proxies =
+        status::all_proxies(own, ctx.peers.fresh_proxies(&ctx.instance, time::OffsetDateTime::now_utc()));
     let version_of = |id: &skein_api::WorkloadIdentity| {
         current.get(id).cloned().unwrap_or_else(|| mesh.proxy_config(id).version)
     };

@@ -12,7 +12,7 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use skein_api::{ProxyConfig, StreamAck, WorkloadIdentity};
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 
 use crate::compute::status::ProxyView;
 use crate::compute::MeshConfig;
@@ -64,8 +64,9 @@ struct State {
 #[derive(Clone)]
 pub struct ConfigHub {
     state: Arc<Mutex<State>>,
-    /// Woken when a proxy connects, disconnects or acknowledges.
-    pub proxies_changed: Arc<Notify>,
+    /// Counts every change in the connected proxies (a connection, a disconnection, an
+    /// acknowledgement): the status writer and the proxy report wait on it.
+    pub proxies_changed: watch::Sender<u64>,
     metrics: Metrics,
 }
 
@@ -76,7 +77,7 @@ impl ConfigHub {
     }
 
     pub fn new(metrics: Metrics) -> Self {
-        Self { state: Arc::default(), proxies_changed: Arc::new(Notify::new()), metrics }
+        Self { state: Arc::default(), proxies_changed: watch::Sender::new(0), metrics }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -138,7 +139,7 @@ impl ConfigHub {
             self.metrics.connected_proxies.set(state.connections.len() as i64);
             (id, receiver)
         };
-        self.proxies_changed.notify_one();
+        self.proxies_changed.send_modify(|n| *n = n.wrapping_add(1));
         receiver
     }
 
@@ -169,7 +170,7 @@ impl ConfigHub {
                 }
             }
         }
-        self.proxies_changed.notify_one();
+        self.proxies_changed.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Records a proxy's traffic report (for the topology; nothing waits on it).
@@ -203,7 +204,7 @@ impl ConfigHub {
             state.connections.remove(&id);
             self.metrics.connected_proxies.set(state.connections.len() as i64);
         }
-        self.proxies_changed.notify_one();
+        self.proxies_changed.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// The connected proxies, and the version each identity should be at.

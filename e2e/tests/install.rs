@@ -642,6 +642,12 @@ fn install_mesh_a_namespace_and_uninstall() {
 
     step("kubectl describe shows Programmed with every proxy by name");
     let meshed: Vec<String> = pods(&shop, "app").iter().filter(|p| ready(p)).map(name).collect();
+    // The rewritten liveness probes never failed: no app container was restarted.
+    for pod in pods(&shop, "app").iter().filter(|p| ready(p)) {
+        for c in pod["status"]["containerStatuses"].as_array().unwrap() {
+            assert_eq!(c["restartCount"], 0, "{}: {c}", name(pod));
+        }
+    }
     eventually("Programmed naming every meshed pod", Duration::from_secs(60), || {
         let out = kubectl_ok(&["-n", &shop, "describe", "trafficroute", "reviews"], None);
         let message = out

@@ -53,7 +53,9 @@ pub fn programmed(
     if total == 0 {
         return Cond::ok("Programmed", "0/0 proxies: no connected proxy needs this yet");
     }
-    let mut versions: Vec<String> = Vec::new();
+    // The version each identity should be at, by identity (so the message reads the same
+    // whichever order the proxies come in).
+    let mut versions: std::collections::BTreeMap<&WorkloadIdentity, String> = Default::default();
     let mut acked = 0;
     let mut rejected = None;
     let mut waiting = None;
@@ -68,15 +70,9 @@ pub fn programmed(
         } else {
             waiting.get_or_insert_with(|| format!("waiting for proxy {}", p.proxy_id));
         }
-        if !versions.contains(&want) {
-            versions.push(want);
-        }
+        versions.entry(&p.identity).or_insert(want);
     }
-    let at = match versions.as_slice() {
-        [one] => format!("config {one}"),
-        many => format!("their current config ({} versions)", many.len()),
-    };
-    let summary = format!("{acked}/{total} proxies at {at}");
+    let summary = format!("{acked}/{total} proxies at config {}", version_list(&versions));
     if acked == total {
         Cond::ok("Programmed", format!("{summary}: {}", named(proxies)))
     } else if let Some(why) = rejected {
@@ -84,6 +80,20 @@ pub fn programmed(
     } else {
         Cond::fail("Pending", format!("{summary}; {}", waiting.unwrap_or_default()))
     }
+}
+
+/// `abc` for one identity; `abc (shop/client), def (shop/reviews)` for several, the first
+/// three of a long list.
+fn version_list(versions: &std::collections::BTreeMap<&WorkloadIdentity, String>) -> String {
+    const SHOWN: usize = 3;
+    if versions.len() == 1 {
+        return versions.values().next().cloned().unwrap_or_default();
+    }
+    let mut out: Vec<String> = versions.iter().take(SHOWN).map(|(id, v)| format!("{v} ({id})")).collect();
+    if versions.len() > SHOWN {
+        out.push(format!("and {} more", versions.len() - SHOWN));
+    }
+    out.join(", ")
 }
 
 /// The proxies by name (their pods' names in a cluster), the first few of a long list, so
@@ -236,6 +246,27 @@ mod tests {
         let none = programmed(&accepted, &[], current);
         assert!(none.status);
         assert!(none.message.starts_with("0/0"));
+
+        // Several identities: each one's version, named, in a stable order.
+        let per_identity = |id: &WorkloadIdentity| format!("v-{}", id.service_account);
+        let mixed = [
+            proxy("reviews-0", "reviews", Some("v-reviews")),
+            proxy("client-0", "client", Some("v-client")),
+            proxy("reviews-1", "reviews", Some("v-reviews")),
+        ];
+        assert_eq!(
+            programmed(&accepted, &mixed, per_identity).message,
+            "3/3 proxies at config v-client (shop/client), v-reviews (shop/reviews): client-0, reviews-0, reviews-1"
+        );
+        let wide: Vec<ProxyView> =
+            (0..5).map(|i| proxy(&format!("p{i}"), &format!("sa{i}"), Some("x"))).collect();
+        let message = programmed(&accepted, &wide, per_identity).message;
+        assert!(
+            message.starts_with(
+                "0/5 proxies at config v-sa0 (shop/sa0), v-sa1 (shop/sa1), v-sa2 (shop/sa2), and 2 more;"
+            ),
+            "{message}"
+        );
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! Skein's shared vocabulary: the custom resources users apply (`TrafficRoute`, `OutlierPolicy`,
-//! `RetryPolicy`), the `ProxyConfig` the operator pushes to every sidecar, and the labels, ports
-//! and names the parts agree on. No I/O lives here, except in `process` (the binaries' start-up
-//! and shutdown, behind the `process` feature).
+//! `RetryPolicy`), the `ProxyConfig` the operator pushes to every sidecar, access decisions
+//! (`authz`, a pure function both sides share), and the labels, ports and names the parts agree
+//! on. No I/O lives here, except in `process` (the binaries' start-up and shutdown, behind the
+//! `process` feature).
 #![forbid(unsafe_code)]
 
+pub mod authz;
 pub mod config;
 pub mod constants;
 pub mod crd;

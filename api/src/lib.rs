@@ -18,6 +18,7 @@ pub mod topology;
 
 pub use config::{EdgeCounters, ProxyConfig, ProxyMessage, StreamAck, TrafficReport, WorkloadIdentity};
 pub use crd::{
+    access_policy::{AccessPolicy, AccessPolicySpec},
     outlier_policy::{OutlierPolicy, OutlierPolicySpec},
     retry_policy::{RetryPolicy, RetryPolicySpec},
     traffic_route::{TrafficRoute, TrafficRouteSpec},

@@ -78,6 +78,7 @@ pub fn install_crds() {
                 "crd/trafficroutes.skein.dev",
                 "crd/outlierpolicies.skein.dev",
                 "crd/retrypolicies.skein.dev",
+                "crd/accesspolicies.skein.dev",
             ],
             None,
         );

@@ -41,7 +41,7 @@ fn invalid_resources_are_rejected_with_a_message_naming_the_field() {
     );
     // Nothing invalid was stored.
     let stored = kubectl_ok(
-        &["-n", &ns.name, "get", "trafficroutes,retrypolicies,outlierpolicies", "-o", "name"],
+        &["-n", &ns.name, "get", "trafficroutes,retrypolicies,outlierpolicies,accesspolicies", "-o", "name"],
         None,
     );
     assert!(stored.trim().is_empty(), "stored: {stored}");

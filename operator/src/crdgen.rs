@@ -3,7 +3,7 @@
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
-use skein_api::{OutlierPolicy, RetryPolicy, TrafficRoute};
+use skein_api::{AccessPolicy, OutlierPolicy, RetryPolicy, TrafficRoute};
 
 /// Every CRD with the file name it is written to under `crds/`.
 pub fn crds() -> Vec<(&'static str, CustomResourceDefinition)> {
@@ -11,6 +11,7 @@ pub fn crds() -> Vec<(&'static str, CustomResourceDefinition)> {
         ("trafficroutes.yaml", TrafficRoute::crd()),
         ("outlierpolicies.yaml", OutlierPolicy::crd()),
         ("retrypolicies.yaml", RetryPolicy::crd()),
+        ("accesspolicies.yaml", AccessPolicy::crd()),
     ]
 }
 

@@ -9,6 +9,7 @@
 // duplicated attribute.
 #![allow(clippy::duplicated_attributes)]
 
+pub mod access_policy;
 pub mod outlier_policy;
 pub mod retry_policy;
 pub mod traffic_route;

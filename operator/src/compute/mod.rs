@@ -22,6 +22,7 @@ use skein_api::config::{Destination, InboundPort, Protocol, ProxyConfig, Route, 
 use skein_api::constants::CLUSTER_DOMAIN;
 use skein_api::WorkloadIdentity;
 
+pub mod access;
 mod endpoints;
 mod policies;
 mod routes;

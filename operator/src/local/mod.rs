@@ -172,6 +172,27 @@ pub fn load_texts(texts: &[(String, String)], mut errors: Vec<Refusal>) -> Resul
                 "Service" => add::<Service>(doc, &mut snapshot, |o| key(&o.metadata)),
                 "EndpointSlice" => add::<EndpointSlice>(doc, &mut snapshot, |o| key(&o.metadata)),
                 "Pod" => add::<Pod>(doc, &mut snapshot, |o| key(&o.metadata)),
+                "AccessPolicy" => {
+                    // Checked as the API server would; not enforced by the local mesh yet.
+                    let name = doc["metadata"]["name"].as_str().unwrap_or("?").to_string();
+                    match serde_json::from_value::<skein_api::AccessPolicy>(doc) {
+                        Ok(policy) => {
+                            let problems = crate::compute::access::validate(&policy.spec);
+                            if problems.is_empty() {
+                                errors.push(Refusal::UnknownKind { at, kind });
+                            } else {
+                                errors.extend(problems.into_iter().map(|message| Refusal::Invalid {
+                                    at: at.clone(),
+                                    kind: "AccessPolicy".into(),
+                                    resource: name.clone(),
+                                    message,
+                                }));
+                            }
+                        }
+                        Err(e) => errors.push(Refusal::Decode { at, message: e.to_string() }),
+                    }
+                    continue;
+                }
                 other => {
                     errors.push(Refusal::UnknownKind { at, kind: other.to_string() });
                     continue;

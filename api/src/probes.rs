@@ -50,6 +50,25 @@ pub enum ProbeAction {
     TcpSocket { port: u16 },
 }
 
+impl ProbeAction {
+    /// Why this probe cannot be sent as an HTTP/1.1 request, if it cannot: a path that is not
+    /// absolute or holds anything but visible ASCII, or a header that would break the head.
+    /// The webhook leaves such a probe as it is; the sidecar refuses a list holding one.
+    pub fn unsendable(&self) -> Option<String> {
+        let Self::HttpGet { path, headers, .. } = self else { return None };
+        if !path.starts_with('/') || !path.bytes().all(|b| b.is_ascii_graphic()) {
+            return Some(format!("the path {path:?} is not an absolute path of visible characters"));
+        }
+        let breaks = |s: &str| s.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0);
+        headers
+            .iter()
+            .find(|(name, value)| {
+                name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic() && b != b':') || breaks(value)
+            })
+            .map(|(name, _)| format!("header {name:?} cannot be sent"))
+    }
+}
+
 /// The path of a rewritten probe.
 pub fn app_health_path(container: &str, kind: &str) -> String {
     format!("{APP_HEALTH_PREFIX}{container}/{kind}")

@@ -38,18 +38,8 @@ pub fn parse_probes(text: &str) -> Result<AppProbes, String> {
         if !path.starts_with(skein_api::probes::APP_HEALTH_PREFIX) {
             return Err(format!("probe path {path:?} does not start with /app-health/"));
         }
-        if let ProbeAction::HttpGet { path: p, headers, .. } = &probe.action {
-            if !p.starts_with('/') || !p.bytes().all(|b| b.is_ascii_graphic()) {
-                return Err(format!(
-                    "probe {path}: the path {p:?} is not an absolute path of visible characters"
-                ));
-            }
-            for (name, value) in headers {
-                let bad = |s: &str| s.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0);
-                if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic() && b != b':') || bad(value) {
-                    return Err(format!("probe {path}: header {name:?} cannot be sent"));
-                }
-            }
+        if let Some(why) = probe.action.unsendable() {
+            return Err(format!("probe {path}: {why}"));
         }
     }
     Ok(probes)

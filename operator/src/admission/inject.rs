@@ -573,6 +573,10 @@ fn rewrite_app_probes(spec: &mut serde_json::Map<String, Value>, excluded: &[u16
             } else {
                 continue;
             };
+            // One the sidecar could not send stays with the kubelet (and the sidecar starts).
+            if action.unsendable().is_some() {
+                continue;
+            }
             let path = app_health_path(&name, kind);
             probe.remove("tcpSocket");
             probe.insert("httpGet".into(), json!({"path": path, "port": PROXY_STATS_PORT, "scheme": "HTTP"}));
@@ -876,6 +880,13 @@ mod tests {
         );
         assert_eq!(probes["/app-health/app/liveness"].action, ProbeAction::TcpSocket { port: 8080 });
         assert_eq!(probes.len(), 2);
+
+        // A probe the sidecar could not send (a header value with a line break) stays as it is.
+        let mut odd = p.clone();
+        odd["spec"]["containers"][0]["readinessProbe"]["httpGet"]["httpHeaders"] =
+            json!([{"name": "x-probe", "value": "a\r\nb: c"}]);
+        let out = apply(&odd, &inject_sidecar(&odd, "shop", &enabled(), &cfg(true)));
+        assert_eq!(out["spec"]["containers"][0]["readinessProbe"]["httpGet"]["port"], "http");
 
         // Explicit mode leaves probes alone: nothing is captured there.
         p["metadata"]["annotations"]["skein.dev/capture-mode"] = json!("explicit");

@@ -436,10 +436,10 @@ done
 version_of() {
     case $1 in
     direct) echo "nginx upstream, no proxy" ;;
-    skein) "$SKEIN_PROXY" --version 2>/dev/null | head -n 1 || echo skein-proxy ;;
+    skein) "$SKEIN_PROXY" --version 2>/dev/null | sed -n 1p || echo skein-proxy ;;
     envoy) "$ENVOY" --version 2>/dev/null | sed -n 's|.*version: [0-9a-f]*/\([0-9.]*\)/.*|Envoy \1|p' ;;
-    haproxy) haproxy -v 2>/dev/null | head -n 1 | cut -d' ' -f1-3 ;;
-    nginx) nginx -v 2>&1 | head -n 1 | sed 's|^nginx version: ||' ;;
+    haproxy) haproxy -v 2>/dev/null | sed -n 1p | cut -d' ' -f1-3 ;;
+    nginx) nginx -v 2>&1 | sed -n 1p | sed 's|^nginx version: ||' ;;
     esac
 }
 VERSIONS=$(for name in "${ACTIVE[@]}"; do printf '%s=%s;' "$name" "$(version_of "$name")"; done)

@@ -36,7 +36,7 @@ for t in $targets; do
         -artifact_prefix="artifacts/$t/" -print_final_stats=1 "$work" "corpus/$t" "regressions/$t" \
         >"$target_dir/$t.log" 2>&1; then
         failed=1
-        grep -E "panicked|ERROR|SUMMARY|artifact" "$target_dir/$t.log" | head -20
+        grep -E "panicked|ERROR|SUMMARY|artifact" "$target_dir/$t.log" | sed -n 1,20p
         echo "fuzz $t: FAILED (full log: $target_dir/$t.log); the input is in fuzz/artifacts/$t/"
         continue
     fi

@@ -50,6 +50,14 @@ pub enum DefaultPolicy {
 }
 
 impl DefaultPolicy {
+    /// Every value, as written.
+    pub const ALL: [Self; 4] = [Self::Allow, Self::Authenticated, Self::SameNamespace, Self::Deny];
+
+    /// Reads `allow`, `authenticated`, `same-namespace` or `deny`.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|d| d.as_str() == s)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Allow => "allow",

@@ -71,6 +71,9 @@ pub struct ProxyConfig {
     /// The workload's own ports the inbound listener serves.
     #[serde(default)]
     pub inbound: Vec<InboundPort>,
+    /// Who may call this workload (`AccessPolicy`), enforced by its inbound listener.
+    #[serde(default)]
+    pub authz: crate::authz::InboundAuthz,
 }
 
 impl ProxyConfig {
@@ -345,6 +348,10 @@ pub struct EdgeCounters {
     pub plaintext: u64,
     pub retries: u64,
     pub ejections: u64,
+    /// Requests the destination's sidecar denied (403 by an `AccessPolicy` or its namespace
+    /// default).
+    #[serde(default)]
+    pub denied: u64,
     /// Requests per latency bucket (not cumulative): one count per bound of
     /// [`LATENCY_BUCKETS_SECONDS`] plus one for the overflow.
     pub latency_buckets: Vec<u64>,

@@ -10,6 +10,12 @@ pub const INJECT_LABEL: &str = "skein.dev/inject";
 /// Pod annotation that opts a pod out of injection (`"false"`).
 pub const INJECT_ANNOTATION: &str = "skein.dev/inject";
 
+/// Pod annotation the injector records what it did with (`native-sidecar,transparent`).
+pub const INJECTED_ANNOTATION: &str = "skein.dev/injected";
+/// Namespace annotation: what its workloads accept where no Allow `AccessPolicy` applies
+/// (`allow`, `authenticated`, `same-namespace`, `deny`).
+pub const DEFAULT_POLICY_ANNOTATION: &str = "skein.dev/default-policy";
+
 /// Service annotation choosing the load balancer: `p2c-ewma` (default) or `round-robin`.
 pub const LOAD_BALANCER_ANNOTATION: &str = "skein.dev/load-balancer";
 

@@ -135,6 +135,7 @@ fn bad_values_fail_at_install_with_the_value_named() {
         ("proxy.resources.requests.cpu=lots", "cpu"),
         ("operator.logFormat=colour", "logFormat"),
         ("proxy.nope=1", "nope"),
+        ("accessPolicy.default=open", "default"),
     ] {
         let Some(result) = render(&[set]) else { return };
         let err = result.expect_err(set);

@@ -28,6 +28,16 @@ pub struct Args {
     /// Log lines as `plain` text (colours only on a terminal) or `json`, one object per line.
     #[arg(long, env = "SKEIN_LOG_FORMAT", value_enum, default_value = "plain")]
     pub log_format: skein_api::process::LogFormat,
+    /// Who may call a workload that no Allow AccessPolicy covers, unless its namespace's
+    /// `skein.dev/default-policy` annotation says otherwise: `allow` (every caller),
+    /// `authenticated` (any mesh identity), `same-namespace` or `deny`.
+    #[arg(long, env = "SKEIN_DEFAULT_POLICY", default_value = "allow", value_parser = parse_default_policy)]
+    pub default_policy: skein_api::authz::DefaultPolicy,
+}
+
+fn parse_default_policy(s: &str) -> std::result::Result<skein_api::authz::DefaultPolicy, String> {
+    skein_api::authz::DefaultPolicy::parse(s)
+        .ok_or_else(|| format!("{s:?} is not allow, authenticated, same-namespace or deny"))
 }
 
 /// The API server and this replica.

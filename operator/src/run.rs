@@ -91,7 +91,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<()> {
     let reporter = Reporter { controller: "skein-operator".into(), instance: Some(instance.clone()) };
     let ctx = Arc::new(controller::Context {
         client: client.clone(),
-        snapshot: RwLock::default(),
+        snapshot: RwLock::new(crate::Snapshot { default_policy: args.default_policy, ..Default::default() }),
         snapshot_changed: Notify::new(),
         hub: hub.clone(),
         metrics: metrics.clone(),
@@ -310,7 +310,13 @@ pub async fn run_local(args: Args, dirs: Vec<PathBuf>, shutdown: CancellationTok
         trust_domain: args.identity.trust_domain.clone(),
         lifetime: args.identity.cert_lifetime,
     };
-    tokio::spawn(local::run(dirs.clone(), hub.clone(), Some(identity), shutdown.clone()));
+    tokio::spawn(local::run(
+        dirs.clone(),
+        hub.clone(),
+        Some(identity),
+        args.default_policy,
+        shutdown.clone(),
+    ));
     let (_ready_tx, ready_rx) = watch::channel(true);
     tokio::spawn(web::serve(
         http_listener,

@@ -136,5 +136,6 @@ fn route_config() -> ProxyConfig {
             outlier: None,
         }],
         inbound: vec![],
+        authz: Default::default(),
     }
 }

@@ -18,6 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::balance::now_ns;
+use crate::proxy::authz::{self, Caller};
 use crate::proxy::{self, ConnMeta, Direction, ProxyContext};
 
 /// How long to wait for a client's first bytes before treating a redirected connection as
@@ -89,7 +90,17 @@ async fn handle(stream: TcpStream, ctx: Arc<ProxyContext>, conn: ConnMeta) {
                 match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
                     Ok(Ok(tls)) => {
                         ctx.tls.handshakes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        serve_hyper(tls, ctx, conn).await;
+                        // The verifier accepted only a chain to the mesh CA with a SPIFFE ID of
+                        // the trust domain: that ID is the caller.
+                        let caller = tls
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|chain| chain.first())
+                            .and_then(|leaf| crate::tls::spiffe_ids(leaf).into_iter().next())
+                            .and_then(|id| Caller::from_spiffe_id(&id))
+                            .map(Arc::new);
+                        serve_hyper(tls, ctx, conn, caller).await;
                     }
                     Ok(Err(e)) => {
                         ctx.tls.handshake_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -118,21 +129,21 @@ async fn handle(stream: TcpStream, ctx: Arc<ProxyContext>, conn: ConnMeta) {
     }
     if ctx.fast_path {
         if let Some(handoff) = crate::http1::serve(stream, &ctx, conn).await {
-            serve_hyper(handoff, ctx, conn).await;
+            serve_hyper(handoff, ctx, conn, None).await;
         }
     } else {
-        serve_hyper(stream, ctx, conn).await;
+        serve_hyper(stream, ctx, conn, None).await;
     }
 }
 
 /// Serves HTTP/1.x or HTTP/2 (prior knowledge) with hyper: every request goes through
 /// [`proxy::serve`]. The only place the proxy's listeners call hyper.
-async fn serve_hyper<I>(io: I, ctx: Arc<ProxyContext>, conn: ConnMeta)
+async fn serve_hyper<I>(io: I, ctx: Arc<ProxyContext>, conn: ConnMeta, caller: Option<Arc<Caller>>)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let head_timeout = ctx.head_timeout;
-    let service = service_fn(move |req| proxy::serve(ctx.clone(), conn, req));
+    let service = service_fn(move |req| proxy::serve(ctx.clone(), conn, caller.clone(), req));
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -185,7 +196,28 @@ async fn splice(mut client: TcpStream, ctx: &ProxyContext, conn: ConnMeta, origi
             );
             return;
         }
-        Direction::Inbound => SocketAddr::new(ctx.inbound_target, original.port()),
+        Direction::Inbound => {
+            // Opaque TCP arrives in plaintext: the caller has no identity, and HTTP fields of
+            // a rule cannot be checked (see `skein_api::authz`).
+            let active = ctx.store.current();
+            match authz::check(
+                active.as_deref(),
+                &ctx.store.shared.metrics.authz,
+                None,
+                original.port(),
+                None,
+            ) {
+                Ok(v) if v.allowed => SocketAddr::new(ctx.inbound_target, original.port()),
+                Ok(v) => {
+                    tracing::info!(port = original.port(), authz = %v.log, "closed a denied inbound connection");
+                    return;
+                }
+                Err(authz::NoConfig) => {
+                    tracing::info!(port = original.port(), "closed an inbound connection: no config yet");
+                    return;
+                }
+            }
+        }
         Direction::Outbound => {
             let picked = ctx.store.current().and_then(|a| {
                 let parts = http::Request::new(()).into_parts().0;

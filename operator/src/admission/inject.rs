@@ -38,7 +38,7 @@ pub mod annotation {
     /// its endpoint out of every proxy (a `preStop` sleep); `0` turns it off.
     pub const DRAIN_SECONDS: &str = "skein.dev/drain-seconds";
     /// Set on injected pods: what was injected.
-    pub const STATUS: &str = "skein.dev/injected";
+    pub const STATUS: &str = skein_api::constants::INJECTED_ANNOTATION;
 }
 
 /// UID the sidecar runs as (excluded from transparent capture by that UID).

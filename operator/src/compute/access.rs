@@ -1,10 +1,35 @@
-//! `AccessPolicy` checks that the API server makes with CEL rules, as a plain function: the
-//! local control plane refuses what the API server would, and (with the policy translation
-//! still to come) the computation marks such a policy `Accepted=False/Invalid`.
+//! `AccessPolicy`: its checks (those the API server makes with CEL, and those only the mesh can
+//! make: ports the target Service has, HTTP fields on ports that are not HTTP), its translation
+//! into each target workload's [`InboundAuthz`], and its conditions.
+//!
+//! Decisions worth knowing:
+//! - Proxy configs are per identity (namespace and service account), so a policy targeting a
+//!   Service applies to every workload of the identities behind it, on the Service's target
+//!   ports. Workloads that share a service account share their policies.
+//! - A Service's pods are found by its selector (every meshed pod it selects, ready or not, so a
+//!   starting pod has its policy before it gets traffic); a Service without a selector by its
+//!   EndpointSlices.
+//! - Service ports become the pods' ports here (`targetPort`, named ports resolved per pod), so
+//!   the sidecar only ever sees the ports connections arrive on (istio#49098).
+//! - A namespace's default comes from its `skein.dev/default-policy` annotation, else the
+//!   mesh's (`--default-policy`); an annotation that is none of the four values means `deny`.
 
-use skein_api::crd::access_policy::AccessPolicySpec;
+use std::collections::{BTreeMap, BTreeSet};
 
-/// What is wrong with `spec`, each naming its field; empty when nothing is.
+use skein_api::authz::{
+    Action, AuthzPolicy, AuthzRule, DefaultPolicy, Destination, InboundAuthz, Mode, PathMatch, Source,
+};
+use skein_api::crd::access_policy::{AccessAction, AccessMode, AccessPolicySpec, AccessTargetKind};
+use skein_api::{AccessPolicy, WorkloadIdentity};
+
+use super::snapshot::{ObjectKey, PodInfo, ServiceInfo, Snapshot, TargetPort};
+use super::{protocol_of, Cond, DesiredStatus, ResourceKind, ResourceRef};
+use skein_api::config::Protocol;
+
+/// Condition type of an AccessPolicy: whether every target workload can enforce it.
+pub const ENFORCED: &str = "Enforced";
+
+/// What is wrong with `spec` that CEL would refuse, each naming its field; empty when nothing is.
 pub fn validate(spec: &AccessPolicySpec) -> Vec<String> {
     let mut problems = Vec::new();
     for (i, rule) in spec.rules.iter().enumerate() {
@@ -43,6 +68,329 @@ pub fn validate(spec: &AccessPolicySpec) -> Vec<String> {
         }
     }
     problems
+}
+
+/// What only the mesh can check against the target Service: ports it has, and HTTP fields on
+/// ports it declares as something else (a rule that could never allow, or would deny every
+/// connection).
+fn check_against_service(spec: &AccessPolicySpec, key: &ObjectKey, svc: &ServiceInfo) -> Vec<String> {
+    let mut problems = Vec::new();
+    let service = format!("{}/{}", key.namespace, spec.target_ref.name);
+    for (i, rule) in spec.rules.iter().enumerate() {
+        let Some(to) = &rule.to else { continue };
+        let mut named = Vec::new();
+        for (j, port) in to.ports.iter().enumerate() {
+            match svc.ports.iter().find(|p| i32::from(p.port) == *port) {
+                Some(p) => named.push(p),
+                None => problems.push(format!(
+                    "spec.rules[{i}].to.ports[{j}]: Service {service} has no port {port} (ports are the Service's, not the pods')"
+                )),
+            }
+        }
+        let field = if !to.methods.is_empty() {
+            "methods"
+        } else if !to.paths.is_empty() {
+            "paths"
+        } else {
+            continue;
+        };
+        let ports: Vec<_> = if to.ports.is_empty() { svc.ports.iter().collect() } else { named };
+        let opaque = |p: &&super::snapshot::ServicePortInfo| {
+            protocol_of(p.name.as_deref(), p.app_protocol.as_deref()) == Protocol::Tcp
+        };
+        if !ports.is_empty() && ports.iter().all(opaque) {
+            let list: Vec<String> = ports.iter().map(|p| p.port.to_string()).collect();
+            problems.push(format!(
+                "spec.rules[{i}].to.{field}: port {} of Service {service} is not HTTP (appProtocol or port name), \
+                 so an HTTP field can never match there: an Allow rule would allow nothing, a Deny rule would deny every connection",
+                list.join(", ")
+            ));
+        }
+    }
+    problems
+}
+
+/// One policy's target workloads, with the Service ports each identity's pods serve them on.
+struct Targets<'a> {
+    /// Pods targeted, by key.
+    pods: Vec<(&'a ObjectKey, &'a PodInfo)>,
+    /// Per identity: Service port → the pods' ports (none for a Namespace target).
+    ports: BTreeMap<WorkloadIdentity, BTreeMap<u16, BTreeSet<u16>>>,
+}
+
+fn service_targets<'a>(snapshot: &'a Snapshot, key: &ObjectKey, svc: &ServiceInfo) -> Targets<'a> {
+    let in_slices: BTreeSet<&str> = snapshot
+        .slices
+        .iter()
+        .filter(|(k, s)| k.namespace == key.namespace && s.service == key.name)
+        .flat_map(|(_, s)| s.endpoints.iter().filter_map(|e| e.pod.as_deref()))
+        .collect();
+    let pods: Vec<(&ObjectKey, &PodInfo)> = snapshot
+        .pods
+        .iter()
+        .filter(|(k, p)| k.namespace == key.namespace && p.meshed)
+        .filter(|(k, p)| match svc.selector {
+            Some(_) => svc.selects(&p.labels),
+            None => in_slices.contains(k.name.as_str()),
+        })
+        .collect();
+    let mut ports: BTreeMap<WorkloadIdentity, BTreeMap<u16, BTreeSet<u16>>> = BTreeMap::new();
+    for (k, pod) in &pods {
+        let by_port = ports.entry(pod.identity(&k.namespace)).or_default();
+        for p in &svc.ports {
+            let target = match &p.target_port {
+                TargetPort::Number(n) => Some(*n),
+                TargetPort::Name(name) => pod.named_ports.get(name).copied(),
+            };
+            by_port.entry(p.port).or_default().extend(target);
+        }
+    }
+    Targets { pods, ports }
+}
+
+fn namespace_targets<'a>(snapshot: &'a Snapshot, namespace: &str) -> Targets<'a> {
+    let pods: Vec<(&ObjectKey, &PodInfo)> =
+        snapshot.pods.iter().filter(|(k, p)| k.namespace == namespace && p.meshed).collect();
+    let ports = pods.iter().map(|(k, p)| (p.identity(&k.namespace), BTreeMap::new())).collect();
+    Targets { pods, ports }
+}
+
+/// The policy as one identity's proxy holds it: Service ports translated with `ports` (`None`:
+/// a Namespace target, ports as written).
+fn translate(
+    name: &str,
+    spec: &AccessPolicySpec,
+    ports: Option<&BTreeMap<u16, BTreeSet<u16>>>,
+) -> AuthzPolicy {
+    let translate_ports = |written: &[i32]| -> Vec<u16> {
+        let mut out = BTreeSet::new();
+        for p in written.iter().filter_map(|p| u16::try_from(*p).ok()) {
+            match ports {
+                Some(map) => out.extend(map.get(&p).into_iter().flatten().copied()),
+                None => {
+                    out.insert(p);
+                }
+            }
+        }
+        out.into_iter().collect()
+    };
+    let rules = spec
+        .rules
+        .iter()
+        .map(|r| AuthzRule {
+            from: r.from.as_ref().map(|f| Source {
+                service_accounts: f
+                    .service_accounts
+                    .iter()
+                    .map(|s| (s.namespace.clone(), s.name.clone()))
+                    .collect(),
+                identities: f.identities.clone(),
+                namespaces: f.namespaces.clone(),
+                unauthenticated: f.unauthenticated == Some(true),
+            }),
+            to: r.to.as_ref().map(|t| Destination {
+                // A Service port no pod serves yet translates to nothing: this port then
+                // matches no request (`u16` 0 never arrives), rather than every one.
+                ports: match translate_ports(&t.ports) {
+                    empty if empty.is_empty() && !t.ports.is_empty() => vec![0],
+                    some => some,
+                },
+                methods: t.methods.clone(),
+                paths: t
+                    .paths
+                    .iter()
+                    .filter_map(|p| match (&p.exact, &p.prefix) {
+                        (Some(e), _) => Some(PathMatch::Exact(e.clone())),
+                        (None, Some(pre)) => Some(PathMatch::Prefix(pre.clone())),
+                        (None, None) => None,
+                    })
+                    .collect(),
+            }),
+        })
+        .collect();
+    AuthzPolicy {
+        name: name.to_string(),
+        action: match spec.action {
+            AccessAction::Allow => Action::Allow,
+            AccessAction::Deny => Action::Deny,
+        },
+        mode: match spec.mode {
+            AccessMode::Enforce => Mode::Enforce,
+            AccessMode::DryRun => Mode::DryRun,
+        },
+        ports: match ports {
+            Some(map) => {
+                let all: BTreeSet<u16> = map.values().flatten().copied().collect();
+                // A Service whose pods serve none of its ports: the policy guards nothing, and
+                // must not widen to every port.
+                if all.is_empty() {
+                    vec![0]
+                } else {
+                    all.into_iter().collect()
+                }
+            }
+            None => Vec::new(),
+        },
+        rules,
+    }
+}
+
+/// Service accounts the policy names that no ServiceAccount object or pod has.
+fn missing_service_accounts(snapshot: &Snapshot, spec: &AccessPolicySpec) -> Vec<String> {
+    let mut missing = Vec::new();
+    for (i, rule) in spec.rules.iter().enumerate() {
+        for (j, sa) in rule.from.iter().flat_map(|f| f.service_accounts.iter()).enumerate() {
+            if sa.name == "*" {
+                continue;
+            }
+            let key = ObjectKey::new(sa.namespace.clone(), sa.name.clone());
+            let known = snapshot.service_accounts.contains_key(&key)
+                || snapshot
+                    .pods
+                    .iter()
+                    .any(|(k, p)| k.namespace == sa.namespace && p.service_account == sa.name);
+            if !known {
+                missing.push(format!("{key} (spec.rules[{i}].from.serviceAccounts[{j}])"));
+            }
+        }
+    }
+    missing
+}
+
+/// Every meshed identity's inbound authorization, and each AccessPolicy's conditions.
+pub(super) fn accept_access(
+    snapshot: &Snapshot,
+    statuses: &mut BTreeMap<ResourceRef, DesiredStatus>,
+) -> BTreeMap<WorkloadIdentity, InboundAuthz> {
+    let mut authz: BTreeMap<WorkloadIdentity, InboundAuthz> = BTreeMap::new();
+    for (key, pod) in snapshot.pods.iter().filter(|(_, p)| p.meshed) {
+        authz.entry(pod.identity(&key.namespace)).or_insert_with(|| InboundAuthz {
+            default: snapshot.namespace_default(&key.namespace).unwrap_or(DefaultPolicy::Deny),
+            namespace: key.namespace.clone(),
+            policies: Vec::new(),
+        });
+    }
+    for (key, policy) in &snapshot.access_policies {
+        let status_ref = ResourceRef { kind: ResourceKind::AccessPolicy, key: key.clone() };
+        let desired = accept_one(snapshot, key, policy, &mut authz);
+        statuses.insert(status_ref, desired);
+    }
+    authz
+}
+
+fn accept_one(
+    snapshot: &Snapshot,
+    key: &ObjectKey,
+    policy: &AccessPolicy,
+    authz: &mut BTreeMap<WorkloadIdentity, InboundAuthz>,
+) -> DesiredStatus {
+    let generation = policy.metadata.generation.unwrap_or(0);
+    let spec = &policy.spec;
+    let target_name = &spec.target_ref.name;
+    let mut problems = validate(spec);
+    let (targets, target_cond) = match spec.target_ref.kind {
+        AccessTargetKind::Namespace if *target_name != key.namespace => {
+            problems.push(format!(
+                "spec.targetRef.name: a Namespace target must be the policy's own namespace ({}), not {target_name}",
+                key.namespace
+            ));
+            (None, Cond::fail("Invalid", ""))
+        }
+        AccessTargetKind::Namespace => (
+            Some(namespace_targets(snapshot, &key.namespace)),
+            Cond::ok("ResolvedRefs", format!("targets every meshed workload of namespace {}", key.namespace)),
+        ),
+        AccessTargetKind::Service => {
+            let svc_key = ObjectKey::new(key.namespace.clone(), target_name.clone());
+            match snapshot.services.get(&svc_key) {
+                Some(svc) => {
+                    problems.extend(check_against_service(spec, key, svc));
+                    (
+                        Some(service_targets(snapshot, &svc_key, svc)),
+                        Cond::ok("ResolvedRefs", format!("targets Service {svc_key}")),
+                    )
+                }
+                None => (
+                    None,
+                    Cond::fail(
+                        "ServiceNotFound",
+                        format!("target Service {svc_key} not found: the policy applies to no workload"),
+                    ),
+                ),
+            }
+        }
+    };
+    if !problems.is_empty() {
+        return DesiredStatus::invalid(generation, problems.join("; "));
+    }
+    let name = key.to_string();
+    let mut audience = BTreeSet::new();
+    let mut explicit = Vec::new();
+    if let Some(targets) = &targets {
+        let service_target = spec.target_ref.kind == AccessTargetKind::Service;
+        for (identity, ports) in &targets.ports {
+            let Some(entry) = authz.get_mut(identity) else { continue };
+            entry.policies.push(translate(&name, spec, service_target.then_some(ports)));
+            audience.insert(identity.clone());
+        }
+        explicit = targets
+            .pods
+            .iter()
+            .filter(|(_, p)| p.explicit)
+            .map(|(k, p)| (ObjectKey::clone(k), p.uid.clone()))
+            .collect();
+    }
+    let missing = missing_service_accounts(snapshot, spec);
+    let resolved_refs = if !target_cond.status || missing.is_empty() {
+        target_cond
+    } else {
+        Cond::fail(
+            "ServiceAccountNotFound",
+            format!(
+                "{}; no ServiceAccount or pod has {}: the rule matches no caller until it exists",
+                target_cond.message,
+                missing.join(", ")
+            ),
+        )
+    };
+    let pods = targets.as_ref().map_or(0, |t| t.pods.len());
+    let enforced = if explicit.is_empty() {
+        Cond::ok(
+            "Enforced",
+            format!("enforced by the sidecars of {pods} target pod(s) ({} identities)", audience.len()),
+        )
+    } else {
+        let names: Vec<String> = explicit.iter().take(5).map(|(k, _)| k.name.clone()).collect();
+        let more = explicit.len().saturating_sub(5);
+        Cond::fail(
+            "ExplicitCapture",
+            format!(
+                "{} of {pods} target pod(s) run in explicit capture mode, where the app's ports are reachable without the sidecar, \
+                 so nothing is enforced there: {}{}",
+                explicit.len(),
+                names.join(", "),
+                if more > 0 { format!(" and {more} more") } else { String::new() }
+            ),
+        )
+    };
+    DesiredStatus {
+        generation,
+        accepted: Cond::ok("Accepted", "policy is valid"),
+        resolved_refs,
+        audience: Some(audience),
+        extra: vec![(ENFORCED, enforced)],
+        explicit_pods: explicit,
+    }
+}
+
+/// Namespaces whose `skein.dev/default-policy` annotation is not one of the four values, with
+/// the value (they fall back to `deny`).
+pub fn bad_namespace_defaults(snapshot: &Snapshot) -> BTreeMap<String, String> {
+    snapshot
+        .namespaces
+        .iter()
+        .filter_map(|(k, ns)| ns.default_policy(snapshot.default_policy).err().map(|v| (k.name.clone(), v)))
+        .collect()
 }
 
 #[cfg(test)]

@@ -12,12 +12,13 @@
 //! - `ResolvedRefs=False` does not take a route out of force (a subset with no endpoints answers
 //!   503), as in Gateway API; `Accepted=False` does.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use sha2::{Digest, Sha256};
+use skein_api::authz::{DefaultPolicy, InboundAuthz};
 use skein_api::config::{Destination, InboundPort, Protocol, ProxyConfig, Route, ServicePort};
 use skein_api::constants::CLUSTER_DOMAIN;
 use skein_api::WorkloadIdentity;
@@ -40,6 +41,7 @@ pub enum ResourceKind {
     TrafficRoute,
     OutlierPolicy,
     RetryPolicy,
+    AccessPolicy,
 }
 
 impl ResourceKind {
@@ -48,6 +50,7 @@ impl ResourceKind {
             Self::TrafficRoute => "TrafficRoute",
             Self::OutlierPolicy => "OutlierPolicy",
             Self::RetryPolicy => "RetryPolicy",
+            Self::AccessPolicy => "AccessPolicy",
         }
     }
 }
@@ -83,16 +86,34 @@ pub struct DesiredStatus {
     pub generation: i64,
     pub accepted: Cond,
     pub resolved_refs: Cond,
+    /// The identities whose proxies must apply it for `Programmed`; `None`: every proxy (every
+    /// proxy receives every destination).
+    pub audience: Option<BTreeSet<WorkloadIdentity>>,
+    /// Conditions of this kind only (AccessPolicy's `Enforced`).
+    pub extra: Vec<(&'static str, Cond)>,
+    /// Target pods running in explicit capture mode (AccessPolicy), each told by an event.
+    pub explicit_pods: Vec<(ObjectKey, Option<String>)>,
 }
 
 impl DesiredStatus {
-    /// A spec that cannot be used: not accepted, references not looked at.
-    fn invalid(generation: i64, message: String) -> Self {
+    pub fn new(generation: i64, accepted: Cond, resolved_refs: Cond) -> Self {
         Self {
             generation,
-            accepted: Cond::fail("Invalid", message),
-            resolved_refs: Cond::fail("Invalid", "references are not checked while the spec is invalid"),
+            accepted,
+            resolved_refs,
+            audience: None,
+            extra: Vec::new(),
+            explicit_pods: Vec::new(),
         }
+    }
+
+    /// A spec that cannot be used: not accepted, references not looked at.
+    fn invalid(generation: i64, message: String) -> Self {
+        Self::new(
+            generation,
+            Cond::fail("Invalid", message),
+            Cond::fail("Invalid", "references are not checked while the spec is invalid"),
+        )
     }
 }
 
@@ -102,6 +123,13 @@ pub struct MeshConfig {
     pub destinations: Arc<Vec<Destination>>,
     destinations_digest: Sha256,
     pub inbound: BTreeMap<WorkloadIdentity, Vec<InboundPort>>,
+    /// Per identity: who may call it.
+    pub authz: BTreeMap<WorkloadIdentity, InboundAuthz>,
+    /// Each namespace's access default, for an identity whose pods are not seen yet.
+    namespace_defaults: BTreeMap<String, DefaultPolicy>,
+    mesh_default: DefaultPolicy,
+    /// Namespaces whose default-policy annotation is not a known value (they deny).
+    pub bad_namespace_defaults: BTreeMap<String, String>,
     pub statuses: BTreeMap<ResourceRef, DesiredStatus>,
 }
 
@@ -116,8 +144,15 @@ impl MeshConfig {
     /// The config of one workload, with its content hash as version.
     pub fn proxy_config(&self, identity: &WorkloadIdentity) -> ProxyConfig {
         let inbound = self.inbound.get(identity).cloned().unwrap_or_default();
+        // An identity no pod of which is seen yet gets its namespace's default, never `allow`
+        // by omission.
+        let authz = self.authz.get(identity).cloned().unwrap_or_else(|| InboundAuthz {
+            default: self.namespace_defaults.get(&identity.namespace).copied().unwrap_or(self.mesh_default),
+            namespace: identity.namespace.clone(),
+            policies: Vec::new(),
+        });
         let mut digest = self.destinations_digest.clone();
-        digest.update(serde_json::to_vec(&(identity, &inbound)).expect("plain data serializes"));
+        digest.update(serde_json::to_vec(&(identity, &inbound, &authz)).expect("plain data serializes"));
         let hash = digest.finalize();
         let version: String = hash[..6].iter().map(|b| format!("{b:02x}")).collect();
         ProxyConfig {
@@ -125,6 +160,7 @@ impl MeshConfig {
             identity: Some(identity.clone()),
             destinations: self.destinations.as_ref().clone(),
             inbound,
+            authz,
         }
     }
 }
@@ -148,6 +184,8 @@ pub fn compute(snapshot: &Snapshot) -> MeshConfig {
         &routes,
         &mut statuses,
     );
+
+    let authz = access::accept_access(snapshot, &mut statuses);
 
     let endpoints = endpoints_by_service(snapshot);
     let mut destinations = Vec::with_capacity(snapshot.services.len());
@@ -192,6 +230,14 @@ pub fn compute(snapshot: &Snapshot) -> MeshConfig {
         destinations: Arc::new(destinations),
         destinations_digest,
         inbound: inbound_ports(snapshot),
+        authz,
+        namespace_defaults: snapshot
+            .namespaces
+            .keys()
+            .map(|k| (k.name.clone(), snapshot.namespace_default(&k.name).unwrap_or(DefaultPolicy::Deny)))
+            .collect(),
+        mesh_default: snapshot.default_policy,
+        bad_namespace_defaults: access::bad_namespace_defaults(snapshot),
         statuses,
     }
 }
@@ -462,5 +508,177 @@ endpoints: [{{addresses: ["{ip}"], conditions: {{ready: true}}, targetRef: {{kin
         let mesh = compute(&shop());
         let cfg = mesh.proxy_config(&WorkloadIdentity::new("shop", "reviews"));
         assert_eq!(cfg.inbound, vec![InboundPort { port: 9080, protocol: Protocol::Http }]);
+    }
+
+    fn ap(key: &str) -> ResourceRef {
+        let (ns, name) = key.split_once('/').unwrap();
+        ResourceRef { kind: ResourceKind::AccessPolicy, key: ObjectKey::new(ns, name) }
+    }
+
+    /// The shop with a selector Service `ratings` (port 80 → named container port `http`,
+    /// 9090) behind two pods of identity shop/ratings, and a client pod.
+    fn shop_with_ratings() -> Snapshot {
+        let mut s = shop();
+        yaml::<Service>(
+            "metadata: {name: ratings, namespace: shop}\nspec: {selector: {app: ratings}, ports: [{name: http, port: 80, targetPort: http}, {name: tcp-db, port: 5432}]}",
+        )
+        .apply(&mut s);
+        for pod in ["ratings-0", "ratings-1"] {
+            yaml::<Pod>(&format!(
+                "metadata: {{name: {pod}, namespace: shop, labels: {{app: ratings, skein.dev/inject: enabled}}}}\nspec: {{serviceAccountName: ratings, containers: [{{name: app, ports: [{{name: http, containerPort: 9090}}]}}]}}"
+            ))
+            .apply(&mut s);
+        }
+        yaml::<Pod>(
+            "metadata: {name: client-0, namespace: shop, labels: {skein.dev/inject: enabled}}\nspec: {serviceAccountName: client, containers: []}",
+        )
+        .apply(&mut s);
+        s
+    }
+
+    #[test]
+    fn access_policies_translate_service_ports_to_the_pods_ports() {
+        use skein_api::authz::{Action, DefaultPolicy, Destination as To};
+        let mut s = shop_with_ratings();
+        yaml::<skein_api::AccessPolicy>(
+            r#"
+metadata: {name: ratings-callers, namespace: shop, generation: 4}
+spec:
+  targetRef: {kind: Service, name: ratings}
+  rules:
+    - from: {serviceAccounts: [{namespace: shop, name: client}]}
+      to: {ports: [80], methods: [GET]}
+"#,
+        )
+        .apply(&mut s);
+        let mesh = compute(&s);
+        let ratings = mesh.proxy_config(&WorkloadIdentity::new("shop", "ratings")).authz;
+        assert_eq!((ratings.default, ratings.namespace.as_str()), (DefaultPolicy::Allow, "shop"));
+        let policy = &ratings.policies[0];
+        assert_eq!((policy.name.as_str(), policy.action), ("shop/ratings-callers", Action::Allow));
+        // Service ports 80 (targetPort http → 9090) and 5432 become the pods' ports.
+        assert_eq!(policy.ports, [5432, 9090]);
+        assert_eq!(
+            policy.rules[0].to,
+            Some(To { ports: vec![9090], methods: vec!["GET".into()], paths: vec![] })
+        );
+        assert_eq!(
+            policy.rules[0].from.as_ref().unwrap().service_accounts,
+            [("shop".into(), "client".into())]
+        );
+        assert!(mesh.proxy_config(&WorkloadIdentity::new("shop", "client")).authz.policies.is_empty());
+
+        let status = &mesh.statuses[&ap("shop/ratings-callers")];
+        assert_eq!((status.generation, status.accepted.status), (4, true));
+        assert_eq!(status.resolved_refs, Cond::ok("ResolvedRefs", "targets Service shop/ratings"));
+        assert_eq!(status.audience, Some([WorkloadIdentity::new("shop", "ratings")].into()));
+        let (kind, enforced) = &status.extra[0];
+        assert_eq!((*kind, enforced.status), ("Enforced", true));
+        assert!(enforced.message.contains("2 target pod(s)"), "{}", enforced.message);
+    }
+
+    #[test]
+    fn access_policies_that_could_never_match_are_invalid_and_name_the_field() {
+        let mut s = shop_with_ratings();
+        for (name, rules, says) in [
+            (
+                "no-port",
+                "[{to: {ports: [81]}}]",
+                "spec.rules[0].to.ports[0]: Service shop/ratings has no port 81",
+            ),
+            (
+                "tcp",
+                "[{to: {ports: [5432], paths: [{prefix: /x}]}}]",
+                "spec.rules[0].to.paths: port 5432 of Service shop/ratings is not HTTP",
+            ),
+            ("empty-from", "[{from: {}}]", "spec.rules[0].from: from must name"),
+        ] {
+            yaml::<skein_api::AccessPolicy>(&format!(
+                "metadata: {{name: {name}, namespace: shop}}\nspec: {{targetRef: {{kind: Service, name: ratings}}, rules: {rules}}}"
+            ))
+            .apply(&mut s);
+            let status = &compute(&s).statuses[&ap(&format!("shop/{name}"))];
+            assert_eq!(status.accepted.reason, "Invalid");
+            assert!(status.accepted.message.starts_with(says), "{name}: {}", status.accepted.message);
+            s.access_policies.clear();
+        }
+        yaml::<skein_api::AccessPolicy>(
+            "metadata: {name: other, namespace: shop}\nspec: {targetRef: {kind: Namespace, name: books}}",
+        )
+        .apply(&mut s);
+        let status = &compute(&s).statuses[&ap("shop/other")];
+        assert!(
+            status.accepted.message.starts_with(
+                "spec.targetRef.name: a Namespace target must be the policy's own namespace (shop)"
+            ),
+            "{}",
+            status.accepted.message
+        );
+        // An invalid policy is in force nowhere.
+        assert!(compute(&s).authz.values().all(|a| a.policies.is_empty()));
+    }
+
+    #[test]
+    fn references_and_explicit_workloads_are_reported() {
+        let mut s = shop_with_ratings();
+        yaml::<skein_api::AccessPolicy>(
+            "metadata: {name: ns-wide, namespace: shop}\nspec: {targetRef: {kind: Namespace, name: shop}, rules: [{from: {serviceAccounts: [{namespace: shop, name: clinet}, {namespace: shop, name: '*'}]}}]}",
+        )
+        .apply(&mut s);
+        yaml::<skein_api::AccessPolicy>(
+            "metadata: {name: gone, namespace: shop}\nspec: {targetRef: {kind: Service, name: nothing}}",
+        )
+        .apply(&mut s);
+        let mut explicit: Pod = yaml(
+            "metadata: {name: ratings-x, namespace: shop, labels: {app: ratings, skein.dev/inject: enabled}, annotations: {skein.dev/injected: 'native-sidecar,explicit'}}\nspec: {serviceAccountName: ratings, containers: []}",
+        );
+        explicit.metadata.uid = Some("u-1".into());
+        explicit.apply(&mut s);
+        let mesh = compute(&s);
+        let ns_wide = &mesh.statuses[&ap("shop/ns-wide")];
+        assert_eq!(ns_wide.resolved_refs.reason, "ServiceAccountNotFound");
+        assert!(ns_wide
+            .resolved_refs
+            .message
+            .contains("shop/clinet (spec.rules[0].from.serviceAccounts[0])"));
+        assert!(!ns_wide.resolved_refs.message.contains("shop/*"));
+        let (_, enforced) = &ns_wide.extra[0];
+        assert_eq!((enforced.status, enforced.reason.as_str()), (false, "ExplicitCapture"));
+        assert!(enforced.message.contains("ratings-x"), "{}", enforced.message);
+        assert_eq!(ns_wide.explicit_pods, [(ObjectKey::new("shop", "ratings-x"), Some("u-1".into()))]);
+        // Every meshed identity of the namespace holds a Namespace target, with no port limit.
+        for id in ["client", "ratings", "reviews"] {
+            let authz = mesh.proxy_config(&WorkloadIdentity::new("shop", id)).authz;
+            assert_eq!(authz.policies.len(), 1, "{id}");
+            assert!(authz.policies[0].ports.is_empty());
+        }
+        let gone = &mesh.statuses[&ap("shop/gone")];
+        assert!(gone.accepted.status);
+        assert_eq!(gone.resolved_refs.reason, "ServiceNotFound");
+    }
+
+    #[test]
+    fn namespace_defaults_come_from_the_annotation_else_the_mesh() {
+        use k8s_openapi::api::core::v1::Namespace;
+        use skein_api::authz::DefaultPolicy;
+        let mut s = shop_with_ratings();
+        s.default_policy = DefaultPolicy::Authenticated;
+        let of = |mesh: &MeshConfig, ns: &str, sa: &str| {
+            mesh.proxy_config(&WorkloadIdentity::new(ns, sa)).authz.default
+        };
+        let mesh = compute(&s);
+        assert_eq!(of(&mesh, "shop", "ratings"), DefaultPolicy::Authenticated);
+        yaml::<Namespace>("metadata: {name: shop, annotations: {skein.dev/default-policy: same-namespace}}")
+            .apply(&mut s);
+        let mesh = compute(&s);
+        assert_eq!(of(&mesh, "shop", "ratings"), DefaultPolicy::SameNamespace);
+        // An identity none of whose pods is seen yet gets its namespace's default too.
+        assert_eq!(of(&mesh, "shop", "newcomer"), DefaultPolicy::SameNamespace);
+        assert_eq!(of(&mesh, "books", "newcomer"), DefaultPolicy::Authenticated);
+        yaml::<Namespace>("metadata: {name: shop, annotations: {skein.dev/default-policy: authenticted}}")
+            .apply(&mut s);
+        let mesh = compute(&s);
+        assert_eq!(of(&mesh, "shop", "ratings"), DefaultPolicy::Deny, "a typo fails closed");
+        assert_eq!(mesh.bad_namespace_defaults.get("shop").map(String::as_str), Some("authenticted"));
     }
 }

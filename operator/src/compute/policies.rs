@@ -151,7 +151,7 @@ pub(super) fn accept_policies<C: Clone, P: Policy<C>>(
                 Cond::ok("Accepted", "policy is valid and attached")
             }
         };
-        statuses.insert(ResourceRef { kind, key }, DesiredStatus { generation, accepted, resolved_refs });
+        statuses.insert(ResourceRef { kind, key }, DesiredStatus::new(generation, accepted, resolved_refs));
     }
     attached.into_iter().map(|(t, (_, c))| (t, c)).collect()
 }

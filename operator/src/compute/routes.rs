@@ -65,28 +65,28 @@ pub(super) fn accept_routes(
             let port = route.port.map(|p| format!(" port {p}")).unwrap_or_else(|| " (all ports)".into());
             statuses.insert(
                 status_ref,
-                DesiredStatus {
+                DesiredStatus::new(
                     generation,
-                    accepted: Cond::fail(
+                    Cond::fail(
                         "Conflicted",
                         format!(
                             "host {}{port} is already routed by the older TrafficRoute {winner}; this route is not in force",
                             tr.spec.host
                         ),
                     ),
-                    resolved_refs: resolve_route_refs(snapshot, &key, &service, tr),
-                },
+                    resolve_route_refs(snapshot, &key, &service, tr),
+                ),
             );
             continue;
         }
         winners.insert(slot, key.clone());
         statuses.insert(
             status_ref,
-            DesiredStatus {
+            DesiredStatus::new(
                 generation,
-                accepted: Cond::ok("Accepted", format!("routes Service {service}")),
-                resolved_refs: resolve_route_refs(snapshot, &key, &service, tr),
-            },
+                Cond::ok("Accepted", format!("routes Service {service}")),
+                resolve_route_refs(snapshot, &key, &service, tr),
+            ),
         );
         accepted.push(AcceptedRoute { key, service, route });
     }

@@ -6,12 +6,16 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
+use skein_api::authz::DefaultPolicy;
 use skein_api::config::LoadBalancer;
-use skein_api::constants::{INJECT_LABEL, LOAD_BALANCER_ANNOTATION};
-use skein_api::{OutlierPolicy, RetryPolicy, TrafficRoute, WorkloadIdentity};
+use skein_api::constants::{
+    DEFAULT_POLICY_ANNOTATION, INJECTED_ANNOTATION, INJECT_LABEL, LOAD_BALANCER_ANNOTATION,
+};
+use skein_api::{AccessPolicy, OutlierPolicy, RetryPolicy, TrafficRoute, WorkloadIdentity};
 
 /// Name of the sidecar container; a pod carrying it is meshed.
 pub const SIDECAR_CONTAINER: &str = "skein-proxy";
@@ -50,6 +54,15 @@ pub struct ServicePortInfo {
     pub port: u16,
     /// `appProtocol` (or the `tcp-`/`http-` port-name prefix convention).
     pub app_protocol: Option<String>,
+    /// The pods' port behind it: a number, or the name of a container port.
+    pub target_port: TargetPort,
+}
+
+/// A Service port's `targetPort`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TargetPort {
+    Number(u16),
+    Name(String),
 }
 
 /// A Service, reduced.
@@ -59,6 +72,8 @@ pub struct ServiceInfo {
     /// `spec.clusterIPs` (or `clusterIP`), without `None`.
     pub cluster_ips: Vec<String>,
     pub load_balancer: LoadBalancer,
+    /// `spec.selector`; `None` for a Service without one (its endpoints are managed by hand).
+    pub selector: Option<BTreeMap<String, String>>,
 }
 
 impl ServiceInfo {
@@ -71,10 +86,20 @@ impl ServiceInfo {
                 ports
                     .iter()
                     .filter_map(|p| {
+                        let port = u16::try_from(p.port).ok()?;
+                        let target_port = match &p.target_port {
+                            Some(IntOrString::Int(n)) => TargetPort::Number(u16::try_from(*n).ok()?),
+                            Some(IntOrString::String(name)) => match name.parse() {
+                                Ok(n) => TargetPort::Number(n),
+                                Err(_) => TargetPort::Name(name.clone()),
+                            },
+                            None => TargetPort::Number(port),
+                        };
                         Some(ServicePortInfo {
                             name: p.name.clone().filter(|n| !n.is_empty()),
-                            port: u16::try_from(p.port).ok()?,
+                            port,
                             app_protocol: p.app_protocol.clone(),
+                            target_port,
                         })
                     })
                     .collect()
@@ -91,7 +116,13 @@ impl ServiceInfo {
             Some("round-robin") => LoadBalancer::RoundRobin,
             _ => LoadBalancer::P2cEwma,
         };
-        Self { ports, cluster_ips, load_balancer }
+        let selector = spec.and_then(|s| s.selector.clone()).filter(|s| !s.is_empty());
+        Self { ports, cluster_ips, load_balancer, selector }
+    }
+
+    /// Whether this Service's selector picks a pod with `labels`.
+    pub fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.selector.as_ref().is_some_and(|sel| sel.iter().all(|(k, v)| labels.get(k) == Some(v)))
     }
 }
 
@@ -146,13 +177,18 @@ impl SliceInfo {
     }
 }
 
-/// A Pod, reduced to what endpoints and identities need.
+/// A Pod, reduced to what endpoints, identities and access policies need.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct PodInfo {
     pub labels: BTreeMap<String, String>,
     pub service_account: String,
     /// Carries the sidecar (or asks for it), so it has a mesh identity.
     pub meshed: bool,
+    /// Injected in explicit capture mode: its app's ports are reachable without the sidecar.
+    pub explicit: bool,
+    /// Named container ports (a Service's `targetPort` may name one).
+    pub named_ports: BTreeMap<String, u16>,
+    pub uid: Option<String>,
 }
 
 impl PodInfo {
@@ -162,6 +198,14 @@ impl PodInfo {
             s.containers.iter().chain(s.init_containers.iter().flatten()).any(|c| c.name == SIDECAR_CONTAINER)
         });
         let asks = pod.labels().get(INJECT_LABEL).is_some_and(|v| v == "enabled");
+        let explicit =
+            pod.annotations().get(INJECTED_ANNOTATION).is_some_and(|v| v.split(',').any(|m| m == "explicit"));
+        let named_ports = spec
+            .into_iter()
+            .flat_map(|s| s.containers.iter())
+            .flat_map(|c| c.ports.iter().flatten())
+            .filter_map(|p| Some((p.name.clone()?, u16::try_from(p.container_port).ok()?)))
+            .collect();
         Self {
             labels: pod.labels().clone(),
             service_account: spec
@@ -169,11 +213,32 @@ impl PodInfo {
                 .filter(|s| !s.is_empty())
                 .unwrap_or_else(|| "default".into()),
             meshed: has_sidecar || asks,
+            explicit,
+            named_ports,
+            uid: pod.metadata.uid.clone(),
         }
     }
 
     pub fn identity(&self, namespace: &str) -> WorkloadIdentity {
         WorkloadIdentity::new(namespace, self.service_account.clone())
+    }
+}
+
+/// A Namespace, reduced: its access default, when it sets one.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct NamespaceInfo {
+    /// The `skein.dev/default-policy` annotation, as written.
+    pub default_policy: Option<String>,
+}
+
+impl NamespaceInfo {
+    /// The namespace's default, else the mesh's. An annotation that is not one of the four
+    /// values is `Err(value)`, and the namespace falls back to `deny` (fail closed).
+    pub fn default_policy(&self, mesh: DefaultPolicy) -> Result<DefaultPolicy, String> {
+        match self.default_policy.as_deref().map(str::trim) {
+            None => Ok(mesh),
+            Some(v) => DefaultPolicy::parse(v).ok_or_else(|| v.to_string()),
+        }
     }
 }
 
@@ -183,9 +248,26 @@ pub struct Snapshot {
     pub routes: BTreeMap<ObjectKey, TrafficRoute>,
     pub outlier_policies: BTreeMap<ObjectKey, OutlierPolicy>,
     pub retry_policies: BTreeMap<ObjectKey, RetryPolicy>,
+    pub access_policies: BTreeMap<ObjectKey, AccessPolicy>,
     pub services: BTreeMap<ObjectKey, ServiceInfo>,
     pub slices: BTreeMap<ObjectKey, SliceInfo>,
     pub pods: BTreeMap<ObjectKey, PodInfo>,
+    /// Namespaces by name (the key's namespace is empty).
+    pub namespaces: BTreeMap<ObjectKey, NamespaceInfo>,
+    /// Service accounts that exist (to warn of policies naming one that does not).
+    pub service_accounts: BTreeMap<ObjectKey, ()>,
+    /// The mesh-wide access default (`--default-policy`), for namespaces without their own.
+    pub default_policy: DefaultPolicy,
+}
+
+impl Snapshot {
+    /// The access default of a namespace's workloads.
+    pub fn namespace_default(&self, namespace: &str) -> Result<DefaultPolicy, String> {
+        match self.namespaces.get(&ObjectKey::new("", namespace)) {
+            Some(ns) => ns.default_policy(self.default_policy),
+            None => Ok(self.default_policy),
+        }
+    }
 }
 
 /// An object kind the snapshot holds, with how to put it in and take it out.
@@ -194,13 +276,15 @@ pub trait SnapshotObject: Sized {
     fn delete(key: &ObjectKey, snapshot: &mut Snapshot);
     /// Keys of this kind currently held (to prune after a re-list).
     fn keys(snapshot: &Snapshot) -> Vec<ObjectKey>;
+    /// The key an object of this kind is held under.
+    fn key_of(&self) -> ObjectKey;
 }
 
 macro_rules! snapshot_object {
     ($ty:ty, $field:ident, |$obj:ident| $convert:expr) => {
         impl SnapshotObject for $ty {
             fn apply(self, snapshot: &mut Snapshot) {
-                let key = ObjectKey::of(&self);
+                let key = self.key_of();
                 let $obj = self;
                 match $convert {
                     Some(value) => {
@@ -217,6 +301,31 @@ macro_rules! snapshot_object {
             fn keys(snapshot: &Snapshot) -> Vec<ObjectKey> {
                 snapshot.$field.keys().cloned().collect()
             }
+            fn key_of(&self) -> ObjectKey {
+                ObjectKey::of(self)
+            }
+        }
+    };
+}
+
+/// A cluster-scoped kind, keyed by name alone.
+macro_rules! cluster_snapshot_object {
+    ($ty:ty, $field:ident, |$obj:ident| $convert:expr) => {
+        impl SnapshotObject for $ty {
+            fn apply(self, snapshot: &mut Snapshot) {
+                let key = self.key_of();
+                let $obj = self;
+                snapshot.$field.insert(key, $convert);
+            }
+            fn delete(key: &ObjectKey, snapshot: &mut Snapshot) {
+                snapshot.$field.remove(key);
+            }
+            fn keys(snapshot: &Snapshot) -> Vec<ObjectKey> {
+                snapshot.$field.keys().cloned().collect()
+            }
+            fn key_of(&self) -> ObjectKey {
+                ObjectKey::new("", self.name_any())
+            }
         }
     };
 }
@@ -224,6 +333,11 @@ macro_rules! snapshot_object {
 snapshot_object!(TrafficRoute, routes, |o| Some(o));
 snapshot_object!(OutlierPolicy, outlier_policies, |o| Some(o));
 snapshot_object!(RetryPolicy, retry_policies, |o| Some(o));
+snapshot_object!(AccessPolicy, access_policies, |o| Some(o));
+snapshot_object!(ServiceAccount, service_accounts, |_o| Some(()));
 snapshot_object!(Service, services, |o| Some(ServiceInfo::from_service(&o)));
 snapshot_object!(EndpointSlice, slices, |o| SliceInfo::from_slice(&o));
 snapshot_object!(Pod, pods, |o| Some(PodInfo::from_pod(&o)));
+cluster_snapshot_object!(Namespace, namespaces, |o| NamespaceInfo {
+    default_policy: o.annotations().get(DEFAULT_POLICY_ANNOTATION).cloned()
+});

@@ -122,14 +122,13 @@ pub fn merge(
     now: &Time,
 ) -> PolicyStatus {
     let old = existing.map(|s| s.conditions.as_slice()).unwrap_or_default();
-    let mut conditions: Vec<Condition> = old
-        .iter()
-        .filter(|c| ![ACCEPTED, RESOLVED_REFS, PROGRAMMED].contains(&c.type_.as_str()))
-        .cloned()
-        .collect();
-    for (type_, cond) in
-        [(ACCEPTED, &desired.accepted), (RESOLVED_REFS, &desired.resolved_refs), (PROGRAMMED, programmed)]
-    {
+    let ours = |t: &str| {
+        [ACCEPTED, RESOLVED_REFS, PROGRAMMED].contains(&t) || desired.extra.iter().any(|(e, _)| *e == t)
+    };
+    let mut conditions: Vec<Condition> = old.iter().filter(|c| !ours(&c.type_)).cloned().collect();
+    let fixed =
+        [(ACCEPTED, &desired.accepted), (RESOLVED_REFS, &desired.resolved_refs), (PROGRAMMED, programmed)];
+    for (type_, cond) in fixed.into_iter().chain(desired.extra.iter().map(|(t, c)| (*t, c))) {
         let status = if cond.status { "True" } else { "False" };
         let previous = old.iter().find(|c| c.type_ == type_);
         let last_transition_time = match previous {
@@ -194,7 +193,7 @@ mod tests {
     }
 
     fn desired(accepted: Cond) -> DesiredStatus {
-        DesiredStatus { generation: 3, accepted, resolved_refs: Cond::ok("ResolvedRefs", "ok") }
+        DesiredStatus::new(3, accepted, Cond::ok("ResolvedRefs", "ok"))
     }
 
     fn proxy(id: &str, sa: &str, acked: Option<&str>) -> ProxyView {

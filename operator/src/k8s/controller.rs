@@ -7,7 +7,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::Api;
 use kube::runtime::events::Recorder;
@@ -15,7 +15,7 @@ use kube::runtime::watcher::{self, watcher};
 use kube::runtime::WatchStreamExt;
 use kube::{Client, Resource};
 use serde::de::DeserializeOwned;
-use skein_api::{OutlierPolicy, RetryPolicy, TrafficRoute};
+use skein_api::{AccessPolicy, OutlierPolicy, RetryPolicy, TrafficRoute};
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
@@ -23,6 +23,7 @@ use crate::compute::compute;
 use crate::compute::snapshot::{ObjectKey, Snapshot, SnapshotObject};
 use crate::metrics::{ErrorLabels, Metrics};
 use crate::stream::hub::ConfigHub;
+use skein_api::constants::DEFAULT_POLICY_ANNOTATION;
 
 /// Quiet time after a change before recomputing, so a burst of watch events costs one
 /// computation.
@@ -45,38 +46,45 @@ pub struct Context {
 }
 
 /// The number of watchers [`spawn_watchers`] starts.
-pub const WATCHERS: usize = 6;
+pub const WATCHERS: usize = 9;
 
-/// Starts one watcher per kind (namespaced to `namespace` when given).
+/// Starts one watcher per kind (namespaced to `namespace` when given: then only that
+/// Namespace object is watched).
 pub fn spawn_watchers(ctx: &Arc<Context>, namespace: Option<&str>, shutdown: &CancellationToken) {
-    spawn_watcher::<TrafficRoute>(ctx, namespace, shutdown);
-    spawn_watcher::<OutlierPolicy>(ctx, namespace, shutdown);
-    spawn_watcher::<RetryPolicy>(ctx, namespace, shutdown);
-    spawn_watcher::<Service>(ctx, namespace, shutdown);
-    spawn_watcher::<EndpointSlice>(ctx, namespace, shutdown);
-    spawn_watcher::<Pod>(ctx, namespace, shutdown);
+    fn api<K>(ctx: &Context, namespace: Option<&str>) -> Api<K>
+    where
+        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
+    {
+        match namespace {
+            Some(ns) => Api::namespaced(ctx.client.clone(), ns),
+            None => Api::all(ctx.client.clone()),
+        }
+    }
+    let all = watcher::Config::default();
+    spawn_watcher(ctx, api::<TrafficRoute>(ctx, namespace), all.clone(), shutdown);
+    spawn_watcher(ctx, api::<OutlierPolicy>(ctx, namespace), all.clone(), shutdown);
+    spawn_watcher(ctx, api::<RetryPolicy>(ctx, namespace), all.clone(), shutdown);
+    spawn_watcher(ctx, api::<AccessPolicy>(ctx, namespace), all.clone(), shutdown);
+    spawn_watcher(ctx, api::<Service>(ctx, namespace), all.clone(), shutdown);
+    spawn_watcher(ctx, api::<EndpointSlice>(ctx, namespace), all.clone(), shutdown);
+    spawn_watcher(ctx, api::<Pod>(ctx, namespace), all.clone(), shutdown);
+    spawn_watcher(ctx, api::<ServiceAccount>(ctx, namespace), all.clone(), shutdown);
+    let namespaces = match namespace {
+        Some(ns) => all.fields(&format!("metadata.name={ns}")),
+        None => all,
+    };
+    spawn_watcher(ctx, Api::<Namespace>::all(ctx.client.clone()), namespaces, shutdown);
 }
 
-fn spawn_watcher<K>(ctx: &Arc<Context>, namespace: Option<&str>, shutdown: &CancellationToken)
+fn spawn_watcher<K>(ctx: &Arc<Context>, api: Api<K>, config: watcher::Config, shutdown: &CancellationToken)
 where
-    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + SnapshotObject
-        + Clone
-        + DeserializeOwned
-        + Debug
-        + Send
-        + Sync
-        + 'static,
+    K: Resource<DynamicType = ()> + SnapshotObject + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
-    let api: Api<K> = match namespace {
-        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
-        None => Api::all(ctx.client.clone()),
-    };
     let ctx = ctx.clone();
     let shutdown = shutdown.clone();
     tokio::spawn(async move {
         let kind = K::kind(&());
-        let mut events = watcher(api, watcher::Config::default()).default_backoff().boxed();
+        let mut events = watcher(api, config).default_backoff().boxed();
         // Keys seen since the last (re)list started; what is not seen again is gone.
         let mut relisted: Option<Vec<ObjectKey>> = None;
         let mut synced_once = false;
@@ -97,7 +105,7 @@ where
                     watcher::Event::Init => relisted = Some(Vec::new()),
                     watcher::Event::InitApply(obj) => {
                         if let Some(seen) = relisted.as_mut() {
-                            seen.push(ObjectKey::of(&obj));
+                            seen.push(obj.key_of());
                         }
                         obj.apply(&mut snapshot);
                     }
@@ -115,7 +123,7 @@ where
                         }
                     }
                     watcher::Event::Apply(obj) => obj.apply(&mut snapshot),
-                    watcher::Event::Delete(obj) => K::delete(&ObjectKey::of(&obj), &mut snapshot),
+                    watcher::Event::Delete(obj) => K::delete(&obj.key_of(), &mut snapshot),
                 }
             }
             ctx.snapshot_changed.notify_one();
@@ -126,6 +134,8 @@ where
 /// Recomputes the mesh after every snapshot change, publishes it, and wakes every loop in
 /// `computed` (status writer, identity).
 pub async fn compute_loop(ctx: Arc<Context>, computed: Vec<Arc<Notify>>, shutdown: CancellationToken) {
+    // Warned of once per change, not at every computation.
+    let mut bad_defaults = std::collections::BTreeMap::new();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -137,6 +147,16 @@ pub async fn compute_loop(ctx: Arc<Context>, computed: Vec<Arc<Notify>>, shutdow
             let snapshot = ctx.snapshot.read().unwrap_or_else(|e| e.into_inner());
             compute(&snapshot)
         };
+        if mesh.bad_namespace_defaults != bad_defaults {
+            for (ns, value) in &mesh.bad_namespace_defaults {
+                tracing::warn!(
+                    namespace = %ns,
+                    value = %value,
+                    "annotation {DEFAULT_POLICY_ANNOTATION} is not allow, authenticated, same-namespace or deny: the namespace denies every call no Allow policy allows"
+                );
+            }
+            bad_defaults = mesh.bad_namespace_defaults.clone();
+        }
         ctx.hub.publish(Arc::new(mesh));
         ctx.metrics.reconciles.inc();
         ctx.metrics.reconcile_seconds.observe(started.elapsed().as_secs_f64());

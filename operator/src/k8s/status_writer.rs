@@ -3,7 +3,7 @@
 //! ([`crate::compute::status`]) is merged with what it has and patched when it differs, with an
 //! event for each condition that changed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,11 +14,12 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType};
 use kube::Resource;
 use skein_api::constants::FIELD_MANAGER;
-use skein_api::{OutlierPolicy, PolicyStatus, RetryPolicy, TrafficRoute};
+use skein_api::{AccessPolicy, OutlierPolicy, PolicyStatus, RetryPolicy, TrafficRoute};
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use super::controller::Context;
+use crate::compute::snapshot::ObjectKey;
 use crate::compute::status;
 use crate::compute::{ResourceKind, ResourceRef};
 use crate::metrics::ErrorLabels;
@@ -36,6 +37,8 @@ pub async fn status_loop(
     // What this replica last wrote (per object uid, so a deleted and recreated object starts
     // afresh), so an unchanged status is not written again before the watch echoes it back.
     let mut written: HashMap<ResourceRef, Written> = HashMap::new();
+    // Explicit-mode pods told about a policy (policy, pod uid, pod), once per leadership.
+    let mut told = HashSet::new();
     let mut retry_soon = false;
     let mut proxies_changed = ctx.hub.proxies_changed.subscribe();
     let mut peers_changed = ctx.peers.changed.subscribe();
@@ -48,6 +51,7 @@ pub async fn status_loop(
             changed = leader.changed() => {
                 if changed.is_err() { return; }
                 written.clear();
+                told.clear();
             }
             _ = tokio::time::sleep(Duration::from_secs(5)), if retry_soon => {}
         }
@@ -56,7 +60,7 @@ pub async fn status_loop(
         }
         // Let a burst of acknowledgements land before writing.
         tokio::time::sleep(Duration::from_millis(100)).await;
-        retry_soon = !write_statuses(&ctx, &mut written).await;
+        retry_soon = !write_statuses(&ctx, &mut written, &mut told).await;
     }
 }
 
@@ -67,7 +71,11 @@ struct Written {
 }
 
 /// One pass over every resource; returns false when a write failed (to retry soon).
-async fn write_statuses(ctx: &Context, written: &mut HashMap<ResourceRef, Written>) -> bool {
+async fn write_statuses(
+    ctx: &Context,
+    written: &mut HashMap<ResourceRef, Written>,
+    told: &mut HashSet<(ResourceRef, Option<String>, ObjectKey)>,
+) -> bool {
     let mesh = ctx.hub.mesh();
     let (own, current) = ctx.hub.proxies();
     // Proxies connected to the other replicas count too: each reports its own.
@@ -81,7 +89,15 @@ async fn write_statuses(ctx: &Context, written: &mut HashMap<ResourceRef, Writte
     written.retain(|r, _| mesh.statuses.contains_key(r));
     for (resource, desired) in &mesh.statuses {
         let Some((existing, reference)) = current_status(ctx, resource) else { continue };
-        let programmed = status::programmed(&desired.accepted, &proxies, version_of);
+        let programmed = match &desired.audience {
+            Some(audience) => {
+                let theirs: Vec<status::ProxyView> =
+                    proxies.iter().filter(|p| audience.contains(&p.identity)).cloned().collect();
+                status::programmed(&desired.accepted, &theirs, version_of)
+            }
+            None => status::programmed(&desired.accepted, &proxies, version_of),
+        };
+        tell_explicit_pods(ctx, resource, desired, &mut *told).await;
         let ours = written.get(resource).filter(|w| w.uid == reference.uid).map(|w| &w.status);
         let base = ours.or(existing.as_ref());
         let new = status::merge(base, desired, &programmed, &now);
@@ -127,6 +143,45 @@ fn current_status(ctx: &Context, resource: &ResourceRef) -> Option<(Option<Polic
         ResourceKind::RetryPolicy => {
             snapshot.retry_policies.get(&resource.key).map(|o| (o.status.clone(), o.object_ref(&())))
         }
+        ResourceKind::AccessPolicy => {
+            snapshot.access_policies.get(&resource.key).map(|o| (o.status.clone(), o.object_ref(&())))
+        }
+    }
+}
+
+/// A Warning event on each target pod of an AccessPolicy that runs in explicit capture mode
+/// (nothing can be enforced there), once per pod and policy while this replica leads.
+async fn tell_explicit_pods(
+    ctx: &Context,
+    resource: &ResourceRef,
+    desired: &crate::compute::DesiredStatus,
+    told: &mut HashSet<(ResourceRef, Option<String>, ObjectKey)>,
+) {
+    for (pod, uid) in &desired.explicit_pods {
+        if !told.insert((resource.clone(), uid.clone(), pod.clone())) {
+            continue;
+        }
+        let reference = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            name: Some(pod.name.clone()),
+            namespace: Some(pod.namespace.clone()),
+            uid: uid.clone(),
+            ..Default::default()
+        };
+        let event = Event {
+            type_: EventType::Warning,
+            reason: "PolicyNotEnforced".into(),
+            note: Some(format!(
+                "AccessPolicy {} targets this pod, but it runs in explicit capture mode: its app's ports are reachable without the sidecar, so the policy is not enforced here",
+                resource.key
+            )),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&event, &reference).await {
+            tracing::warn!(%pod, error = %e, "could not publish event");
+        }
     }
 }
 
@@ -161,6 +216,12 @@ async fn patch_status(
             ResourceKind::RetryPolicy => {
                 let api: Api<RetryPolicy> = Api::namespaced(ctx.client.clone(), ns);
                 api.patch_status(name, &params, &Patch::Apply(body(RetryPolicy::api_version(&()).into())))
+                    .await
+                    .map(drop)
+            }
+            ResourceKind::AccessPolicy => {
+                let api: Api<AccessPolicy> = Api::namespaced(ctx.client.clone(), ns);
+                api.patch_status(name, &params, &Patch::Apply(body(AccessPolicy::api_version(&()).into())))
                     .await
                     .map(drop)
             }

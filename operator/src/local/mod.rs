@@ -1,6 +1,7 @@
 //! The file-backed control plane (`skein-operator --local DIR`): the snapshot comes from a
-//! directory of ordinary manifests — the TrafficRoute, OutlierPolicy and RetryPolicy YAML users
-//! apply to a cluster, plus Services, EndpointSlices and Pods — instead of an API server. The
+//! directory of ordinary manifests — the TrafficRoute, OutlierPolicy, RetryPolicy and
+//! AccessPolicy YAML users apply to a cluster, plus Services, EndpointSlices, Pods, Namespaces
+//! and ServiceAccounts — instead of an API server. The
 //! computation, the hub and the config stream are the very same as in a cluster.
 //!
 //! The directory is re-read when any file changes. A set with a bad file is refused whole, with
@@ -16,13 +17,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
-use skein_api::{OutlierPolicy, RetryPolicy, TrafficRoute};
+use skein_api::{AccessPolicy, OutlierPolicy, RetryPolicy, TrafficRoute};
 use tokio_util::sync::CancellationToken;
 
 pub mod schema_check;
@@ -172,27 +173,9 @@ pub fn load_texts(texts: &[(String, String)], mut errors: Vec<Refusal>) -> Resul
                 "Service" => add::<Service>(doc, &mut snapshot, |o| key(&o.metadata)),
                 "EndpointSlice" => add::<EndpointSlice>(doc, &mut snapshot, |o| key(&o.metadata)),
                 "Pod" => add::<Pod>(doc, &mut snapshot, |o| key(&o.metadata)),
-                "AccessPolicy" => {
-                    // Checked as the API server would; not enforced by the local mesh yet.
-                    let name = doc["metadata"]["name"].as_str().unwrap_or("?").to_string();
-                    match serde_json::from_value::<skein_api::AccessPolicy>(doc) {
-                        Ok(policy) => {
-                            let problems = crate::compute::access::validate(&policy.spec);
-                            if problems.is_empty() {
-                                errors.push(Refusal::UnknownKind { at, kind });
-                            } else {
-                                errors.extend(problems.into_iter().map(|message| Refusal::Invalid {
-                                    at: at.clone(),
-                                    kind: "AccessPolicy".into(),
-                                    resource: name.clone(),
-                                    message,
-                                }));
-                            }
-                        }
-                        Err(e) => errors.push(Refusal::Decode { at, message: e.to_string() }),
-                    }
-                    continue;
-                }
+                "AccessPolicy" => add::<AccessPolicy>(doc, &mut snapshot, |o| key(&o.metadata)),
+                "Namespace" => add::<Namespace>(doc, &mut snapshot, |o| key(&o.metadata)),
+                "ServiceAccount" => add::<ServiceAccount>(doc, &mut snapshot, |o| key(&o.metadata)),
                 other => {
                     errors.push(Refusal::UnknownKind { at, kind: other.to_string() });
                     continue;
@@ -285,6 +268,7 @@ pub async fn run(
     dirs: Vec<PathBuf>,
     hub: ConfigHub,
     identity: Option<LocalIdentity>,
+    default_policy: skein_api::authz::DefaultPolicy,
     shutdown: CancellationToken,
 ) {
     let mut last = None;
@@ -311,7 +295,8 @@ pub async fn run(
         };
         if let Some(loaded) = loaded {
             match loaded {
-                Ok(snapshot) => {
+                Ok(mut snapshot) => {
+                    snapshot.default_policy = default_policy;
                     hub.publish(Arc::new(compute(&snapshot)));
                     tracing::info!(dirs = ?dirs, "loaded the manifests");
                     current = snapshot;

@@ -232,6 +232,7 @@ mod tests {
             plaintext: 0,
             retries: errors / 2,
             ejections: 0,
+            denied: 0,
             latency_buckets,
         }
     }

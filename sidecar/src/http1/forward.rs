@@ -25,6 +25,8 @@ pub(super) struct Route {
     pub(super) endpoint: Option<Arc<EndpointState>>,
     pub(super) pool: Option<Arc<Pool>>,
     pub(super) series: Arc<Series>,
+    /// The inbound authorization decision, for the access log.
+    pub(super) authz: String,
 }
 
 /// Buffers reused across the requests of a connection.
@@ -210,6 +212,7 @@ pub(super) async fn forward(
             upstream: &upstream,
             retries: 0,
             trace_id: std::str::from_utf8(&trace_id).unwrap_or_default(),
+            authz: &route.authz,
         },
     );
     Ok(keep)

@@ -35,7 +35,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::balance::EndpointState;
-use crate::proxy::{ConnMeta, Direction, ProxyContext};
+use crate::proxy::{authz, ConnMeta, Direction, ProxyContext};
 use crate::route::table::RequestView;
 use forward::{forward, Route, Scratch};
 pub(crate) use head::MAX_HEAD;
@@ -81,6 +81,14 @@ pub async fn serve(mut stream: TcpStream, ctx: &ProxyContext, conn: ConnMeta) ->
                 if !ctx.inbound_port_allowed(port) {
                     break; // hyper's path answers 403
                 }
+                // Plaintext only reaches this path, so the caller has no identity. A denial (or
+                // no config yet) is hyper's path to answer and count.
+                let http = Some((view.str(&head.method), view.str(&head.path)));
+                let authz = match authz::decide(active.as_deref(), None, port, http) {
+                    Ok(None) => String::new(),
+                    Ok(Some(d)) if d.allowed => authz::record(&ctx.store.shared.metrics.authz, &d).log,
+                    Ok(Some(_)) | Err(authz::NoConfig) => break,
+                };
                 let endpoint = match &inbound {
                     Some((p, e)) if *p == port => e.clone(),
                     _ => {
@@ -89,7 +97,7 @@ pub async fn serve(mut stream: TcpStream, ctx: &ProxyContext, conn: ConnMeta) ->
                         e
                     }
                 };
-                Route { endpoint: Some(endpoint), pool: None, series: ctx.inbound.clone() }
+                Route { endpoint: Some(endpoint), pool: None, series: ctx.inbound.clone(), authz }
             }
             Direction::Outbound => {
                 let resolved = active.as_ref().map(|a| a.table.resolve(host, port, conn.original, &view));
@@ -102,7 +110,12 @@ pub async fn serve(mut stream: TcpStream, ctx: &ProxyContext, conn: ConnMeta) ->
                                 .as_ref()
                                 .is_none_or(|r| r.attempts == 0 || !r.method_allowed_str(view.method())) =>
                     {
-                        Route { endpoint: None, pool: Some(t.pool.clone()), series: t.series.clone() }
+                        Route {
+                            endpoint: None,
+                            pool: Some(t.pool.clone()),
+                            series: t.series.clone(),
+                            authz: String::new(),
+                        }
                     }
                     _ => break,
                 }

@@ -14,7 +14,7 @@ use hyper_util::rt::TokioIo;
 
 use super::body::{buffer, Buffered, ProxyBody, RETRY_BUFFER_LIMIT};
 use super::peer::{connect_peer, peer_connection};
-use super::{error, observe, ProxyContext, ATTEMPT_HEADER, INBOUND_PORT, RETRIED_HEADER};
+use super::{authz, error, observe, ProxyContext, ATTEMPT_HEADER, INBOUND_PORT, RETRIED_HEADER};
 use crate::balance::{now_ms, now_ns, EndpointState, InFlight};
 use crate::route::retry::Failure;
 use crate::route::table::Target;
@@ -287,6 +287,9 @@ pub(super) async fn forward(
         }
         // Counted once per request, by the answer that is returned.
         count_transport(&target.series, over_mtls);
+        if result.as_ref().is_ok_and(authz::is_denial) {
+            target.series.denied.fetch_add(1, Ordering::Relaxed);
+        }
         let response = match result {
             Ok(r) => finish_response(r, attempt, None),
             Err(Failure::Timeout) if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) => {

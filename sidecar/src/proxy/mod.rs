@@ -19,6 +19,7 @@
 //! records through too) and `body`. Depends on `route`, `balance`, `config` (the store),
 //! `telemetry` and `tls`; never on `http1` or `listener`, which call into it.
 
+pub mod authz;
 pub mod body;
 mod forward;
 pub mod observe;

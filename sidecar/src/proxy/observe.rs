@@ -32,6 +32,8 @@ pub struct Finished<'a> {
     pub upstream: &'a str,
     pub retries: u32,
     pub trace_id: &'a str,
+    /// The inbound authorization decision (see [`super::authz`]); empty when none was made.
+    pub authz: &'a str,
 }
 
 /// A request that started at `started` is done: counted in `series` and logged.
@@ -52,6 +54,7 @@ pub fn request(log: &AccessLog, series: &Series, started: Instant, done: Finishe
             upstream: done.upstream,
             retries: done.retries,
             trace_id: done.trace_id,
+            authz: done.authz,
         });
     }
 }

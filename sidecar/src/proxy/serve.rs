@@ -12,6 +12,7 @@ use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 
+use super::authz::{self, Caller};
 use super::body::ProxyBody;
 use super::forward::{forward, is_upgrade, tunnel, Forwarded, Upstream};
 use super::{observe, ConnMeta, Direction, ProxyContext, ERROR_HEADER, INBOUND_PORT};
@@ -22,6 +23,7 @@ use crate::telemetry::trace;
 pub async fn serve(
     ctx: Arc<ProxyContext>,
     conn: ConnMeta,
+    caller: Option<Arc<Caller>>,
     mut req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
@@ -33,6 +35,7 @@ pub async fn serve(
     let active = ctx.store.current();
 
     let (mut parts, body) = req.into_parts();
+    let mut authz_log = String::new();
     let decided = match (&authority, conn.direction) {
         (None, _) if conn.original.is_none() => {
             Err(error(StatusCode::BAD_REQUEST, "missing-host", "the request names no host"))
@@ -50,14 +53,36 @@ pub async fn serve(
                 .or(named)
                 .or_else(|| authority.as_ref().and_then(Authority::port_u16))
                 .unwrap_or(80);
-            if ctx.inbound_port_allowed(port) {
-                Ok(Upstream::Fixed(authority_for(SocketAddr::new(ctx.inbound_target, port)), &ctx.inbound))
-            } else {
-                Err(error(
+            let path = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
+            let verdict = authz::check(
+                active.as_deref(),
+                &ctx.store.shared.metrics.authz,
+                caller.as_deref(),
+                port,
+                Some((parts.method.as_str(), path)),
+            );
+            match verdict {
+                _ if !ctx.inbound_port_allowed(port) => Err(error(
                     StatusCode::FORBIDDEN,
                     "proxy-port",
                     &format!("port {port} is the proxy's own; inbound traffic is for the app"),
-                ))
+                )),
+                Err(authz::NoConfig) => Err(error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no-config",
+                    "the sidecar has no config yet, so it cannot tell who may call",
+                )),
+                Ok(v) if !v.allowed => {
+                    authz_log = v.log;
+                    Err(error(StatusCode::FORBIDDEN, authz::DENIED, &v.denial))
+                }
+                Ok(v) => {
+                    authz_log = v.log;
+                    Ok(Upstream::Fixed(
+                        authority_for(SocketAddr::new(ctx.inbound_target, port)),
+                        &ctx.inbound,
+                    ))
+                }
             }
         }
         (_, Direction::Outbound) => {
@@ -137,6 +162,7 @@ pub async fn serve(
             upstream: forwarded.upstream.as_deref().unwrap_or(""),
             retries: forwarded.retries,
             trace_id: trace_id.to_str().unwrap_or_default(),
+            authz: &authz_log,
         },
     );
     Ok(forwarded.response)

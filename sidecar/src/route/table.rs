@@ -500,6 +500,7 @@ pub(crate) mod tests {
                 outlier: None,
             }],
             inbound: vec![],
+            authz: Default::default(),
         }
     }
 

@@ -27,6 +27,10 @@ pub struct Entry<'a> {
     pub upstream: &'a str,
     pub retries: u32,
     pub trace_id: &'a str,
+    /// Inbound only: the authorization decision, `allow <policy>` or `deny <policy>` (and
+    /// `; dry-run …` what a DryRun policy decided); absent when there was nothing to decide.
+    #[serde(skip_serializing_if = "str::is_empty")]
+    pub authz: &'a str,
 }
 
 /// The access log; cheap to clone.
@@ -138,6 +142,7 @@ mod tests {
             upstream: "10.0.0.1:9080",
             retries: 0,
             trace_id: "4bf92f3577b34da6a3ce929d0e0e4736",
+            authz: "",
         }
     }
 
@@ -198,9 +203,13 @@ mod tests {
             upstream: "10.0.0.1:9080",
             retries: 1,
             trace_id: "4bf92f3577b34da6a3ce929d0e0e4736",
+            authz: "deny shop/callers",
         };
         let v: serde_json::Value = serde_json::from_str(&serde_json::to_string(&e).unwrap()).unwrap();
         assert_eq!(v["path"], "/x?\"y\"");
         assert_eq!(v["retries"], 1);
+        assert_eq!(v["authz"], "deny shop/callers");
+        let quiet = serde_json::to_string(&Entry { authz: "", ..e }).unwrap();
+        assert!(!quiet.contains("authz"), "no decision, no field: {quiet}");
     }
 }

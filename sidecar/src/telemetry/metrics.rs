@@ -2,7 +2,7 @@
 //! route) series is created when a config is compiled and handed to requests as an `Arc`;
 //! requests only touch atomics. The registry's lock is taken when compiling and scraping.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -41,6 +41,8 @@ pub struct Series {
     pub mtls: AtomicU64,
     /// Requests answered in plaintext by the destination (or its sidecar).
     pub plaintext: AtomicU64,
+    /// Requests the destination's sidecar denied (403 `authz-denied`).
+    pub denied: AtomicU64,
 }
 
 impl Series {
@@ -87,10 +89,74 @@ impl Series {
     }
 }
 
+/// `skein_authz_decisions_total`: per deciding policy, four counts (deny/allow × enforce/dry-run).
+#[derive(Debug, Default)]
+pub struct AuthzCounters {
+    counts: Mutex<HashMap<String, [u64; 4]>>,
+}
+
+impl AuthzCounters {
+    fn slot(allowed: bool, dry_run: bool) -> usize {
+        usize::from(allowed) * 2 + usize::from(dry_run)
+    }
+
+    pub fn count(&self, allowed: bool, by: &str, dry_run: bool) {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        // No allocation once the policy has a series.
+        match counts.get_mut(by) {
+            Some(n) => n[Self::slot(allowed, dry_run)] += 1,
+            None => {
+                let mut n = [0; 4];
+                n[Self::slot(allowed, dry_run)] = 1;
+                counts.insert(by.to_string(), n);
+            }
+        }
+    }
+
+    /// How many decisions were made with these labels.
+    pub fn get(&self, allowed: bool, by: &str, dry_run: bool) -> u64 {
+        let counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        counts.get(by).map_or(0, |n| n[Self::slot(allowed, dry_run)])
+    }
+
+    /// Prometheus text of every series.
+    pub fn render(&self, out: &mut String) {
+        let mut counts: Vec<(String, [u64; 4])> = self
+            .counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        counts.sort();
+        let _ = writeln!(
+            out,
+            "# HELP skein_authz_decisions_total Inbound authorization decisions (AccessPolicy), by decision, deciding policy and mode.\n# TYPE skein_authz_decisions_total counter"
+        );
+        for (by, n) in counts {
+            let by = by.replace('\\', "\\\\").replace('"', "\\\"");
+            for (allowed, dry_run) in [(true, false), (false, false), (true, true), (false, true)] {
+                let count = n[Self::slot(allowed, dry_run)];
+                if count == 0 {
+                    continue;
+                }
+                let decision = if allowed { "allow" } else { "deny" };
+                let mode = if dry_run { "dry-run" } else { "enforce" };
+                let _ = writeln!(
+                    out,
+                    "skein_authz_decisions_total{{decision=\"{decision}\",policy=\"{by}\",mode=\"{mode}\"}} {count}"
+                );
+            }
+        }
+    }
+}
+
 /// Every series, for compiling and scraping.
 #[derive(Debug, Default)]
 pub struct Registry {
     series: Mutex<BTreeMap<SeriesKey, Arc<Series>>>,
+    /// Inbound authorization decisions.
+    pub authz: AuthzCounters,
 }
 
 impl Registry {
@@ -125,6 +191,7 @@ impl Registry {
             e.plaintext += s.plaintext.load(Ordering::Relaxed);
             e.retries += s.retries.load(Ordering::Relaxed);
             e.ejections += s.ejections.load(Ordering::Relaxed);
+            e.denied += s.denied.load(Ordering::Relaxed);
         }
         skein_api::TrafficReport { edges: edges.into_values().collect() }
     }
@@ -196,12 +263,18 @@ impl Registry {
                 "Requests sent to an ejected endpoint because all were ejected.",
                 |s| &s.fail_open,
             ),
+            (
+                "skein_denied_requests_total",
+                "Requests the destination's sidecar denied (AccessPolicy or its namespace default).",
+                |s| &s.denied,
+            ),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
             for (k, s) in series.iter().filter(|(k, _)| k.direction == "outbound") {
                 let _ = writeln!(out, "{name}{{{}}} {}", labels(k), get(s).load(Ordering::Relaxed));
             }
         }
+        self.authz.render(out);
     }
 }
 
@@ -213,6 +286,24 @@ pub fn escape(v: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counters_render_one_series_per_label_set() {
+        let c = AuthzCounters::default();
+        c.count(false, "shop/callers", false);
+        c.count(false, "shop/callers", false);
+        c.count(true, "default (allow)", true);
+        assert_eq!(c.get(false, "shop/callers", false), 2);
+        let mut out = String::new();
+        c.render(&mut out);
+        assert!(
+            out.contains(
+                "skein_authz_decisions_total{decision=\"deny\",policy=\"shop/callers\",mode=\"enforce\"} 2"
+            ),
+            "{out}"
+        );
+        assert!(out.contains("skein_authz_decisions_total{decision=\"allow\",policy=\"default (allow)\",mode=\"dry-run\"} 1"), "{out}");
+    }
 
     #[test]
     fn series_count_codes_and_latency() {

@@ -133,6 +133,7 @@ pub fn config(version: &str, endpoints: Vec<Endpoint>, routes: Vec<Route>) -> Pr
             outlier: None,
         }],
         inbound: vec![],
+        authz: Default::default(),
     }
 }
 
@@ -208,6 +209,17 @@ pub async fn proxy_tls(
     inbound: &str,
     material: Option<skein_proxy::TlsMaterial>,
 ) -> TestProxy {
+    proxy_full(config, inbound, material, true, AccessLog::off()).await
+}
+
+/// A proxy with every knob: identity material, strict or permissive inbound, an access log.
+pub async fn proxy_full(
+    config: ProxyConfig,
+    inbound: &str,
+    material: Option<skein_proxy::TlsMaterial>,
+    strict: bool,
+    access_log: AccessLog,
+) -> TestProxy {
     let store = Arc::new(ConfigStore::new(None));
     store.apply(config, Source::File).expect("valid test config");
     let tls = Arc::new(skein_proxy::TlsStore::default());
@@ -216,11 +228,12 @@ pub async fn proxy_tls(
     }
     let mut ctx = ProxyContext::new(
         store.clone(),
-        AccessLog::off(),
+        access_log,
         "127.0.0.1".parse().unwrap(),
         Duration::from_millis(500),
     );
     ctx.tls = tls.clone();
+    ctx.inbound_strict = strict;
     let ctx = Arc::new(ctx);
     let stop = CancellationToken::new();
     let out = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -56,6 +56,9 @@ pub struct Edge {
     pub p99_ms: Option<f64>,
     pub retries_per_second: f64,
     pub ejections: u64,
+    /// Requests the destination's sidecar denied (AccessPolicy), per second.
+    #[serde(default)]
+    pub denied_per_second: f64,
     /// Every request of the window (or, without one, every request so far) went over mTLS.
     pub mtls: bool,
     /// Requests since the sources started.

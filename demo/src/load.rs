@@ -54,6 +54,11 @@ impl Tally {
         self.by_status.iter().filter(|(s, _)| **s >= 500).map(|(_, n)| n).sum::<u64>() + self.transport_errors
     }
 
+    /// Answers 403: denied by the callee's access policy.
+    pub fn denied(&self) -> u64 {
+        self.by_status.get(&403).copied().unwrap_or(0)
+    }
+
     pub fn version(&self, v: &str) -> u64 {
         self.by_version.get(v).copied().unwrap_or(0)
     }

@@ -17,6 +17,9 @@ struct Args {
     /// The manifests the control plane reads (and re-reads when you edit them).
     #[arg(long, env = "SKEIN_DEMO_MANIFESTS", default_value = "examples/canary")]
     manifests: PathBuf,
+    /// The access policies the control plane reads too (edit them while it runs).
+    #[arg(long, env = "SKEIN_DEMO_POLICIES", default_value = "examples/access-policy")]
+    policies: PathBuf,
     /// The demo's own files: CA, certificates, generated manifests, fault files, logs.
     #[arg(long, env = "SKEIN_DEMO_WORK", default_value = ".skein-demo")]
     work: PathBuf,
@@ -32,6 +35,9 @@ struct Args {
     /// Requests per second from beta users (`x-user-group: beta`).
     #[arg(long, default_value_t = 10.0)]
     beta_rate: f64,
+    /// Requests per second from the intruder, a caller the access policy does not allow.
+    #[arg(long, default_value_t = 2.0)]
+    intruder_rate: f64,
     /// Stop after this many seconds (by default, at Ctrl-C or `quit`).
     #[arg(long)]
     duration: Option<u64>,
@@ -79,13 +85,16 @@ async fn main() -> anyhow::Result<()> {
         Some(d) => d,
         None => std::env::current_exe()?.parent().map(PathBuf::from).unwrap_or_default(),
     };
-    if !args.manifests.is_dir() {
-        eprintln!("skein-demo: {} is not a directory of manifests", args.manifests.display());
-        std::process::exit(64);
+    for dir in [&args.manifests, &args.policies] {
+        if !dir.is_dir() {
+            eprintln!("skein-demo: {} is not a directory of manifests", dir.display());
+            std::process::exit(64);
+        }
     }
     let options = Options {
         bin_dir,
         manifests: args.manifests.clone(),
+        policies: Some(args.policies.clone()),
         work: args.work.clone(),
         ip_prefix: args.ip_prefix,
     };
@@ -111,6 +120,7 @@ async fn main() -> anyhow::Result<()> {
 
     let mut everyone = Window::new();
     let mut beta = Window::new();
+    let mut intruder = Window::new();
     let proxy = mesh.client_proxy();
     let load_stop = shutdown.child_token();
     let generators = [
@@ -122,6 +132,11 @@ async fn main() -> anyhow::Result<()> {
         tokio::spawn(load::run(
             LoadSpec::new(proxy, SERVICE_HOST, args.beta_rate).header("x-user-group", "beta"),
             beta.sink.clone(),
+            load_stop.clone(),
+        )),
+        tokio::spawn(load::run(
+            LoadSpec::new(mesh.intruder_proxy(), SERVICE_HOST, args.intruder_rate),
+            intruder.sink.clone(),
             load_stop.clone(),
         )),
     ];
@@ -161,16 +176,16 @@ async fn main() -> anyhow::Result<()> {
             break;
         }
         seconds += 1;
-        let all = everyone.tick();
-        let b = beta.tick();
+        let rows =
+            [("everyone", everyone.tick()), ("beta users", beta.tick()), ("intruder", intruder.tick())];
         let topology = mesh.topology().await.ok();
-        let text = summary(&all, &b, topology.as_ref(), &topology_url, &args.manifests, &mesh, &said);
+        let text = summary(&rows, topology.as_ref(), &topology_url, &args, &mesh, &said);
         if tty {
             print!("\x1b[H\x1b[2J{text}");
         } else if seconds.is_multiple_of(5) {
-            // Not a terminal: one line every 5 s (everyone, beta users, the mesh).
+            // Not a terminal: one line every 5 s (everyone, beta users, the intruder, the mesh).
             let lines: Vec<&str> = text.lines().collect();
-            let pick = [3, 4, 6].map(|i| lines.get(i).map_or("", |l| l.trim()));
+            let pick = [3, 4, 5, 7].map(|i| lines.get(i).map_or("", |l| l.trim()));
             println!("{}", pick.join(" | "));
         }
     }
@@ -205,10 +220,11 @@ fn percent(part: u64, whole: u64) -> f64 {
 fn row(label: &str, t: &Tally) -> String {
     let n = t.requests();
     format!(
-        "{label:<12} {:>7.1} {:>7.1}% {:>7.1}% {:>7.2}% {:>8.1} {:>8.1}\n",
+        "{label:<12} {:>7.1} {:>7.1}% {:>7.1}% {:>7.1}% {:>7.2}% {:>8.1} {:>8.1}\n",
         n as f64 / 5.0,
         percent(t.version("v1"), n),
         percent(t.version("v2"), n),
+        percent(t.denied(), n),
         percent(t.errors(), n),
         t.quantile(0.5).as_secs_f64() * 1000.0,
         t.quantile(0.99).as_secs_f64() * 1000.0,
@@ -216,31 +232,37 @@ fn row(label: &str, t: &Tally) -> String {
 }
 
 fn summary(
-    all: &Tally,
-    beta: &Tally,
+    rows: &[(&str, Tally)],
     topology: Option<&Topology>,
     url: &str,
-    manifests: &std::path::Path,
+    args: &Args,
     mesh: &Mesh,
     said: &str,
 ) -> String {
     let mut out = String::from("Skein local mesh: canary of reviews (last 5 s)\n\n");
     out.push_str(&format!(
-        "{:<12} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8}\n",
-        "", "req/s", "v1", "v2", "errors", "p50 ms", "p99 ms"
+        "{:<12} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}\n",
+        "", "req/s", "v1", "v2", "denied", "errors", "p50 ms", "p99 ms"
     ));
-    out.push_str(&row("everyone", all));
-    out.push_str(&row("beta users", beta));
+    for (label, tally) in rows {
+        out.push_str(&row(label, tally));
+    }
     out.push('\n');
     match topology {
         Some(t) => {
             let to_reviews = t.edge("workload:default/client", "service:reviews.default");
             let (retries, ejections, mtls) =
                 to_reviews.map_or((0.0, 0, false), |e| (e.retries_per_second, e.ejections, e.mtls));
+            let denied = |from: &str| {
+                t.edge(&format!("workload:default/{from}"), "service:reviews.default")
+                    .map_or(0.0, |e| e.denied_per_second)
+            };
             let synced = t.proxies.iter().filter(|p| p.in_sync).count();
             out.push_str(&format!(
-                "mesh         retries {retries:.1}/s · ejections {ejections} (last 10 s) · client→reviews {} · config acknowledged by {synced}/{} proxies\n",
+                "mesh         retries {retries:.1}/s · ejections {ejections} (last 10 s) · client→reviews {} · denied client→reviews {:.1}/s, intruder→reviews {:.1}/s · config acknowledged by {synced}/{} proxies\n",
                 if mtls { "mTLS" } else { "plaintext" },
+                denied("client"),
+                denied("intruder"),
                 t.proxies.len()
             ));
         }
@@ -251,11 +273,14 @@ fn summary(
     out.push_str(&format!("topology     {url}\n\n"));
     out.push_str(&format!(
         "Try: edit {}/trafficroute.yaml (e.g. weights 50/50) and save;\n\
+         \x20    add `{{namespace: default, name: intruder}}` to the serviceAccounts of\n\
+         \x20    {}/reviews-callers.yaml to let the intruder in;\n\
          \x20    type `fail v2-a` to make one v2 replica fail (retries and ejection keep answers good),\n\
          \x20    `fail v2` for both, `heal` to recover, `quit` or Ctrl-C to stop.\n\
          \x20    (fault files: {})\n\n\
          last command: {said}\n",
-        manifests.display(),
+        args.manifests.display(),
+        args.policies.display(),
         mesh.fault_file("").display()
     ));
     out

@@ -5,6 +5,7 @@
 //! |----------------|----------------------------------------------------------------|
 //! | `<prefix>.1`   | `skein-operator --local` (config stream 15012, topology 8080) |
 //! | `<prefix>.2`   | the client's sidecar (the load generator runs in `skein-demo`) |
+//! | `<prefix>.3`   | the intruder's sidecar: a second caller, which the example AccessPolicy denies |
 //! | `<prefix>.11`  | `reviews` v1 (demo-app on 9080) and its sidecar                |
 //! | `<prefix>.12`, `.13` | `reviews` v2, two replicas, each with its sidecar        |
 //!
@@ -76,6 +77,7 @@ pub fn workloads(prefix: [u8; 3]) -> Vec<Workload> {
             version: Some("v2"),
             ip: ip(13),
         },
+        Workload { name: "intruder", service_account: "intruder", app: "intruder", version: None, ip: ip(3) },
     ]
 }
 
@@ -114,6 +116,8 @@ pub struct Options {
     pub bin_dir: PathBuf,
     /// The user's manifests (the canary), read live by the control plane.
     pub manifests: PathBuf,
+    /// More manifests read live the same way (the access policy), if any.
+    pub policies: Option<PathBuf>,
     /// The demo's own files: generated manifests, CA and certificates, fault files, logs.
     pub work: PathBuf,
     /// The first three octets of the loopback addresses used.
@@ -192,13 +196,16 @@ impl Mesh {
             .arg(SocketAddr::from((control_plane, CONFIG_STREAM_PORT)).to_string())
             .arg("--webhook-san")
             .arg(control_plane.to_string());
+        if let Some(policies) = &options.policies {
+            cmd.arg("--local").arg(policies);
+        }
         mesh.spawn("skein-operator", cmd)?;
         let healthz = mesh.topology_addr();
         mesh.wait("the control plane to answer", 30, "skein-operator", || async move {
             matches!(crate::http::get(healthz, "/healthz").await, Ok((200, _)))
         })
         .await?;
-        for sa in ["client", "reviews"] {
+        for sa in ["client", "reviews", "intruder"] {
             let cert = state.join("identities").join(NAMESPACE).join(sa).join("tls.crt");
             mesh.wait(&format!("the certificate of {sa}"), 30, "skein-operator", || {
                 let cert = cert.clone();
@@ -321,7 +328,17 @@ impl Mesh {
 
     /// The client's sidecar: where the load goes.
     pub fn client_proxy(&self) -> SocketAddr {
-        SocketAddr::from((self.workloads[0].ip, PROXY_OUTBOUND_PORT))
+        self.outbound_of("client")
+    }
+
+    /// The intruder's sidecar: a caller the example policy does not allow.
+    pub fn intruder_proxy(&self) -> SocketAddr {
+        self.outbound_of("intruder")
+    }
+
+    fn outbound_of(&self, name: &str) -> SocketAddr {
+        let w = self.workloads.iter().find(|w| w.name == name).expect("a workload of the demo");
+        SocketAddr::from((w.ip, PROXY_OUTBOUND_PORT))
     }
 
     /// The operator's HTTP address (`/metrics`, `/topology`, `/topology.json`).
@@ -404,7 +421,7 @@ mod tests {
         let w = workloads([127, 0, 10]);
         let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&workloads_manifest(&w)).unwrap();
         let pods: Vec<_> = docs.iter().filter(|d| d["kind"] == "Pod").collect();
-        assert_eq!(pods.len(), 4);
+        assert_eq!(pods.len(), 5);
         assert!(pods.iter().all(|p| p["spec"]["containers"][1]["name"] == "skein-proxy"));
         assert_eq!(pods[2]["metadata"]["labels"]["version"], "v2");
         let slice = docs.iter().find(|d| d["kind"] == "EndpointSlice").unwrap();

@@ -14,10 +14,14 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctrl_c_stops_every_process_of_the_demo() {
     let (manifests, work) = support::dirs("ctrl-c");
+    let policies = manifests.parent().unwrap().join("policies");
+    support::copy_dir(&support::examples().join("access-policy"), &policies);
     let p = support::ip_prefix();
     let mut demo = tokio::process::Command::new(env!("CARGO_BIN_EXE_skein-demo"))
         .arg("--manifests")
         .arg(&manifests)
+        .arg("--policies")
+        .arg(&policies)
         .arg("--work")
         .arg(&work)
         .arg("--ip-prefix")
@@ -43,8 +47,10 @@ async fn ctrl_c_stops_every_process_of_the_demo() {
     })
     .await;
     let summary = summary.ok().flatten().unwrap_or_else(|| panic!("no summary; output: {seen:#?}"));
-    assert!(seen.iter().any(|l| l.starts_with("ready: 8 processes up")), "{seen:#?}");
-    assert!(summary.contains("mTLS") && summary.contains("config acknowledged by 4/4 proxies"), "{summary}");
+    assert!(seen.iter().any(|l| l.starts_with("ready: 9 processes up")), "{seen:#?}");
+    assert!(summary.contains("mTLS") && summary.contains("config acknowledged by 5/5 proxies"), "{summary}");
+    // The intruder's row: every request denied.
+    assert!(summary.contains("intruder") && summary.contains("100.0%"), "{summary}");
 
     let pid = nix::unistd::Pid::from_raw(demo.id().unwrap() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
@@ -54,13 +60,19 @@ async fn ctrl_c_stops_every_process_of_the_demo() {
         rest.push(line);
     }
     assert!(status.success(), "{status:?} {rest:#?}");
-    assert!(rest.iter().any(|l| l == "stopped 8 processes; nothing left running"), "{rest:#?}");
+    assert!(rest.iter().any(|l| l == "stopped 9 processes; nothing left running"), "{rest:#?}");
 
     // Every address of the mesh is free again.
     let ip = |last| Ipv4Addr::new(p[0], p[1], p[2], last);
-    for addr in
-        [(ip(1), 8080), (ip(1), 15012), (ip(2), 15001), (ip(11), 9080), (ip(11), 15006), (ip(13), 15000)]
-    {
+    for addr in [
+        (ip(1), 8080),
+        (ip(1), 15012),
+        (ip(2), 15001),
+        (ip(3), 15001),
+        (ip(11), 9080),
+        (ip(11), 15006),
+        (ip(13), 15000),
+    ] {
         let addr = SocketAddr::from(addr);
         TcpListener::bind(addr).unwrap_or_else(|e| panic!("{addr} still in use after Ctrl-C: {e}"));
     }

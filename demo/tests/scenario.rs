@@ -1,8 +1,9 @@
 //! The demo's scenario, end to end with the real binaries: the 90/10 canary splits within
 //! tolerance, beta users always reach v2, an edit to the manifests reaches and is acknowledged
 //! by every sidecar, a failing v2 replica is ejected while retries keep every answer good, and
-//! killing the control plane leaves traffic flowing on the last good config. All hops between
-//! sidecars are mTLS. Bounded: about 30 s of traffic at 250 requests per second.
+//! killing the control plane leaves traffic flowing on the last good config. The example access
+//! policy denies the intruder (403, shown per edge in the topology) until an edit lets it in.
+//! All hops between sidecars are mTLS. Bounded: about 30 s of traffic at 250 requests per second.
 #![allow(clippy::unwrap_used)] // a test that unwraps an error fails, which is the point
 
 mod support;
@@ -61,6 +62,50 @@ async fn the_canary_splits_retries_ejects_and_survives_its_control_plane() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    // Only the client may call reviews (examples/access-policy): every request of the
+    // intruder is denied at reviews' sidecars, and the topology shows it on the intruder's edge.
+    let intruder = || LoadSpec::new(mesh.intruder_proxy(), SERVICE_HOST, 50.0);
+    let t = load::send(intruder().count(50)).await;
+    assert_eq!((t.denied(), t.requests()), (50, 50), "{t:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let topology = mesh.topology().await.unwrap();
+        let edge = topology.edge("workload:default/intruder", "service:reviews.default").cloned();
+        if let Some(edge) = edge.filter(|e| e.denied_per_second > 0.0) {
+            assert!(edge.mtls, "denied, but over mTLS: {edge:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the topology does not show the denials: {topology:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut denials = 0.0;
+    for w in &mesh.workloads[1..4] {
+        let metrics = skein_demo::http::get(w.admin(), "/metrics").await.unwrap().1;
+        denials += support::counter(
+            &metrics,
+            "skein_authz_decisions_total{decision=\"deny\",policy=\"default/reviews-callers\",mode=\"enforce\"}",
+        );
+    }
+    assert_eq!(denials, 50.0, "each denial counted once, by the reviews sidecar that made it");
+    // Let the intruder in: edited live, like the route.
+    let policy = manifests.parent().unwrap().join("policies/reviews-callers.yaml");
+    let text = std::fs::read_to_string(&policy).unwrap();
+    let edited = text.replace(
+        "serviceAccounts: [{namespace: default, name: client}]",
+        "serviceAccounts: [{namespace: default, name: client}, {namespace: default, name: intruder}]",
+    );
+    assert_ne!(text, edited, "the example policy moved; update this test");
+    std::fs::write(&policy, edited).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let t = load::send(intruder().count(10)).await;
+        if t.by_status.get(&200) == Some(&10) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the intruder is still denied: {t:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     // Edit the manifests to 50/50: every sidecar acknowledges the new config.
     let before = mesh.topology().await.unwrap().acked();
     let route = manifests.join("trafficroute.yaml");
@@ -74,14 +119,14 @@ async fn the_canary_splits_retries_ejects_and_survives_its_control_plane() {
     let deadline = edited_at + Duration::from_secs(15);
     loop {
         let t = mesh.topology().await.unwrap();
-        if t.all_in_sync(4) && t.acked()["client"] != before["client"] {
+        if t.all_in_sync(5) && t.acked()["client"] != before["client"] {
             break;
         }
         assert!(Instant::now() < deadline, "the edit was not acknowledged by every proxy: {t:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     println!(
-        "the edit was acknowledged by all 4 proxies {:?} after the file was written",
+        "the edit was acknowledged by all 5 proxies {:?} after the file was written",
         edited_at.elapsed()
     );
     let t = load::send(spec().count(1000)).await;
@@ -149,7 +194,7 @@ async fn the_canary_splits_retries_ejects_and_survives_its_control_plane() {
         }
     }
     let ended = mesh.stop().await;
-    assert_eq!(ended.len(), 8, "{ended:?}");
+    assert_eq!(ended.len(), 9, "{ended:?}");
     assert!(mesh.running().is_empty());
     let work = mesh.log("skein-operator").parent().and_then(|l| l.parent()).unwrap().to_path_buf();
     let (mut keys, mut logs) = (Vec::new(), Vec::new());

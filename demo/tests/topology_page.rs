@@ -51,6 +51,11 @@ async fn the_topology_page_draws_the_live_graph_in_a_browser() {
         Arc::default(),
         stop.clone(),
     ));
+    let intruder = tokio::spawn(load::run(
+        LoadSpec::new(mesh.intruder_proxy(), SERVICE_HOST, 5.0),
+        Arc::default(),
+        stop.clone(),
+    ));
 
     let artifacts = support::bin_dir().parent().expect("target dir").join("test-artifacts");
     std::fs::create_dir_all(&artifacts).unwrap();
@@ -68,7 +73,7 @@ async fn the_topology_page_draws_the_live_graph_in_a_browser() {
         .expect("the browser check finished within 90 s")
         .expect("node runs");
     stop.cancel();
-    let _ = (everyone.await, beta.await);
+    let _ = (everyone.await, beta.await, intruder.await);
     mesh.stop().await;
 
     let stdout = String::from_utf8_lossy(&output.stdout);

@@ -66,4 +66,10 @@ fn the_examples_are_accepted_with_defaults_applied() {
     }
     let explained = kubectl_ok(&["explain", "trafficroutes.spec.rules.backends.weight"], None);
     assert!(explained.contains("Relative share of the rule's traffic"), "{explained}");
+    // The access policy example names the demo's namespace: the server accepts it there.
+    let policy = repo_root().join("examples/access-policy");
+    let applied = kubectl_ok(&["apply", "--dry-run=server", "-f", policy.to_str().unwrap()], None);
+    assert!(applied.contains("accesspolicy.skein.dev/reviews-callers created (server dry run)"), "{applied}");
+    let explained = kubectl_ok(&["explain", "accesspolicies.spec.rules.from"], None);
+    assert!(explained.contains("Every field given must match (AND)"), "{explained}");
 }

@@ -174,6 +174,8 @@ async fn the_allowed_identity_reaches_the_app_and_another_gets_403_naming_the_po
     let report = rogue.store.shared.metrics.traffic_report();
     assert_eq!((report.edges[0].requests, report.edges[0].denied), (1, 1), "{report:?}");
     assert!(rogue.metrics().contains("skein_denied_requests_total{direction=\"outbound\",destination=\"reviews.shop\",subset=\"\",route=\"\"} 1"));
+    // The callee counts the denial as inbound traffic, never as a call of its own.
+    assert!(m.callee.store.shared.metrics.traffic_report().edges.is_empty(), "{}", m.callee.metrics());
     let log = m.callee_log.wait_for("\"authz\":\"deny shop/reviews-callers\"").await;
     assert!(log.contains("\"authz\":\"allow shop/reviews-callers\""), "{log}");
 }

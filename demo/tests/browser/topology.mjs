@@ -1,6 +1,6 @@
 // Loads the operator's /topology page in headless Chromium and checks that it draws the demo's
-// graph: client → reviews → reviews v1 / v2, every edge carrying traffic over mTLS. Saves a
-// screenshot. Usage: node topology.mjs <page URL> <screenshot.png>
+// graph: client → reviews → reviews v1 / v2, every edge carrying traffic over mTLS, and the
+// intruder's edge to reviews showing its requests denied. Saves a screenshot. Usage: node topology.mjs <page URL> <screenshot.png>
 import { chromium } from "playwright-core";
 
 const [url, screenshot] = process.argv.slice(2);
@@ -14,6 +14,8 @@ const EXPECTED = [
   ["service:reviews.default", "subset:reviews.default/v1"],
   ["service:reviews.default", "subset:reviews.default/v2"],
 ];
+
+const INTRUDER = ["workload:default/intruder", "service:reviews.default"];
 
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
@@ -38,10 +40,15 @@ try {
     return expected.every(([s, t]) => edges.some((e) =>
       e.dataset.source === s && e.dataset.target === t && Number(e.dataset.rps) > 0));
   }, EXPECTED, { timeout: 20000, polling: 250 });
+  // The intruder's requests are denied by the access policy: its edge says so.
+  await page.waitForFunction((intruder) => [...document.querySelectorAll("svg g.edge")].some((e) =>
+    e.dataset.source === intruder[0] && e.dataset.target === intruder[1] && Number(e.dataset.denied) > 0),
+  INTRUDER, { timeout: 20000, polling: 250 });
 
   const edges = await page.$$eval("svg g.edge", (gs) => gs.map((g) => ({
     source: g.dataset.source, target: g.dataset.target, rps: Number(g.dataset.rps),
-    mtls: g.dataset.mtls === "true", label: g.querySelector("text")?.textContent,
+    mtls: g.dataset.mtls === "true", denied: Number(g.dataset.denied),
+    label: g.querySelector("text")?.textContent,
   })));
   const nodes = await page.$$eval("svg g.node", (gs) => gs.map((g) => g.dataset.id));
   const status = await page.textContent("#status");
@@ -53,7 +60,9 @@ try {
     if (!e.mtls) throw new Error(`${s} → ${t} is not mTLS: ${e.label}`);
     if (!/req\/s/.test(e.label) || !/mTLS/.test(e.label)) throw new Error(`edge label: ${e.label}`);
   }
-  for (const id of ["workload:default/client", "service:reviews.default"]) {
+  const denied = edges.find((e) => e.source === INTRUDER[0] && e.target === INTRUDER[1]);
+  if (!/denied\/s/.test(denied.label)) throw new Error(`the intruder's edge label: ${denied.label}`);
+  for (const id of ["workload:default/client", "workload:default/intruder", "service:reviews.default"]) {
     if (!nodes.includes(id)) throw new Error(`node ${id} missing: ${nodes}`);
   }
   if (rows < EXPECTED.length) throw new Error(`the edge table has ${rows} rows`);

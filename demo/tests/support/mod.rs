@@ -1,6 +1,6 @@
 #![allow(dead_code)] // each test binary uses its own part
 //! What the demo's tests share: a mesh of the real binaries on loopback addresses of its own,
-//! reading a copy of `examples/canary/` that the test may edit.
+//! reading copies of `examples/canary/` and `examples/access-policy/` that the test may edit.
 
 use std::path::PathBuf;
 
@@ -20,17 +20,24 @@ pub fn dirs(test: &str) -> (PathBuf, PathBuf) {
         fastrand::u32(..1 << 24)
     ));
     let manifests = root.join("manifests");
-    std::fs::create_dir_all(&manifests).unwrap();
-    let examples = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("run by cargo"))
-        .join("../examples/canary");
-    for entry in std::fs::read_dir(&examples).unwrap() {
-        let path = entry.unwrap().path();
-        if !path.is_file() {
-            continue;
-        }
-        std::fs::copy(&path, manifests.join(path.file_name().unwrap())).unwrap();
-    }
+    copy_dir(&examples().join("canary"), &manifests);
     (manifests, root.join("work"))
+}
+
+/// The project's `examples/`.
+pub fn examples() -> PathBuf {
+    PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("run by cargo")).join("../examples")
+}
+
+/// Copies the files of `from` into a new directory `to`.
+pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::fs::copy(&path, to.join(path.file_name().unwrap())).unwrap();
+        }
+    }
 }
 
 /// Loopback addresses no other test (nor a running demo, on 127.0.10.*) uses.
@@ -40,7 +47,15 @@ pub fn ip_prefix() -> [u8; 3] {
 
 pub async fn start(test: &str) -> (Mesh, PathBuf) {
     let (manifests, work) = dirs(test);
-    let options = Options { bin_dir: bin_dir(), manifests: manifests.clone(), work, ip_prefix: ip_prefix() };
+    let policies = manifests.parent().unwrap().join("policies");
+    copy_dir(&examples().join("access-policy"), &policies);
+    let options = Options {
+        bin_dir: bin_dir(),
+        manifests: manifests.clone(),
+        policies: Some(policies),
+        work,
+        ip_prefix: ip_prefix(),
+    };
     match Mesh::start(options).await {
         Ok(mesh) => (mesh, manifests),
         Err(e) => panic!("the mesh did not start: {e}"),

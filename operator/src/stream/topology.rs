@@ -79,6 +79,7 @@ struct Sum {
     total: EdgeCounters,
     requests_per_second: f64,
     retries_per_second: f64,
+    denied_per_second: f64,
 }
 
 impl Sum {
@@ -90,6 +91,7 @@ impl Sum {
         if secs > 0.0 {
             self.requests_per_second += delta.requests as f64 / secs;
             self.retries_per_second += delta.retries as f64 / secs;
+            self.denied_per_second += delta.denied as f64 / secs;
         }
         add_counters(&mut self.window, &delta, None);
     }
@@ -108,6 +110,7 @@ impl Sum {
             p99_ms: quantile(&w.latency_buckets, 0.99).map(|s| s * 1000.0),
             retries_per_second: self.retries_per_second,
             ejections: w.ejections,
+            denied_per_second: self.denied_per_second,
             mtls,
             total_requests: self.total.requests,
         }
@@ -123,6 +126,7 @@ fn add_counters(into: &mut EdgeCounters, latest: &EdgeCounters, base: Option<&Ed
     into.plaintext += diff(latest.plaintext, base.map(|b| b.plaintext));
     into.retries += diff(latest.retries, base.map(|b| b.retries));
     into.ejections += diff(latest.ejections, base.map(|b| b.ejections));
+    into.denied += diff(latest.denied, base.map(|b| b.denied));
     if into.latency_buckets.len() < latest.latency_buckets.len() {
         into.latency_buckets.resize(latest.latency_buckets.len(), 0);
     }

@@ -121,7 +121,15 @@ pub async fn serve(
     };
 
     let (forwarded, series) = match decided {
-        Err(response) => (Forwarded { response, retries: 0, upstream: None }, ctx.passthrough.clone()),
+        // The proxy's own answers count where the request was headed: an inbound refusal is
+        // inbound traffic, never outbound passthrough (the topology would draw it as a call).
+        Err(response) => {
+            let series = match conn.direction {
+                Direction::Inbound => ctx.inbound.clone(),
+                Direction::Outbound => ctx.passthrough.clone(),
+            };
+            (Forwarded { response, retries: 0, upstream: None }, series)
+        }
         Ok(upstream) => {
             let series = match &upstream {
                 Upstream::Mesh(t) => t.series.clone(),

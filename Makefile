@@ -68,6 +68,7 @@ demo:
 # The data-plane benchmark: skein-proxy next to Envoy, HAProxy and nginx on loopback (about
 # 10 minutes; RUNS, RATES, DURATION, TARGETS tune it, see bench/run.sh). Writes bench/RESULTS.md.
 bench:
-	$(CARGO) build --release -p skein-proxy -p skein-bench -p skein-identity-bench
+	$(CARGO) build --release -p skein-proxy -p skein-bench -p skein-identity-bench -p skein-authz-bench
 	bash bench/run.sh
 	taskset -c 0 $${CARGO_TARGET_DIR:-target}/release/identity-bench
+	taskset -c 0 $${CARGO_TARGET_DIR:-target}/release/authz-bench

@@ -212,8 +212,13 @@ impl Decision {
 pub fn evaluate(authz: &InboundAuthz, caller: &Caller<'_>, request: &Request<'_>) -> Decision {
     let path = request.http.map(|(_, p)| normalize_path(p));
     let enforced = decide(authz, caller, request, path.as_ref(), |m| m == Mode::Enforce);
-    let with_dry_run = decide(authz, caller, request, path.as_ref(), |_| true);
-    let dry_run = (with_dry_run != enforced).then_some(with_dry_run);
+    // Decided a second time only when a DryRun policy could change the outcome.
+    let dry_run = authz
+        .policies
+        .iter()
+        .any(|p| p.mode == Mode::DryRun)
+        .then(|| decide(authz, caller, request, path.as_ref(), |_| true))
+        .filter(|with_dry_run| *with_dry_run != enforced);
     Decision { allowed: enforced.0, by: enforced.1, dry_run }
 }
 
@@ -224,24 +229,25 @@ fn decide(
     path: Option<&Result<String, Hidden>>,
     counts: impl Fn(Mode) -> bool,
 ) -> (bool, DecidedBy) {
-    let applicable: Vec<&AuthzPolicy> = authz
-        .policies
-        .iter()
-        .filter(|p| counts(p.mode) && (p.ports.is_empty() || p.ports.contains(&request.port)))
-        .collect();
-    for p in applicable.iter().filter(|p| p.action == Action::Deny) {
+    // No allocation on this path: it runs for every inbound request.
+    let applicable = || {
+        authz
+            .policies
+            .iter()
+            .filter(|p| counts(p.mode) && (p.ports.is_empty() || p.ports.contains(&request.port)))
+    };
+    for p in applicable().filter(|p| p.action == Action::Deny) {
         if p.rules.iter().any(|r| rule_matches(r, Action::Deny, caller, request, path)) {
             return (false, DecidedBy::Policy(p.name.clone()));
         }
     }
-    let allows: Vec<&&AuthzPolicy> = applicable.iter().filter(|p| p.action == Action::Allow).collect();
-    if let Some(first) = allows.first() {
+    let mut allows = applicable().filter(|p| p.action == Action::Allow).peekable();
+    if let Some(first) = allows.peek().map(|p| &p.name) {
         return match allows
-            .iter()
             .find(|p| p.rules.iter().any(|r| rule_matches(r, Action::Allow, caller, request, path)))
         {
             Some(p) => (true, DecidedBy::Policy(p.name.clone())),
-            None => (false, DecidedBy::Policy(first.name.clone())),
+            None => (false, DecidedBy::Policy(first.clone())),
         };
     }
     let allowed = match (authz.default, caller.identity) {
@@ -264,9 +270,9 @@ fn rule_matches(
     request: &Request<'_>,
     path: Option<&Result<String, Hidden>>,
 ) -> bool {
-    let from = rule.from.as_ref().is_none_or(|s| source_matches(s, caller));
-    let to = rule.to.as_ref().is_none_or(|d| destination_matches(d, action, request, path));
-    from && to
+    // The caller first: most rules of a long list name someone else.
+    rule.from.as_ref().is_none_or(|s| source_matches(s, caller))
+        && rule.to.as_ref().is_none_or(|d| destination_matches(d, action, request, path))
 }
 
 fn source_matches(s: &Source, caller: &Caller<'_>) -> bool {

@@ -15,6 +15,8 @@
 mod admin;
 mod args;
 mod balance;
+#[doc(hidden)]
+pub mod bench;
 mod capture;
 mod config;
 #[doc(hidden)]

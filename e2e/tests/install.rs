@@ -3,8 +3,9 @@
 //! its own namespace, a labelled namespace gets a client and two versions of a service plus
 //! `examples/canary`, and then, with real pods and real traffic: injection, transparent capture,
 //! strict mTLS, explicit mode, probes, a run-to-completion pod, certificate rotation, draining a
-//! deleted pod, losing the leader, `helm upgrade`, `Programmed` in `kubectl describe`, and an
-//! uninstall that leaves nothing behind.
+//! deleted pod, losing the leader, `helm upgrade`, `Programmed` in `kubectl describe`, an
+//! AccessPolicy denying a second identity (403) while the client and the probes get through, and
+//! an uninstall that leaves nothing behind.
 //!
 //! Traffic is sent from inside the pods (a busybox client's `wget`, run with `node/exec`) and
 //! every check reads what the proxies themselves report (`/metrics`), never what is assumed.
@@ -662,6 +663,80 @@ fn install_mesh_a_namespace_and_uninstall() {
             Err(format!("{message:?}, want {wanted} naming {meshed:?}"))
         }
     });
+
+    step("an AccessPolicy lets only the client call reviews: another identity gets 403, probes still pass");
+    let intruder_app = format!(
+        "apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: intruder}}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: intruder}}\nspec:\n  replicas: 1\n  selector: {{matchLabels: {{app: intruder}}}}\n  template:\n    metadata: {{labels: {{app: intruder}}}}\n    spec:\n      serviceAccountName: intruder\n      containers:\n        - {{name: app, image: {busybox}, command: [/bin/sleep, \"3600\"], securityContext: {{readOnlyRootFilesystem: true, runAsUser: 1000}}}}\n"
+    );
+    kubectl_ok(&["-n", &shop, "apply", "-f", "-"], Some(&intruder_app));
+    let policy = std::fs::read_to_string(root.join("examples/access-policy/reviews-callers.yaml"))
+        .unwrap()
+        .replace("namespace: default", &format!("namespace: {shop}"));
+    kubectl_ok(&["apply", "-f", "-"], Some(&policy));
+    let intruder = wait_ready(&shop, "app=intruder", 1).remove(0);
+    wait_condition(&shop, "accesspolicy/reviews-callers", "Accepted", "True", "Accepted");
+    wait_condition(&shop, "accesspolicy/reviews-callers", "Enforced", "True", "Enforced");
+    wait_condition(&shop, "accesspolicy/reviews-callers", "Programmed", "True", "Programmed");
+    let denied = node.exec(
+        &shop,
+        &intruder,
+        "app",
+        &[
+            "/bin/sh",
+            "-c",
+            "for i in 1 2 3 4 5; do timeout 10 wget -qO- http://reviews:9080/ 2>&1; echo; done; true",
+        ],
+    );
+    let denied = String::from_utf8_lossy(&denied.stdout).into_owned();
+    assert_eq!(denied.matches("403 Forbidden").count(), 5, "the intruder is denied every time: {denied}");
+    let allowed = requests(&node, &shop, &client, "http://reviews:9080/", None, 10, 0);
+    assert_eq!(versions(&allowed).2, Vec::<String>::new(), "the client still gets through");
+    let policy_label = format!("policy=\"{shop}/reviews-callers\"");
+    let decisions = |decision: &str| -> f64 {
+        let label = format!("decision=\"{decision}\"");
+        wait_ready(&shop, "app=reviews", 3)
+            .iter()
+            .map(|p| {
+                metric(
+                    &node,
+                    &shop,
+                    &client,
+                    &pod_ip(&shop, p),
+                    "skein_authz_decisions_total",
+                    &[&label, &policy_label],
+                )
+            })
+            .sum()
+    };
+    assert_eq!(decisions("deny"), 5.0, "each denial counted by the reviews sidecar that made it");
+    assert!(decisions("allow") >= 10.0, "and the client's requests allowed");
+    // The namespace default turns to deny: it reaches the proxies, and the rewritten probes
+    // (answered by the sidecar's read-only port, never through inbound) keep every pod ready.
+    kubectl_ok(&["annotate", "namespace", &shop, "skein.dev/default-policy=deny", "--overwrite"], None);
+    eventually("the namespace default at the client's sidecar", Duration::from_secs(30), || {
+        let out = node.exec(
+            &shop,
+            &client,
+            "app",
+            &["/bin/sh", "-c", "timeout 5 wget -qO- http://127.0.0.1:15000/config_dump"],
+        );
+        let dump: Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+        if dump["config"]["authz"]["default"] == "deny" {
+            Ok(())
+        } else {
+            Err(format!("{}", dump["config"]["authz"]))
+        }
+    });
+    thread::sleep(Duration::from_secs(5));
+    wait_ready(&shop, "app=reviews", 3);
+    wait_ready(&shop, "app=client", 1);
+    let allowed = requests(&node, &shop, &client, "http://reviews:9080/", None, 5, 0);
+    assert_eq!(versions(&allowed).2, Vec::<String>::new(), "the Allow policy still lets the client in");
+    for pod in pods(&shop, "app=reviews").iter().filter(|p| ready(p)) {
+        for c in pod["status"]["containerStatuses"].as_array().unwrap() {
+            assert_eq!(c["restartCount"], 0, "no probe failed under the deny default: {}: {c}", name(pod));
+        }
+    }
 
     step("helm uninstall, CRDs and the mesh's own objects: nothing of Skein is left");
     helm(&["uninstall", "skein", "-n", &release_ns, "--wait", "--timeout", "120s"]);

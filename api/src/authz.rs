@@ -331,7 +331,9 @@ fn destination_matches(
 pub fn normalize_path(raw: &str) -> Result<String, Hidden> {
     let raw = raw.split(['?', '#']).next().unwrap_or_default();
     let bytes = raw.as_bytes();
-    let mut decoded = String::with_capacity(raw.len());
+    // Bytes, not chars: only ASCII escapes are decoded (to ASCII), so multi-byte UTF-8 passes
+    // through whole and the result stays valid UTF-8.
+    let mut decoded: Vec<u8> = Vec::with_capacity(raw.len());
     let mut i = 0;
     while i < bytes.len() {
         let b = bytes[i];
@@ -341,7 +343,7 @@ pub fn normalize_path(raw: &str) -> Result<String, Hidden> {
             match hex {
                 Some(b'/' | b'\\') => return Err(Hidden),
                 Some(c) if c.is_ascii_alphanumeric() || b"-._~".contains(&c) => {
-                    decoded.push(c as char);
+                    decoded.push(c);
                     i += 3;
                     continue;
                 }
@@ -351,9 +353,10 @@ pub fn normalize_path(raw: &str) -> Result<String, Hidden> {
         if b == b'\\' {
             return Err(Hidden);
         }
-        decoded.push(b as char);
+        decoded.push(b);
         i += 1;
     }
+    let decoded = String::from_utf8_lossy(&decoded);
     let mut segments: Vec<&str> = Vec::new();
     for seg in decoded.split('/') {
         match seg {
@@ -583,6 +586,12 @@ mod tests {
         let d =
             Decision { allowed: false, by: DecidedBy::Default(DefaultPolicy::SameNamespace), dry_run: None };
         assert_eq!(d.denial(), "denied by the namespace default (same-namespace)");
+    }
+
+    #[test]
+    fn non_ascii_paths_pass_through_whole() {
+        assert_eq!(normalize_path("/caf%C3%A9/ü/../x").as_deref(), Ok("/caf%C3%A9/x"));
+        assert_eq!(normalize_path("/ҏblic-%2e%2e.a").as_deref(), Ok("/ҏblic-...a"));
     }
 
     #[test]

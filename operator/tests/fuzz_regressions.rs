@@ -56,3 +56,8 @@ fn duration() {
 fn local_manifests() {
     replay("local_manifests", skein_operator::fuzzing::local_manifests);
 }
+
+#[test]
+fn authz_path() {
+    replay("authz_path", skein_proxy::fuzzing::authz_path);
+}

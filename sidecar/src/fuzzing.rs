@@ -139,3 +139,67 @@ fn route_config() -> ProxyConfig {
         authz: Default::default(),
     }
 }
+
+/// Inbound authorization of a request's path, under a Deny rule on `/admin` and an Allow rule
+/// on `/public`: a normalised path has no empty, `.` or `..` segment, one under `/admin` is always
+/// denied (whatever its escapes and dot segments), nothing outside `/public` is ever allowed, and
+/// a path that hides a separator in an escape is denied.
+pub fn authz_path(data: &[u8]) {
+    use skein_api::authz::{
+        evaluate, normalize_path, Action, AuthzPolicy, AuthzRule, Caller, Destination as To, Identity,
+        InboundAuthz, PathMatch, Request,
+    };
+    static AUTHZ: OnceLock<InboundAuthz> = OnceLock::new();
+    let authz = AUTHZ.get_or_init(|| {
+        let on = |path: &str| AuthzRule {
+            from: None,
+            to: Some(To { paths: vec![PathMatch::Prefix(path.into())], ..Default::default() }),
+        };
+        InboundAuthz {
+            policies: vec![
+                AuthzPolicy {
+                    name: "shop/admin".into(),
+                    action: Action::Deny,
+                    rules: vec![on("/admin")],
+                    ..Default::default()
+                },
+                AuthzPolicy {
+                    name: "shop/public".into(),
+                    action: Action::Allow,
+                    rules: vec![on("/public")],
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        }
+    });
+    let Ok(path) = std::str::from_utf8(data) else { return };
+    let caller = Caller {
+        identity: Some(Identity {
+            spiffe_id: "spiffe://cluster.local/ns/shop/sa/a",
+            namespace: "shop",
+            service_account: "a",
+        }),
+    };
+    let decision = evaluate(authz, &caller, &Request { port: 80, http: Some(("GET", path)) });
+    let under = |p: &str, prefix: &str| p == prefix || p.starts_with(&format!("{prefix}/"));
+    match normalize_path(path) {
+        Ok(normal) => {
+            // Absolute, and no empty, `.` or `..` segment is left (decoding is done once, as
+            // an app does: `%%361` becomes `%61`, which is not decoded again).
+            assert!(normal.starts_with('/'), "{path:?} → {normal:?}");
+            let inner = normal.strip_suffix('/').unwrap_or(&normal);
+            assert!(
+                inner.is_empty() || inner[1..].split('/').all(|s| !s.is_empty() && s != "." && s != ".."),
+                "{path:?} → {normal:?}"
+            );
+            if under(&normal, "/admin") {
+                assert!(!decision.allowed, "{path:?} ({normal}) is under /admin");
+            }
+            if decision.allowed {
+                assert!(under(&normal, "/public"), "{path:?} ({normal}) was allowed outside /public");
+            }
+        }
+        Err(_) => assert!(!decision.allowed, "{path:?} hides a separator"),
+    }
+}

@@ -1,8 +1,9 @@
 //! Transparent capture: iptables, in a network namespace the test creates, redirects a client's
 //! connections for a Service address to the outbound listener. The proxy reads the original
 //! destination (`SO_ORIGINAL_DST`), routes HTTP by it, and splices a port marked opaque as plain
-//! TCP; `skein-proxy init` installs the same capture for IPv4 and IPv6, and a re-run changes
-//! nothing. Needs root, `ip` and `iptables`; without them the test says so and skips.
+//! TCP; an opaque inbound connection is authorized by port (AccessPolicy) and a denied one is
+//! closed without a byte; `skein-proxy init` installs the same capture for IPv4 and IPv6, and a
+//! re-run changes nothing. Needs root, `ip` and `iptables`; without them the test says so and skips.
 #![allow(clippy::unwrap_used)] // a test that unwraps an error fails, which is the point
 
 mod support;
@@ -139,6 +140,123 @@ fn redirected_connections_are_routed_by_original_destination_and_opaque_ports_sp
     assert!(result.0.starts_with("HTTP/1.1 200"), "{}", result.0);
     assert!(result.0.ends_with("web:0"), "{}", result.0);
     assert_eq!(&result.1, b"\x16\x03\x01 hello");
+}
+
+#[test]
+fn opaque_inbound_connections_are_authorized_and_denied_ones_closed() {
+    use skein_api::authz::{Action, AuthzPolicy, AuthzRule, Destination, InboundAuthz, Source as From};
+    if !have("ip") || !have("iptables") {
+        eprintln!("skipping: transparent capture needs `ip` and `iptables`");
+        return;
+    }
+    let Some(ns) = Netns::create() else {
+        eprintln!("skipping: cannot create a network namespace (needs root)");
+        return;
+    };
+    ns.exec(&["ip", "link", "set", "lo", "up"]);
+    // Everything for the pod address 127.0.0.3 goes to the inbound listener, as a peer's would.
+    ns.exec(&[
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "-d",
+        "127.0.0.3",
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        "15006",
+    ]);
+    let netns_file = std::fs::File::open(format!("/var/run/netns/{}", ns.0)).expect("netns file");
+    let (allowed, denied, counted) = std::thread::spawn(move || {
+        nix::sched::setns(&netns_file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let mut ports = Vec::new();
+            for _ in 0..2 {
+                let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                ports.push(echo.local_addr().unwrap().port());
+                tokio::spawn(async move {
+                    while let Ok((mut s, _)) = echo.accept().await {
+                        tokio::spawn(async move {
+                            let (mut r, mut w) = s.split();
+                            let _ = tokio::io::copy(&mut r, &mut w).await;
+                        });
+                    }
+                });
+            }
+            let (open, closed) = (ports[0], ports[1]);
+            // One Allow policy on both ports; its only rule lets plaintext callers reach the
+            // first. The second is covered by the policy and allowed by no rule.
+            let mut cfg = support::config("t1", vec![], vec![]);
+            cfg.authz = InboundAuthz {
+                policies: vec![AuthzPolicy {
+                    name: "shop/echo".into(),
+                    action: Action::Allow,
+                    ports: vec![open, closed],
+                    rules: vec![AuthzRule {
+                        from: Some(From { unauthenticated: true, ..Default::default() }),
+                        to: Some(Destination { ports: vec![open], ..Default::default() }),
+                    }],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            };
+            let store = Arc::new(ConfigStore::new(None));
+            store.apply(cfg, Source::File).unwrap();
+            let ctx = Arc::new(ProxyContext::new(
+                store.clone(),
+                AccessLog::off(),
+                "127.0.0.1".parse().unwrap(),
+                Duration::from_millis(500),
+            ));
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:15006").await.unwrap();
+            tokio::spawn(skein_proxy::serve_listener(listener, ctx, Direction::Inbound, Default::default()));
+            let (allowed, denied) = tokio::task::spawn_blocking(move || {
+                let talk = |port: u16| {
+                    let mut s = std::net::TcpStream::connect(("127.0.0.3", port)).unwrap();
+                    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                    s.write_all(b"\x16\x03\x01 hello").unwrap();
+                    // Up to the echo's length (the echo server never closes), or to the close.
+                    let mut got = vec![0u8; 9];
+                    let mut n = 0;
+                    while n < got.len() {
+                        match s.read(&mut got[n..]) {
+                            Ok(0) | Err(_) => break,
+                            Ok(k) => n += k,
+                        }
+                    }
+                    got.truncate(n);
+                    got
+                };
+                (talk(open), talk(closed))
+            })
+            .await
+            .unwrap();
+            let mut metrics = String::new();
+            store.shared.metrics.render(&mut metrics);
+            (allowed, denied, metrics)
+        })
+    })
+    .join()
+    .expect("namespace thread");
+    assert_eq!(allowed, b"\x16\x03\x01 hello", "the allowed port echoes");
+    assert!(denied.is_empty(), "the denied connection is closed without a byte: {denied:?}");
+    assert!(
+        counted.contains(
+            "skein_authz_decisions_total{decision=\"allow\",policy=\"shop/echo\",mode=\"enforce\"} 1"
+        ),
+        "{counted}"
+    );
+    assert!(
+        counted.contains(
+            "skein_authz_decisions_total{decision=\"deny\",policy=\"shop/echo\",mode=\"enforce\"} 1"
+        ),
+        "{counted}"
+    );
 }
 
 #[test]

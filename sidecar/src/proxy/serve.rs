@@ -54,29 +54,32 @@ pub async fn serve(
                 .or_else(|| authority.as_ref().and_then(Authority::port_u16))
                 .unwrap_or(80);
             let path = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
-            let verdict = authz::check(
-                active.as_deref(),
-                &ctx.store.shared.metrics.authz,
-                caller.as_deref(),
-                port,
-                Some((parts.method.as_str(), path)),
-            );
+            // A proxy port is refused before anything is decided (or counted) for it.
+            let verdict = ctx.inbound_port_allowed(port).then(|| {
+                authz::check(
+                    active.as_deref(),
+                    &ctx.store.shared.metrics.authz,
+                    caller.as_deref(),
+                    port,
+                    Some((parts.method.as_str(), path)),
+                )
+            });
             match verdict {
-                _ if !ctx.inbound_port_allowed(port) => Err(error(
+                None => Err(error(
                     StatusCode::FORBIDDEN,
                     "proxy-port",
                     &format!("port {port} is the proxy's own; inbound traffic is for the app"),
                 )),
-                Err(authz::NoConfig) => Err(error(
+                Some(Err(authz::NoConfig)) => Err(error(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "no-config",
                     "the sidecar has no config yet, so it cannot tell who may call",
                 )),
-                Ok(v) if !v.allowed => {
+                Some(Ok(v)) if !v.allowed => {
                     authz_log = v.log;
                     Err(error(StatusCode::FORBIDDEN, authz::DENIED, &v.denial))
                 }
-                Ok(v) => {
+                Some(Ok(v)) => {
                     authz_log = v.log;
                     Ok(Upstream::Fixed(
                         authority_for(SocketAddr::new(ctx.inbound_target, port)),

@@ -16,6 +16,10 @@ pub const INJECTED_ANNOTATION: &str = "skein.dev/injected";
 /// (`allow`, `authenticated`, `same-namespace`, `deny`).
 pub const DEFAULT_POLICY_ANNOTATION: &str = "skein.dev/default-policy";
 
+/// ServiceAccount or Namespace annotation: the Services its workloads' proxies receive
+/// (`./*, payments/api`); every Service when absent.
+pub const DESTINATIONS_ANNOTATION: &str = "skein.dev/destinations";
+
 /// Service annotation choosing the load balancer: `p2c-ewma` (default) or `round-robin`.
 pub const LOAD_BALANCER_ANNOTATION: &str = "skein.dev/load-balancer";
 

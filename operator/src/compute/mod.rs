@@ -27,6 +27,7 @@ pub mod access;
 mod endpoints;
 mod policies;
 mod routes;
+pub mod scope;
 pub mod snapshot;
 pub mod status;
 
@@ -118,10 +119,21 @@ impl DesiredStatus {
 }
 
 /// The computed mesh: shared destinations, per-identity inbound ports, desired statuses.
+///
+/// Each destination is serialized and hashed once per computation; a workload's config is the
+/// destinations of its scope (see [`scope`]), so its version is a hash over theirs and its line
+/// is assembled from their bytes: identities that share a scope share the work.
 #[derive(Debug)]
 pub struct MeshConfig {
+    /// Sorted by namespace and name.
     pub destinations: Arc<Vec<Destination>>,
-    destinations_digest: Sha256,
+    /// Each destination as JSON, and its hash.
+    destination_json: Vec<(bytes::Bytes, [u8; 32])>,
+    /// (namespace, name) → index in `destinations`.
+    index: std::collections::HashMap<(String, String), usize>,
+    scopes: scope::Scopes,
+    /// The selection and digest of each distinct (scope, own namespace), computed on first use.
+    groups: std::sync::Mutex<std::collections::HashMap<(scope::Scope, String), Arc<Group>>>,
     pub inbound: BTreeMap<WorkloadIdentity, Vec<InboundPort>>,
     /// Per identity: who may call it.
     pub authz: BTreeMap<WorkloadIdentity, InboundAuthz>,
@@ -133,6 +145,13 @@ pub struct MeshConfig {
     pub statuses: BTreeMap<ResourceRef, DesiredStatus>,
 }
 
+/// The destinations one scope selects, and their digest.
+#[derive(Debug)]
+struct Group {
+    selected: Vec<usize>,
+    digest: Sha256,
+}
+
 impl Default for MeshConfig {
     /// The mesh of an empty cluster (what proxies get before the first list completes).
     fn default() -> Self {
@@ -141,27 +160,124 @@ impl Default for MeshConfig {
 }
 
 impl MeshConfig {
-    /// The config of one workload, with its content hash as version.
-    pub fn proxy_config(&self, identity: &WorkloadIdentity) -> ProxyConfig {
+    /// Problems with `skein.dev/destinations` annotations (object → why it counts as absent).
+    pub fn scope_problems(&self) -> &BTreeMap<String, String> {
+        &self.scopes.problems
+    }
+
+    /// The destinations `identity`'s scope selects: the scope's Services plus, transitively,
+    /// every Service a route of theirs sends traffic to.
+    fn group(&self, identity: &WorkloadIdentity) -> Arc<Group> {
+        let scope = self.scopes.of(&identity.namespace, &identity.service_account);
+        let own = if scope.relative() { identity.namespace.clone() } else { String::new() };
+        let key = (scope.clone(), own);
+        let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(g) = groups.get(&key) {
+            return g.clone();
+        }
+        let mut selected: BTreeSet<usize> = self
+            .destinations
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| scope.includes(&identity.namespace, &d.namespace, &d.name))
+            .map(|(i, _)| i)
+            .collect();
+        if !matches!(scope, scope::Scope::All) {
+            let mut todo: Vec<usize> = selected.iter().copied().collect();
+            while let Some(i) = todo.pop() {
+                for rule in self.destinations[i].routes.iter().flat_map(|r| &r.rules) {
+                    for b in &rule.backends {
+                        if let skein_api::config::BackendTarget::Service { namespace, name, .. } = &b.target {
+                            if let Some(&j) = self.index.get(&(namespace.clone(), name.clone())) {
+                                if selected.insert(j) {
+                                    todo.push(j);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let mut digest = Sha256::new();
+        for &i in &selected {
+            digest.update(self.destination_json[i].1);
+        }
+        let group = Arc::new(Group { selected: selected.into_iter().collect(), digest });
+        groups.insert(key, group.clone());
+        group
+    }
+
+    /// What `identity` gets besides its destinations: inbound ports and authorization. An
+    /// identity no pod of which is seen yet gets its namespace's default, never `allow` by
+    /// omission.
+    fn own_parts(&self, identity: &WorkloadIdentity) -> (Vec<InboundPort>, InboundAuthz) {
         let inbound = self.inbound.get(identity).cloned().unwrap_or_default();
-        // An identity no pod of which is seen yet gets its namespace's default, never `allow`
-        // by omission.
         let authz = self.authz.get(identity).cloned().unwrap_or_else(|| InboundAuthz {
             default: self.namespace_defaults.get(&identity.namespace).copied().unwrap_or(self.mesh_default),
             namespace: identity.namespace.clone(),
             policies: Vec::new(),
         });
-        let mut digest = self.destinations_digest.clone();
-        digest.update(serde_json::to_vec(&(identity, &inbound, &authz)).expect("plain data serializes"));
+        (inbound, authz)
+    }
+
+    fn version(
+        &self,
+        group: &Group,
+        identity: &WorkloadIdentity,
+        own: &(Vec<InboundPort>, InboundAuthz),
+    ) -> String {
+        let mut digest = group.digest.clone();
+        digest.update(serde_json::to_vec(&(identity, &own.0, &own.1)).expect("plain data serializes"));
         let hash = digest.finalize();
-        let version: String = hash[..6].iter().map(|b| format!("{b:02x}")).collect();
+        hash[..6].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The config version of `identity` (a content hash), without building the config.
+    pub fn version_of(&self, identity: &WorkloadIdentity) -> String {
+        self.version(&self.group(identity), identity, &self.own_parts(identity))
+    }
+
+    /// The config of one workload, with its content hash as version.
+    pub fn proxy_config(&self, identity: &WorkloadIdentity) -> ProxyConfig {
+        let group = self.group(identity);
+        let own = self.own_parts(identity);
         ProxyConfig {
-            version,
+            version: self.version(&group, identity, &own),
             identity: Some(identity.clone()),
-            destinations: self.destinations.as_ref().clone(),
-            inbound,
-            authz,
+            destinations: group.selected.iter().map(|&i| self.destinations[i].clone()).collect(),
+            inbound: own.0,
+            authz: own.1,
         }
+    }
+
+    /// The config of one workload as the JSON line the stream sends, assembled from each
+    /// destination's bytes (serialized once per computation), and its version.
+    pub fn proxy_line(&self, identity: &WorkloadIdentity) -> (String, bytes::Bytes) {
+        let group = self.group(identity);
+        let own = self.own_parts(identity);
+        let version = self.version(&group, identity, &own);
+        let shell = ProxyConfig {
+            version: version.clone(),
+            identity: Some(identity.clone()),
+            destinations: Vec::new(),
+            inbound: own.0,
+            authz: own.1,
+        };
+        let shell = serde_json::to_vec(&shell).expect("plain data serializes");
+        const EMPTY: &[u8] = b"\"destinations\":[]";
+        let at = shell.windows(EMPTY.len()).position(|w| w == EMPTY).expect("the field is serialized");
+        let size: usize = group.selected.iter().map(|&i| self.destination_json[i].0.len() + 1).sum();
+        let mut line = Vec::with_capacity(shell.len() + size + 1);
+        line.extend_from_slice(&shell[..at + EMPTY.len() - 1]);
+        for (n, &i) in group.selected.iter().enumerate() {
+            if n > 0 {
+                line.push(b',');
+            }
+            line.extend_from_slice(&self.destination_json[i].0);
+        }
+        line.extend_from_slice(&shell[at + EMPTY.len() - 1..]);
+        line.push(b'\n');
+        (version, line.into())
     }
 }
 
@@ -224,11 +340,22 @@ pub fn compute(snapshot: &Snapshot) -> MeshConfig {
         });
     }
 
-    let mut destinations_digest = Sha256::new();
-    destinations_digest.update(serde_json::to_vec(&destinations).expect("plain data serializes"));
+    let destination_json = destinations
+        .iter()
+        .map(|d| {
+            let json = serde_json::to_vec(d).expect("plain data serializes");
+            let hash: [u8; 32] = Sha256::digest(&json).into();
+            (bytes::Bytes::from(json), hash)
+        })
+        .collect();
+    let index =
+        destinations.iter().enumerate().map(|(i, d)| ((d.namespace.clone(), d.name.clone()), i)).collect();
     MeshConfig {
         destinations: Arc::new(destinations),
-        destinations_digest,
+        destination_json,
+        index,
+        scopes: snapshot.scopes(),
+        groups: Default::default(),
         inbound: inbound_ports(snapshot),
         authz,
         namespace_defaults: snapshot
@@ -680,5 +807,80 @@ spec:
         let mesh = compute(&s);
         assert_eq!(of(&mesh, "shop", "ratings"), DefaultPolicy::Deny, "a typo fails closed");
         assert_eq!(mesh.bad_namespace_defaults.get("shop").map(String::as_str), Some("authenticted"));
+    }
+
+    /// The shop plus Services `books/catalog`, `shared/other` and `shop/legacy`, which a rule
+    /// of the `shop/reviews` route sends traffic to.
+    fn wider_mesh() -> Snapshot {
+        let mut s = shop();
+        for (ns, name) in [("books", "catalog"), ("shop", "legacy"), ("shared", "other")] {
+            yaml::<Service>(&format!(
+                "metadata: {{name: {name}, namespace: {ns}}}\nspec: {{ports: [{{name: http, port: 80}}]}}"
+            ))
+            .apply(&mut s);
+        }
+        let route = s.routes.values_mut().next().unwrap();
+        route.spec.rules[1]
+            .backends
+            .push(serde_json::from_value(serde_json::json!({"service": "legacy", "weight": 1})).unwrap());
+        s
+    }
+
+    #[test]
+    fn a_scoped_workload_receives_its_services_and_what_their_routes_send_to() {
+        use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+        let mut s = wider_mesh();
+        yaml::<Namespace>("metadata: {name: shop, annotations: {skein.dev/destinations: './*'}}")
+            .apply(&mut s);
+        yaml::<ServiceAccount>("metadata: {name: batch, namespace: shop, annotations: {skein.dev/destinations: 'books/catalog'}}")
+            .apply(&mut s);
+        let mesh = compute(&s);
+        let names = |id: &WorkloadIdentity| -> Vec<String> {
+            mesh.proxy_config(id).destinations.iter().map(|d| format!("{}/{}", d.namespace, d.name)).collect()
+        };
+        let web = WorkloadIdentity::new("shop", "web");
+        assert_eq!(names(&web), ["shop/legacy", "shop/reviews"], "its service, and the route's backend");
+        assert_eq!(
+            names(&WorkloadIdentity::new("shop", "batch")),
+            ["books/catalog"],
+            "the service account wins"
+        );
+        assert_eq!(names(&WorkloadIdentity::new("books", "x")).len(), 4, "no annotation: every Service");
+
+        // The line the stream sends is the config, assembled from shared bytes.
+        for id in [&web, &WorkloadIdentity::new("books", "x")] {
+            let (version, line) = mesh.proxy_line(id);
+            assert!(line.ends_with(b"\n"));
+            let parsed: ProxyConfig = serde_json::from_slice(&line).unwrap();
+            assert_eq!(parsed, mesh.proxy_config(id));
+            assert_eq!(
+                (version.as_str(), mesh.version_of(id)),
+                (parsed.version.as_str(), parsed.version.clone())
+            );
+        }
+
+        // A change outside the scope leaves the version alone; one inside moves it.
+        let before = mesh.version_of(&web);
+        let mut outside = s.clone();
+        yaml::<Service>(
+            "metadata: {name: catalog, namespace: books}\nspec: {ports: [{name: http, port: 81}]}",
+        )
+        .apply(&mut outside);
+        assert_eq!(compute(&outside).version_of(&web), before);
+        assert_ne!(
+            compute(&outside).version_of(&WorkloadIdentity::new("shop", "batch")),
+            mesh.version_of(&WorkloadIdentity::new("shop", "batch"))
+        );
+        let mut inside = s.clone();
+        yaml::<Service>("metadata: {name: legacy, namespace: shop}\nspec: {ports: [{name: http, port: 81}]}")
+            .apply(&mut inside);
+        assert_ne!(compute(&inside).version_of(&web), before);
+
+        // A typo counts as no annotation, and is reported.
+        yaml::<Namespace>("metadata: {name: shop, annotations: {skein.dev/destinations: 'shop'}}")
+            .apply(&mut s);
+        let mesh = compute(&s);
+        assert_eq!(mesh.proxy_config(&WorkloadIdentity::new("shop", "web")).destinations.len(), 4);
+        assert!(mesh.scope_problems()["namespace shop"].contains("<namespace>/<service>"));
     }
 }

@@ -13,7 +13,8 @@ use kube::ResourceExt;
 use skein_api::authz::DefaultPolicy;
 use skein_api::config::LoadBalancer;
 use skein_api::constants::{
-    DEFAULT_POLICY_ANNOTATION, INJECTED_ANNOTATION, INJECT_LABEL, LOAD_BALANCER_ANNOTATION,
+    DEFAULT_POLICY_ANNOTATION, DESTINATIONS_ANNOTATION, INJECTED_ANNOTATION, INJECT_LABEL,
+    LOAD_BALANCER_ANNOTATION,
 };
 use skein_api::{AccessPolicy, OutlierPolicy, RetryPolicy, TrafficRoute, WorkloadIdentity};
 
@@ -229,6 +230,8 @@ impl PodInfo {
 pub struct NamespaceInfo {
     /// The `skein.dev/default-policy` annotation, as written.
     pub default_policy: Option<String>,
+    /// The `skein.dev/destinations` annotation, as written.
+    pub destinations: Option<String>,
 }
 
 impl NamespaceInfo {
@@ -254,8 +257,9 @@ pub struct Snapshot {
     pub pods: BTreeMap<ObjectKey, PodInfo>,
     /// Namespaces by name (the key's namespace is empty).
     pub namespaces: BTreeMap<ObjectKey, NamespaceInfo>,
-    /// Service accounts that exist (to warn of policies naming one that does not).
-    pub service_accounts: BTreeMap<ObjectKey, ()>,
+    /// Service accounts that exist (to warn of policies naming one that does not), with their
+    /// `skein.dev/destinations` annotation.
+    pub service_accounts: BTreeMap<ObjectKey, Option<String>>,
     /// The mesh-wide access default (`--default-policy`), for namespaces without their own.
     pub default_policy: DefaultPolicy,
 }
@@ -334,10 +338,45 @@ snapshot_object!(TrafficRoute, routes, |o| Some(o));
 snapshot_object!(OutlierPolicy, outlier_policies, |o| Some(o));
 snapshot_object!(RetryPolicy, retry_policies, |o| Some(o));
 snapshot_object!(AccessPolicy, access_policies, |o| Some(o));
-snapshot_object!(ServiceAccount, service_accounts, |_o| Some(()));
+snapshot_object!(ServiceAccount, service_accounts, |o| Some(
+    o.annotations().get(DESTINATIONS_ANNOTATION).cloned()
+));
 snapshot_object!(Service, services, |o| Some(ServiceInfo::from_service(&o)));
 snapshot_object!(EndpointSlice, slices, |o| SliceInfo::from_slice(&o));
 snapshot_object!(Pod, pods, |o| Some(PodInfo::from_pod(&o)));
 cluster_snapshot_object!(Namespace, namespaces, |o| NamespaceInfo {
-    default_policy: o.annotations().get(DEFAULT_POLICY_ANNOTATION).cloned()
+    default_policy: o.annotations().get(DEFAULT_POLICY_ANNOTATION).cloned(),
+    destinations: o.annotations().get(DESTINATIONS_ANNOTATION).cloned(),
 });
+
+impl Snapshot {
+    /// Every workload's destination scope, from the annotations (see [`super::scope`]).
+    pub fn scopes(&self) -> super::scope::Scopes {
+        use super::scope::{Scope, Scopes};
+        let mut scopes = Scopes::default();
+        let mut read = |object: String, value: &str| match Scope::parse(value) {
+            Ok(scope) => Some(scope),
+            Err(why) => {
+                scopes.problems.insert(object, why);
+                None
+            }
+        };
+        let mut by_namespace = BTreeMap::new();
+        for (k, ns) in &self.namespaces {
+            if let Some(scope) =
+                ns.destinations.as_deref().and_then(|v| read(format!("namespace {}", k.name), v))
+            {
+                by_namespace.insert(k.name.clone(), scope);
+            }
+        }
+        let mut by_service_account = BTreeMap::new();
+        for (k, value) in &self.service_accounts {
+            if let Some(scope) = value.as_deref().and_then(|v| read(format!("serviceaccount {k}"), v)) {
+                by_service_account.insert((k.namespace.clone(), k.name.clone()), scope);
+            }
+        }
+        scopes.by_namespace = by_namespace;
+        scopes.by_service_account = by_service_account;
+        scopes
+    }
+}

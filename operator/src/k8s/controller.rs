@@ -136,6 +136,7 @@ where
 pub async fn compute_loop(ctx: Arc<Context>, computed: Vec<Arc<Notify>>, shutdown: CancellationToken) {
     // Warned of once per change, not at every computation.
     let mut bad_defaults = std::collections::BTreeMap::new();
+    let mut bad_scopes = std::collections::BTreeMap::new();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -156,6 +157,12 @@ pub async fn compute_loop(ctx: Arc<Context>, computed: Vec<Arc<Notify>>, shutdow
                 );
             }
             bad_defaults = mesh.bad_namespace_defaults.clone();
+        }
+        if mesh.scope_problems() != &bad_scopes {
+            for (object, why) in mesh.scope_problems() {
+                tracing::warn!(%object, %why, "annotation skein.dev/destinations does not parse: its workloads receive every Service");
+            }
+            bad_scopes = mesh.scope_problems().clone();
         }
         ctx.hub.publish(Arc::new(mesh));
         ctx.metrics.reconciles.inc();

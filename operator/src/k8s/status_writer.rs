@@ -81,9 +81,8 @@ async fn write_statuses(
     // Proxies connected to the other replicas count too: each reports its own.
     let proxies =
         status::all_proxies(own, ctx.peers.fresh_proxies(&ctx.instance, time::OffsetDateTime::now_utc()));
-    let version_of = |id: &skein_api::WorkloadIdentity| {
-        current.get(id).cloned().unwrap_or_else(|| mesh.proxy_config(id).version)
-    };
+    let version_of =
+        |id: &skein_api::WorkloadIdentity| current.get(id).cloned().unwrap_or_else(|| mesh.version_of(id));
     let now = Time(Timestamp::now());
     let mut ok = true;
     written.retain(|r, _| mesh.statuses.contains_key(r));

@@ -43,6 +43,12 @@ impl Pushed {
         line.push(b'\n');
         Self { version: config.version.clone(), line: line.into() }
     }
+
+    /// `identity`'s config in `mesh`, assembled from the mesh's serialized destinations.
+    pub fn of(mesh: &MeshConfig, identity: &WorkloadIdentity) -> Self {
+        let (version, line) = mesh.proxy_line(identity);
+        Self { version, line }
+    }
 }
 
 struct Channel {
@@ -92,12 +98,14 @@ impl ConfigHub {
         state.mesh = mesh.clone();
         state.channels.retain(|_, c| c.sender.receiver_count() > 0);
         for (identity, channel) in state.channels.iter_mut() {
-            let config = mesh.proxy_config(identity);
+            // The version first (a hash over hashes): an identity the change does not touch
+            // gets nothing, and its config is not even built.
+            let version = mesh.version_of(identity);
             let changed = channel.sender.send_if_modified(|current| {
-                if current.version == config.version {
+                if current.version == version {
                     return false;
                 }
-                *current = Arc::new(Pushed::new(&config));
+                *current = Arc::new(Pushed::of(&mesh, identity));
                 true
             });
             if changed {
@@ -127,7 +135,7 @@ impl ConfigHub {
                 .channels
                 .entry(identity.clone())
                 .or_insert_with(|| Channel {
-                    sender: watch::Sender::new(Arc::new(Pushed::new(&mesh.proxy_config(&identity)))),
+                    sender: watch::Sender::new(Arc::new(Pushed::of(&mesh, &identity))),
                     published_at: Instant::now(),
                 })
                 .sender
@@ -278,5 +286,36 @@ mod tests {
         assert_eq!(hub.proxies().0[0].rejected, Some((version.clone(), "bad".into())));
         hub.acknowledge(conn, StreamAck { version, error: None });
         assert_eq!(hub.proxies().0[0].rejected, None);
+    }
+
+    #[tokio::test]
+    async fn a_change_outside_a_workloads_scope_sends_it_nothing() {
+        use crate::compute::snapshot::{NamespaceInfo, ObjectKey};
+        let hub = hub();
+        let mut snapshot = Snapshot::default();
+        snapshot.namespaces.insert(
+            ObjectKey::new("", "shop"),
+            NamespaceInfo { destinations: Some("./*".into()), ..Default::default() },
+        );
+        snapshot.services.insert(ObjectKey::new("shop", "reviews"), Default::default());
+        hub.publish(Arc::new(compute(&snapshot)));
+        let (_, mut scoped) = hub.connect(WorkloadIdentity::new("shop", "web"), "web-0".into());
+        let (_, mut everything) = hub.connect(WorkloadIdentity::new("books", "web"), "books-0".into());
+        scoped.borrow_and_update();
+        everything.borrow_and_update();
+
+        snapshot.services.insert(ObjectKey::new("books", "catalog"), Default::default());
+        hub.publish(Arc::new(compute(&snapshot)));
+        assert!(!scoped.has_changed().unwrap(), "books/catalog is outside shop's ./*");
+        assert!(everything.has_changed().unwrap());
+        let line = everything.borrow_and_update().line.clone();
+        assert_eq!(serde_json::from_slice::<ProxyConfig>(&line).unwrap().destinations.len(), 2);
+
+        snapshot.services.insert(ObjectKey::new("shop", "ratings"), Default::default());
+        hub.publish(Arc::new(compute(&snapshot)));
+        assert!(scoped.has_changed().unwrap());
+        let config: ProxyConfig = serde_json::from_slice(&scoped.borrow_and_update().line).unwrap();
+        let names: Vec<&str> = config.destinations.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(names, ["ratings", "reviews"]);
     }
 }

@@ -45,11 +45,29 @@ pub struct StreamTls {
     pub require_client_cert: bool,
 }
 
+/// The acceptor for the current trust bundle, built once per bundle rather than per
+/// connection (parsing the bundle and building the verifier cost more than a handshake).
+#[derive(Clone, Default)]
+pub struct AcceptorCache(Arc<std::sync::Mutex<Option<(String, tokio_rustls::TlsAcceptor)>>>);
+
 impl StreamTls {
-    fn acceptor(&self) -> Option<tokio_rustls::TlsAcceptor> {
+    fn acceptor(&self, cache: &AcceptorCache) -> Option<tokio_rustls::TlsAcceptor> {
+        let bundle = self.ca.load().trust_bundle().to_string();
+        let mut cached = cache.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((b, acceptor)) = cached.as_ref() {
+            if *b == bundle {
+                return Some(acceptor.clone());
+            }
+        }
+        let acceptor = self.build_acceptor(&bundle)?;
+        *cached = Some((bundle, acceptor.clone()));
+        Some(acceptor)
+    }
+
+    fn build_acceptor(&self, bundle: &str) -> Option<tokio_rustls::TlsAcceptor> {
         use rustls::pki_types::pem::PemObject;
         let mut roots = rustls::RootCertStore::empty();
-        for c in rustls::pki_types::CertificateDer::pem_slice_iter(self.ca.load().trust_bundle().as_bytes()) {
+        for c in rustls::pki_types::CertificateDer::pem_slice_iter(bundle.as_bytes()) {
             roots.add(c.ok()?).ok()?;
         }
         let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
@@ -91,6 +109,7 @@ pub async fn serve_with(
     tls: Option<StreamTls>,
     shutdown: CancellationToken,
 ) {
+    let acceptors = AcceptorCache::default();
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -107,12 +126,13 @@ pub async fn serve_with(
         let hub = hub.clone();
         let shutdown = shutdown.clone();
         let tls = tls.clone();
+        let acceptors = acceptors.clone();
         tokio::spawn(async move {
             let mut first = [0u8; 1];
             let is_tls = matches!(stream.peek(&mut first).await, Ok(1)) && first[0] == 0x16;
             let (io, proven): (Box<dyn Io>, Option<WorkloadIdentity>) = match (&tls, is_tls) {
                 (Some(t), true) => {
-                    let Some(acceptor) = t.acceptor() else { return };
+                    let Some(acceptor) = t.acceptor(&acceptors) else { return };
                     match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
                         Ok(Ok(s)) => {
                             let proven = s

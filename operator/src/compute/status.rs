@@ -158,6 +158,12 @@ pub fn transitions<'a>(old: Option<&PolicyStatus>, new: &'a PolicyStatus) -> Vec
         .collect()
 }
 
+/// Whether `new` only moves a message on from `old`: same generation, and no condition changes
+/// its status or reason (so no event either). Such a write can wait a little.
+pub fn progress_only(old: Option<&PolicyStatus>, new: &PolicyStatus) -> bool {
+    old.is_some_and(|o| o.observed_generation == new.observed_generation) && transitions(old, new).is_empty()
+}
+
 /// Whether two statuses say the same thing (ignoring `lastTransitionTime` precision).
 pub fn same(a: Option<&PolicyStatus>, b: &PolicyStatus) -> bool {
     let Some(a) = a else { return false };
@@ -316,5 +322,21 @@ mod tests {
             merge(Some(&existing), &desired(Cond::ok("Accepted", "")), &Cond::ok("Programmed", ""), &t(5));
         assert_eq!(merged.conditions.len(), 4);
         assert_eq!(merged.conditions[0].type_, "example.com/Audited");
+    }
+
+    #[test]
+    fn progress_is_only_a_message_moving_on() {
+        let accepted = Cond::ok("Accepted", "ok");
+        let pending = |n: &str| Cond::fail("Pending", format!("{n}/5000 proxies at config v; waiting"));
+        let a = merge(None, &desired(accepted.clone()), &pending("10"), &t(1));
+        let b = merge(Some(&a), &desired(accepted.clone()), &pending("2000"), &t(2));
+        assert!(progress_only(Some(&a), &b), "a count moving on");
+        let done = merge(Some(&b), &desired(accepted.clone()), &Cond::ok("Programmed", "5000/5000"), &t(3));
+        assert!(!progress_only(Some(&b), &done), "Programmed turning True is written at once");
+        let mut next = desired(accepted);
+        next.generation = 4;
+        let regen = merge(Some(&b), &next, &pending("0"), &t(4));
+        assert!(!progress_only(Some(&b), &regen), "a new generation is written at once");
+        assert!(!progress_only(None, &a));
     }
 }

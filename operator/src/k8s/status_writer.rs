@@ -26,6 +26,11 @@ use crate::metrics::ErrorLabels;
 
 /// Bound on one status write.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
+/// A status whose only change is progress (`812/5000 proxies at …` becoming `1630/5000 …`, no
+/// condition changing status or reason) is written at most this often per resource: a rollout
+/// to 5,000 proxies makes a few writes per resource, not one per acknowledgement. A condition
+/// that changes (Programmed turning True) is written at once.
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Writes status and events while this replica leads.
 pub async fn status_loop(
@@ -39,7 +44,7 @@ pub async fn status_loop(
     let mut written: HashMap<ResourceRef, Written> = HashMap::new();
     // Explicit-mode pods told about a policy (policy, pod uid, pod), once per leadership.
     let mut told = HashSet::new();
-    let mut retry_soon = false;
+    let mut wake_in: Option<Duration> = None;
     let mut proxies_changed = ctx.hub.proxies_changed.subscribe();
     let mut peers_changed = ctx.peers.changed.subscribe();
     loop {
@@ -53,29 +58,45 @@ pub async fn status_loop(
                 written.clear();
                 told.clear();
             }
-            _ = tokio::time::sleep(Duration::from_secs(5)), if retry_soon => {}
+            _ = tokio::time::sleep(wake_in.unwrap_or_default()), if wake_in.is_some() => {}
         }
         if !*leader.borrow() {
             continue;
         }
         // Let a burst of acknowledgements land before writing.
         tokio::time::sleep(Duration::from_millis(100)).await;
-        retry_soon = !write_statuses(&ctx, &mut written, &mut told).await;
+        let pass = write_statuses(&ctx, &mut written, &mut told).await;
+        wake_in = if pass.failed {
+            Some(Duration::from_secs(5))
+        } else if pass.deferred {
+            Some(PROGRESS_INTERVAL)
+        } else {
+            None
+        };
     }
 }
 
-/// A status this replica wrote, for the object with this uid.
+/// A status this replica wrote, for the object with this uid, and when.
 struct Written {
     uid: Option<String>,
     status: PolicyStatus,
+    at: std::time::Instant,
 }
 
-/// One pass over every resource; returns false when a write failed (to retry soon).
+/// How a pass went: a write failed (retry in a few seconds), or progress was held back (write
+/// it within [`PROGRESS_INTERVAL`]).
+#[derive(Default)]
+struct Pass {
+    failed: bool,
+    deferred: bool,
+}
+
+/// One pass over every resource.
 async fn write_statuses(
     ctx: &Context,
     written: &mut HashMap<ResourceRef, Written>,
     told: &mut HashSet<(ResourceRef, Option<String>, ObjectKey)>,
-) -> bool {
+) -> Pass {
     let mesh = ctx.hub.mesh();
     let (own, current) = ctx.hub.proxies();
     // Proxies connected to the other replicas count too: each reports its own.
@@ -84,7 +105,7 @@ async fn write_statuses(
     let version_of =
         |id: &skein_api::WorkloadIdentity| current.get(id).cloned().unwrap_or_else(|| mesh.version_of(id));
     let now = Time(Timestamp::now());
-    let mut ok = true;
+    let mut pass = Pass::default();
     written.retain(|r, _| mesh.statuses.contains_key(r));
     for (resource, desired) in &mesh.statuses {
         let Some((existing, reference)) = current_status(ctx, resource) else { continue };
@@ -103,6 +124,14 @@ async fn write_statuses(
         if status::same(base, &new) {
             continue;
         }
+        let recent = written
+            .get(resource)
+            .filter(|w| w.uid == reference.uid)
+            .is_some_and(|w| w.at.elapsed() < PROGRESS_INTERVAL);
+        if recent && status::progress_only(base, &new) {
+            pass.deferred = true;
+            continue;
+        }
         match patch_status(ctx, resource, &new).await {
             Ok(()) => {
                 ctx.metrics.status_writes.inc();
@@ -118,16 +147,19 @@ async fn write_statuses(
                         tracing::warn!(%resource.key, error = %e, "could not publish event");
                     }
                 }
-                written.insert(resource.clone(), Written { uid: reference.uid.clone(), status: new });
+                written.insert(
+                    resource.clone(),
+                    Written { uid: reference.uid.clone(), status: new, at: std::time::Instant::now() },
+                );
             }
             Err(e) => {
-                ok = false;
+                pass.failed = true;
                 tracing::warn!(kind = resource.kind.as_str(), key = %resource.key, error = %e, "status write failed");
                 ctx.metrics.reconcile_errors.get_or_create(&ErrorLabels { kind: "status" }).inc();
             }
         }
     }
-    ok
+    pass
 }
 
 fn current_status(ctx: &Context, resource: &ResourceRef) -> Option<(Option<PolicyStatus>, ObjectReference)> {

@@ -290,3 +290,31 @@ async fn dry_run_records_what_it_would_deny_and_never_denies() {
     assert_eq!(m.caller(Some(CLIENT)).await.get("reviews.shop:9080", &[]).await.status, 200);
     assert_eq!(m.decisions("allow", "shop/reviews-callers", "dry-run"), 1);
 }
+
+#[tokio::test]
+async fn inbound_tunnels_that_would_bypass_the_rules_are_refused() {
+    let m = mesh("127.0.0.58", false, |port| {
+        let mut get_only = client_only(port, Mode::Enforce);
+        get_only.rules[0].from = Some(Source { unauthenticated: true, ..Default::default() });
+        get_only.rules[0].to = Some(Destination { methods: vec!["GET".into()], ..Default::default() });
+        authz(DefaultPolicy::Allow, vec![get_only])
+    })
+    .await;
+    let port = m.app.addr().port().to_string();
+    let host = format!("reviews:{port}");
+    let hdr = [("x-skein-inbound-port", port.as_str()), ("upgrade", "h2c"), ("connection", "upgrade")];
+    let a = m.callee.send_to(m.callee.inbound, "GET", &host, "/", &hdr, b"").await;
+    assert_eq!(a.status, 405, "{}", a.body);
+    let mut tcp = tokio::net::TcpStream::connect(m.callee.inbound).await.unwrap();
+    tcp.write_all(format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 64];
+    let n = tcp.read(&mut buf).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 405"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    assert_eq!(m.app.hits(), 0);
+}

@@ -54,6 +54,19 @@ pub async fn serve(
                 .or_else(|| authority.as_ref().and_then(Authority::port_u16))
                 .unwrap_or(80);
             let path = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
+            // A tunnel to the app would carry requests no policy ever sees: inbound CONNECT
+            // and `Upgrade: h2c` are refused (other upgrades, such as WebSocket, are decided
+            // by their request like any other).
+            let h2c = parts.headers.get_all(header::UPGRADE).iter().any(|v| {
+                v.to_str().is_ok_and(|v| v.split(',').any(|p| p.trim().eq_ignore_ascii_case("h2c")))
+            });
+            if parts.method == Method::CONNECT || h2c {
+                return Ok(error(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "inbound-tunnel",
+                    "CONNECT and Upgrade: h2c are not accepted for the app",
+                ));
+            }
             // A proxy port is refused before anything is decided (or counted) for it.
             let verdict = ctx.inbound_port_allowed(port).then(|| {
                 authz::check(

@@ -357,19 +357,27 @@ pub fn normalize_path(raw: &str) -> Result<String, Hidden> {
         i += 1;
     }
     let decoded = String::from_utf8_lossy(&decoded);
+    // Dot segments are resolved as RFC 3986 §5.2.4 does, empty segments included (so
+    // `/admin//../users` is `/admin/users`, as a standard server resolves it, not `/users`);
+    // only then are empty segments merged. A segment's `;` parameters are cut off, as servlet
+    // containers do (`/admin;x/users` is `/admin/users`).
     let mut segments: Vec<&str> = Vec::new();
-    for seg in decoded.split('/') {
+    for seg in decoded.split('/').skip(1) {
+        let seg = seg.split(';').next().unwrap_or_default();
         match seg {
-            "" | "." => {}
+            "." => {}
             ".." => {
                 segments.pop();
             }
             s => segments.push(s),
         }
     }
+    let trailing =
+        segments.last().is_some_and(|s| s.is_empty()) || decoded.ends_with("/.") || decoded.ends_with("/..");
+    let kept: Vec<&str> = segments.into_iter().filter(|s| !s.is_empty()).collect();
     let mut out = String::from("/");
-    out += &segments.join("/");
-    if decoded.ends_with('/') && !segments.is_empty() {
+    out += &kept.join("/");
+    if trailing && !kept.is_empty() {
         out.push('/');
     }
     Ok(out)
@@ -586,6 +594,16 @@ mod tests {
         let d =
             Decision { allowed: false, by: DecidedBy::Default(DefaultPolicy::SameNamespace), dry_run: None };
         assert_eq!(d.denial(), "denied by the namespace default (same-namespace)");
+    }
+
+    #[test]
+    fn dot_segments_resolve_before_empty_segments_merge() {
+        assert_eq!(normalize_path("/admin//../users").as_deref(), Ok("/admin/users"));
+        assert_eq!(normalize_path("/admin;x/users").as_deref(), Ok("/admin/users"));
+        assert_eq!(normalize_path("/a/b/../../..").as_deref(), Ok("/"));
+        assert_eq!(normalize_path("/a/b/..").as_deref(), Ok("/a/"));
+        assert_eq!(normalize_path("//a//b/").as_deref(), Ok("/a/b/"));
+        assert_eq!(normalize_path("/a/./b").as_deref(), Ok("/a/b"));
     }
 
     #[test]

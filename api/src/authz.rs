@@ -34,6 +34,19 @@ pub struct InboundAuthz {
     pub policies: Vec<AuthzPolicy>,
 }
 
+impl InboundAuthz {
+    /// Whether a policy in force on `port` (enforced or DryRun) matches paths: then the app must
+    /// be sent the normalised path the rules saw, never the raw one it might read differently.
+    pub fn checks_paths(&self, port: u16) -> bool {
+        self.policies.iter().filter(|p| p.ports.is_empty() || p.ports.contains(&port)).any(|p| {
+            p.rules
+                .iter()
+                .filter_map(|r| r.to.as_ref())
+                .any(|t| !t.paths.is_empty() && (t.ports.is_empty() || t.ports.contains(&port)))
+        })
+    }
+}
+
 /// What happens where no Allow policy applies.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
@@ -383,6 +396,27 @@ pub fn normalize_path(raw: &str) -> Result<String, Hidden> {
     Ok(out)
 }
 
+/// Why a rule's path could never match a request (requests are matched after
+/// [`normalize_path`]); `None` when it can. A prefix may end in `/`.
+pub fn rule_path_problem(path: &str) -> Option<String> {
+    if !path.starts_with('/') {
+        return Some(format!("{path:?} does not start with /"));
+    }
+    if path.contains(['?', '#']) {
+        return Some(format!("{path:?} has a query or fragment, which paths are matched without"));
+    }
+    match normalize_path(path) {
+        Err(Hidden) => {
+            Some(format!("{path:?} has an escaped / or a \\, which no request path is matched with"))
+        }
+        Ok(n) if n != path => Some(format!(
+            "{path:?} is not normalised (requests are matched as {n:?}: dot segments resolved, // merged, \
+             unreserved escapes decoded, ;parameters cut)"
+        )),
+        Ok(_) => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -610,6 +644,49 @@ mod tests {
     fn non_ascii_paths_pass_through_whole() {
         assert_eq!(normalize_path("/caf%C3%A9/ü/../x").as_deref(), Ok("/caf%C3%A9/x"));
         assert_eq!(normalize_path("/ҏblic-%2e%2e.a").as_deref(), Ok("/ҏblic-...a"));
+    }
+
+    #[test]
+    fn rule_paths_that_no_normalised_request_path_equals_are_named() {
+        for ok in ["/", "/api", "/api/", "/caf%C3%A9", "/a-b_c~d.e"] {
+            assert_eq!(rule_path_problem(ok), None, "{ok}");
+        }
+        for (bad, says) in [
+            ("api", "does not start with /"),
+            ("/api?x=1", "query or fragment"),
+            ("/a%2Fb", "escaped /"),
+            ("/a//b", "not normalised"),
+            ("/a/../b", "not normalised"),
+            ("/a;x", "not normalised"),
+            ("/%61pi", "not normalised"),
+        ] {
+            assert!(
+                rule_path_problem(bad).is_some_and(|p| p.contains(says)),
+                "{bad}: {:?}",
+                rule_path_problem(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn only_ports_with_path_rules_check_paths() {
+        let mut p = policy(
+            "shop/p",
+            Action::Allow,
+            vec![AuthzRule {
+                from: None,
+                to: Some(Destination {
+                    ports: vec![8080],
+                    paths: vec![PathMatch::Prefix("/a".into())],
+                    ..Default::default()
+                }),
+            }],
+        );
+        p.ports = vec![8080, 9090];
+        let authz = InboundAuthz { policies: vec![p], ..Default::default() };
+        assert!(authz.checks_paths(8080));
+        assert!(!authz.checks_paths(9090), "the rule's to names 8080 only");
+        assert!(!authz.checks_paths(7070), "the policy is not on 7070");
     }
 
     #[test]

@@ -27,6 +27,20 @@ impl WorkloadIdentity {
     }
 }
 
+/// Reads `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>` into its three parts,
+/// the namespace a DNS label and the service account a DNS subdomain, as Kubernetes names
+/// them; `None` for any other shape (no workload of the mesh).
+pub fn spiffe_parts(id: &str) -> Option<(&str, &str, &str)> {
+    let (domain, path) = id.strip_prefix("spiffe://")?.split_once('/')?;
+    let mut parts = path.split('/');
+    let (Some("ns"), Some(ns), Some("sa"), Some(sa), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return None;
+    };
+    (!domain.is_empty() && is_dns_label(ns) && is_dns_subdomain(sa)).then_some((domain, ns, sa))
+}
+
 impl std::fmt::Display for WorkloadIdentity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.namespace, self.service_account)

@@ -115,7 +115,18 @@ fn an_access_policy_is_translated_programmed_and_explained() {
         "{}",
         invalid.message
     );
+    assert!(invalid.message.contains("until fixed, the rules named allow nothing"), "{}", invalid.message);
     wait_condition(n, "accesspolicy/wrong-port", "Programmed", "False", "NotAccepted");
+    // It fails closed: the target's proxy holds it without the broken rule, so its port still
+    // denies what no rule allows, rather than falling back to the namespace default.
+    eventually("the invalid policy, failing closed, at the target's proxy", Duration::from_secs(20), || {
+        let dump = target.config_dump()?;
+        let policies = dump["config"]["authz"]["policies"].as_array().cloned().unwrap_or_default();
+        match policies.iter().find(|p| p["name"] == format!("{n}/wrong-port")) {
+            Some(p) if p["rules"].is_null() && p["action"] == "Allow" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
     let typo = POLICY
         .replace("NS", n)
         .replace("reviews-callers", "typo")

@@ -64,6 +64,22 @@ pub fn trust_domain_of(id: &str) -> Option<&str> {
     id.strip_prefix("spiffe://")?.split('/').next().filter(|d| !d.is_empty())
 }
 
+/// A caller's certificate must carry exactly one SPIFFE ID (an X509-SVID has one URI SAN), of
+/// our trust domain and of the mesh's shape `ns/<ns>/sa/<sa>`: a certificate the CA signed for
+/// anything else is no workload, and is refused rather than taken for an unauthenticated caller.
+fn check_client_identity(ids: &[String], trust_domain: &str) -> Result<(), String> {
+    match ids {
+        [id] if trust_domain_of(id) != Some(trust_domain) => {
+            Err(format!("peer identity {id} is not in trust domain {trust_domain}"))
+        }
+        [id] if skein_api::config::spiffe_parts(id).is_none() => Err(format!(
+            "peer identity {id} is not spiffe://{trust_domain}/ns/<namespace>/sa/<service-account>"
+        )),
+        [_] => Ok(()),
+        _ => Err(format!("a peer certificate must carry exactly one SPIFFE ID, not {ids:?}")),
+    }
+}
+
 /// Checks a peer certificate presented as a server: chain to the bundle, then the expected ID.
 #[derive(Debug)]
 struct SpiffeServerVerifier {
@@ -139,15 +155,8 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, TlsError> {
         self.inner.verify_client_cert(end_entity, intermediates, now)?;
-        let ids = spiffe_ids(end_entity);
-        if ids.iter().any(|id| trust_domain_of(id) == Some(self.trust_domain.as_str())) {
-            Ok(ClientCertVerified::assertion())
-        } else {
-            Err(TlsError::General(format!(
-                "peer identity {ids:?} is not in trust domain {}",
-                self.trust_domain
-            )))
-        }
+        check_client_identity(&spiffe_ids(end_entity), &self.trust_domain).map_err(TlsError::General)?;
+        Ok(ClientCertVerified::assertion())
     }
 
     fn verify_tls12_signature(

@@ -199,6 +199,35 @@ async fn rules_match_methods_and_paths_and_other_ports_follow_the_default() {
     assert_eq!(client.send("GET", "reviews.shop:9080", "/reviewsx", &[], b"").await.status, 403);
     assert_eq!(client.send("DELETE", "reviews.shop:9080", "/reviews/1", &[], b"").await.status, 403);
     assert_eq!(m.app.hits(), 1);
+    // The app is sent the path the rules saw, so it cannot read `..;` or `//` otherwise.
+    for (sent, seen) in [
+        ("/admin/..;/reviews/1?x=1", "/reviews/1?x=1"),
+        ("//reviews//2", "/reviews/2"),
+        ("/reviews/%33", "/reviews/3"),
+        ("/reviews/4", "/reviews/4"),
+    ] {
+        assert_eq!(client.send("GET", "reviews.shop:9080", sent, &[], b"").await.status, 200, "{sent}");
+        assert_eq!(m.app.last_target.lock().unwrap().as_deref(), Some(seen), "{sent}");
+    }
+    m.callee_log.wait_for("\"path\":\"/admin/..;/reviews/1?x=1\"").await;
+}
+
+#[tokio::test]
+async fn ports_without_path_rules_pass_the_path_unchanged_and_the_app_cannot_fake_a_denial() {
+    let m =
+        mesh("127.0.0.59", true, |port| authz(DefaultPolicy::Allow, vec![client_only(port, Mode::Enforce)]))
+            .await;
+    m.app.answer_headers.lock().unwrap().push(("x-skein-error", "authz-denied"));
+    m.app.status.store(403, std::sync::atomic::Ordering::SeqCst);
+    let client = m.caller(Some(CLIENT)).await;
+    let a = client.get("reviews.shop:9080", &[]).await;
+    assert_eq!(a.status, 403);
+    assert!(a.headers.get("x-skein-error").is_none(), "{:?}", a.headers);
+    let report = client.store.shared.metrics.traffic_report();
+    assert_eq!((report.edges[0].requests, report.edges[0].denied), (1, 0), "{report:?}");
+    let a = client.send("GET", "reviews.shop:9080", "/a//b/../c;x", &[], b"").await;
+    assert_eq!(a.status, 403);
+    assert_eq!(m.app.last_target.lock().unwrap().as_deref(), Some("/a//b/../c;x"));
 }
 
 #[tokio::test]

@@ -93,6 +93,29 @@ async fn a_client_from_another_trust_domain_is_refused() {
 }
 
 #[tokio::test]
+async fn a_client_whose_id_is_no_workload_or_more_than_one_is_refused() {
+    let root = ca("root");
+    let (from, until) = (now() - Duration::minutes(5), now() + Duration::hours(24));
+    let server = || material(&root, &root.pem, SERVER, from, until);
+    for (uris, says) in [
+        (
+            vec!["spiffe://cluster.local/ns/shop"],
+            "is not spiffe://cluster.local/ns/<namespace>/sa/<service-account>",
+        ),
+        (
+            vec!["spiffe://cluster.local/admin"],
+            "is not spiffe://cluster.local/ns/<namespace>/sa/<service-account>",
+        ),
+        (vec![CLIENT, "spiffe://cluster.local/ns/kube-system/sa/admin"], "exactly one SPIFFE ID"),
+    ] {
+        let (chain, key) = support::pki::leaf_with(&root, &uris, from, until);
+        let c = TlsMaterial::from_pem(chain.as_bytes(), key.as_bytes(), root.pem.as_bytes()).unwrap();
+        let err = handshake(server(), c, SERVER).await.unwrap_err();
+        assert!(err.contains(says), "{uris:?}: {err}");
+    }
+}
+
+#[tokio::test]
 async fn a_server_with_the_wrong_identity_is_refused() {
     let root = ca("root");
     let s = material(

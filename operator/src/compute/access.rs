@@ -29,8 +29,12 @@ use skein_api::config::Protocol;
 /// Condition type of an AccessPolicy: whether every target workload can enforce it.
 pub const ENFORCED: &str = "Enforced";
 
-/// What is wrong with `spec` that CEL would refuse, each naming its field; empty when nothing is.
-pub fn validate(spec: &AccessPolicySpec) -> Vec<String> {
+/// One problem with a spec, naming its field, and the rule it is in (`None`: no one rule's).
+type Problem = (Option<usize>, String);
+
+/// What is wrong with `spec` that CEL would refuse, or that makes a path rule unable to match,
+/// each naming its field and rule; empty when nothing is.
+fn rule_problems(spec: &AccessPolicySpec) -> Vec<Problem> {
     let mut problems = Vec::new();
     for (i, rule) in spec.rules.iter().enumerate() {
         if let Some(from) = &rule.from {
@@ -39,29 +43,39 @@ pub fn validate(spec: &AccessPolicySpec) -> Vec<String> {
                 || !from.namespaces.is_empty();
             let unauthenticated = from.unauthenticated == Some(true);
             if !named && !unauthenticated {
-                problems.push(format!(
+                problems.push(at(i, format!(
                     "spec.rules[{i}].from: from must name serviceAccounts, identities, namespaces or unauthenticated: \
                      an empty from would match no caller (omit from to match every caller)"
-                ));
+                )));
             }
             if named && unauthenticated {
-                problems.push(format!(
+                problems.push(at(i, format!(
                     "spec.rules[{i}].from.unauthenticated: unauthenticated: true matches callers without a mesh identity \
                      and cannot be combined with serviceAccounts, identities or namespaces in one from; write a second rule"
-                ));
+                )));
             }
         }
         if let Some(to) = &rule.to {
             if to.ports.is_empty() && to.methods.is_empty() && to.paths.is_empty() {
-                problems.push(format!(
+                problems.push(at(i, format!(
                     "spec.rules[{i}].to: to must name ports, methods or paths: an empty to would match no request \
                      (omit to to match every request)"
-                ));
+                )));
             }
             for (j, path) in to.paths.iter().enumerate() {
                 if path.exact.is_some() == path.prefix.is_some() {
-                    problems.push(format!(
-                        "spec.rules[{i}].to.paths[{j}]: exactly one of exact or prefix must be set"
+                    problems.push(at(
+                        i,
+                        format!("spec.rules[{i}].to.paths[{j}]: exactly one of exact or prefix must be set"),
+                    ));
+                }
+                for (field, value) in [("exact", &path.exact), ("prefix", &path.prefix)] {
+                    let Some(problem) = value.as_deref().and_then(skein_api::authz::rule_path_problem) else {
+                        continue;
+                    };
+                    problems.push(at(
+                        i,
+                        format!("spec.rules[{i}].to.paths[{j}].{field}: {problem}, so it never matches"),
                     ));
                 }
             }
@@ -70,10 +84,14 @@ pub fn validate(spec: &AccessPolicySpec) -> Vec<String> {
     problems
 }
 
+fn at(rule: usize, message: String) -> Problem {
+    (Some(rule), message)
+}
+
 /// What only the mesh can check against the target Service: ports it has, and HTTP fields on
 /// ports it declares as something else (a rule that could never allow, or would deny every
 /// connection).
-fn check_against_service(spec: &AccessPolicySpec, key: &ObjectKey, svc: &ServiceInfo) -> Vec<String> {
+fn check_against_service(spec: &AccessPolicySpec, key: &ObjectKey, svc: &ServiceInfo) -> Vec<Problem> {
     let mut problems = Vec::new();
     let service = format!("{}/{}", key.namespace, spec.target_ref.name);
     for (i, rule) in spec.rules.iter().enumerate() {
@@ -82,9 +100,9 @@ fn check_against_service(spec: &AccessPolicySpec, key: &ObjectKey, svc: &Service
         for (j, port) in to.ports.iter().enumerate() {
             match svc.ports.iter().find(|p| i32::from(p.port) == *port) {
                 Some(p) => named.push(p),
-                None => problems.push(format!(
+                None => problems.push(at(i, format!(
                     "spec.rules[{i}].to.ports[{j}]: Service {service} has no port {port} (ports are the Service's, not the pods')"
-                )),
+                ))),
             }
         }
         let field = if !to.methods.is_empty() {
@@ -100,11 +118,11 @@ fn check_against_service(spec: &AccessPolicySpec, key: &ObjectKey, svc: &Service
         };
         if !ports.is_empty() && ports.iter().all(opaque) {
             let list: Vec<String> = ports.iter().map(|p| p.port.to_string()).collect();
-            problems.push(format!(
+            problems.push(at(i, format!(
                 "spec.rules[{i}].to.{field}: port {} of Service {service} is not HTTP (appProtocol or port name), \
                  so an HTTP field can never match there: an Allow rule would allow nothing, a Deny rule would deny every connection",
                 list.join(", ")
-            ));
+            )));
         }
     }
     problems
@@ -112,8 +130,10 @@ fn check_against_service(spec: &AccessPolicySpec, key: &ObjectKey, svc: &Service
 
 /// One policy's target workloads, with the Service ports each identity's pods serve them on.
 struct Targets<'a> {
-    /// Pods targeted, by key.
+    /// Meshed pods targeted, by key.
     pods: Vec<(&'a ObjectKey, &'a PodInfo)>,
+    /// Pods the target Service selects that carry no sidecar: nothing enforces it there.
+    unmeshed: Vec<&'a ObjectKey>,
     /// Per identity: Service port → the pods' ports (none for a Namespace target).
     ports: BTreeMap<WorkloadIdentity, BTreeMap<u16, BTreeSet<u16>>>,
 }
@@ -125,15 +145,16 @@ fn service_targets<'a>(snapshot: &'a Snapshot, key: &ObjectKey, svc: &ServiceInf
         .filter(|(k, s)| k.namespace == key.namespace && s.service == key.name)
         .flat_map(|(_, s)| s.endpoints.iter().filter_map(|e| e.pod.as_deref()))
         .collect();
-    let pods: Vec<(&ObjectKey, &PodInfo)> = snapshot
+    let (pods, unmeshed): (Vec<(&ObjectKey, &PodInfo)>, Vec<_>) = snapshot
         .pods
         .iter()
-        .filter(|(k, p)| k.namespace == key.namespace && p.meshed)
+        .filter(|(k, _)| k.namespace == key.namespace)
         .filter(|(k, p)| match svc.selector {
             Some(_) => svc.selects(&p.labels),
             None => in_slices.contains(k.name.as_str()),
         })
-        .collect();
+        .partition(|(_, p)| p.meshed);
+    let unmeshed = unmeshed.into_iter().map(|(k, _)| k).collect();
     let mut ports: BTreeMap<WorkloadIdentity, BTreeMap<u16, BTreeSet<u16>>> = BTreeMap::new();
     for (k, pod) in &pods {
         let by_port = ports.entry(pod.identity(&k.namespace)).or_default();
@@ -145,14 +166,15 @@ fn service_targets<'a>(snapshot: &'a Snapshot, key: &ObjectKey, svc: &ServiceInf
             by_port.entry(p.port).or_default().extend(target);
         }
     }
-    Targets { pods, ports }
+    Targets { pods, unmeshed, ports }
 }
 
 fn namespace_targets<'a>(snapshot: &'a Snapshot, namespace: &str) -> Targets<'a> {
     let pods: Vec<(&ObjectKey, &PodInfo)> =
         snapshot.pods.iter().filter(|(k, p)| k.namespace == namespace && p.meshed).collect();
     let ports = pods.iter().map(|(k, p)| (p.identity(&k.namespace), BTreeMap::new())).collect();
-    Targets { pods, ports }
+    // A Namespace target is its meshed workloads by definition.
+    Targets { pods, unmeshed: Vec::new(), ports }
 }
 
 /// The policy as one identity's proxy holds it: Service ports translated with `ports` (`None`:
@@ -257,14 +279,24 @@ fn missing_service_accounts(snapshot: &Snapshot, spec: &AccessPolicySpec) -> Vec
     missing
 }
 
+/// What the AccessPolicies come to.
+#[derive(Debug, Default)]
+pub(super) struct Access {
+    /// Every meshed identity's inbound authorization.
+    pub authz: BTreeMap<WorkloadIdentity, InboundAuthz>,
+    /// Per namespace, its Namespace-targeted policies: what an identity none of whose pods is
+    /// seen yet must already hold.
+    pub namespace_policies: BTreeMap<String, Vec<AuthzPolicy>>,
+}
+
 /// Every meshed identity's inbound authorization, and each AccessPolicy's conditions.
 pub(super) fn accept_access(
     snapshot: &Snapshot,
     statuses: &mut BTreeMap<ResourceRef, DesiredStatus>,
-) -> BTreeMap<WorkloadIdentity, InboundAuthz> {
-    let mut authz: BTreeMap<WorkloadIdentity, InboundAuthz> = BTreeMap::new();
+) -> Access {
+    let mut access = Access::default();
     for (key, pod) in snapshot.pods.iter().filter(|(_, p)| p.meshed) {
-        authz.entry(pod.identity(&key.namespace)).or_insert_with(|| InboundAuthz {
+        access.authz.entry(pod.identity(&key.namespace)).or_insert_with(|| InboundAuthz {
             default: snapshot.namespace_default(&key.namespace).unwrap_or(DefaultPolicy::Deny),
             namespace: key.namespace.clone(),
             policies: Vec::new(),
@@ -272,29 +304,51 @@ pub(super) fn accept_access(
     }
     for (key, policy) in &snapshot.access_policies {
         let status_ref = ResourceRef { kind: ResourceKind::AccessPolicy, key: key.clone() };
-        let desired = accept_one(snapshot, key, policy, &mut authz);
+        let desired = accept_one(snapshot, key, policy, &mut access);
         statuses.insert(status_ref, desired);
     }
-    authz
+    access
+}
+
+/// The spec a proxy enforces for a policy with problems, failing closed as Istio does with
+/// fields it cannot honour: an Allow policy's broken rules allow nothing (it still makes its
+/// ports deny what no other rule allows), a Deny policy's broken rules deny every request on
+/// its ports. The rest of the policy stays as written.
+fn fail_closed(spec: &AccessPolicySpec, broken: &BTreeSet<usize>) -> AccessPolicySpec {
+    let mut spec = spec.clone();
+    let rules = std::mem::take(&mut spec.rules);
+    spec.rules = rules
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, rule)| match (broken.contains(&i), spec.action) {
+            (false, _) => Some(rule),
+            (true, AccessAction::Allow) => None,
+            (true, AccessAction::Deny) => Some(skein_api::crd::access_policy::AccessRule::default()),
+        })
+        .collect();
+    spec
 }
 
 fn accept_one(
     snapshot: &Snapshot,
     key: &ObjectKey,
     policy: &AccessPolicy,
-    authz: &mut BTreeMap<WorkloadIdentity, InboundAuthz>,
+    access: &mut Access,
 ) -> DesiredStatus {
     let generation = policy.metadata.generation.unwrap_or(0);
     let spec = &policy.spec;
     let target_name = &spec.target_ref.name;
-    let mut problems = validate(spec);
+    let mut problems = rule_problems(spec);
     let (targets, target_cond) = match spec.target_ref.kind {
         AccessTargetKind::Namespace if *target_name != key.namespace => {
-            problems.push(format!(
-                "spec.targetRef.name: a Namespace target must be the policy's own namespace ({}), not {target_name}",
-                key.namespace
+            problems.push((
+                None,
+                format!(
+                    "spec.targetRef.name: a Namespace target must be the policy's own namespace ({}), not {target_name}",
+                    key.namespace
+                ),
             ));
-            (None, Cond::fail("Invalid", ""))
+            (None, Cond::fail("Invalid", "a policy can target its own namespace only"))
         }
         AccessTargetKind::Namespace => (
             Some(namespace_targets(snapshot, &key.namespace)),
@@ -320,18 +374,40 @@ fn accept_one(
             }
         }
     };
-    if !problems.is_empty() {
-        return DesiredStatus::invalid(generation, problems.join("; "));
-    }
+    let broken: BTreeSet<usize> = problems.iter().filter_map(|(rule, _)| *rule).collect();
+    let accepted = if problems.is_empty() {
+        Cond::ok("Accepted", "policy is valid")
+    } else {
+        let messages: Vec<&str> = problems.iter().map(|(_, m)| m.as_str()).collect();
+        let in_force = match (broken.is_empty(), spec.action) {
+            (true, _) => "",
+            (false, AccessAction::Allow) => {
+                "; until fixed, the rules named allow nothing (its other rules stay in force, and its ports deny what no rule allows)"
+            }
+            (false, AccessAction::Deny) => {
+                "; until fixed, the rules named deny every request on the policy's ports (failing closed)"
+            }
+        };
+        Cond::fail("Invalid", format!("{}{in_force}", messages.join("; ")))
+    };
+    let effective = if broken.is_empty() { spec.clone() } else { fail_closed(spec, &broken) };
     let name = key.to_string();
     let mut audience = BTreeSet::new();
     let mut explicit = Vec::new();
+    let mut unmeshed = Vec::new();
     if let Some(targets) = &targets {
         let service_target = spec.target_ref.kind == AccessTargetKind::Service;
         for (identity, ports) in &targets.ports {
-            let Some(entry) = authz.get_mut(identity) else { continue };
-            entry.policies.push(translate(&name, spec, service_target.then_some(ports)));
+            let Some(entry) = access.authz.get_mut(identity) else { continue };
+            entry.policies.push(translate(&name, &effective, service_target.then_some(ports)));
             audience.insert(identity.clone());
+        }
+        if !service_target {
+            access
+                .namespace_policies
+                .entry(key.namespace.clone())
+                .or_default()
+                .push(translate(&name, &effective, None));
         }
         explicit = targets
             .pods
@@ -339,6 +415,7 @@ fn accept_one(
             .filter(|(_, p)| p.explicit)
             .map(|(k, p)| (ObjectKey::clone(k), p.uid.clone()))
             .collect();
+        unmeshed = targets.unmeshed.iter().map(|k| k.name.clone()).collect();
     }
     let missing = missing_service_accounts(snapshot, spec);
     let resolved_refs = if !target_cond.status || missing.is_empty() {
@@ -354,32 +431,53 @@ fn accept_one(
         )
     };
     let pods = targets.as_ref().map_or(0, |t| t.pods.len());
-    let enforced = if explicit.is_empty() {
-        Cond::ok(
+    let explicit_names: Vec<String> = explicit.iter().map(|(k, _)| k.name.clone()).collect();
+    let enforced = match (unmeshed.is_empty(), explicit.is_empty()) {
+        (true, true) => Cond::ok(
             "Enforced",
             format!("enforced by the sidecars of {pods} target pod(s) ({} identities)", audience.len()),
-        )
-    } else {
-        let names: Vec<String> = explicit.iter().take(5).map(|(k, _)| k.name.clone()).collect();
-        let more = explicit.len().saturating_sub(5);
-        Cond::fail(
+        ),
+        (false, _) => Cond::fail(
+            "NotMeshed",
+            format!(
+                "{} pod(s) the target Service selects carry no sidecar, so nothing enforces the policy there and any pod can call them: {}{}",
+                unmeshed.len(),
+                listed(&unmeshed),
+                if explicit.is_empty() {
+                    String::new()
+                } else {
+                    format!("; {} more run in explicit capture mode: {}", explicit.len(), listed(&explicit_names))
+                }
+            ),
+        ),
+        (true, false) => Cond::fail(
             "ExplicitCapture",
             format!(
                 "{} of {pods} target pod(s) run in explicit capture mode, where the app's ports are reachable without the sidecar, \
-                 so nothing is enforced there: {}{}",
+                 so nothing is enforced there: {}",
                 explicit.len(),
-                names.join(", "),
-                if more > 0 { format!(" and {more} more") } else { String::new() }
+                listed(&explicit_names)
             ),
-        )
+        ),
     };
     DesiredStatus {
         generation,
-        accepted: Cond::ok("Accepted", "policy is valid"),
+        accepted,
         resolved_refs,
         audience: Some(audience),
         extra: vec![(ENFORCED, enforced)],
         explicit_pods: explicit,
+    }
+}
+
+/// Up to five names, and how many more.
+fn listed(names: &[String]) -> String {
+    let more = names.len().saturating_sub(5);
+    let shown = names.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
+    if more > 0 {
+        format!("{shown} and {more} more")
+    } else {
+        shown
     }
 }
 
@@ -396,6 +494,10 @@ pub fn bad_namespace_defaults(snapshot: &Snapshot) -> BTreeMap<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn validate(spec: &AccessPolicySpec) -> Vec<String> {
+        rule_problems(spec).into_iter().map(|(_, message)| message).collect()
+    }
 
     fn spec(rules: serde_json::Value) -> AccessPolicySpec {
         serde_json::from_value(
@@ -423,6 +525,10 @@ mod tests {
             (
                 serde_json::json!([{"to": {"paths": [{"exact": "/a", "prefix": "/a"}]}}]),
                 "spec.rules[0].to.paths[0]: exactly one of exact or prefix",
+            ),
+            (
+                serde_json::json!([{}, {"to": {"paths": [{"prefix": "/api/../admin"}]}}]),
+                "spec.rules[1].to.paths[0].prefix: \"/api/../admin\" is not normalised",
             ),
         ] {
             let problems = validate(&spec(rules.clone()));

@@ -139,6 +139,8 @@ pub struct MeshConfig {
     pub authz: BTreeMap<WorkloadIdentity, InboundAuthz>,
     /// Each namespace's access default, for an identity whose pods are not seen yet.
     namespace_defaults: BTreeMap<String, DefaultPolicy>,
+    /// Each namespace's Namespace-targeted policies, for the same.
+    namespace_policies: BTreeMap<String, Vec<skein_api::authz::AuthzPolicy>>,
     mesh_default: DefaultPolicy,
     /// Namespaces whose default-policy annotation is not a known value (they deny).
     pub bad_namespace_defaults: BTreeMap<String, String>,
@@ -208,14 +210,15 @@ impl MeshConfig {
     }
 
     /// What `identity` gets besides its destinations: inbound ports and authorization. An
-    /// identity no pod of which is seen yet gets its namespace's default, never `allow` by
-    /// omission.
+    /// identity no pod of which is seen yet (its proxy connected before the pod watch caught
+    /// up) gets its namespace's default and Namespace-targeted policies, never `allow` by
+    /// omission; Service-targeted policies follow once a pod shows which Services select it.
     fn own_parts(&self, identity: &WorkloadIdentity) -> (Vec<InboundPort>, InboundAuthz) {
         let inbound = self.inbound.get(identity).cloned().unwrap_or_default();
         let authz = self.authz.get(identity).cloned().unwrap_or_else(|| InboundAuthz {
             default: self.namespace_defaults.get(&identity.namespace).copied().unwrap_or(self.mesh_default),
             namespace: identity.namespace.clone(),
-            policies: Vec::new(),
+            policies: self.namespace_policies.get(&identity.namespace).cloned().unwrap_or_default(),
         });
         (inbound, authz)
     }
@@ -301,7 +304,7 @@ pub fn compute(snapshot: &Snapshot) -> MeshConfig {
         &mut statuses,
     );
 
-    let authz = access::accept_access(snapshot, &mut statuses);
+    let access = access::accept_access(snapshot, &mut statuses);
 
     let endpoints = endpoints_by_service(snapshot);
     let mut destinations = Vec::with_capacity(snapshot.services.len());
@@ -357,7 +360,8 @@ pub fn compute(snapshot: &Snapshot) -> MeshConfig {
         scopes: snapshot.scopes(),
         groups: Default::default(),
         inbound: inbound_ports(snapshot),
-        authz,
+        authz: access.authz,
+        namespace_policies: access.namespace_policies,
         namespace_defaults: snapshot
             .namespaces
             .keys()
@@ -741,8 +745,91 @@ spec:
             "{}",
             status.accepted.message
         );
-        // An invalid policy is in force nowhere.
+        // A policy naming another namespace is in force nowhere.
         assert!(compute(&s).authz.values().all(|a| a.policies.is_empty()));
+    }
+
+    #[test]
+    fn an_invalid_access_policy_fails_closed_rather_than_falling_back_to_the_default() {
+        use skein_api::authz::{Action, AuthzRule};
+        let mut s = shop_with_ratings();
+        yaml::<skein_api::AccessPolicy>(
+            "metadata: {name: allow, namespace: shop}\nspec: {targetRef: {kind: Service, name: ratings}, rules: [{to: {ports: [81]}}, {from: {serviceAccounts: [{namespace: shop, name: client}]}}]}",
+        )
+        .apply(&mut s);
+        yaml::<skein_api::AccessPolicy>(
+            "metadata: {name: deny, namespace: shop}\nspec: {targetRef: {kind: Service, name: ratings}, action: Deny, rules: [{from: {namespaces: [books]}, to: {ports: [5432], paths: [{prefix: /x}]}}]}",
+        )
+        .apply(&mut s);
+        let mesh = compute(&s);
+        let allow = &mesh.statuses[&ap("shop/allow")];
+        assert_eq!((allow.accepted.status, allow.accepted.reason.as_str()), (false, "Invalid"));
+        assert!(
+            allow.accepted.message.contains("until fixed, the rules named allow nothing"),
+            "{}",
+            allow.accepted.message
+        );
+        let deny = &mesh.statuses[&ap("shop/deny")];
+        assert!(
+            deny.accepted.message.contains("deny every request on the policy's ports"),
+            "{}",
+            deny.accepted.message
+        );
+        assert_eq!(
+            deny.audience,
+            Some([WorkloadIdentity::new("shop", "ratings")].into()),
+            "still programmed"
+        );
+        let ratings = mesh.proxy_config(&WorkloadIdentity::new("shop", "ratings")).authz;
+        let [allow, deny] = &ratings.policies[..] else { panic!("{ratings:?}") };
+        // The broken Allow rule is gone and the valid one stays: the port still denies others.
+        assert_eq!((allow.action, allow.rules.len()), (Action::Allow, 1));
+        assert!(allow.rules[0].from.is_some());
+        // The broken Deny rule denies everything on the Service's ports.
+        assert_eq!((deny.action, &deny.rules[..]), (Action::Deny, &[AuthzRule::default()][..]));
+        assert_eq!(deny.ports, [5432, 9090]);
+    }
+
+    #[test]
+    fn an_identity_not_seen_yet_holds_its_namespace_policies_and_default() {
+        use skein_api::authz::DefaultPolicy;
+        let mut s = shop_with_ratings();
+        yaml::<skein_api::AccessPolicy>(
+            "metadata: {name: ns-wide, namespace: shop}\nspec: {targetRef: {kind: Namespace, name: shop}, rules: [{from: {namespaces: [shop]}}]}",
+        )
+        .apply(&mut s);
+        yaml::<skein_api::AccessPolicy>(
+            "metadata: {name: ratings-only, namespace: shop}\nspec: {targetRef: {kind: Service, name: ratings}, rules: [{from: {namespaces: [shop]}}]}",
+        )
+        .apply(&mut s);
+        let mesh = compute(&s);
+        let newcomer = mesh.proxy_config(&WorkloadIdentity::new("shop", "newcomer")).authz;
+        assert_eq!(newcomer.default, DefaultPolicy::Allow);
+        let names: Vec<&str> = newcomer.policies.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["shop/ns-wide"]);
+        assert!(mesh.proxy_config(&WorkloadIdentity::new("books", "newcomer")).authz.policies.is_empty());
+    }
+
+    #[test]
+    fn target_pods_without_a_sidecar_make_the_policy_not_enforced() {
+        let mut s = shop_with_ratings();
+        yaml::<Pod>(
+            "metadata: {name: ratings-plain, namespace: shop, labels: {app: ratings}}\nspec: {serviceAccountName: ratings, containers: []}",
+        )
+        .apply(&mut s);
+        yaml::<skein_api::AccessPolicy>(
+            "metadata: {name: callers, namespace: shop}\nspec: {targetRef: {kind: Service, name: ratings}}",
+        )
+        .apply(&mut s);
+        let status = &compute(&s).statuses[&ap("shop/callers")];
+        let (_, enforced) = &status.extra[0];
+        assert_eq!((enforced.status, enforced.reason.as_str()), (false, "NotMeshed"));
+        assert!(
+            enforced.message.starts_with("1 pod(s) the target Service selects carry no sidecar"),
+            "{}",
+            enforced.message
+        );
+        assert!(enforced.message.contains("ratings-plain"), "{}", enforced.message);
     }
 
     #[test]

@@ -88,10 +88,8 @@ pub fn identity_from_cert(der: &[u8]) -> Option<WorkloadIdentity> {
     let san = cert.subject_alternative_name().ok()??;
     san.value.general_names.iter().find_map(|n| match n {
         x509_parser::extensions::GeneralName::URI(u) => {
-            let path = u.strip_prefix("spiffe://")?.split_once('/')?.1;
-            let rest = path.strip_prefix("ns/")?;
-            let (ns, sa) = rest.split_once("/sa/")?;
-            format!("{ns}/{sa}").parse().ok()
+            let (_, ns, sa) = skein_api::config::spiffe_parts(u)?;
+            Some(WorkloadIdentity::new(ns, sa))
         }
         _ => None,
     })

@@ -27,17 +27,7 @@ impl Caller {
     /// Reads `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`; `None` for any
     /// other shape (such a caller has no mesh identity).
     pub fn from_spiffe_id(id: &str) -> Option<Self> {
-        let rest = id.strip_prefix("spiffe://")?;
-        let (domain, path) = rest.split_once('/')?;
-        let mut parts = path.split('/');
-        let (Some("ns"), Some(ns), Some("sa"), Some(sa), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return None;
-        };
-        if domain.is_empty() || ns.is_empty() || sa.is_empty() {
-            return None;
-        }
+        let (domain, ns, _) = skein_api::config::spiffe_parts(id)?;
         let ns_start = "spiffe://".len() + domain.len() + "/ns/".len();
         let sa_start = ns_start + ns.len() + "/sa/".len();
         Some(Self {
@@ -89,6 +79,29 @@ pub fn decide(
     }
     let caller = CallerRef { identity: caller.map(Caller::as_ref) };
     Ok(Some(evaluate(authz, &caller, &Request { port, http })))
+}
+
+/// The path and query to send the app instead of `path_and_query`, when a policy on `port`
+/// matched paths and the app might read the raw path otherwise than the rules did
+/// (`/public/..;/admin`): the normalised path, the query kept. `None`: send it as it came.
+pub fn rewritten_path(active: Option<&Active>, port: u16, path_and_query: &str) -> Option<String> {
+    if !active?.config.authz.checks_paths(port) {
+        return None;
+    }
+    let (path, query) = match path_and_query.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (path_and_query, None),
+    };
+    // An escaped separator matched no Allow rule with paths and every Deny rule with paths, so
+    // a request allowed with one was allowed whatever its path: it goes on unchanged.
+    let normal = skein_api::authz::normalize_path(path).ok()?;
+    if normal == path {
+        return None;
+    }
+    Some(match query {
+        Some(q) => format!("{normal}?{q}"),
+        None => normal,
+    })
 }
 
 /// `x-skein-error` of a denial.

@@ -14,7 +14,9 @@ use hyper_util::rt::TokioIo;
 
 use super::body::{buffer, Buffered, ProxyBody, RETRY_BUFFER_LIMIT};
 use super::peer::{connect_peer, peer_connection};
-use super::{authz, error, observe, ProxyContext, ATTEMPT_HEADER, INBOUND_PORT, RETRIED_HEADER};
+use super::{
+    authz, error, observe, ProxyContext, ATTEMPT_HEADER, ERROR_HEADER, INBOUND_PORT, RETRIED_HEADER,
+};
 use crate::balance::{now_ms, now_ns, EndpointState, InFlight};
 use crate::route::retry::Failure;
 use crate::route::table::Target;
@@ -174,7 +176,12 @@ pub(super) async fn forward(
             let headers = std::mem::take(&mut parts.headers);
             let req = upstream_request(parts, headers, to, ProxyBody::Incoming(body), 0, upgrade.is_some());
             let response = match ctx.client.request(req).await {
-                Ok(r) => finish_response(r, 0, upgrade),
+                Ok(mut r) => {
+                    // The app (or a passthrough destination) never speaks for a sidecar: an
+                    // `x-skein-error: authz-denied` of its own would be counted as a denial.
+                    r.headers_mut().remove(&ERROR_HEADER);
+                    finish_response(r, 0, upgrade)
+                }
                 Err(e) => failure_response(failure_of(&e)),
             };
             return Forwarded { response, retries: 0, upstream: Some(to.to_string()) };

@@ -36,6 +36,8 @@ pub async fn serve(
 
     let (mut parts, body) = req.into_parts();
     let mut authz_log = String::new();
+    // The path as the client sent it, when the app is sent the normalised one.
+    let mut sent_path: Option<String> = None;
     let decided = match (&authority, conn.direction) {
         (None, _) if conn.original.is_none() => {
             Err(error(StatusCode::BAD_REQUEST, "missing-host", "the request names no host"))
@@ -94,6 +96,18 @@ pub async fn serve(
                 }
                 Some(Ok(v)) => {
                     authz_log = v.log;
+                    if let Some(normal) = authz::rewritten_path(active.as_deref(), port, path) {
+                        match rewrite_path(&mut parts.uri, &normal) {
+                            Some(raw) => sent_path = Some(raw),
+                            None => {
+                                return Ok(error(
+                                    StatusCode::BAD_REQUEST,
+                                    "bad-path",
+                                    "the normalised path is not a valid request target",
+                                ))
+                            }
+                        }
+                    }
                     Ok(Upstream::Fixed(
                         authority_for(SocketAddr::new(ctx.inbound_target, port)),
                         &ctx.inbound,
@@ -181,7 +195,9 @@ pub async fn serve(
             direction: conn.direction.as_str(),
             method: parts.method.as_str(),
             authority: authority.as_ref().map_or("", Authority::as_str),
-            path: parts.uri.path_and_query().map_or("/", PathAndQuery::as_str),
+            path: sent_path
+                .as_deref()
+                .unwrap_or(parts.uri.path_and_query().map_or("/", PathAndQuery::as_str)),
             status: forwarded.response.status().as_u16(),
             upstream: forwarded.upstream.as_deref().unwrap_or(""),
             retries: forwarded.retries,
@@ -244,6 +260,16 @@ fn refusal(ctx: &ProxyContext, req: &Request<Incoming>) -> Option<Response<Proxy
         }
     }
     None
+}
+
+/// Replaces the path and query of `uri` with `normal`, returning the old ones; `None` (and
+/// `uri` untouched) when the result would not be a valid target.
+fn rewrite_path(uri: &mut http::Uri, normal: &str) -> Option<String> {
+    let raw = uri.path_and_query().map_or("/", PathAndQuery::as_str).to_string();
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(PathAndQuery::try_from(normal).ok()?);
+    *uri = http::Uri::from_parts(parts).ok()?;
+    Some(raw)
 }
 
 fn authority_of(req: &Request<Incoming>) -> Option<Authority> {

@@ -38,6 +38,10 @@ pub struct Upstream {
     pub delay_ms: AtomicU64,
     pub hits: AtomicU64,
     pub last_headers: Mutex<Option<HeaderMap>>,
+    /// The request target of the last request.
+    pub last_target: Mutex<Option<String>>,
+    /// Headers added to every answer.
+    pub answer_headers: Mutex<Vec<(&'static str, &'static str)>>,
 }
 
 impl Upstream {
@@ -66,6 +70,7 @@ pub async fn upstream(name: &str) -> Arc<Upstream> {
                     async move {
                         u.hits.fetch_add(1, Ordering::SeqCst);
                         *u.last_headers.lock().unwrap() = Some(req.headers().clone());
+                        *u.last_target.lock().unwrap() = Some(req.uri().to_string());
                         let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
                         let delay = u.delay_ms.load(Ordering::SeqCst);
                         if delay > 0 {
@@ -84,6 +89,9 @@ pub async fn upstream(name: &str) -> Arc<Upstream> {
                         let mut r =
                             Response::new(Full::new(Bytes::from(format!("{}:{}", u.name, body.len()))));
                         *r.status_mut() = StatusCode::from_u16(status).unwrap();
+                        for (name, value) in u.answer_headers.lock().unwrap().iter() {
+                            r.headers_mut().insert(*name, http::HeaderValue::from_static(value));
+                        }
                         Ok::<_, Infallible>(r)
                     }
                 });

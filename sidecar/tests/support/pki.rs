@@ -23,9 +23,14 @@ pub fn ca(name: &str) -> Ca {
 
 /// A workload certificate for `uri`, valid from `from` to `until`; returns (chain, key).
 pub fn leaf(ca: &Ca, uri: &str, from: OffsetDateTime, until: OffsetDateTime) -> (String, String) {
+    leaf_with(ca, &[uri], from, until)
+}
+
+/// A leaf with every one of `uris` as a URI SAN.
+pub fn leaf_with(ca: &Ca, uris: &[&str], from: OffsetDateTime, until: OffsetDateTime) -> (String, String) {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let mut params = CertificateParams::default();
-    params.subject_alt_names = vec![SanType::URI(uri.try_into().unwrap())];
+    params.subject_alt_names = uris.iter().map(|u| SanType::URI((*u).try_into().unwrap())).collect();
     params.extended_key_usages =
         vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];

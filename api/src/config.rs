@@ -314,6 +314,65 @@ pub struct InboundPort {
     pub protocol: Protocol,
 }
 
+/// A change to the config a proxy holds, sent instead of the whole config to a proxy that asked
+/// for deltas ([`crate::constants::DELTA_HEADER`]): the destinations that are new or changed,
+/// whole, and those gone; the proxy's own parts (small) always. It applies to the config of
+/// version `base` only. On the wire it is one line `{"delta":{…}}` ([`DELTA_PREFIX`]).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigDelta {
+    pub base: String,
+    pub version: String,
+    #[serde(default)]
+    pub upsert: Vec<Destination>,
+    /// `[namespace, name]` of each destination gone.
+    #[serde(default)]
+    pub remove: Vec<(String, String)>,
+    #[serde(default)]
+    pub inbound: Vec<InboundPort>,
+    #[serde(default)]
+    pub authz: crate::authz::InboundAuthz,
+}
+
+/// How a delta line starts (a whole config starts otherwise).
+pub const DELTA_PREFIX: &[u8] = b"{\"delta\":";
+
+/// The wire form of a [`ConfigDelta`].
+#[derive(Serialize, Deserialize, Debug)]
+pub struct DeltaLine {
+    pub delta: ConfigDelta,
+}
+
+impl ConfigDelta {
+    /// The config `base` becomes; an error when `base` is not the version this delta is for.
+    pub fn apply_to(self, base: &ProxyConfig) -> Result<ProxyConfig, String> {
+        if base.version != self.base {
+            return Err(format!("the delta is for config {}, this proxy holds {}", self.base, base.version));
+        }
+        let replaced: std::collections::HashSet<(&str, &str)> = self
+            .remove
+            .iter()
+            .map(|(ns, name)| (ns.as_str(), name.as_str()))
+            .chain(self.upsert.iter().map(|d| (d.namespace.as_str(), d.name.as_str())))
+            .collect();
+        let mut destinations: Vec<Destination> = base
+            .destinations
+            .iter()
+            .filter(|d| !replaced.contains(&(d.namespace.as_str(), d.name.as_str())))
+            .cloned()
+            .collect();
+        destinations.extend(self.upsert);
+        destinations.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        Ok(ProxyConfig {
+            version: self.version,
+            identity: base.identity.clone(),
+            destinations,
+            inbound: self.inbound,
+            authz: self.authz,
+        })
+    }
+}
+
 /// What a sidecar sends back on the config stream for every config it received: one JSON object
 /// per line.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]

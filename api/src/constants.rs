@@ -64,3 +64,6 @@ pub const CONFIG_STREAM_PATH: &str = "/v1/config-stream";
 pub const IDENTITY_HEADER: &str = "x-skein-identity";
 /// Request header with the proxy's own instance name (pod name), shown in status and metrics.
 pub const PROXY_ID_HEADER: &str = "x-skein-proxy-id";
+/// Sent by a proxy that applies [`crate::config::ConfigDelta`] lines: only then does the
+/// operator send changes as deltas.
+pub const DELTA_HEADER: &str = "x-skein-config-delta";

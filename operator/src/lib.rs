@@ -36,6 +36,6 @@ pub use compute::{compute, MeshConfig};
 pub use identity::ca::{MeshCa, WORKLOAD_LIFETIME};
 pub use identity::serving::{serving_names, ServingCert};
 pub use local::load_dir;
-pub use metrics::{AdmissionLabels, Metrics};
+pub use metrics::{AdmissionLabels, Metrics, SentLabels};
 pub use stream::hub::ConfigHub;
 pub use stream::server::{serve as serve_stream, serve_with as serve_stream_with, StreamTls};

@@ -17,6 +17,12 @@ pub struct ErrorLabels {
     pub kind: &'static str,
 }
 
+/// `kind` of a config line sent: `full` or `delta`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SentLabels {
+    pub kind: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AdmissionLabels {
     pub result: &'static str,
@@ -31,6 +37,9 @@ pub struct Metrics {
     pub connected_proxies: Gauge,
     pub push_seconds: Histogram,
     pub acks: Family<AckLabels, Counter>,
+    /// Config lines and their bytes sent on the stream, by kind.
+    pub configs_sent: Family<SentLabels, Counter>,
+    pub config_bytes_sent: Family<SentLabels, Counter>,
     pub status_writes: Counter,
     pub leader: Gauge,
     pub certificates_signed: Counter,
@@ -49,6 +58,8 @@ impl Default for Metrics {
             connected_proxies: Gauge::default(),
             push_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             acks: Family::default(),
+            configs_sent: Family::default(),
+            config_bytes_sent: Family::default(),
             status_writes: Counter::default(),
             leader: Gauge::default(),
             certificates_signed: Counter::default(),
@@ -73,6 +84,16 @@ impl Metrics {
             "connected_proxies",
             "Proxies connected to the config stream",
             self.connected_proxies.clone(),
+        );
+        r.register(
+            "configs_sent",
+            "Config lines sent to proxies, by kind (full or delta)",
+            self.configs_sent.clone(),
+        );
+        r.register(
+            "config_sent_bytes",
+            "Bytes of config lines sent to proxies, by kind (full or delta)",
+            self.config_bytes_sent.clone(),
         );
         r.register(
             "config_push_duration_seconds",

@@ -32,9 +32,15 @@ fn canary_mesh(v1_weight: i32) -> MeshConfig {
         "metadata: {name: reviews, namespace: shop}\nspec: {ports: [{name: http, port: 9080}]}",
     )
     .unwrap();
+    // A Service the change does not touch, so a delta leaves it out.
+    let other: Service = serde_saphyr::from_str(
+        "metadata: {name: zeta, namespace: shop}\nspec: {ports: [{name: http, port: 8080}]}",
+    )
+    .unwrap();
     let mut snapshot = Snapshot::default();
     route.apply(&mut snapshot);
     svc.apply(&mut snapshot);
+    other.apply(&mut snapshot);
     compute(&snapshot)
 }
 
@@ -102,6 +108,17 @@ async fn configs_flow_to_the_proxy_and_acks_flow_back_across_a_restart() {
         hub.proxies().0.first().filter(|p| p.acked.as_deref() == Some(second.as_str())).map(drop)
     })
     .await;
+    // The change went as a delta: the one Service that changed, smaller than the whole.
+    let sent = |kind: &'static str| {
+        let labels = skein_operator::SentLabels { kind };
+        (
+            hub.metrics().configs_sent.get_or_create(&labels).get(),
+            hub.metrics().config_bytes_sent.get_or_create(&labels).get(),
+        )
+    };
+    let ((fulls, full_bytes), (deltas, delta_bytes)) = (sent("full"), sent("delta"));
+    assert_eq!((fulls, deltas), (1, 1));
+    assert!(delta_bytes > 0 && delta_bytes < full_bytes, "{delta_bytes} vs {full_bytes}");
 
     // The operator goes away: the stream ends, the proxy keeps its config.
     server_stop.cancel();

@@ -267,21 +267,98 @@ impl MeshConfig {
             authz: own.1,
         };
         let shell = serde_json::to_vec(&shell).expect("plain data serializes");
-        const EMPTY: &[u8] = b"\"destinations\":[]";
-        let at = shell.windows(EMPTY.len()).position(|w| w == EMPTY).expect("the field is serialized");
-        let size: usize = group.selected.iter().map(|&i| self.destination_json[i].0.len() + 1).sum();
-        let mut line = Vec::with_capacity(shell.len() + size + 1);
-        line.extend_from_slice(&shell[..at + EMPTY.len() - 1]);
-        for (n, &i) in group.selected.iter().enumerate() {
-            if n > 0 {
-                line.push(b',');
-            }
-            line.extend_from_slice(&self.destination_json[i].0);
-        }
-        line.extend_from_slice(&shell[at + EMPTY.len() - 1..]);
-        line.push(b'\n');
-        (version, line.into())
+        let items = group.selected.iter().map(|&i| &self.destination_json[i].0[..]);
+        (version, splice(&shell, b"\"destinations\":[]", items))
     }
+}
+
+impl MeshConfig {
+    /// The change from `identity`'s config in `old` (at version `base`) to its config here, as
+    /// the delta line the stream sends: destinations whose bytes differ or that are new, whole;
+    /// those gone, by name; the identity's own parts. Both selections are sorted by namespace
+    /// and name, so one merge walk over them finds the difference.
+    pub fn delta_line(
+        &self,
+        old: &MeshConfig,
+        base: &str,
+        identity: &WorkloadIdentity,
+    ) -> (String, bytes::Bytes) {
+        let (before, after) = (old.group(identity), self.group(identity));
+        fn key(mesh: &MeshConfig, i: usize) -> (&str, &str) {
+            let d = &mesh.destinations[i];
+            (d.namespace.as_str(), d.name.as_str())
+        }
+        let mut upsert: Vec<usize> = Vec::new();
+        let mut remove: Vec<(String, String)> = Vec::new();
+        let (mut a, mut b) = (before.selected.iter().peekable(), after.selected.iter().peekable());
+        loop {
+            match (a.peek().copied(), b.peek().copied()) {
+                (None, None) => break,
+                (Some(&i), None) => {
+                    let (ns, name) = key(old, i);
+                    remove.push((ns.into(), name.into()));
+                    a.next();
+                }
+                (None, Some(&j)) => {
+                    upsert.push(j);
+                    b.next();
+                }
+                (Some(&i), Some(&j)) => match key(old, i).cmp(&key(self, j)) {
+                    std::cmp::Ordering::Less => {
+                        let (ns, name) = key(old, i);
+                        remove.push((ns.into(), name.into()));
+                        a.next();
+                    }
+                    std::cmp::Ordering::Greater => {
+                        upsert.push(j);
+                        b.next();
+                    }
+                    std::cmp::Ordering::Equal => {
+                        if old.destination_json[i].1 != self.destination_json[j].1 {
+                            upsert.push(j);
+                        }
+                        a.next();
+                        b.next();
+                    }
+                },
+            }
+        }
+        let own = self.own_parts(identity);
+        let version = self.version(&after, identity, &own);
+        let shell = skein_api::config::DeltaLine {
+            delta: skein_api::config::ConfigDelta {
+                base: base.to_string(),
+                version: version.clone(),
+                upsert: Vec::new(),
+                remove,
+                inbound: own.0,
+                authz: own.1,
+            },
+        };
+        let shell = serde_json::to_vec(&shell).expect("plain data serializes");
+        let line = splice(&shell, b"\"upsert\":[]", upsert.iter().map(|&j| &self.destination_json[j].0[..]));
+        (version, line)
+    }
+}
+
+/// `shell` with `items` (JSON values) written into its empty list `field` (`"name":[]`), and a
+/// newline after.
+fn splice<'a>(shell: &[u8], field: &[u8], items: impl Iterator<Item = &'a [u8]> + Clone) -> bytes::Bytes {
+    let at = shell.windows(field.len()).position(|w| w == field).expect("the field is serialized")
+        + field.len()
+        - 1;
+    let size: usize = items.clone().map(|i| i.len() + 1).sum();
+    let mut line = Vec::with_capacity(shell.len() + size + 1);
+    line.extend_from_slice(&shell[..at]);
+    for (n, item) in items.enumerate() {
+        if n > 0 {
+            line.push(b',');
+        }
+        line.extend_from_slice(item);
+    }
+    line.extend_from_slice(&shell[at..]);
+    line.push(b'\n');
+    line.into()
 }
 
 /// Computes the mesh from a snapshot.
@@ -969,5 +1046,41 @@ spec:
         let mesh = compute(&s);
         assert_eq!(mesh.proxy_config(&WorkloadIdentity::new("shop", "web")).destinations.len(), 4);
         assert!(mesh.scope_problems()["namespace shop"].contains("<namespace>/<service>"));
+    }
+
+    #[test]
+    fn a_delta_applied_to_the_old_config_gives_the_new_one_and_carries_only_what_changed() {
+        let client = WorkloadIdentity::new("shop", "client");
+        let mut s = shop_with_ratings();
+        let old = compute(&s);
+        // One Service changes (an endpoint more), one is added, one is removed.
+        yaml::<EndpointSlice>(
+            r#"
+metadata: {name: reviews-v3, namespace: shop, labels: {kubernetes.io/service-name: reviews}}
+addressType: IPv4
+ports: [{name: http, port: 9080}]
+endpoints: [{addresses: ["10.0.0.3"], conditions: {ready: true}}]
+"#,
+        )
+        .apply(&mut s);
+        yaml::<Service>(
+            "metadata: {name: details, namespace: shop}\nspec: {ports: [{name: http, port: 9080}]}",
+        )
+        .apply(&mut s);
+        s.services.remove(&ObjectKey::new("shop", "ratings"));
+        let new = compute(&s);
+        let base = old.proxy_config(&client);
+        let (version, line) = new.delta_line(&old, &base.version, &client);
+        assert!(line.starts_with(skein_api::config::DELTA_PREFIX) && line.ends_with(b"\n"));
+        let delta: skein_api::config::DeltaLine = serde_json::from_slice(&line).unwrap();
+        let upserted: Vec<&str> = delta.delta.upsert.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(upserted, ["details", "reviews"]);
+        assert_eq!(delta.delta.remove, [("shop".to_string(), "ratings".to_string())]);
+        assert_eq!(version, new.version_of(&client));
+        assert_eq!(delta.delta.apply_to(&base).unwrap(), new.proxy_config(&client));
+        // Nothing changed: an empty delta.
+        let (_, same) = new.delta_line(&new, &version, &client);
+        let same: skein_api::config::DeltaLine = serde_json::from_slice(&same).unwrap();
+        assert!(same.delta.upsert.is_empty() && same.delta.remove.is_empty());
     }
 }

@@ -6,12 +6,12 @@
 //! The lock is a plain mutex held for map updates only, never across an `.await`.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use bytes::Bytes;
 
-use skein_api::{ProxyConfig, StreamAck, WorkloadIdentity};
+use skein_api::{StreamAck, WorkloadIdentity};
 use tokio::sync::watch;
 
 use crate::compute::status::ProxyView;
@@ -29,25 +29,61 @@ struct Connected {
     traffic: crate::stream::topology::TrafficSamples,
 }
 
-/// A config as sent: serialized once per identity and change, however many proxies read it.
-#[derive(Debug)]
+/// One identity's config at one version: built (serialized) once, on first demand, however
+/// many proxies read it, and the delta from the version before it likewise.
 pub struct Pushed {
     pub version: String,
-    /// The config as one JSON line, newline included.
-    pub line: Bytes,
+    identity: WorkloadIdentity,
+    mesh: Arc<MeshConfig>,
+    /// The config before this one: kept one generation back only, so a proxy that missed more
+    /// (or never held it) gets the whole config, and old meshes are not kept alive.
+    previous: Mutex<Option<Arc<Pushed>>>,
+    full: OnceLock<Bytes>,
+    delta: OnceLock<Bytes>,
+}
+
+impl std::fmt::Debug for Pushed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pushed").field("version", &self.version).field("identity", &self.identity).finish()
+    }
 }
 
 impl Pushed {
-    pub fn new(config: &ProxyConfig) -> Self {
-        let mut line = serde_json::to_vec(config).expect("plain data serializes");
-        line.push(b'\n');
-        Self { version: config.version.clone(), line: line.into() }
+    /// `identity`'s config in `mesh` (nothing is serialized yet).
+    pub fn of(mesh: &Arc<MeshConfig>, identity: &WorkloadIdentity) -> Self {
+        Self::at(mesh, identity, mesh.version_of(identity))
     }
 
-    /// `identity`'s config in `mesh`, assembled from the mesh's serialized destinations.
-    pub fn of(mesh: &MeshConfig, identity: &WorkloadIdentity) -> Self {
-        let (version, line) = mesh.proxy_line(identity);
-        Self { version, line }
+    fn at(mesh: &Arc<MeshConfig>, identity: &WorkloadIdentity, version: String) -> Self {
+        Self {
+            version,
+            identity: identity.clone(),
+            mesh: mesh.clone(),
+            previous: Mutex::new(None),
+            full: OnceLock::new(),
+            delta: OnceLock::new(),
+        }
+    }
+
+    /// This config, following `previous` (whose own predecessor is let go).
+    fn after(self, previous: Arc<Pushed>) -> Self {
+        previous.previous.lock().unwrap_or_else(|e| e.into_inner()).take();
+        *self.previous.lock().unwrap_or_else(|e| e.into_inner()) = Some(previous);
+        self
+    }
+
+    /// The whole config as one JSON line, newline included.
+    pub fn line(&self) -> Bytes {
+        self.full.get_or_init(|| self.mesh.proxy_line(&self.identity).1).clone()
+    }
+
+    /// The delta line from version `held` to this one, when `held` is the version just before.
+    pub fn delta_from(&self, held: &str) -> Option<Bytes> {
+        let previous = self.previous.lock().unwrap_or_else(|e| e.into_inner()).clone()?;
+        if previous.version != held {
+            return None;
+        }
+        Some(self.delta.get_or_init(|| self.mesh.delta_line(&previous.mesh, held, &self.identity).1).clone())
     }
 }
 
@@ -74,7 +110,14 @@ pub struct ConfigHub {
     /// acknowledgement): the status writer and the proxy report wait on it.
     pub proxies_changed: watch::Sender<u64>,
     metrics: Metrics,
+    /// Proxies being sent their first config at once (a reconnect storm queues, in order).
+    pub admission: Arc<tokio::sync::Semaphore>,
 }
+
+/// How many proxies are sent their first config at once: enough to keep both cores busy
+/// serializing and encrypting, few enough that the first in line are served in milliseconds
+/// rather than all of them together at the end of a storm.
+pub const ADMISSION_LIMIT: usize = 64;
 
 impl ConfigHub {
     /// The operator's metrics, shared with everything that publishes to this hub.
@@ -83,7 +126,12 @@ impl ConfigHub {
     }
 
     pub fn new(metrics: Metrics) -> Self {
-        Self { state: Arc::default(), proxies_changed: watch::Sender::new(0), metrics }
+        Self {
+            state: Arc::default(),
+            proxies_changed: watch::Sender::new(0),
+            metrics,
+            admission: Arc::new(tokio::sync::Semaphore::new(ADMISSION_LIMIT)),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -105,7 +153,7 @@ impl ConfigHub {
                 if current.version == version {
                     return false;
                 }
-                *current = Arc::new(Pushed::of(&mesh, identity));
+                *current = Arc::new(Pushed::at(&mesh, identity, version.clone()).after(current.clone()));
                 true
             });
             if changed {
@@ -239,6 +287,7 @@ mod tests {
     use super::*;
     use crate::compute::compute;
     use crate::compute::snapshot::Snapshot;
+    use skein_api::ProxyConfig;
 
     fn hub() -> ConfigHub {
         ConfigHub::new(Metrics::default())
@@ -250,7 +299,7 @@ mod tests {
         let identity = WorkloadIdentity::new("shop", "web");
         let (conn, mut rx) = hub.connect(identity.clone(), "web-0".into());
         let first = rx.borrow_and_update().clone();
-        let parsed: ProxyConfig = serde_json::from_slice(&first.line).unwrap();
+        let parsed: ProxyConfig = serde_json::from_slice(&first.line()).unwrap();
         assert_eq!(parsed.identity.as_ref(), Some(&identity));
         assert_eq!(parsed.version, first.version);
 
@@ -308,13 +357,13 @@ mod tests {
         hub.publish(Arc::new(compute(&snapshot)));
         assert!(!scoped.has_changed().unwrap(), "books/catalog is outside shop's ./*");
         assert!(everything.has_changed().unwrap());
-        let line = everything.borrow_and_update().line.clone();
+        let line = everything.borrow_and_update().line();
         assert_eq!(serde_json::from_slice::<ProxyConfig>(&line).unwrap().destinations.len(), 2);
 
         snapshot.services.insert(ObjectKey::new("shop", "ratings"), Default::default());
         hub.publish(Arc::new(compute(&snapshot)));
         assert!(scoped.has_changed().unwrap());
-        let config: ProxyConfig = serde_json::from_slice(&scoped.borrow_and_update().line).unwrap();
+        let config: ProxyConfig = serde_json::from_slice(&scoped.borrow_and_update().line()).unwrap();
         let names: Vec<&str> = config.destinations.iter().map(|d| d.name.as_str()).collect();
         assert_eq!(names, ["ratings", "reviews"]);
     }

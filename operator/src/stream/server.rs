@@ -2,14 +2,19 @@
 //!
 //! Protocol: the proxy `POST`s to [`CONFIG_STREAM_PATH`], proving its identity with its mTLS
 //! client certificate (or naming it in [`IDENTITY_HEADER`] on a plaintext development stream). The
-//! response body is a stream of JSON lines, one `ProxyConfig` each: the full config first, then a
-//! new one on every change (latest wins: a slow proxy skips versions, it never queues them). The
-//! request body, open in the other direction of the same HTTP/2 stream, carries one `StreamAck`
-//! line per config received. HTTP/2 keepalive pings find dead peers.
+//! response body is a stream of JSON lines: the full `ProxyConfig` first, then on every change
+//! either the whole new one or, to a proxy that sends [`DELTA_HEADER`], a `ConfigDelta` from
+//! the version it holds (latest wins: a slow proxy skips versions, it never queues them, and
+//! gets the whole config when it skipped past the last delta). The request body, open in the
+//! other direction of the same HTTP/2 stream, carries one `StreamAck` line per config received;
+//! a refused delta is answered with the whole config. First configs are sent to a bounded
+//! number of proxies at a time ([`ConfigHub::admission`]), in arrival order. HTTP/2 keepalive
+//! pings find dead peers.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -19,10 +24,11 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use skein_api::constants::{CONFIG_STREAM_PATH, IDENTITY_HEADER, PROXY_ID_HEADER};
+use skein_api::constants::{CONFIG_STREAM_PATH, DELTA_HEADER, IDENTITY_HEADER, PROXY_ID_HEADER};
 use skein_api::lines::LineBuffer;
 use skein_api::{ProxyMessage, WorkloadIdentity};
 use tokio::net::TcpListener;
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::stream::hub::{ConfigHub, ConnectionId, Pushed};
@@ -227,27 +233,115 @@ fn handle(
         .filter(|v| !v.is_empty() && v.len() <= 253)
         .unwrap_or_else(|| peer.to_string());
     tracing::info!(%identity, proxy = %proxy_id, %peer, "proxy connected");
+    let deltas = req.headers().get(DELTA_HEADER).is_some_and(|v| v.as_bytes() == b"1");
     let (conn, receiver) = hub.connect(identity, proxy_id.clone());
+    let feedback = Arc::new(Feedback::default());
+    tokio::spawn(read_acks(req.into_body(), conn, hub.clone(), proxy_id, feedback.clone()));
 
-    tokio::spawn(read_acks(req.into_body(), conn, hub.clone(), proxy_id));
-
-    let guard = Disconnect { hub: hub.clone(), conn };
-    let state = (receiver, guard, true, shutdown.clone());
-    let lines = futures::stream::unfold(state, |(mut receiver, guard, first, shutdown)| async move {
-        if !first {
-            tokio::select! {
-                changed = receiver.changed() => changed.ok()?,
-                _ = shutdown.cancelled() => return None,
-            }
-        }
-        let pushed: Arc<Pushed> = receiver.borrow_and_update().clone();
-        Some((Ok::<_, Infallible>(Frame::data(pushed.line.clone())), (receiver, guard, false, shutdown)))
+    let session = Session {
+        receiver,
+        _guard: Disconnect { hub: hub.clone(), conn },
+        shutdown: shutdown.clone(),
+        deltas,
+        sent: None,
+        feedback,
+        admission: Some(hub.admission.clone()),
+        metrics: hub.metrics().clone(),
+    };
+    let lines = futures::stream::unfold(session, |mut session| async move {
+        let line = session.next_line().await?;
+        Some((Ok::<_, Infallible>(Frame::data(line)), session))
     });
     let mut response = Response::new(StreamBody::new(lines).boxed_unsync());
     response
         .headers_mut()
         .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/x-ndjson"));
     response
+}
+
+/// How long a proxy may hold its admission permit before acknowledging its first config.
+const ADMISSION_HOLD: Duration = Duration::from_secs(10);
+
+/// One proxy's stream, between lines.
+struct Session {
+    receiver: watch::Receiver<Arc<Pushed>>,
+    _guard: Disconnect,
+    shutdown: CancellationToken,
+    /// The proxy applies deltas.
+    deltas: bool,
+    /// The version last sent, and whether it went as a delta.
+    sent: Option<(String, bool)>,
+    feedback: Arc<Feedback>,
+    /// Taken for the first config only.
+    admission: Option<Arc<Semaphore>>,
+    metrics: crate::metrics::Metrics,
+}
+
+/// What the acknowledgement reader tells the sender.
+#[derive(Default)]
+struct Feedback {
+    /// The proxy refused a config: the next one goes whole.
+    refused: AtomicBool,
+    wake: Notify,
+    /// Held from the first config until the proxy acknowledges it (or [`ADMISSION_HOLD`]).
+    permit: Mutex<Option<OwnedSemaphorePermit>>,
+}
+
+impl Feedback {
+    fn release(&self) {
+        self.permit.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+}
+
+impl Session {
+    /// The next line to send: the whole config first (once admitted), then on every change a
+    /// delta from the version sent before when the proxy takes deltas and holds it, else the
+    /// whole config. A refused delta is followed at once by the whole config.
+    async fn next_line(&mut self) -> Option<Bytes> {
+        if let Some(admission) = self.admission.take() {
+            // Admission after authentication: a reconnect storm is served a bounded number of
+            // first configs at a time, in arrival order (the semaphore is fair), so nobody
+            // starves and the first to come are served first.
+            let permit = tokio::select! {
+                permit = admission.acquire_owned() => permit.ok()?,
+                _ = self.shutdown.cancelled() => return None,
+            };
+            *self.feedback.permit.lock().unwrap_or_else(|e| e.into_inner()) = Some(permit);
+            let feedback = self.feedback.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(ADMISSION_HOLD).await;
+                feedback.release();
+            });
+        } else {
+            loop {
+                tokio::select! {
+                    changed = self.receiver.changed() => {
+                        changed.ok()?;
+                        break;
+                    }
+                    _ = self.feedback.wake.notified() => {
+                        let resend = self.sent.as_ref().is_some_and(|(_, delta)| *delta);
+                        if resend && self.feedback.refused.load(Ordering::Acquire) {
+                            break;
+                        }
+                    }
+                    _ = self.shutdown.cancelled() => return None,
+                }
+            }
+        }
+        let pushed: Arc<Pushed> = self.receiver.borrow_and_update().clone();
+        let whole = self.feedback.refused.swap(false, Ordering::AcqRel);
+        let delta = match (&self.sent, self.deltas && !whole) {
+            (Some((held, _)), true) => pushed.delta_from(held),
+            _ => None,
+        };
+        self.sent = Some((pushed.version.clone(), delta.is_some()));
+        let kind = crate::metrics::SentLabels { kind: if delta.is_some() { "delta" } else { "full" } };
+        let line = delta.unwrap_or_else(|| pushed.line());
+        self.metrics.configs_sent.get_or_create(&kind).inc();
+        self.metrics.config_bytes_sent.get_or_create(&kind).inc_by(line.len() as u64);
+        Some(line)
+    }
 }
 
 /// Unregisters the proxy when its response stream is dropped (the peer went away or the
@@ -263,7 +357,13 @@ impl Drop for Disconnect {
     }
 }
 
-async fn read_acks(mut body: Incoming, conn: ConnectionId, hub: ConfigHub, proxy_id: String) {
+async fn read_acks(
+    mut body: Incoming,
+    conn: ConnectionId,
+    hub: ConfigHub,
+    proxy_id: String,
+    feedback: Arc<Feedback>,
+) {
     let mut lines = LineBuffer::new(MAX_PROXY_LINE);
     while let Some(frame) = body.frame().await {
         let Ok(frame) = frame else { break };
@@ -272,7 +372,14 @@ async fn read_acks(mut body: Incoming, conn: ConnectionId, hub: ConfigHub, proxy
         loop {
             match lines.next_line() {
                 Ok(Some(line)) => match serde_json::from_slice::<ProxyMessage>(line) {
-                    Ok(ProxyMessage::Ack(ack)) => hub.acknowledge(conn, ack),
+                    Ok(ProxyMessage::Ack(ack)) => {
+                        feedback.release();
+                        if ack.error.is_some() {
+                            feedback.refused.store(true, Ordering::Release);
+                            feedback.wake.notify_one();
+                        }
+                        hub.acknowledge(conn, ack)
+                    }
                     Ok(ProxyMessage::Traffic { traffic }) => hub.record_traffic(conn, traffic),
                     Err(e) => {
                         tracing::warn!(proxy = %proxy_id, error = %e, "ignoring a malformed line from the proxy")

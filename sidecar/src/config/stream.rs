@@ -14,7 +14,10 @@ use http::{Request, StatusCode, Uri};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use skein_api::constants::{CONFIG_STREAM_PATH, CONFIG_STREAM_PORT, IDENTITY_HEADER, PROXY_ID_HEADER};
+use skein_api::config::{DeltaLine, DELTA_PREFIX};
+use skein_api::constants::{
+    CONFIG_STREAM_PATH, CONFIG_STREAM_PORT, DELTA_HEADER, IDENTITY_HEADER, PROXY_ID_HEADER,
+};
 use skein_api::lines::LineBuffer;
 use skein_api::{ProxyConfig, ProxyMessage, StreamAck, WorkloadIdentity};
 use tokio::net::TcpStream;
@@ -217,6 +220,7 @@ async fn session(cp: &ControlPlane, store: &ConfigStore, status: &StreamStatus) 
     let request = Request::post(uri)
         .header(IDENTITY_HEADER, cp.identity.to_string())
         .header(PROXY_ID_HEADER, cp.proxy_id.as_str())
+        .header(DELTA_HEADER, "1")
         .body(StreamBody::new(ack_body))
         .map_err(SessionError::Request)?;
     let response = sender.send_request(request).await.map_err(SessionError::Open)?;
@@ -290,8 +294,12 @@ async fn session(cp: &ControlPlane, store: &ConfigStore, status: &StreamStatus) 
     result
 }
 
-/// Applies one received line and says what became of it.
+/// Applies one received line (a whole config, or a delta from the config in force) and says
+/// what became of it.
 pub fn apply_line(store: &ConfigStore, line: &[u8]) -> StreamAck {
+    if line.starts_with(DELTA_PREFIX) {
+        return apply_delta(store, line);
+    }
     match serde_json::from_slice::<ProxyConfig>(line) {
         Ok(config) => {
             let version = config.version.clone();
@@ -308,6 +316,30 @@ pub fn apply_line(store: &ConfigStore, line: &[u8]) -> StreamAck {
             StreamAck { version, error: Some(error) }
         }
     }
+}
+
+fn apply_delta(store: &ConfigStore, line: &[u8]) -> StreamAck {
+    let delta = match serde_json::from_slice::<DeltaLine>(line) {
+        Ok(d) => d.delta,
+        Err(e) => {
+            let error = format!("cannot decode config delta: {e}");
+            store.refuse("", &error);
+            return StreamAck { version: String::new(), error: Some(error) };
+        }
+    };
+    let version = delta.version.clone();
+    let applied = match store.current() {
+        Some(active) => delta.apply_to(&active.config),
+        None => Err(format!("the delta is for config {}, this proxy holds none", delta.base)),
+    };
+    let error = match applied {
+        Ok(config) => store.apply(config, Source::ControlPlane).err(),
+        Err(e) => {
+            store.refuse(&version, &e);
+            Some(e)
+        }
+    };
+    StreamAck { version, error }
 }
 
 #[cfg(test)]
@@ -350,6 +382,47 @@ mod tests {
         let https = ControlPlane { url: format!("https://127.0.0.1:{port}").parse().unwrap(), ..cp };
         let e = session(&https, &store, &status).await.unwrap_err();
         assert_eq!(e.metric_label(), "no-certificate", "{e:?}");
+    }
+
+    #[test]
+    fn deltas_apply_to_the_version_they_name_only() {
+        use skein_api::config::{ConfigDelta, Destination};
+        let store = ConfigStore::new(None);
+        let dest = |name: &str, ip: &str| Destination {
+            namespace: "shop".into(),
+            name: name.into(),
+            addresses: vec![ip.into()],
+            ..Default::default()
+        };
+        let whole = ProxyConfig {
+            version: "v1".into(),
+            destinations: vec![dest("a", "10.0.0.1"), dest("b", "10.0.0.2"), dest("c", "10.0.0.3")],
+            ..Default::default()
+        };
+        assert_eq!(apply_line(&store, &serde_json::to_vec(&whole).unwrap()).error, None);
+        let line = |base: &str, version: &str| {
+            serde_json::to_vec(&DeltaLine {
+                delta: ConfigDelta {
+                    base: base.into(),
+                    version: version.into(),
+                    upsert: vec![dest("b", "10.0.0.9"), dest("d", "10.0.0.4")],
+                    remove: vec![("shop".into(), "a".into())],
+                    ..Default::default()
+                },
+            })
+            .unwrap()
+        };
+        assert_eq!(apply_line(&store, &line("v1", "v2")), StreamAck { version: "v2".into(), error: None });
+        let config = &store.current().unwrap().config;
+        let got: Vec<(&str, &str)> =
+            config.destinations.iter().map(|d| (d.name.as_str(), d.addresses[0].as_str())).collect();
+        assert_eq!(got, [("b", "10.0.0.9"), ("c", "10.0.0.3"), ("d", "10.0.0.4")]);
+        // A delta for a version the proxy does not hold is refused, and nothing changes.
+        let ack = apply_line(&store, &line("v1", "v3"));
+        assert_eq!(ack.version, "v3");
+        assert!(ack.error.unwrap().contains("the delta is for config v1, this proxy holds v2"));
+        assert_eq!(store.current().unwrap().config.version, "v2");
+        assert!(apply_line(&ConfigStore::new(None), &line("v1", "v2")).error.unwrap().contains("holds none"));
     }
 
     #[test]

@@ -179,6 +179,69 @@ async fn malformed_stream_requests_get_4xx() {
     stop.cancel();
 }
 
+/// A proxy that refuses a delta (it does not hold the version the delta is for) is sent the
+/// whole config at once, without waiting for the next change.
+#[tokio::test]
+async fn a_refused_delta_is_answered_with_the_whole_config() {
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+    use skein_api::config::DELTA_PREFIX;
+    use skein_api::constants::DELTA_HEADER;
+
+    let hub = ConfigHub::new(Metrics::default());
+    hub.publish(Arc::new(canary_mesh(90)));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    tokio::spawn(skein_operator::serve_stream(listener, hub.clone(), stop.clone()));
+
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await.unwrap();
+    tokio::spawn(conn);
+    let (acks, ack_body) =
+        futures::channel::mpsc::unbounded::<Result<Frame<Bytes>, std::convert::Infallible>>();
+    let request = http::Request::post(format!("http://{addr}{CONFIG_STREAM_PATH}"))
+        .header(IDENTITY_HEADER, "shop/productpage")
+        .header(DELTA_HEADER, "1")
+        .body(StreamBody::new(ack_body))
+        .unwrap();
+    let mut body = sender.send_request(request).await.unwrap().into_body();
+    let mut lines = skein_api::lines::LineBuffer::new(64 << 20);
+    let mut next_line = async || loop {
+        if let Some(line) = lines.next_line().unwrap() {
+            return line.to_vec();
+        }
+        let frame =
+            tokio::time::timeout(Duration::from_secs(10), body.frame()).await.unwrap().unwrap().unwrap();
+        lines.extend(&frame.into_data().unwrap());
+    };
+    let ack = |version: &str, error: Option<&str>| {
+        let ack = skein_api::StreamAck { version: version.into(), error: error.map(str::to_string) };
+        let mut bytes = serde_json::to_vec(&ack).unwrap();
+        bytes.push(b'\n');
+        acks.unbounded_send(Ok(Frame::data(Bytes::from(bytes)))).unwrap();
+    };
+    let version = |line: &[u8]| -> String {
+        let v: serde_json::Value = serde_json::from_slice(line).unwrap();
+        v.get("delta").unwrap_or(&v)["version"].as_str().unwrap().to_string()
+    };
+
+    let first = next_line().await;
+    assert!(!first.starts_with(DELTA_PREFIX));
+    ack(&version(&first), None);
+    hub.publish(Arc::new(canary_mesh(50)));
+    let delta = next_line().await;
+    assert!(delta.starts_with(DELTA_PREFIX), "{}", String::from_utf8_lossy(&delta));
+    ack(&version(&delta), Some("the delta is for config x, this proxy holds y"));
+    let whole = next_line().await;
+    assert!(!whole.starts_with(DELTA_PREFIX), "{}", String::from_utf8_lossy(&whole));
+    assert_eq!(version(&whole), version(&delta));
+    let config: skein_api::ProxyConfig = serde_json::from_slice(&whole).unwrap();
+    assert_eq!(config.destinations[0].routes[0].rules[1].backends[0].weight, 50);
+    stop.cancel();
+}
+
 /// With mTLS the client certificate decides the identity (a header claiming another one is
 /// refused with 403), and plaintext is refused when client certificates are required.
 #[tokio::test]

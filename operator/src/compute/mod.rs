@@ -256,6 +256,13 @@ impl MeshConfig {
     /// The config of one workload as the JSON line the stream sends, assembled from each
     /// destination's bytes (serialized once per computation), and its version.
     pub fn proxy_line(&self, identity: &WorkloadIdentity) -> (String, bytes::Bytes) {
+        let plan = self.proxy_plan(identity);
+        (plan.version.clone(), plan.to_bytes())
+    }
+
+    /// [`MeshConfig::proxy_line`] as parts that share the destinations' bytes, to be cut into
+    /// frames as the stream sends them.
+    pub fn proxy_plan(&self, identity: &WorkloadIdentity) -> LinePlan {
         let group = self.group(identity);
         let own = self.own_parts(identity);
         let version = self.version(&group, identity, &own);
@@ -267,8 +274,8 @@ impl MeshConfig {
             authz: own.1,
         };
         let shell = serde_json::to_vec(&shell).expect("plain data serializes");
-        let items = group.selected.iter().map(|&i| &self.destination_json[i].0[..]);
-        (version, splice(&shell, b"\"destinations\":[]", items))
+        let items = group.selected.iter().map(|&i| self.destination_json[i].0.clone()).collect();
+        LinePlan::new(version, &shell, b"\"destinations\":[]", items)
     }
 }
 
@@ -283,6 +290,12 @@ impl MeshConfig {
         base: &str,
         identity: &WorkloadIdentity,
     ) -> (String, bytes::Bytes) {
+        let plan = self.delta_plan(old, base, identity);
+        (plan.version.clone(), plan.to_bytes())
+    }
+
+    /// [`MeshConfig::delta_line`] as parts that share the destinations' bytes.
+    pub fn delta_plan(&self, old: &MeshConfig, base: &str, identity: &WorkloadIdentity) -> LinePlan {
         let (before, after) = (old.group(identity), self.group(identity));
         fn key(mesh: &MeshConfig, i: usize) -> (&str, &str) {
             let d = &mesh.destinations[i];
@@ -336,29 +349,102 @@ impl MeshConfig {
             },
         };
         let shell = serde_json::to_vec(&shell).expect("plain data serializes");
-        let line = splice(&shell, b"\"upsert\":[]", upsert.iter().map(|&j| &self.destination_json[j].0[..]));
-        (version, line)
+        let items = upsert.iter().map(|&j| self.destination_json[j].0.clone()).collect();
+        LinePlan::new(version, &shell, b"\"upsert\":[]", items)
     }
 }
 
-/// `shell` with `items` (JSON values) written into its empty list `field` (`"name":[]`), and a
-/// newline after.
-fn splice<'a>(shell: &[u8], field: &[u8], items: impl Iterator<Item = &'a [u8]> + Clone) -> bytes::Bytes {
-    let at = shell.windows(field.len()).position(|w| w == field).expect("the field is serialized")
-        + field.len()
-        - 1;
-    let size: usize = items.clone().map(|i| i.len() + 1).sum();
-    let mut line = Vec::with_capacity(shell.len() + size + 1);
-    line.extend_from_slice(&shell[..at]);
-    for (n, item) in items.enumerate() {
-        if n > 0 {
-            line.push(b',');
-        }
-        line.extend_from_slice(item);
+/// A config line as the stream sends it: the JSON around one list, and the list's items (each
+/// a destination's bytes, shared with the mesh, never copied per proxy until a frame is cut).
+#[derive(Clone, Debug)]
+pub struct LinePlan {
+    pub version: String,
+    prefix: bytes::Bytes,
+    items: Vec<bytes::Bytes>,
+    /// What follows the list, newline included.
+    suffix: bytes::Bytes,
+}
+
+/// Frames are cut up to this size: a proxy's whole config never sits in memory once per
+/// connection, only the frame in flight.
+pub const FRAME_BYTES: usize = 64 * 1024;
+
+impl LinePlan {
+    /// `shell` (serialized with the list `field` empty, `"name":[]`) with `items` in the list.
+    fn new(version: String, shell: &[u8], field: &[u8], items: Vec<bytes::Bytes>) -> Self {
+        let at = shell.windows(field.len()).position(|w| w == field).expect("the field is serialized")
+            + field.len()
+            - 1;
+        let mut suffix = shell[at..].to_vec();
+        suffix.push(b'\n');
+        Self { version, prefix: bytes::Bytes::copy_from_slice(&shell[..at]), items, suffix: suffix.into() }
     }
-    line.extend_from_slice(&shell[at..]);
-    line.push(b'\n');
-    line.into()
+
+    /// The line's length in bytes.
+    pub fn len(&self) -> usize {
+        self.prefix.len() + self.items.iter().map(|i| i.len() + 1).sum::<usize>() + self.suffix.len()
+            - usize::from(!self.items.is_empty())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The whole line.
+    pub fn to_bytes(&self) -> bytes::Bytes {
+        let mut line = bytes::BytesMut::with_capacity(self.len());
+        for frame in self.clone().frames() {
+            line.extend_from_slice(&frame);
+        }
+        line.freeze()
+    }
+
+    /// The line cut into frames of [`FRAME_BYTES`] (the last one shorter).
+    pub fn frames(self) -> Frames {
+        Frames { plan: self, segment: 0, offset: 0 }
+    }
+
+    /// The line's pieces in order: the prefix, the items with commas between them, the suffix.
+    fn segment(&self, n: usize) -> Option<&[u8]> {
+        let items = self.items.len();
+        let list = if items == 0 { 0 } else { 2 * items - 1 };
+        match n {
+            0 => Some(&self.prefix),
+            n if n <= list => Some(if n % 2 == 1 { &self.items[(n - 1) / 2] } else { b"," }),
+            n if n == list + 1 => Some(&self.suffix),
+            _ => None,
+        }
+    }
+}
+
+/// The frames of a [`LinePlan`], cut as they are asked for.
+#[derive(Debug)]
+pub struct Frames {
+    plan: LinePlan,
+    segment: usize,
+    /// How much of the current segment is sent.
+    offset: usize,
+}
+
+impl Iterator for Frames {
+    type Item = bytes::Bytes;
+
+    fn next(&mut self) -> Option<bytes::Bytes> {
+        let mut frame = bytes::BytesMut::new();
+        while let Some(piece) = self.plan.segment(self.segment) {
+            let take = (piece.len() - self.offset).min(FRAME_BYTES - frame.len());
+            frame.extend_from_slice(&piece[self.offset..self.offset + take]);
+            self.offset += take;
+            if self.offset == piece.len() {
+                self.segment += 1;
+                self.offset = 0;
+            }
+            if frame.len() == FRAME_BYTES {
+                break;
+            }
+        }
+        (!frame.is_empty()).then(|| frame.freeze())
+    }
 }
 
 /// Computes the mesh from a snapshot.
@@ -1046,6 +1132,28 @@ spec:
         let mesh = compute(&s);
         assert_eq!(mesh.proxy_config(&WorkloadIdentity::new("shop", "web")).destinations.len(), 4);
         assert!(mesh.scope_problems()["namespace shop"].contains("<namespace>/<service>"));
+    }
+
+    #[test]
+    fn a_line_is_cut_into_frames_of_at_most_the_frame_size_that_join_into_it() {
+        let big = |c: u8, n: usize| bytes::Bytes::from(vec![c; n]);
+        let items = vec![big(b'a', FRAME_BYTES + 10), big(b'b', 3), big(b'c', FRAME_BYTES - 2)];
+        let plan = LinePlan::new("v".into(), br#"{"v":"v","list":[],"z":1}"#, br#""list":[]"#, items);
+        let frames: Vec<bytes::Bytes> = plan.clone().frames().collect();
+        assert!(frames.iter().all(|f| !f.is_empty() && f.len() <= FRAME_BYTES));
+        assert_eq!(frames.len(), 3);
+        let joined: Vec<u8> = frames.concat();
+        assert_eq!(joined.len(), plan.len());
+        let mut want = br#"{"v":"v","list":["#.to_vec();
+        want.extend(vec![b'a'; FRAME_BYTES + 10]);
+        want.push(b',');
+        want.extend(vec![b'b'; 3]);
+        want.push(b',');
+        want.extend(vec![b'c'; FRAME_BYTES - 2]);
+        want.extend_from_slice(b"],\"z\":1}\n");
+        assert_eq!(joined, want);
+        let empty = LinePlan::new("v".into(), br#"{"list":[]}"#, br#""list":[]"#, vec![]);
+        assert_eq!((empty.to_bytes(), empty.len()), (bytes::Bytes::from_static(b"{\"list\":[]}\n"), 12));
     }
 
     #[test]

@@ -15,7 +15,7 @@ use skein_api::{StreamAck, WorkloadIdentity};
 use tokio::sync::watch;
 
 use crate::compute::status::ProxyView;
-use crate::compute::MeshConfig;
+use crate::compute::{LinePlan, MeshConfig};
 use crate::metrics::Metrics;
 
 /// Identifies one stream connection.
@@ -29,8 +29,8 @@ struct Connected {
     traffic: crate::stream::topology::TrafficSamples,
 }
 
-/// One identity's config at one version: built (serialized) once, on first demand, however
-/// many proxies read it, and the delta from the version before it likewise.
+/// One identity's config at one version, and the delta from the version before it (planned
+/// once, on first demand, however many proxies read it).
 pub struct Pushed {
     pub version: String,
     identity: WorkloadIdentity,
@@ -38,8 +38,7 @@ pub struct Pushed {
     /// The config before this one: kept one generation back only, so a proxy that missed more
     /// (or never held it) gets the whole config, and old meshes are not kept alive.
     previous: Mutex<Option<Arc<Pushed>>>,
-    full: OnceLock<Bytes>,
-    delta: OnceLock<Bytes>,
+    delta: OnceLock<LinePlan>,
 }
 
 impl std::fmt::Debug for Pushed {
@@ -60,7 +59,6 @@ impl Pushed {
             identity: identity.clone(),
             mesh: mesh.clone(),
             previous: Mutex::new(None),
-            full: OnceLock::new(),
             delta: OnceLock::new(),
         }
     }
@@ -72,18 +70,26 @@ impl Pushed {
         self
     }
 
-    /// The whole config as one JSON line, newline included.
-    pub fn line(&self) -> Bytes {
-        self.full.get_or_init(|| self.mesh.proxy_line(&self.identity).1).clone()
+    /// The whole config, to be cut into frames as it is sent (built per send: the bytes of its
+    /// destinations are shared with the mesh, so no proxy's whole config is held per
+    /// connection).
+    pub fn plan(&self) -> LinePlan {
+        self.mesh.proxy_plan(&self.identity)
     }
 
-    /// The delta line from version `held` to this one, when `held` is the version just before.
-    pub fn delta_from(&self, held: &str) -> Option<Bytes> {
+    /// The whole config as one JSON line, newline included.
+    pub fn line(&self) -> Bytes {
+        self.plan().to_bytes()
+    }
+
+    /// The delta from version `held` to this one, when `held` is the version just before (built
+    /// once, however many proxies of the identity read it).
+    pub fn delta_from(&self, held: &str) -> Option<LinePlan> {
         let previous = self.previous.lock().unwrap_or_else(|e| e.into_inner()).clone()?;
         if previous.version != held {
             return None;
         }
-        Some(self.delta.get_or_init(|| self.mesh.delta_line(&previous.mesh, held, &self.identity).1).clone())
+        Some(self.delta.get_or_init(|| self.mesh.delta_plan(&previous.mesh, held, &self.identity)).clone())
     }
 }
 

@@ -246,11 +246,12 @@ fn handle(
         sent: None,
         feedback,
         admission: Some(hub.admission.clone()),
+        sending: None,
         metrics: hub.metrics().clone(),
     };
     let lines = futures::stream::unfold(session, |mut session| async move {
-        let line = session.next_line().await?;
-        Some((Ok::<_, Infallible>(Frame::data(line)), session))
+        let frame = session.next_frame().await?;
+        Some((Ok::<_, Infallible>(Frame::data(frame)), session))
     });
     let mut response = Response::new(StreamBody::new(lines).boxed_unsync());
     response
@@ -274,6 +275,8 @@ struct Session {
     feedback: Arc<Feedback>,
     /// Taken for the first config only.
     admission: Option<Arc<Semaphore>>,
+    /// The rest of the line being sent.
+    sending: Option<crate::compute::Frames>,
     metrics: crate::metrics::Metrics,
 }
 
@@ -294,10 +297,20 @@ impl Feedback {
 }
 
 impl Session {
-    /// The next line to send: the whole config first (once admitted), then on every change a
+    /// The next line: the whole config first (once admitted), then on every change a
     /// delta from the version sent before when the proxy takes deltas and holds it, else the
     /// whole config. A refused delta is followed at once by the whole config.
-    async fn next_line(&mut self) -> Option<Bytes> {
+    /// The next frame to send: the rest of the line being sent, else the first of the next.
+    async fn next_frame(&mut self) -> Option<Bytes> {
+        loop {
+            if let Some(frame) = self.sending.as_mut().and_then(Iterator::next) {
+                return Some(frame);
+            }
+            self.sending = Some(self.next_line().await?.frames());
+        }
+    }
+
+    async fn next_line(&mut self) -> Option<crate::compute::LinePlan> {
         if let Some(admission) = self.admission.take() {
             // Admission after authentication: a reconnect storm is served a bounded number of
             // first configs at a time, in arrival order (the semaphore is fair), so nobody
@@ -337,7 +350,7 @@ impl Session {
         };
         self.sent = Some((pushed.version.clone(), delta.is_some()));
         let kind = crate::metrics::SentLabels { kind: if delta.is_some() { "delta" } else { "full" } };
-        let line = delta.unwrap_or_else(|| pushed.line());
+        let line = delta.unwrap_or_else(|| pushed.plan());
         self.metrics.configs_sent.get_or_create(&kind).inc();
         self.metrics.config_bytes_sent.get_or_create(&kind).inc_by(line.len() as u64);
         Some(line)

@@ -33,7 +33,7 @@ pub use admission::inject::{CaptureMode, InboundMode, InjectConfig, ProxyResourc
 pub use admission::webhook::{router as webhook_router, serve as serve_webhook, WebhookState};
 pub use compute::snapshot::{Snapshot, SnapshotObject};
 pub use compute::{compute, MeshConfig};
-pub use identity::ca::{MeshCa, WORKLOAD_LIFETIME};
+pub use identity::ca::{CaFiles, MeshCa, WORKLOAD_LIFETIME};
 pub use identity::serving::{serving_names, ServingCert};
 pub use local::load_dir;
 pub use metrics::{AdmissionLabels, Metrics, SentLabels};

@@ -38,10 +38,7 @@ pub(super) fn endpoints_by_service(snapshot: &Snapshot) -> BTreeMap<ObjectKey, V
         let service = ObjectKey::new(key.namespace.clone(), slice.service.clone());
         let endpoints = by_service.entry(service).or_default();
         for e in slice.endpoints.iter().filter(|e| e.ready) {
-            let pod = e
-                .pod
-                .as_ref()
-                .and_then(|p| snapshot.pods.get(&ObjectKey::new(key.namespace.clone(), p.clone())));
+            let pod = e.pod.as_ref().and_then(|p| snapshot.pod(&key.namespace, p));
             let entry = endpoints.entry(e.address.clone()).or_insert_with(|| Endpoint {
                 address: e.address.clone(),
                 ports: BTreeMap::new(),
@@ -61,11 +58,7 @@ pub(super) fn inbound_ports(snapshot: &Snapshot) -> BTreeMap<WorkloadIdentity, V
     }
     for (key, slice) in &snapshot.slices {
         for e in &slice.endpoints {
-            let Some(pod) = e
-                .pod
-                .as_ref()
-                .and_then(|p| snapshot.pods.get(&ObjectKey::new(key.namespace.clone(), p.clone())))
-            else {
+            let Some(pod) = e.pod.as_ref().and_then(|p| snapshot.pod(&key.namespace, p)) else {
                 continue;
             };
             if !pod.meshed {

@@ -469,12 +469,17 @@ pub fn compute(snapshot: &Snapshot) -> MeshConfig {
 
     let access = access::accept_access(snapshot, &mut statuses);
 
-    let endpoints = endpoints_by_service(snapshot);
+    let mut endpoints = endpoints_by_service(snapshot);
+    let mut routes_of: BTreeMap<&ObjectKey, Vec<&routes::AcceptedRoute>> = BTreeMap::new();
+    for r in &routes {
+        routes_of.entry(&r.service).or_default().push(r);
+    }
     let mut destinations = Vec::with_capacity(snapshot.services.len());
     for (key, svc) in &snapshot.services {
-        let mut service_routes: Vec<Route> = routes
-            .iter()
-            .filter(|r| &r.service == key)
+        let mut service_routes: Vec<Route> = routes_of
+            .get(key)
+            .into_iter()
+            .flatten()
             .map(|r| Route {
                 retry: retry.get(&Target::Route(r.key.clone())).cloned(),
                 outlier: outlier.get(&Target::Route(r.key.clone())).cloned(),
@@ -499,7 +504,7 @@ pub fn compute(snapshot: &Snapshot) -> MeshConfig {
                     protocol: protocol_of(p.name.as_deref(), p.app_protocol.as_deref()),
                 })
                 .collect(),
-            endpoints: endpoints.get(key).cloned().unwrap_or_default(),
+            endpoints: endpoints.remove(key).unwrap_or_default(),
             routes: service_routes,
             retry: retry.get(&Target::Service(key.clone())).cloned(),
             outlier: outlier.get(&Target::Service(key.clone())).cloned(),

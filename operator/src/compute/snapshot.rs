@@ -265,6 +265,11 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// The pod `name` of namespace `namespace`.
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<&PodInfo> {
+        self.pods.get(&ObjectKey::new(namespace, name))
+    }
+
     /// The access default of a namespace's workloads.
     pub fn namespace_default(&self, namespace: &str) -> Result<DefaultPolicy, String> {
         match self.namespaces.get(&ObjectKey::new("", namespace)) {

@@ -28,8 +28,13 @@ use tokio_util::sync::CancellationToken;
 
 pub mod schema_check;
 
+/// How often the directories are looked at: a look reads only the metadata of files that did
+/// not change, so it is cheap, and a change reaches the proxies within this plus the
+/// computation.
+const POLL: Duration = Duration::from_millis(50);
+
 use crate::compute::compute;
-use crate::compute::snapshot::{Snapshot, SnapshotObject};
+use crate::compute::snapshot::{ObjectKey, Snapshot, SnapshotObject};
 use crate::metrics::ErrorLabels;
 use crate::stream::hub::ConfigHub;
 
@@ -51,6 +56,9 @@ pub enum Refusal {
     Decode { at: String, message: String },
     #[error("{at}: kind {kind:?} is not one the local control plane reads")]
     UnknownKind { at: String, kind: String },
+    /// The same object in two places.
+    #[error("{at}: {kind} {name} is defined already, in {first}")]
+    Duplicate { at: String, kind: String, name: String, first: String },
     /// The computation finds the resource invalid (the CEL rules and cross-field checks).
     #[error("{at}: {kind} {resource}: {message}")]
     Invalid { at: String, kind: String, resource: String, message: String },
@@ -64,6 +72,7 @@ impl Refusal {
             Self::NotYaml { .. } | Self::Decode { .. } => "local-decode",
             Self::Schema { .. } => "local-schema",
             Self::UnknownKind { .. } => "local-kind",
+            Self::Duplicate { .. } => "local-duplicate",
             Self::Invalid { .. } => "local-invalid",
         }
     }
@@ -87,130 +96,278 @@ pub fn load_dir(dir: &Path) -> Result<Snapshot, Vec<Refusal>> {
 
 /// Reads the manifests of several directories (in order) into one snapshot.
 pub fn load_dirs(dirs: &[PathBuf]) -> Result<Snapshot, Vec<Refusal>> {
-    let mut files = Vec::new();
-    for dir in dirs {
-        files.extend(manifest_files(dir).map_err(|e| vec![e])?);
+    match Loader::default().load(dirs) {
+        Some(result) => result.map(|(snapshot, _)| snapshot),
+        None => Ok(Snapshot::default()),
     }
-    let mut errors = Vec::new();
-    let mut texts = Vec::new();
-    for file in &files {
-        let name = file.file_name().and_then(|n| n.to_str()).unwrap_or("?").to_string();
-        match std::fs::read_to_string(file) {
-            Ok(text) => texts.push((name, text)),
-            Err(e) => errors.push(Refusal::ReadFile { file: name, message: e.to_string() }),
-        }
-    }
-    load_texts(&texts, errors)
 }
 
 /// The snapshot of manifests given as (file name, text) pairs, validated as the API server
 /// would; `errors` are refusals found already (files that could not be read).
-pub fn load_texts(texts: &[(String, String)], mut errors: Vec<Refusal>) -> Result<Snapshot, Vec<Refusal>> {
-    let mut snapshot = Snapshot::default();
-    let mut order = 0i64;
-    // Where each Skein resource came from, to name the file in a computation error.
-    let mut origin: BTreeMap<(String, String, String), String> = BTreeMap::new();
-    for (name, text) in texts {
-        let name = name.clone();
-        let docs: Vec<Value> = match serde_saphyr::from_multiple(text) {
-            Ok(d) => d,
-            Err(e) => {
-                errors.push(Refusal::NotYaml { file: name, message: e.to_string() });
+pub fn load_texts(texts: &[(String, String)], errors: Vec<Refusal>) -> Result<Snapshot, Vec<Refusal>> {
+    let texts = texts.iter().map(|(name, text)| (name.clone(), name.clone(), None, text.clone())).collect();
+    match Loader::default().apply_texts(texts, Vec::new(), errors) {
+        Some(result) => result.map(|(snapshot, _)| snapshot),
+        None => Ok(Snapshot::default()),
+    }
+}
+
+/// A snapshot kept up to date file by file: a file whose size and modification time are
+/// unchanged is not read again, one whose text is unchanged is not parsed again, and a changed
+/// file's objects replace the ones it held. An object defined in two files is refused (which
+/// one would win is not obvious to whoever edits them).
+#[derive(Default)]
+pub struct Loader {
+    snapshot: Snapshot,
+    files: BTreeMap<String, FileState>,
+    /// The texts of a set that was refused, so it is not refused again at every look.
+    refused: Option<BTreeMap<String, [u8; 32]>>,
+}
+
+/// What the loader knows of one file.
+#[derive(Clone)]
+struct FileState {
+    stamp: Option<(u64, std::time::SystemTime)>,
+    digest: [u8; 32],
+    /// What it defines: (kind, namespace, name), and where (for messages).
+    objects: Vec<((String, String, String), String)>,
+}
+
+/// A file read: (key, name, size and modification time, text).
+type Read = (String, String, Option<(u64, std::time::SystemTime)>, String);
+
+impl Loader {
+    /// A loader whose snapshots carry the mesh's default access policy.
+    pub fn with_default_policy(default_policy: skein_api::authz::DefaultPolicy) -> Self {
+        let mut loader = Self::default();
+        loader.snapshot.default_policy = default_policy;
+        loader
+    }
+
+    /// Looks at the directories again: `None` when nothing changed since the last look (or the
+    /// set is the one refused last time), else the new snapshot and its computed mesh, or every
+    /// refusal (the last good snapshot then stays).
+    #[allow(clippy::type_complexity)]
+    pub fn load(
+        &mut self,
+        dirs: &[PathBuf],
+    ) -> Option<Result<(Snapshot, crate::compute::MeshConfig), Vec<Refusal>>> {
+        let mut paths = Vec::new();
+        for dir in dirs {
+            match manifest_files(dir) {
+                Ok(p) => paths.extend(p),
+                Err(e) => return Some(Err(vec![e])),
+            }
+        }
+        let mut errors = Vec::new();
+        let mut read = Vec::new();
+        let mut unchanged = Vec::new();
+        for path in &paths {
+            let key = path.display().to_string();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("?").to_string();
+            let stamp = std::fs::metadata(path).ok().and_then(|m| Some((m.len(), m.modified().ok()?)));
+            if stamp.is_some() && self.files.get(&key).is_some_and(|f| f.stamp == stamp) {
+                unchanged.push(key);
+                continue;
+            }
+            match std::fs::read_to_string(path) {
+                Ok(text) => read.push((key, name, stamp, text)),
+                Err(e) => errors.push(Refusal::ReadFile { file: name, message: e.to_string() }),
+            }
+        }
+        self.apply_texts(read, unchanged, errors)
+    }
+
+    /// Puts `read` (changed or new files) in force beside `unchanged` (keys of files known and
+    /// not read again); any other file known before is gone.
+    #[allow(clippy::type_complexity)]
+    fn apply_texts(
+        &mut self,
+        read: Vec<Read>,
+        unchanged: Vec<String>,
+        mut errors: Vec<Refusal>,
+    ) -> Option<Result<(Snapshot, crate::compute::MeshConfig), Vec<Refusal>>> {
+        use sha2::{Digest, Sha256};
+        let digests: BTreeMap<String, [u8; 32]> = unchanged
+            .iter()
+            .filter_map(|k| Some((k.clone(), self.files.get(k)?.digest)))
+            .chain(read.iter().map(|(k, _, _, text)| (k.clone(), Sha256::digest(text.as_bytes()).into())))
+            .collect();
+        let same_files = digests.len() == self.files.len()
+            && digests.iter().all(|(k, d)| self.files.get(k).is_some_and(|f| f.digest == *d));
+        if errors.is_empty() && (same_files || self.refused.as_ref() == Some(&digests)) {
+            // Only stamps moved (a file written with the same text): remember them.
+            for (key, _, stamp, _) in &read {
+                if let Some(f) = self.files.get_mut(key) {
+                    f.stamp = *stamp;
+                }
+            }
+            return None;
+        }
+        let mut snapshot = self.snapshot.clone();
+        let mut files = self.files.clone();
+        // What is gone or about to be replaced leaves the snapshot first.
+        let changed: Vec<&Read> = read
+            .iter()
+            .filter(|(k, _, _, _)| files.get(k).is_none_or(|f| Some(&f.digest) != digests.get(k)))
+            .collect();
+        let gone: Vec<String> = files
+            .keys()
+            .filter(|k| !digests.contains_key(*k) || changed.iter().any(|(c, _, _, _)| c == *k))
+            .cloned()
+            .collect();
+        for key in gone {
+            if let Some(state) = files.remove(&key) {
+                for ((kind, ns, name), _) in &state.objects {
+                    delete(kind, &ObjectKey::new(ns.clone(), name.clone()), &mut snapshot);
+                }
+            }
+        }
+        let mut owners: BTreeMap<(String, String, String), String> =
+            files.values().flat_map(|f| f.objects.iter().map(|(k, at)| (k.clone(), at.clone()))).collect();
+        for (key, name, stamp, text) in changed {
+            // Creation order: by the file's place among all files, then the document's.
+            let position = digests.keys().position(|k| k == key).unwrap_or(0) as i64;
+            let objects = parse_file(name, text, position * 100_000, &mut snapshot, &mut errors);
+            for (object, at) in &objects {
+                if let Some(first) = owners.get(object) {
+                    errors.push(Refusal::Duplicate {
+                        at: at.clone(),
+                        kind: object.0.clone(),
+                        name: format!("{}/{}", object.1, object.2),
+                        first: first.clone(),
+                    });
+                }
+            }
+            owners.extend(objects.iter().cloned());
+            let digest = digests.get(key).copied().unwrap_or_default();
+            files.insert(key.clone(), FileState { stamp: *stamp, digest, objects });
+        }
+        // What the schema and the computation refuse in a cluster is refused here too.
+        let mesh = compute(&snapshot);
+        for (resource, status) in &mesh.statuses {
+            if !status.accepted.status && status.accepted.reason == "Invalid" {
+                let k = (
+                    resource.kind.as_str().to_string(),
+                    resource.key.namespace.clone(),
+                    resource.key.name.clone(),
+                );
+                errors.push(Refusal::Invalid {
+                    at: owners.get(&k).cloned().unwrap_or_default(),
+                    kind: resource.kind.as_str().to_string(),
+                    resource: resource.key.to_string(),
+                    message: status.accepted.message.clone(),
+                });
+            }
+        }
+        if !errors.is_empty() {
+            self.refused = Some(digests);
+            return Some(Err(errors));
+        }
+        self.refused = None;
+        self.snapshot = snapshot.clone();
+        self.files = files;
+        Some(Ok((snapshot, mesh)))
+    }
+}
+
+/// Removes the object of `kind` held under `key`.
+fn delete(kind: &str, key: &ObjectKey, snapshot: &mut Snapshot) {
+    match kind {
+        "TrafficRoute" => TrafficRoute::delete(key, snapshot),
+        "OutlierPolicy" => OutlierPolicy::delete(key, snapshot),
+        "RetryPolicy" => RetryPolicy::delete(key, snapshot),
+        "Service" => Service::delete(key, snapshot),
+        "EndpointSlice" => EndpointSlice::delete(key, snapshot),
+        "Pod" => Pod::delete(key, snapshot),
+        "AccessPolicy" => AccessPolicy::delete(key, snapshot),
+        "Namespace" => Namespace::delete(key, snapshot),
+        "ServiceAccount" => ServiceAccount::delete(key, snapshot),
+        _ => {}
+    }
+}
+
+/// Parses one file's documents into `snapshot`, validated as the API server would (the
+/// computation's checks come after, over the whole set); returns what it defines and where.
+fn parse_file(
+    name: &str,
+    text: &str,
+    order_base: i64,
+    snapshot: &mut Snapshot,
+    errors: &mut Vec<Refusal>,
+) -> Vec<((String, String, String), String)> {
+    let mut defined = Vec::new();
+    let docs: Vec<Value> = match serde_saphyr::from_multiple(text) {
+        Ok(d) => d,
+        Err(e) => {
+            errors.push(Refusal::NotYaml { file: name.to_string(), message: e.to_string() });
+            return defined;
+        }
+    };
+    for (i, mut doc) in docs.into_iter().enumerate() {
+        if doc.is_null() {
+            continue;
+        }
+        let order = order_base + i as i64 + 1;
+        // Defaults a cluster would fill in: namespace, generation, creation order.
+        let meta = doc.as_object_mut().and_then(|d| d.get_mut("metadata")).and_then(Value::as_object_mut);
+        if let Some(meta) = meta {
+            meta.entry("namespace").or_insert_with(|| Value::from("default"));
+            meta.entry("generation").or_insert_with(|| Value::from(1));
+            if !meta.contains_key("creationTimestamp") {
+                let at = Timestamp::from_second(order).unwrap_or(Timestamp::UNIX_EPOCH);
+                meta.insert(
+                    "creationTimestamp".into(),
+                    serde_json::to_value(Time(at)).unwrap_or(Value::Null),
+                );
+            }
+        }
+        let kind = doc.get("kind").and_then(Value::as_str).unwrap_or_default().to_string();
+        let at = format!("{name} (document {})", i + 1);
+        let key = |meta: &ObjectMeta| {
+            (kind.clone(), meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default())
+        };
+        // The CRD schema, as the API server would apply it.
+        if let Some(schema) = spec_schema(&kind) {
+            let mut problems = Vec::new();
+            crate::local::schema_check::check(
+                doc.get("spec").unwrap_or(&Value::Null),
+                schema,
+                "spec",
+                &mut problems,
+            );
+            if !problems.is_empty() {
+                let name = doc["metadata"]["name"].as_str().unwrap_or("?").to_string();
+                errors.extend(problems.into_iter().map(|problem| Refusal::Schema {
+                    at: at.clone(),
+                    kind: kind.clone(),
+                    name: name.clone(),
+                    problem,
+                }));
+                continue;
+            }
+        }
+        let result = match kind.as_str() {
+            "TrafficRoute" => add::<TrafficRoute>(doc, snapshot, |o| key(&o.metadata)),
+            "OutlierPolicy" => add::<OutlierPolicy>(doc, snapshot, |o| key(&o.metadata)),
+            "RetryPolicy" => add::<RetryPolicy>(doc, snapshot, |o| key(&o.metadata)),
+            "Service" => add::<Service>(doc, snapshot, |o| key(&o.metadata)),
+            "EndpointSlice" => add::<EndpointSlice>(doc, snapshot, |o| key(&o.metadata)),
+            "Pod" => add::<Pod>(doc, snapshot, |o| key(&o.metadata)),
+            "AccessPolicy" => add::<AccessPolicy>(doc, snapshot, |o| key(&o.metadata)),
+            "Namespace" => add::<Namespace>(doc, snapshot, |o| key(&o.metadata)),
+            "ServiceAccount" => add::<ServiceAccount>(doc, snapshot, |o| key(&o.metadata)),
+            other => {
+                errors.push(Refusal::UnknownKind { at, kind: other.to_string() });
                 continue;
             }
         };
-        for (i, mut doc) in docs.into_iter().enumerate() {
-            if doc.is_null() {
-                continue;
-            }
-            order += 1;
-            // Defaults a cluster would fill in: namespace, generation, creation order.
-            let meta = doc.as_object_mut().and_then(|d| d.get_mut("metadata")).and_then(Value::as_object_mut);
-            if let Some(meta) = meta {
-                meta.entry("namespace").or_insert_with(|| Value::from("default"));
-                meta.entry("generation").or_insert_with(|| Value::from(1));
-                if !meta.contains_key("creationTimestamp") {
-                    let at = Timestamp::from_second(order).unwrap_or(Timestamp::UNIX_EPOCH);
-                    meta.insert(
-                        "creationTimestamp".into(),
-                        serde_json::to_value(Time(at)).unwrap_or(Value::Null),
-                    );
-                }
-            }
-            let kind = doc.get("kind").and_then(Value::as_str).unwrap_or_default().to_string();
-            let at = format!("{name} (document {})", i + 1);
-            let key = |meta: &ObjectMeta| {
-                (
-                    kind.clone(),
-                    meta.namespace.clone().unwrap_or_default(),
-                    meta.name.clone().unwrap_or_default(),
-                )
-            };
-            // The CRD schema, as the API server would apply it.
-            if let Some(schema) = spec_schema(&kind) {
-                let mut problems = Vec::new();
-                crate::local::schema_check::check(
-                    doc.get("spec").unwrap_or(&Value::Null),
-                    schema,
-                    "spec",
-                    &mut problems,
-                );
-                if !problems.is_empty() {
-                    let name = doc["metadata"]["name"].as_str().unwrap_or("?").to_string();
-                    errors.extend(problems.into_iter().map(|problem| Refusal::Schema {
-                        at: at.clone(),
-                        kind: kind.clone(),
-                        name: name.clone(),
-                        problem,
-                    }));
-                    continue;
-                }
-            }
-            let result = match kind.as_str() {
-                "TrafficRoute" => add::<TrafficRoute>(doc, &mut snapshot, |o| key(&o.metadata)),
-                "OutlierPolicy" => add::<OutlierPolicy>(doc, &mut snapshot, |o| key(&o.metadata)),
-                "RetryPolicy" => add::<RetryPolicy>(doc, &mut snapshot, |o| key(&o.metadata)),
-                "Service" => add::<Service>(doc, &mut snapshot, |o| key(&o.metadata)),
-                "EndpointSlice" => add::<EndpointSlice>(doc, &mut snapshot, |o| key(&o.metadata)),
-                "Pod" => add::<Pod>(doc, &mut snapshot, |o| key(&o.metadata)),
-                "AccessPolicy" => add::<AccessPolicy>(doc, &mut snapshot, |o| key(&o.metadata)),
-                "Namespace" => add::<Namespace>(doc, &mut snapshot, |o| key(&o.metadata)),
-                "ServiceAccount" => add::<ServiceAccount>(doc, &mut snapshot, |o| key(&o.metadata)),
-                other => {
-                    errors.push(Refusal::UnknownKind { at, kind: other.to_string() });
-                    continue;
-                }
-            };
-            match result {
-                Ok(k) => {
-                    origin.insert(k, at);
-                }
-                Err(message) => errors.push(Refusal::Decode { at, message }),
-            }
+        match result {
+            Ok(k) => defined.push((k, at)),
+            Err(message) => errors.push(Refusal::Decode { at, message }),
         }
     }
-    // What the schema and the computation refuse in a cluster is refused here too.
-    for (resource, status) in &compute(&snapshot).statuses {
-        if !status.accepted.status && status.accepted.reason == "Invalid" {
-            let k = (
-                resource.kind.as_str().to_string(),
-                resource.key.namespace.clone(),
-                resource.key.name.clone(),
-            );
-            let at = origin.get(&k).cloned().unwrap_or_default();
-            errors.push(Refusal::Invalid {
-                at,
-                kind: resource.kind.as_str().to_string(),
-                resource: resource.key.to_string(),
-                message: status.accepted.message.clone(),
-            });
-        }
-    }
-    if errors.is_empty() {
-        Ok(snapshot)
-    } else {
-        Err(errors)
-    }
+    defined
 }
 
 /// The OpenAPI schema of `spec` of a Skein kind, from the generated CRDs.
@@ -244,16 +401,6 @@ fn add<K: DeserializeOwned + SnapshotObject>(
     Ok(k)
 }
 
-/// A fingerprint of the directories' manifests.
-fn fingerprint(dirs: &[PathBuf]) -> Vec<u8> {
-    let mut all = Vec::new();
-    for f in dirs.iter().flat_map(|d| manifest_files(d).unwrap_or_default()) {
-        all.extend(f.to_string_lossy().as_bytes());
-        all.extend(std::fs::read(&f).unwrap_or_default());
-    }
-    all
-}
-
 /// Where the local control plane keeps its CA and the workload certificates it issues.
 pub struct LocalIdentity {
     pub ca: crate::identity::ca::SharedCa,
@@ -271,21 +418,21 @@ pub async fn run(
     default_policy: skein_api::authz::DefaultPolicy,
     shutdown: CancellationToken,
 ) {
-    let mut last = None;
+    let mut loader = Some(Loader::with_default_policy(default_policy));
     let mut current = Snapshot::default();
     let mut renew_at = tokio::time::Instant::now();
     loop {
         // Reading and parsing the files run on the blocking pool, off the runtime's threads.
-        let (d, previous) = (dirs.clone(), last.take());
+        let (d, mut l) =
+            (dirs.clone(), loader.take().unwrap_or_else(|| Loader::with_default_policy(default_policy)));
         let checked = tokio::task::spawn_blocking(move || {
-            let now = fingerprint(&d);
-            let loaded = (previous.as_ref() != Some(&now)).then(|| load_dirs(&d));
-            (now, loaded)
+            let loaded = l.load(&d);
+            (l, loaded)
         })
         .await;
         let loaded = match checked {
-            Ok((now, loaded)) => {
-                last = Some(now);
+            Ok((l, loaded)) => {
+                loader = Some(l);
                 loaded
             }
             Err(e) => {
@@ -295,9 +442,9 @@ pub async fn run(
         };
         if let Some(loaded) = loaded {
             match loaded {
-                Ok(mut snapshot) => {
-                    snapshot.default_policy = default_policy;
-                    hub.publish(Arc::new(compute(&snapshot)));
+                Ok((snapshot, mesh)) => {
+                    hub.publish(Arc::new(mesh));
+                    hub.metrics().reconciles.inc();
                     tracing::info!(dirs = ?dirs, "loaded the manifests");
                     current = snapshot;
                     renew_at = tokio::time::Instant::now();
@@ -327,7 +474,7 @@ pub async fn run(
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = tokio::time::sleep(POLL) => {}
         }
     }
 }
@@ -437,5 +584,54 @@ mod tests {
         assert_eq!(labels, ["local-kind", "local-decode"], "{refusals:?}");
         assert!(refusals[0].to_string().starts_with("a.yaml (document 1): kind \"Deployment\""));
         assert!(refusals[1].to_string().starts_with("b.yaml: not YAML"));
+    }
+
+    #[test]
+    fn the_loader_follows_edits_file_by_file_and_refuses_an_object_defined_twice() {
+        let dir = std::env::temp_dir().join(format!("skein-local-loader-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let svc = |name: &str, port: u16| {
+            format!("kind: Service\nmetadata: {{name: {name}, namespace: shop}}\nspec: {{ports: [{{name: http, port: {port}}}]}}\n")
+        };
+        let write = |file: &str, text: &str| {
+            let tmp = dir.join(format!(".{file}.tmp"));
+            std::fs::write(&tmp, text).unwrap();
+            std::fs::rename(tmp, dir.join(file)).unwrap();
+        };
+        let dirs = [dir.clone()];
+        let ports =
+            |s: &Snapshot, name: &str| s.services.get(&ObjectKey::new("shop", name)).map(|s| s.ports[0].port);
+        write("a.yaml", &svc("reviews", 9080));
+        write("b.yaml", &svc("ratings", 9090));
+        let mut loader = Loader::default();
+        let (first, _) = loader.load(&dirs).unwrap().unwrap();
+        assert_eq!((ports(&first, "reviews"), ports(&first, "ratings")), (Some(9080), Some(9090)));
+        assert!(loader.load(&dirs).is_none(), "nothing changed");
+
+        // An edit replaces what that file defined; the other file's objects stay.
+        write("a.yaml", &svc("details", 9070));
+        let (edited, _) = loader.load(&dirs).unwrap().unwrap();
+        assert_eq!(ports(&edited, "reviews"), None);
+        assert_eq!((ports(&edited, "details"), ports(&edited, "ratings")), (Some(9070), Some(9090)));
+        // The same text written again is no change.
+        write("a.yaml", &svc("details", 9070));
+        assert!(loader.load(&dirs).is_none());
+
+        // The same object in two files is refused, once; the last good snapshot stays.
+        write("c.yaml", &svc("ratings", 9091));
+        let refused = loader.load(&dirs).unwrap().unwrap_err();
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        assert_eq!(
+            refused[0].to_string(),
+            "c.yaml (document 1): Service shop/ratings is defined already, in b.yaml (document 1)"
+        );
+        assert!(loader.load(&dirs).is_none(), "the same refused set is not refused again");
+        // Removing the duplicate (and a file going away) puts the set in force again.
+        std::fs::remove_file(dir.join("c.yaml")).unwrap();
+        std::fs::remove_file(dir.join("b.yaml")).unwrap();
+        let (fixed, _) = loader.load(&dirs).unwrap().unwrap();
+        assert_eq!((ports(&fixed, "details"), ports(&fixed, "ratings")), (Some(9070), None));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

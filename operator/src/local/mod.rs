@@ -96,9 +96,10 @@ pub fn load_dir(dir: &Path) -> Result<Snapshot, Vec<Refusal>> {
 
 /// Reads the manifests of several directories (in order) into one snapshot.
 pub fn load_dirs(dirs: &[PathBuf]) -> Result<Snapshot, Vec<Refusal>> {
-    match Loader::default().load(dirs) {
-        Some(result) => result.map(|(snapshot, _)| snapshot),
-        None => Ok(Snapshot::default()),
+    let mut loader = Loader::default();
+    match loader.load(dirs) {
+        Some(Err(refusals)) => Err(refusals),
+        _ => Ok(loader.snapshot),
     }
 }
 
@@ -106,9 +107,10 @@ pub fn load_dirs(dirs: &[PathBuf]) -> Result<Snapshot, Vec<Refusal>> {
 /// would; `errors` are refusals found already (files that could not be read).
 pub fn load_texts(texts: &[(String, String)], errors: Vec<Refusal>) -> Result<Snapshot, Vec<Refusal>> {
     let texts = texts.iter().map(|(name, text)| (name.clone(), name.clone(), None, text.clone())).collect();
-    match Loader::default().apply_texts(texts, Vec::new(), errors) {
-        Some(result) => result.map(|(snapshot, _)| snapshot),
-        None => Ok(Snapshot::default()),
+    let mut loader = Loader::default();
+    match loader.apply_texts(texts, Vec::new(), errors) {
+        Some(Err(refusals)) => Err(refusals),
+        _ => Ok(loader.snapshot),
     }
 }
 
@@ -145,13 +147,10 @@ impl Loader {
     }
 
     /// Looks at the directories again: `None` when nothing changed since the last look (or the
-    /// set is the one refused last time), else the new snapshot and its computed mesh, or every
+    /// set is the one refused last time), else the mesh computed from the new snapshot, or every
     /// refusal (the last good snapshot then stays).
     #[allow(clippy::type_complexity)]
-    pub fn load(
-        &mut self,
-        dirs: &[PathBuf],
-    ) -> Option<Result<(Snapshot, crate::compute::MeshConfig), Vec<Refusal>>> {
+    pub fn load(&mut self, dirs: &[PathBuf]) -> Option<Result<crate::compute::MeshConfig, Vec<Refusal>>> {
         let mut paths = Vec::new();
         for dir in dirs {
             match manifest_files(dir) {
@@ -186,7 +185,7 @@ impl Loader {
         read: Vec<Read>,
         unchanged: Vec<String>,
         mut errors: Vec<Refusal>,
-    ) -> Option<Result<(Snapshot, crate::compute::MeshConfig), Vec<Refusal>>> {
+    ) -> Option<Result<crate::compute::MeshConfig, Vec<Refusal>>> {
         use sha2::{Digest, Sha256};
         let digests: BTreeMap<String, [u8; 32]> = unchanged
             .iter()
@@ -265,9 +264,9 @@ impl Loader {
             return Some(Err(errors));
         }
         self.refused = None;
-        self.snapshot = snapshot.clone();
+        self.snapshot = snapshot;
         self.files = files;
-        Some(Ok((snapshot, mesh)))
+        Some(Ok(mesh))
     }
 }
 
@@ -419,7 +418,6 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let mut loader = Some(Loader::with_default_policy(default_policy));
-    let mut current = Snapshot::default();
     let mut renew_at = tokio::time::Instant::now();
     loop {
         // Reading and parsing the files run on the blocking pool, off the runtime's threads.
@@ -442,11 +440,10 @@ pub async fn run(
         };
         if let Some(loaded) = loaded {
             match loaded {
-                Ok((snapshot, mesh)) => {
+                Ok(mesh) => {
                     hub.publish(Arc::new(mesh));
                     hub.metrics().reconciles.inc();
                     tracing::info!(dirs = ?dirs, "loaded the manifests");
-                    current = snapshot;
                     renew_at = tokio::time::Instant::now();
                 }
                 Err(errors) => {
@@ -464,8 +461,11 @@ pub async fn run(
                 }
             }
         }
-        if let Some(id) = identity.as_ref().filter(|_| tokio::time::Instant::now() >= renew_at) {
-            match issue_identities(&id.ca.load(), &current, &id.state, &id.trust_domain, id.lifetime) {
+        if let Some((id, loader)) =
+            identity.as_ref().zip(loader.as_ref()).filter(|_| tokio::time::Instant::now() >= renew_at)
+        {
+            match issue_identities(&id.ca.load(), &loader.snapshot, &id.state, &id.trust_domain, id.lifetime)
+            {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(certificates = n, "issued workload certificates"),
                 Err(e) => tracing::warn!(error = %e, "cannot issue workload certificates"),
@@ -605,13 +605,15 @@ mod tests {
         write("a.yaml", &svc("reviews", 9080));
         write("b.yaml", &svc("ratings", 9090));
         let mut loader = Loader::default();
-        let (first, _) = loader.load(&dirs).unwrap().unwrap();
+        loader.load(&dirs).unwrap().unwrap();
+        let first = loader.snapshot.clone();
         assert_eq!((ports(&first, "reviews"), ports(&first, "ratings")), (Some(9080), Some(9090)));
         assert!(loader.load(&dirs).is_none(), "nothing changed");
 
         // An edit replaces what that file defined; the other file's objects stay.
         write("a.yaml", &svc("details", 9070));
-        let (edited, _) = loader.load(&dirs).unwrap().unwrap();
+        loader.load(&dirs).unwrap().unwrap();
+        let edited = loader.snapshot.clone();
         assert_eq!(ports(&edited, "reviews"), None);
         assert_eq!((ports(&edited, "details"), ports(&edited, "ratings")), (Some(9070), Some(9090)));
         // The same text written again is no change.
@@ -630,7 +632,8 @@ mod tests {
         // Removing the duplicate (and a file going away) puts the set in force again.
         std::fs::remove_file(dir.join("c.yaml")).unwrap();
         std::fs::remove_file(dir.join("b.yaml")).unwrap();
-        let (fixed, _) = loader.load(&dirs).unwrap().unwrap();
+        loader.load(&dirs).unwrap().unwrap();
+        let fixed = loader.snapshot.clone();
         assert_eq!((ports(&fixed, "details"), ports(&fixed, "ratings")), (Some(9070), None));
         std::fs::remove_dir_all(&dir).unwrap();
     }

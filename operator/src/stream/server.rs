@@ -169,7 +169,12 @@ pub async fn serve_with(
             builder
                 .timer(TokioTimer::new())
                 .keep_alive_interval(Some(Duration::from_secs(10)))
-                .keep_alive_timeout(Duration::from_secs(20));
+                .keep_alive_timeout(Duration::from_secs(20))
+                // Per connection, a little: acknowledgements are tiny, so small receive windows;
+                // what is queued for sending is one 64 KiB frame at a time.
+                .initial_stream_window_size(64 * 1024)
+                .initial_connection_window_size(64 * 1024)
+                .max_send_buf_size(64 * 1024);
             let conn = builder.serve_connection(TokioIo::new(io), service);
             tokio::pin!(conn);
             tokio::select! {
@@ -306,6 +311,8 @@ impl Session {
             if let Some(frame) = self.sending.as_mut().and_then(Iterator::next) {
                 return Some(frame);
             }
+            // A line sent lets go of its plan (and the mesh bytes it shares) before waiting.
+            self.sending = None;
             self.sending = Some(self.next_line().await?.frames());
         }
     }

@@ -2,7 +2,7 @@
 # cluster, the end-to-end tests against it.
 CARGO ?= cargo
 
-.PHONY: build test unit e2e generate lint fuzz run demo bench images
+.PHONY: build test unit e2e generate lint fuzz run demo bench bench-control-plane images
 
 build:
 	$(CARGO) build --workspace --bins --examples
@@ -72,3 +72,15 @@ bench:
 	bash bench/run.sh
 	taskset -c 0 $${CARGO_TARGET_DIR:-target}/release/identity-bench
 	taskset -c 0 $${CARGO_TARGET_DIR:-target}/release/authz-bench
+
+# The control-plane benchmark: one skein-operator (core 0) fed a synthetic cluster of 1,000
+# Services from files, and 100, 1,000 and 5,000 simulated proxies over mTLS (core 1): cold start
+# and the time from each change to every acknowledgement (about 3 minutes; PROXIES, CHANGES tune
+# it). Prints a Markdown table; bench/RESULTS.md holds the method and a run.
+PROXIES ?= 100,1000,5000
+CHANGES ?= 5
+bench-control-plane:
+	$(CARGO) build --release -p skein-operator -p skein-control-plane-bench
+	taskset -c 1 $${CARGO_TARGET_DIR:-target}/release/control-plane-bench \
+	  --operator $${CARGO_TARGET_DIR:-target}/release/skein-operator --operator-cpu 0 \
+	  --proxies $(PROXIES) --changes $(CHANGES)

@@ -4,7 +4,9 @@
 //! and ServiceAccounts — instead of an API server. The
 //! computation, the hub and the config stream are the very same as in a cluster.
 //!
-//! The directory is re-read when any file changes. A set with a bad file is refused whole, with
+//! The directory is looked at every 50 ms; only files whose size or modification time changed
+//! are read, and only those whose text changed are parsed again. An object defined in two files
+//! is refused. A set with a bad file is refused whole, with
 //! an error naming the file (and, for a spec the computation rejects, the field), and the last
 //! good snapshot stays in force.
 //!

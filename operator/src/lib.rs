@@ -37,5 +37,5 @@ pub use identity::ca::{CaFiles, MeshCa, WORKLOAD_LIFETIME};
 pub use identity::serving::{serving_names, ServingCert};
 pub use local::load_dir;
 pub use metrics::{AdmissionLabels, Metrics, SentLabels};
-pub use stream::hub::ConfigHub;
+pub use stream::hub::{ConfigHub, IDENTITY_ADMISSION_LIMIT};
 pub use stream::server::{serve as serve_stream, serve_with as serve_stream_with, StreamTls};

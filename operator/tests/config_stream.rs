@@ -179,14 +179,70 @@ async fn malformed_stream_requests_get_4xx() {
     stop.cancel();
 }
 
+/// The acknowledgements a raw stream client sends, as its request body.
+type AckBody = http_body_util::StreamBody<
+    futures::channel::mpsc::UnboundedReceiver<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>>,
+>;
+
+/// An HTTP/2 connection to the stream server at `addr`, for raw stream clients.
+async fn raw_connection(addr: std::net::SocketAddr) -> hyper::client::conn::http2::SendRequest<AckBody> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await.unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+/// One config stream read line by line, acknowledged by hand (or never).
+struct RawStream {
+    body: hyper::body::Incoming,
+    lines: skein_api::lines::LineBuffer,
+    acks:
+        futures::channel::mpsc::UnboundedSender<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>>,
+}
+
+impl RawStream {
+    async fn open(
+        sender: &mut hyper::client::conn::http2::SendRequest<AckBody>,
+        identity: &str,
+        deltas: bool,
+    ) -> Self {
+        let (acks, ack_body) = futures::channel::mpsc::unbounded();
+        let mut request = http::Request::post(format!("http://skein-operator{CONFIG_STREAM_PATH}"))
+            .header(IDENTITY_HEADER, identity);
+        if deltas {
+            request = request.header(skein_api::constants::DELTA_HEADER, "1");
+        }
+        let request = request.body(http_body_util::StreamBody::new(ack_body)).unwrap();
+        let body = sender.send_request(request).await.unwrap().into_body();
+        Self { body, lines: skein_api::lines::LineBuffer::new(64 << 20), acks }
+    }
+
+    /// The next line, or `None` when none comes within `limit`.
+    async fn next_line(&mut self, limit: Duration) -> Option<Vec<u8>> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Some(line) = self.lines.next_line().unwrap() {
+                return Some(line.to_vec());
+            }
+            let frame = tokio::time::timeout_at(deadline, self.body.frame()).await.ok()?;
+            self.lines.extend(&frame.unwrap().unwrap().into_data().unwrap());
+        }
+    }
+
+    fn ack(&self, version: &str, error: Option<&str>) {
+        let ack = skein_api::StreamAck { version: version.into(), error: error.map(str::to_string) };
+        let mut bytes = serde_json::to_vec(&ack).unwrap();
+        bytes.push(b'\n');
+        self.acks.unbounded_send(Ok(hyper::body::Frame::data(Bytes::from(bytes)))).unwrap();
+    }
+}
+
 /// A proxy that refuses a delta (it does not hold the version the delta is for) is sent the
 /// whole config at once, without waiting for the next change.
 #[tokio::test]
 async fn a_refused_delta_is_answered_with_the_whole_config() {
-    use http_body_util::StreamBody;
-    use hyper::body::Frame;
     use skein_api::config::DELTA_PREFIX;
-    use skein_api::constants::DELTA_HEADER;
 
     let hub = ConfigHub::new(Metrics::default());
     hub.publish(Arc::new(canary_mesh(90)));
@@ -195,50 +251,58 @@ async fn a_refused_delta_is_answered_with_the_whole_config() {
     let stop = CancellationToken::new();
     tokio::spawn(skein_operator::serve_stream(listener, hub.clone(), stop.clone()));
 
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await.unwrap();
-    tokio::spawn(conn);
-    let (acks, ack_body) =
-        futures::channel::mpsc::unbounded::<Result<Frame<Bytes>, std::convert::Infallible>>();
-    let request = http::Request::post(format!("http://{addr}{CONFIG_STREAM_PATH}"))
-        .header(IDENTITY_HEADER, "shop/productpage")
-        .header(DELTA_HEADER, "1")
-        .body(StreamBody::new(ack_body))
-        .unwrap();
-    let mut body = sender.send_request(request).await.unwrap().into_body();
-    let mut lines = skein_api::lines::LineBuffer::new(64 << 20);
-    let mut next_line = async || loop {
-        if let Some(line) = lines.next_line().unwrap() {
-            return line.to_vec();
-        }
-        let frame =
-            tokio::time::timeout(Duration::from_secs(10), body.frame()).await.unwrap().unwrap().unwrap();
-        lines.extend(&frame.into_data().unwrap());
-    };
-    let ack = |version: &str, error: Option<&str>| {
-        let ack = skein_api::StreamAck { version: version.into(), error: error.map(str::to_string) };
-        let mut bytes = serde_json::to_vec(&ack).unwrap();
-        bytes.push(b'\n');
-        acks.unbounded_send(Ok(Frame::data(Bytes::from(bytes)))).unwrap();
-    };
+    let mut sender = raw_connection(addr).await;
+    let mut stream = RawStream::open(&mut sender, "shop/productpage", true).await;
     let version = |line: &[u8]| -> String {
         let v: serde_json::Value = serde_json::from_slice(line).unwrap();
         v.get("delta").unwrap_or(&v)["version"].as_str().unwrap().to_string()
     };
+    let limit = Duration::from_secs(10);
 
-    let first = next_line().await;
+    let first = stream.next_line(limit).await.unwrap();
     assert!(!first.starts_with(DELTA_PREFIX));
-    ack(&version(&first), None);
+    stream.ack(&version(&first), None);
     hub.publish(Arc::new(canary_mesh(50)));
-    let delta = next_line().await;
+    let delta = stream.next_line(limit).await.unwrap();
     assert!(delta.starts_with(DELTA_PREFIX), "{}", String::from_utf8_lossy(&delta));
-    ack(&version(&delta), Some("the delta is for config x, this proxy holds y"));
-    let whole = next_line().await;
+    stream.ack(&version(&delta), Some("the delta is for config x, this proxy holds y"));
+    let whole = stream.next_line(limit).await.unwrap();
     assert!(!whole.starts_with(DELTA_PREFIX), "{}", String::from_utf8_lossy(&whole));
     assert_eq!(version(&whole), version(&delta));
     let config: skein_api::ProxyConfig = serde_json::from_slice(&whole).unwrap();
     assert_eq!(config.destinations[0].routes[0].rules[1].backends[0].weight, 50);
+    stop.cancel();
+}
+
+/// A proxy holds an admission slot from its first config until it acknowledges it: streams of
+/// one identity that never acknowledge hold at most that identity's share, so another
+/// identity is still served, and a stream that goes away hands its slot on at once.
+#[tokio::test]
+async fn one_identity_cannot_hold_every_admission_slot() {
+    use skein_operator::IDENTITY_ADMISSION_LIMIT;
+
+    let hub = ConfigHub::new(Metrics::default());
+    hub.publish(Arc::new(canary_mesh(90)));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    tokio::spawn(skein_operator::serve_stream(listener, hub.clone(), stop.clone()));
+    let limit = Duration::from_secs(10);
+
+    let mut sender = raw_connection(addr).await;
+    let mut hogs = Vec::new();
+    for _ in 0..IDENTITY_ADMISSION_LIMIT {
+        let mut hog = RawStream::open(&mut sender, "shop/intruder", false).await;
+        assert!(hog.next_line(limit).await.is_some(), "within the identity's share");
+        hogs.push(hog);
+    }
+    let mut waiting = RawStream::open(&mut sender, "shop/intruder", false).await;
+    let mut other = RawStream::open(&mut sender, "shop/web", false).await;
+    assert!(other.next_line(limit).await.is_some(), "another identity is admitted");
+    assert!(waiting.next_line(Duration::from_millis(300)).await.is_none(), "the identity's share is taken");
+    // Well within the 10 s a slot is held for a proxy that does not acknowledge.
+    drop(hogs.pop());
+    assert!(waiting.next_line(Duration::from_secs(5)).await.is_some(), "a slot given back is taken");
     stop.cancel();
 }
 

@@ -45,6 +45,9 @@ struct Args {
     /// Changes of each kind per N.
     #[arg(long, default_value_t = 5)]
     changes: usize,
+    /// Only time the computation of the synthetic cluster (in this process, no proxies).
+    #[arg(long)]
+    compute_only: bool,
     /// Working directory (manifests, the operator's state); a temporary one by default.
     #[arg(long)]
     workdir: Option<PathBuf>,
@@ -59,6 +62,9 @@ fn main() -> anyhow::Result<()> {
         endpoints_per_service: args.endpoints_per_service,
         routes: args.routes,
     };
+    if args.compute_only {
+        return time_compute(&args, shape);
+    }
     println!(
         "synthetic cluster: {} Services, {} endpoints, {} TrafficRoutes, {} identities; the operator from --local files",
         shape.services(),
@@ -72,6 +78,28 @@ fn main() -> anyhow::Result<()> {
     for &n in &args.proxies {
         runtime.block_on(run_one(&args, shape, n))?;
     }
+    Ok(())
+}
+
+/// The computation alone: the cluster read once, then computed ten times; prints each time.
+fn time_compute(args: &Args, shape: Shape) -> anyhow::Result<()> {
+    let work = args
+        .workdir
+        .clone()
+        .unwrap_or_else(std::env::temp_dir)
+        .join(format!("skein-cp-compute-{}", std::process::id()));
+    cluster::write_all(&shape, &work, &Edits::default(), None)?;
+    let snapshot = skein_operator::load_dir(&work).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let _ = std::fs::remove_dir_all(&work);
+    let mut ms = Vec::new();
+    for _ in 0..10 {
+        let t = Instant::now();
+        let mesh = skein_operator::compute(&snapshot);
+        ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        drop(mesh);
+    }
+    let (p50, _, max) = percentiles(ms);
+    println!("computation of {} Services: p50 {p50:.1} ms, max {max:.1} ms", shape.services());
     Ok(())
 }
 
@@ -114,7 +142,7 @@ impl Operator {
             .arg(stream.to_string())
             .arg("--metrics-addr")
             .arg(metrics.to_string())
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", std::env::var("SKEIN_OPERATOR_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
         let child = command.spawn().with_context(|| format!("starting {}", args.operator.display()))?;
@@ -239,6 +267,17 @@ async fn run_one(args: &Args, shape: Shape, n: usize) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
+
+    // The operator issues the workloads' certificates (local mode) once it has read the
+    // cluster; wait for the last, so the cold start does not share the core with that.
+    let (ns, sa) = shape.service(shape.services() - 1);
+    let last = state.join("identities").join(ns).join(sa).join("tls.crt");
+    while !last.exists() {
+        if Instant::now() > deadline {
+            bail!("the operator issued no certificate for {} in time", last.display());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // Cold start: every proxy connects at once, with the 0–200 ms jitter skein-proxy
     // reconnects with.

@@ -23,38 +23,50 @@ pub(super) fn ready_endpoint_labels<'a>(
         .flat_map(|(k, s)| s.endpoints.iter().map(move |e| (k, e)))
         .filter(|(_, e)| e.ready && seen.insert(e.address.clone()))
         .map(|(k, e)| {
-            e.pod
-                .as_ref()
-                .and_then(|p| snapshot.pods.get(&ObjectKey::new(k.namespace.clone(), p.clone())))
-                .map(|p| &p.labels)
-                .unwrap_or(&EMPTY)
+            e.pod.as_ref().and_then(|p| snapshot.pod(&k.namespace, p)).map(|p| &p.labels).unwrap_or(&EMPTY)
         })
         .collect()
 }
 
 pub(super) fn endpoints_by_service(snapshot: &Snapshot) -> BTreeMap<ObjectKey, Vec<Endpoint>> {
-    let mut by_service: BTreeMap<ObjectKey, BTreeMap<String, Endpoint>> = BTreeMap::new();
+    // Slices are sorted by namespace, so one Service's slices are found by (namespace, Service)
+    // without building a key per endpoint; an address in two slices of a Service is one
+    // endpoint with the ports of both.
+    let mut by_service: BTreeMap<(&str, &str), Vec<Endpoint>> = BTreeMap::new();
     for (key, slice) in &snapshot.slices {
-        let service = ObjectKey::new(key.namespace.clone(), slice.service.clone());
-        let endpoints = by_service.entry(service).or_default();
+        let endpoints = by_service.entry((key.namespace.as_str(), slice.service.as_str())).or_default();
         for e in slice.endpoints.iter().filter(|e| e.ready) {
             let pod = e.pod.as_ref().and_then(|p| snapshot.pod(&key.namespace, p));
-            let entry = endpoints.entry(e.address.clone()).or_insert_with(|| Endpoint {
+            endpoints.push(Endpoint {
                 address: e.address.clone(),
-                ports: BTreeMap::new(),
+                ports: slice.ports.clone(),
                 labels: pod.map(|p| p.labels.clone()).unwrap_or_default(),
                 identity: pod.filter(|p| p.meshed).map(|p| p.identity(&key.namespace)),
             });
-            entry.ports.extend(slice.ports.iter().map(|(k, v)| (k.clone(), *v)));
         }
     }
-    by_service.into_iter().map(|(k, eps)| (k, eps.into_values().collect())).collect()
+    by_service
+        .into_iter()
+        .map(|((ns, name), mut eps)| {
+            // Stable: of two slices naming an address, the first (by slice name) describes it.
+            eps.sort_by(|a, b| a.address.cmp(&b.address));
+            eps.dedup_by(|later, first| {
+                let same = later.address == first.address;
+                if same {
+                    first.ports.extend(std::mem::take(&mut later.ports));
+                }
+                same
+            });
+            (ObjectKey::new(ns, name), eps)
+        })
+        .collect()
 }
 
 pub(super) fn inbound_ports(snapshot: &Snapshot) -> BTreeMap<WorkloadIdentity, Vec<InboundPort>> {
-    let mut inbound: BTreeMap<WorkloadIdentity, BTreeSet<InboundPort>> = BTreeMap::new();
+    // Keyed by borrowed (namespace, service account): identities are built once each, at the end.
+    let mut inbound: BTreeMap<(&str, &str), BTreeSet<InboundPort>> = BTreeMap::new();
     for (key, pod) in snapshot.pods.iter().filter(|(_, p)| p.meshed) {
-        inbound.entry(pod.identity(&key.namespace)).or_default();
+        inbound.entry((key.namespace.as_str(), pod.service_account.as_str())).or_default();
     }
     for (key, slice) in &snapshot.slices {
         for e in &slice.endpoints {
@@ -64,11 +76,14 @@ pub(super) fn inbound_ports(snapshot: &Snapshot) -> BTreeMap<WorkloadIdentity, V
             if !pod.meshed {
                 continue;
             }
-            let ports = inbound.entry(pod.identity(&key.namespace)).or_default();
+            let ports = inbound.entry((key.namespace.as_str(), pod.service_account.as_str())).or_default();
             for (name, port) in &slice.ports {
                 ports.insert(InboundPort { port: *port, protocol: protocol_of(Some(name), None) });
             }
         }
     }
-    inbound.into_iter().map(|(k, v)| (k, v.into_iter().collect())).collect()
+    inbound
+        .into_iter()
+        .map(|((ns, sa), v)| (WorkloadIdentity::new(ns, sa), v.into_iter().collect()))
+        .collect()
 }

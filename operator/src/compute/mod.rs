@@ -133,7 +133,12 @@ pub struct MeshConfig {
     index: std::collections::HashMap<(String, String), usize>,
     scopes: scope::Scopes,
     /// The selection and digest of each distinct (scope, own namespace), computed on first use.
-    groups: std::sync::Mutex<std::collections::HashMap<(scope::Scope, String), Arc<Group>>>,
+    groups: std::sync::Mutex<std::collections::HashMap<GroupKey, Arc<Group>>>,
+    /// Tells meshes apart (never reused, unlike an address) for `group_changes`.
+    serial: u64,
+    /// The destinations changed between a group of an older mesh (its serial) and one of
+    /// this, found once however many identities share the two groups.
+    group_changes: std::sync::Mutex<std::collections::HashMap<(u64, GroupKey, GroupKey), Arc<GroupChange>>>,
     pub inbound: BTreeMap<WorkloadIdentity, Vec<InboundPort>>,
     /// Per identity: who may call it.
     pub authz: BTreeMap<WorkloadIdentity, InboundAuthz>,
@@ -147,11 +152,23 @@ pub struct MeshConfig {
     pub statuses: BTreeMap<ResourceRef, DesiredStatus>,
 }
 
+/// A distinct (scope, own namespace): identities that share one share their destinations.
+type GroupKey = (scope::Scope, String);
+
 /// The destinations one scope selects, and their digest.
 #[derive(Debug)]
 struct Group {
+    key: GroupKey,
     selected: Vec<usize>,
     digest: Sha256,
+}
+
+/// From one group's destinations to another's: those new or whose bytes changed (indexes in
+/// the newer mesh), and the names of those gone.
+#[derive(Debug, Default)]
+struct GroupChange {
+    upsert: Vec<usize>,
+    remove: Vec<(String, String)>,
 }
 
 impl Default for MeshConfig {
@@ -204,7 +221,7 @@ impl MeshConfig {
         for &i in &selected {
             digest.update(self.destination_json[i].1);
         }
-        let group = Arc::new(Group { selected: selected.into_iter().collect(), digest });
+        let group = Arc::new(Group { key: key.clone(), selected: selected.into_iter().collect(), digest });
         groups.insert(key, group.clone());
         group
     }
@@ -297,45 +314,7 @@ impl MeshConfig {
     /// [`MeshConfig::delta_line`] as parts that share the destinations' bytes.
     pub fn delta_plan(&self, old: &MeshConfig, base: &str, identity: &WorkloadIdentity) -> LinePlan {
         let (before, after) = (old.group(identity), self.group(identity));
-        fn key(mesh: &MeshConfig, i: usize) -> (&str, &str) {
-            let d = &mesh.destinations[i];
-            (d.namespace.as_str(), d.name.as_str())
-        }
-        let mut upsert: Vec<usize> = Vec::new();
-        let mut remove: Vec<(String, String)> = Vec::new();
-        let (mut a, mut b) = (before.selected.iter().peekable(), after.selected.iter().peekable());
-        loop {
-            match (a.peek().copied(), b.peek().copied()) {
-                (None, None) => break,
-                (Some(&i), None) => {
-                    let (ns, name) = key(old, i);
-                    remove.push((ns.into(), name.into()));
-                    a.next();
-                }
-                (None, Some(&j)) => {
-                    upsert.push(j);
-                    b.next();
-                }
-                (Some(&i), Some(&j)) => match key(old, i).cmp(&key(self, j)) {
-                    std::cmp::Ordering::Less => {
-                        let (ns, name) = key(old, i);
-                        remove.push((ns.into(), name.into()));
-                        a.next();
-                    }
-                    std::cmp::Ordering::Greater => {
-                        upsert.push(j);
-                        b.next();
-                    }
-                    std::cmp::Ordering::Equal => {
-                        if old.destination_json[i].1 != self.destination_json[j].1 {
-                            upsert.push(j);
-                        }
-                        a.next();
-                        b.next();
-                    }
-                },
-            }
-        }
+        let change = self.group_change(old, &before, &after);
         let own = self.own_parts(identity);
         let version = self.version(&after, identity, &own);
         let shell = skein_api::config::DeltaLine {
@@ -343,14 +322,67 @@ impl MeshConfig {
                 base: base.to_string(),
                 version: version.clone(),
                 upsert: Vec::new(),
-                remove,
+                remove: change.remove.clone(),
                 inbound: own.0,
                 authz: own.1,
             },
         };
         let shell = serde_json::to_vec(&shell).expect("plain data serializes");
-        let items = upsert.iter().map(|&j| self.destination_json[j].0.clone()).collect();
+        let items = change.upsert.iter().map(|&j| self.destination_json[j].0.clone()).collect();
         LinePlan::new(version, &shell, b"\"upsert\":[]", items)
+    }
+
+    /// The change from group `before` of `old` to group `after` of this mesh, memoised. Both
+    /// selections are sorted by namespace and name, so one merge walk finds it.
+    fn group_change(&self, old: &MeshConfig, before: &Group, after: &Group) -> Arc<GroupChange> {
+        let key = (old.serial, before.key.clone(), after.key.clone());
+        let mut memo = self.group_changes.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(change) = memo.get(&key) {
+            return change.clone();
+        }
+        fn name(mesh: &MeshConfig, i: usize) -> (&str, &str) {
+            let d = &mesh.destinations[i];
+            (d.namespace.as_str(), d.name.as_str())
+        }
+        let mut change = GroupChange::default();
+        let gone = |change: &mut GroupChange, i| {
+            let (ns, n) = name(old, i);
+            change.remove.push((ns.into(), n.into()));
+        };
+        let (mut a, mut b) = (before.selected.iter().peekable(), after.selected.iter().peekable());
+        loop {
+            match (a.peek().copied(), b.peek().copied()) {
+                (None, None) => break,
+                (Some(&i), None) => {
+                    gone(&mut change, i);
+                    a.next();
+                }
+                (None, Some(&j)) => {
+                    change.upsert.push(j);
+                    b.next();
+                }
+                (Some(&i), Some(&j)) => match name(old, i).cmp(&name(self, j)) {
+                    std::cmp::Ordering::Less => {
+                        gone(&mut change, i);
+                        a.next();
+                    }
+                    std::cmp::Ordering::Greater => {
+                        change.upsert.push(j);
+                        b.next();
+                    }
+                    std::cmp::Ordering::Equal => {
+                        if old.destination_json[i].1 != self.destination_json[j].1 {
+                            change.upsert.push(j);
+                        }
+                        a.next();
+                        b.next();
+                    }
+                },
+            }
+        }
+        let change = Arc::new(change);
+        memo.insert(key, change.clone());
+        change
     }
 }
 
@@ -527,6 +559,11 @@ pub fn compute(snapshot: &Snapshot) -> MeshConfig {
         index,
         scopes: snapshot.scopes(),
         groups: Default::default(),
+        serial: {
+            static SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        },
+        group_changes: Default::default(),
         inbound: inbound_ports(snapshot),
         authz: access.authz,
         namespace_policies: access.namespace_policies,
@@ -1191,7 +1228,13 @@ endpoints: [{addresses: ["10.0.0.3"], conditions: {ready: true}}]
         assert_eq!(delta.delta.remove, [("shop".to_string(), "ratings".to_string())]);
         assert_eq!(version, new.version_of(&client));
         assert_eq!(delta.delta.apply_to(&base).unwrap(), new.proxy_config(&client));
-        // Nothing changed: an empty delta.
+        // Another identity of the same scope: the same change (found once), its own parts.
+        let web = WorkloadIdentity::new("shop", "web");
+        let (_, other) = new.delta_line(&old, &old.version_of(&web), &web);
+        let other: skein_api::config::DeltaLine = serde_json::from_slice(&other).unwrap();
+        assert_eq!(other.delta.apply_to(&old.proxy_config(&web)).unwrap(), new.proxy_config(&web));
+        // Nothing changed (from another mesh, so the change found above is not reused): an
+        // empty delta.
         let (_, same) = new.delta_line(&new, &version, &client);
         let same: skein_api::config::DeltaLine = serde_json::from_slice(&same).unwrap();
         assert!(same.delta.upsert.is_empty() && same.delta.remove.is_empty());

@@ -4,7 +4,7 @@
 //! and ServiceAccounts — instead of an API server. The
 //! computation, the hub and the config stream are the very same as in a cluster.
 //!
-//! The directory is looked at every 50 ms; only files whose size or modification time changed
+//! The directory is looked at every 20 ms; only files whose size or modification time changed
 //! are read, and only those whose text changed are parsed again. An object defined in two files
 //! is refused. A set with a bad file is refused whole, with
 //! an error naming the file (and, for a spec the computation rejects, the field), and the last
@@ -33,7 +33,7 @@ pub mod schema_check;
 /// How often the directories are looked at: a look reads only the metadata of files that did
 /// not change, so it is cheap, and a change reaches the proxies within this plus the
 /// computation.
-const POLL: Duration = Duration::from_millis(50);
+const POLL: Duration = Duration::from_millis(20);
 
 use crate::compute::compute;
 use crate::compute::snapshot::{ObjectKey, Snapshot, SnapshotObject};
@@ -118,23 +118,33 @@ pub fn load_texts(texts: &[(String, String)], errors: Vec<Refusal>) -> Result<Sn
 
 /// A snapshot kept up to date file by file: a file whose size and modification time are
 /// unchanged is not read again, one whose text is unchanged is not parsed again, and a changed
-/// file's objects replace the ones it held. An object defined in two files is refused (which
-/// one would win is not obvious to whoever edits them).
+/// file's objects replace the ones it held, in place (a refused set is undone by parsing the
+/// texts it displaced again, so the common case copies nothing). An object defined in two files
+/// is refused (which one would win is not obvious to whoever edits them).
 #[derive(Default)]
 pub struct Loader {
     snapshot: Snapshot,
     files: BTreeMap<String, FileState>,
+    /// Which file (key, and where in it) defines each object.
+    owners: BTreeMap<ObjectId, (String, String)>,
     /// The texts of a set that was refused, so it is not refused again at every look.
     refused: Option<BTreeMap<String, [u8; 32]>>,
 }
 
+/// An object of the snapshot: (kind, namespace, name).
+type ObjectId = (String, String, String);
+
 /// What the loader knows of one file.
-#[derive(Clone)]
 struct FileState {
+    name: String,
     stamp: Option<(u64, std::time::SystemTime)>,
     digest: [u8; 32],
-    /// What it defines: (kind, namespace, name), and where (for messages).
-    objects: Vec<((String, String, String), String)>,
+    /// Its text and where its documents stand in creation order, to parse it again when a
+    /// refused set is undone.
+    text: String,
+    order_base: i64,
+    /// What it defines, and where (for messages).
+    objects: Vec<(ObjectId, String)>,
 }
 
 /// A file read: (key, name, size and modification time, text).
@@ -205,47 +215,59 @@ impl Loader {
             }
             return None;
         }
-        let mut snapshot = self.snapshot.clone();
-        let mut files = self.files.clone();
-        // What is gone or about to be replaced leaves the snapshot first.
-        let changed: Vec<&Read> = read
-            .iter()
-            .filter(|(k, _, _, _)| files.get(k).is_none_or(|f| Some(&f.digest) != digests.get(k)))
+        let started = std::time::Instant::now();
+        let changed: Vec<Read> = read
+            .into_iter()
+            .filter(|(k, _, _, _)| self.files.get(k).is_none_or(|f| Some(&f.digest) != digests.get(k)))
             .collect();
-        let gone: Vec<String> = files
+        // What is gone or about to be replaced leaves the snapshot first (kept, to undo).
+        let gone: Vec<String> = self
+            .files
             .keys()
             .filter(|k| !digests.contains_key(*k) || changed.iter().any(|(c, _, _, _)| c == *k))
             .cloned()
             .collect();
+        let mut displaced = Vec::new();
         for key in gone {
-            if let Some(state) = files.remove(&key) {
+            if let Some(state) = self.files.remove(&key) {
                 for ((kind, ns, name), _) in &state.objects {
-                    delete(kind, &ObjectKey::new(ns.clone(), name.clone()), &mut snapshot);
+                    delete(kind, &ObjectKey::new(ns.clone(), name.clone()), &mut self.snapshot);
+                    self.owners.remove(&(kind.clone(), ns.clone(), name.clone()));
                 }
+                displaced.push((key, state));
             }
         }
-        let mut owners: BTreeMap<(String, String, String), String> =
-            files.values().flat_map(|f| f.objects.iter().map(|(k, at)| (k.clone(), at.clone()))).collect();
+        // Files whose object a new file redefined: parsed again if the set is undone.
+        let mut overwritten = std::collections::BTreeSet::new();
+        let mut added = Vec::new();
         for (key, name, stamp, text) in changed {
             // Creation order: by the file's place among all files, then the document's.
-            let position = digests.keys().position(|k| k == key).unwrap_or(0) as i64;
-            let objects = parse_file(name, text, position * 100_000, &mut snapshot, &mut errors);
+            let order_base = digests.keys().position(|k| *k == key).unwrap_or(0) as i64 * 100_000;
+            let objects = parse_file(&name, &text, order_base, &mut self.snapshot, &mut errors);
             for (object, at) in &objects {
-                if let Some(first) = owners.get(object) {
-                    errors.push(Refusal::Duplicate {
-                        at: at.clone(),
-                        kind: object.0.clone(),
-                        name: format!("{}/{}", object.1, object.2),
-                        first: first.clone(),
-                    });
+                match self.owners.get(object) {
+                    Some((file, first)) => {
+                        errors.push(Refusal::Duplicate {
+                            at: at.clone(),
+                            kind: object.0.clone(),
+                            name: format!("{}/{}", object.1, object.2),
+                            first: first.clone(),
+                        });
+                        overwritten.insert(file.clone());
+                    }
+                    None => {
+                        self.owners.insert(object.clone(), (key.clone(), at.clone()));
+                    }
                 }
             }
-            owners.extend(objects.iter().cloned());
-            let digest = digests.get(key).copied().unwrap_or_default();
-            files.insert(key.clone(), FileState { stamp: *stamp, digest, objects });
+            let digest = digests.get(&key).copied().unwrap_or_default();
+            self.files.insert(key.clone(), FileState { name, stamp, digest, text, order_base, objects });
+            added.push(key);
         }
+        let parsed = started.elapsed();
         // What the schema and the computation refuse in a cluster is refused here too.
-        let mesh = compute(&snapshot);
+        let mesh = compute(&self.snapshot);
+        tracing::debug!(parse = ?parsed, compute = ?(started.elapsed() - parsed), "computed the mesh");
         for (resource, status) in &mesh.statuses {
             if !status.accepted.status && status.accepted.reason == "Invalid" {
                 let k = (
@@ -254,7 +276,7 @@ impl Loader {
                     resource.key.name.clone(),
                 );
                 errors.push(Refusal::Invalid {
-                    at: owners.get(&k).cloned().unwrap_or_default(),
+                    at: self.owners.get(&k).map(|(_, at)| at.clone()).unwrap_or_default(),
                     kind: resource.kind.as_str().to_string(),
                     resource: resource.key.to_string(),
                     message: status.accepted.message.clone(),
@@ -262,13 +284,55 @@ impl Loader {
             }
         }
         if !errors.is_empty() {
+            self.undo(added, displaced, overwritten);
             self.refused = Some(digests);
             return Some(Err(errors));
         }
         self.refused = None;
-        self.snapshot = snapshot;
-        self.files = files;
         Some(Ok(mesh))
+    }
+
+    /// Takes a refused set out again: the files it added leave, the ones it displaced come
+    /// back, and files whose objects it redefined are parsed again (their texts were good).
+    fn undo(
+        &mut self,
+        added: Vec<String>,
+        displaced: Vec<(String, FileState)>,
+        overwritten: std::collections::BTreeSet<String>,
+    ) {
+        for key in added {
+            if let Some(state) = self.files.remove(&key) {
+                for (object, _) in &state.objects {
+                    delete(
+                        &object.0,
+                        &ObjectKey::new(object.1.clone(), object.2.clone()),
+                        &mut self.snapshot,
+                    );
+                    if self.owners.get(object).is_some_and(|(file, _)| *file == key) {
+                        self.owners.remove(object);
+                    }
+                }
+            }
+        }
+        for (key, state) in displaced {
+            self.files.insert(key, state);
+        }
+        let again: Vec<String> =
+            self.files.keys().filter(|k| overwritten.contains(*k) || !self.owns_all(k)).cloned().collect();
+        for key in again {
+            let Some(state) = self.files.get(&key) else { continue };
+            let mut ignored = Vec::new();
+            let objects =
+                parse_file(&state.name, &state.text, state.order_base, &mut self.snapshot, &mut ignored);
+            for (object, at) in objects {
+                self.owners.insert(object, (key.clone(), at));
+            }
+        }
+    }
+
+    /// Whether every object of file `key` is owned by it (a displaced file coming back is not).
+    fn owns_all(&self, key: &str) -> bool {
+        self.files[key].objects.iter().all(|(o, _)| self.owners.get(o).is_some_and(|(f, _)| f == key))
     }
 }
 
@@ -421,23 +485,27 @@ pub async fn run(
 ) {
     let mut loader = Some(Loader::with_default_policy(default_policy));
     let mut renew_at = tokio::time::Instant::now();
+    // The identities certificates were last looked at for: a change that keeps them (most)
+    // costs no look at the certificates; the look runs every 30 s besides, for renewals.
+    let mut issued_for = std::collections::BTreeSet::new();
     loop {
         // Reading and parsing the files run on the blocking pool, off the runtime's threads.
         let (d, mut l) =
             (dirs.clone(), loader.take().unwrap_or_else(|| Loader::with_default_policy(default_policy)));
         let checked = tokio::task::spawn_blocking(move || {
             let loaded = l.load(&d);
-            (l, loaded)
+            let identities = meshed_identities(&l.snapshot);
+            (l, loaded, identities)
         })
         .await;
-        let loaded = match checked {
-            Ok((l, loaded)) => {
+        let (loaded, identities) = match checked {
+            Ok((l, loaded, identities)) => {
                 loader = Some(l);
-                loaded
+                (loaded, identities)
             }
             Err(e) => {
                 tracing::error!(error = %e, "reading the manifests failed");
-                None
+                (None, issued_for.clone())
             }
         };
         if let Some(loaded) = loaded {
@@ -446,7 +514,6 @@ pub async fn run(
                     hub.publish(Arc::new(mesh));
                     hub.metrics().reconciles.inc();
                     tracing::info!(dirs = ?dirs, "loaded the manifests");
-                    renew_at = tokio::time::Instant::now();
                 }
                 Err(errors) => {
                     for e in &errors {
@@ -463,15 +530,22 @@ pub async fn run(
                 }
             }
         }
-        if let Some((id, loader)) =
-            identity.as_ref().zip(loader.as_ref()).filter(|_| tokio::time::Instant::now() >= renew_at)
-        {
-            match issue_identities(&id.ca.load(), &loader.snapshot, &id.state, &id.trust_domain, id.lifetime)
-            {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(certificates = n, "issued workload certificates"),
-                Err(e) => tracing::warn!(error = %e, "cannot issue workload certificates"),
+        let due = tokio::time::Instant::now() >= renew_at || identities != issued_for;
+        if let Some(id) = identity.as_ref().filter(|_| due) {
+            let (ca, state, domain, lifetime) =
+                (id.ca.load_full(), id.state.clone(), id.trust_domain.clone(), id.lifetime);
+            let wanted = identities.clone();
+            let issued = tokio::task::spawn_blocking(move || {
+                issue_identities(&ca, &wanted, &state, &domain, lifetime)
+            })
+            .await;
+            match issued {
+                Ok(Ok(0)) => {}
+                Ok(Ok(n)) => tracing::info!(certificates = n, "issued workload certificates"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot issue workload certificates"),
+                Err(e) => tracing::warn!(error = %e, "issuing workload certificates failed"),
             }
+            issued_for = identities;
             renew_at = tokio::time::Instant::now() + Duration::from_secs(30);
         }
         tokio::select! {
@@ -479,6 +553,11 @@ pub async fn run(
             _ = tokio::time::sleep(POLL) => {}
         }
     }
+}
+
+/// The identities of the snapshot's meshed pods.
+fn meshed_identities(snapshot: &Snapshot) -> std::collections::BTreeSet<skein_api::WorkloadIdentity> {
+    snapshot.pods.iter().filter(|(_, p)| p.meshed).map(|(k, p)| p.identity(&k.namespace)).collect()
 }
 
 /// Renews the config stream's serving certificate at half its remaining life, until `shutdown`.
@@ -531,15 +610,13 @@ pub fn ensure_ca(state: &Path, trust_domain: &str) -> Result<crate::identity::ca
 /// `--cert-dir` reads, like the mounted `skein-identity-<sa>` Secret in a cluster.
 pub fn issue_identities(
     ca: &crate::identity::ca::MeshCa,
-    snapshot: &Snapshot,
+    identities: &std::collections::BTreeSet<skein_api::WorkloadIdentity>,
     state: &Path,
     trust_domain: &str,
     lifetime: Duration,
 ) -> Result<usize, String> {
     let now = time::OffsetDateTime::now_utc();
     let mut issued = 0;
-    let identities: std::collections::BTreeSet<_> =
-        snapshot.pods.iter().filter(|(_, p)| p.meshed).map(|(k, p)| p.identity(&k.namespace)).collect();
     for id in identities {
         let dir = state.join("identities").join(&id.namespace).join(&id.service_account);
         let current = std::fs::read_to_string(dir.join("tls.crt")).unwrap_or_default();
@@ -548,7 +625,7 @@ pub fn issue_identities(
         if bundle_current && !crate::identity::ca::needs_renewal(&current, now) {
             continue;
         }
-        let cert = ca.sign_workload(&id, trust_domain, lifetime, now).map_err(|e| e.to_string())?;
+        let cert = ca.sign_workload(id, trust_domain, lifetime, now).map_err(|e| e.to_string())?;
         write_files(
             &dir,
             &[("tls.key", &cert.key_pem), ("ca.crt", &cert.bundle_pem), ("tls.crt", &cert.chain_pem)],
@@ -631,12 +708,18 @@ mod tests {
             "c.yaml (document 1): Service shop/ratings is defined already, in b.yaml (document 1)"
         );
         assert!(loader.load(&dirs).is_none(), "the same refused set is not refused again");
+        assert_eq!(format!("{:?}", loader.snapshot), format!("{edited:?}"), "the refused set is undone");
         // Removing the duplicate (and a file going away) puts the set in force again.
         std::fs::remove_file(dir.join("c.yaml")).unwrap();
         std::fs::remove_file(dir.join("b.yaml")).unwrap();
         loader.load(&dirs).unwrap().unwrap();
         let fixed = loader.snapshot.clone();
         assert_eq!((ports(&fixed, "details"), ports(&fixed, "ratings")), (Some(9070), None));
+
+        // A refused edit of a file in force: what the file defined before comes back as it was.
+        write("a.yaml", &format!("{}---\nkind: Deployment\nmetadata: {{name: x}}\n", svc("details", 9071)));
+        loader.load(&dirs).unwrap().unwrap_err();
+        assert_eq!(format!("{:?}", loader.snapshot), format!("{fixed:?}"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

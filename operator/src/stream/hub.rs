@@ -63,11 +63,12 @@ impl Pushed {
         }
     }
 
-    /// This config, following `previous` (whose own predecessor is let go).
-    fn after(self, previous: Arc<Pushed>) -> Self {
-        previous.previous.lock().unwrap_or_else(|e| e.into_inner()).take();
+    /// This config, following `previous`; `previous`'s own predecessor is let go, and
+    /// returned, to be dropped off the caller's path.
+    fn after(self, previous: Arc<Pushed>) -> (Self, Option<Arc<Pushed>>) {
+        let older = previous.previous.lock().unwrap_or_else(|e| e.into_inner()).take();
         *self.previous.lock().unwrap_or_else(|e| e.into_inner()) = Some(previous);
-        self
+        (self, older)
     }
 
     /// The whole config, to be cut into frames as it is sent (built per send: the bytes of its
@@ -118,12 +119,28 @@ pub struct ConfigHub {
     metrics: Metrics,
     /// Proxies being sent their first config at once (a reconnect storm queues, in order).
     pub admission: Arc<tokio::sync::Semaphore>,
+    /// The same, per identity: no one identity holds more than [`IDENTITY_ADMISSION_LIMIT`]
+    /// of the slots above.
+    identity_admission: Arc<Mutex<IdentitySlots>>,
+}
+
+#[derive(Default)]
+struct IdentitySlots {
+    slots: HashMap<WorkloadIdentity, Arc<tokio::sync::Semaphore>>,
+    /// Entries nobody holds are pruned when the map grows past this.
+    prune_at: usize,
 }
 
 /// How many proxies are sent their first config at once: enough to keep both cores busy
 /// serializing and encrypting, few enough that the first in line are served in milliseconds
 /// rather than all of them together at the end of a storm.
 pub const ADMISSION_LIMIT: usize = 64;
+
+/// How many of those one identity may hold: a holder of one workload certificate that opens
+/// streams and never acknowledges keeps at most this many slots busy (each for at most the
+/// hold time), so the other identities' proxies are still admitted. Replicas of one workload
+/// in a storm are served this many at a time, milliseconds each.
+pub const IDENTITY_ADMISSION_LIMIT: usize = 8;
 
 impl ConfigHub {
     /// The operator's metrics, shared with everything that publishes to this hub.
@@ -137,7 +154,23 @@ impl ConfigHub {
             proxies_changed: watch::Sender::new(0),
             metrics,
             admission: Arc::new(tokio::sync::Semaphore::new(ADMISSION_LIMIT)),
+            identity_admission: Arc::default(),
         }
+    }
+
+    /// The admission slots of `identity` (see [`IDENTITY_ADMISSION_LIMIT`]).
+    pub fn identity_admission(&self, identity: &WorkloadIdentity) -> Arc<tokio::sync::Semaphore> {
+        let mut slots = self.identity_admission.lock().unwrap_or_else(|e| e.into_inner());
+        if slots.slots.len() >= slots.prune_at {
+            // Only the map holds a slot set nobody waits on or holds.
+            slots.slots.retain(|_, s| Arc::strong_count(s) > 1);
+            slots.prune_at = (slots.slots.len() * 2).max(64);
+        }
+        slots
+            .slots
+            .entry(identity.clone())
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(IDENTITY_ADMISSION_LIMIT)))
+            .clone()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -149,7 +182,10 @@ impl ConfigHub {
     /// if its version changed.
     pub fn publish(&self, mesh: Arc<MeshConfig>) {
         let mut state = self.lock();
-        state.mesh = mesh.clone();
+        // What this lets go of (meshes of generations before) is dropped on the blocking pool:
+        // freeing a mesh of 1,000 Services takes milliseconds the proxies should not wait.
+        let mut garbage: Vec<Box<dyn Send>> =
+            vec![Box::new(std::mem::replace(&mut state.mesh, mesh.clone()))];
         state.channels.retain(|_, c| c.sender.receiver_count() > 0);
         for (identity, channel) in state.channels.iter_mut() {
             // The version first (a hash over hashes): an identity the change does not touch
@@ -159,12 +195,21 @@ impl ConfigHub {
                 if current.version == version {
                     return false;
                 }
-                *current = Arc::new(Pushed::at(&mesh, identity, version.clone()).after(current.clone()));
+                let (next, older) = Pushed::at(&mesh, identity, version.clone()).after(current.clone());
+                if let Some(older) = older {
+                    garbage.push(Box::new(older));
+                }
+                *current = Arc::new(next);
                 true
             });
             if changed {
                 channel.published_at = Instant::now();
             }
+        }
+        drop(state);
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(move || drop(garbage))),
+            Err(_) => drop(garbage),
         }
     }
 

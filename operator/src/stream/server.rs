@@ -8,8 +8,9 @@
 //! gets the whole config when it skipped past the last delta). The request body, open in the
 //! other direction of the same HTTP/2 stream, carries one `StreamAck` line per config received;
 //! a refused delta is answered with the whole config. First configs are sent to a bounded
-//! number of proxies at a time ([`ConfigHub::admission`]), in arrival order. HTTP/2 keepalive
-//! pings find dead peers.
+//! number of proxies at a time ([`ConfigHub::admission`]), at most
+//! [`IDENTITY_ADMISSION_LIMIT`](crate::stream::hub::IDENTITY_ADMISSION_LIMIT) of one identity,
+//! in arrival order. HTTP/2 keepalive pings find dead peers.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -239,6 +240,7 @@ fn handle(
         .unwrap_or_else(|| peer.to_string());
     tracing::info!(%identity, proxy = %proxy_id, %peer, "proxy connected");
     let deltas = req.headers().get(DELTA_HEADER).is_some_and(|v| v.as_bytes() == b"1");
+    let admission = Some((hub.identity_admission(&identity), hub.admission.clone()));
     let (conn, receiver) = hub.connect(identity, proxy_id.clone());
     let feedback = Arc::new(Feedback::default());
     tokio::spawn(read_acks(req.into_body(), conn, hub.clone(), proxy_id, feedback.clone()));
@@ -250,7 +252,7 @@ fn handle(
         deltas,
         sent: None,
         feedback,
-        admission: Some(hub.admission.clone()),
+        admission,
         sending: None,
         metrics: hub.metrics().clone(),
     };
@@ -278,8 +280,8 @@ struct Session {
     /// The version last sent, and whether it went as a delta.
     sent: Option<(String, bool)>,
     feedback: Arc<Feedback>,
-    /// Taken for the first config only.
-    admission: Option<Arc<Semaphore>>,
+    /// Taken for the first config only: the identity's slots, then the hub's.
+    admission: Option<(Arc<Semaphore>, Arc<Semaphore>)>,
     /// The rest of the line being sent.
     sending: Option<crate::compute::Frames>,
     metrics: crate::metrics::Metrics,
@@ -291,8 +293,9 @@ struct Feedback {
     /// The proxy refused a config: the next one goes whole.
     refused: AtomicBool,
     wake: Notify,
-    /// Held from the first config until the proxy acknowledges it (or [`ADMISSION_HOLD`]).
-    permit: Mutex<Option<OwnedSemaphorePermit>>,
+    /// Held from the first config until the proxy acknowledges it (or [`ADMISSION_HOLD`], or
+    /// it goes away): its identity's slot and the hub's.
+    permit: Mutex<Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>>,
 }
 
 impl Feedback {
@@ -318,12 +321,13 @@ impl Session {
     }
 
     async fn next_line(&mut self) -> Option<crate::compute::LinePlan> {
-        if let Some(admission) = self.admission.take() {
+        if let Some((own, all)) = self.admission.take() {
             // Admission after authentication: a reconnect storm is served a bounded number of
-            // first configs at a time, in arrival order (the semaphore is fair), so nobody
-            // starves and the first to come are served first.
+            // first configs at a time, in arrival order (the semaphores are fair), so nobody
+            // starves and the first to come are served first. The identity's slot is taken
+            // first, so one identity's waiting proxies never hold the hub's slots.
             let permit = tokio::select! {
-                permit = admission.acquire_owned() => permit.ok()?,
+                permits = async { Some((own.acquire_owned().await.ok()?, all.acquire_owned().await.ok()?)) } => permits?,
                 _ = self.shutdown.cancelled() => return None,
             };
             *self.feedback.permit.lock().unwrap_or_else(|e| e.into_inner()) = Some(permit);
@@ -374,6 +378,13 @@ struct Disconnect {
 impl Drop for Disconnect {
     fn drop(&mut self) {
         self.hub.disconnect(self.conn);
+    }
+}
+
+impl Drop for Session {
+    /// A proxy that goes away before acknowledging gives its admission slots back at once.
+    fn drop(&mut self) {
+        self.feedback.release();
     }
 }
 

@@ -1,6 +1,8 @@
 //! The load generator: `connections` keep-alive HTTP/1.1 connections, each sending its share of
 //! an open-loop fixed-rate schedule (or, with `--max`, sending back to back), every latency into
-//! an HdrHistogram in microseconds.
+//! an HdrHistogram in microseconds. With `--http2` (cleartext, prior knowledge, as a gRPC client
+//! speaks to its sidecar) `connections` is the number of concurrent streams, over
+//! `--h2-connections` connections.
 //!
 //! A run is bounded: no request is sent after `warmup + duration`, and whatever is still in
 //! flight `DRAIN` later is cut off and counted as an I/O error.
@@ -13,8 +15,8 @@ use clap::Parser;
 use hdrhistogram::Histogram;
 use http::{header, HeaderValue, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use skein_api::process::error_chain;
 use tokio::net::TcpStream;
 use tokio::time::{timeout, timeout_at, Instant};
@@ -36,7 +38,7 @@ const ERROR_PAUSE: Duration = Duration::from_millis(10);
 #[command(
     name = "loadgen",
     version,
-    about = "Open-loop fixed-rate HTTP/1.1 load generator; latency counts from each request's due time"
+    about = "Open-loop fixed-rate HTTP/1.1 and HTTP/2 load generator; latency counts from each request's due time"
 )]
 pub struct Args {
     /// The URL to load, `http://HOST:PORT/PATH`.
@@ -57,6 +59,13 @@ pub struct Args {
     /// Keep-alive connections; the requests are dealt round-robin over them.
     #[arg(long, env = "LOADGEN_CONNECTIONS", default_value_t = 16)]
     pub connections: usize,
+    /// HTTP/2 over cleartext (prior knowledge): `--connections` streams at once, multiplexed
+    /// over `--h2-connections` connections.
+    #[arg(long, env = "LOADGEN_HTTP2")]
+    pub http2: bool,
+    /// Connections the HTTP/2 streams share.
+    #[arg(long, env = "LOADGEN_H2_CONNECTIONS", default_value_t = 1)]
+    pub h2_connections: usize,
     /// Request body bytes: 0 sends GET, more sends a POST with that many bytes.
     #[arg(long, env = "LOADGEN_BODY_SIZE", default_value_t = 0)]
     pub body_size: usize,
@@ -96,6 +105,9 @@ impl Args {
         if self.connections == 0 {
             return Err("--connections must be at least 1".into());
         }
+        if self.http2 && !(1..=self.connections).contains(&self.h2_connections) {
+            return Err("--h2-connections must be between 1 and --connections".into());
+        }
         if self.threads == 0 {
             return Err("--threads must be at least 1".into());
         }
@@ -113,7 +125,7 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error("HTTP/1.1 handshake with {addr} failed")]
+    #[error("HTTP handshake with {addr} failed")]
     Handshake {
         addr: String,
         #[source]
@@ -156,10 +168,21 @@ async fn load(args: &Args, target: Target) -> Result<Summary, Error> {
     let body = Bytes::from(vec![b'x'; args.body_size]);
     // Connect everything first, so neither the handshakes nor a slow accept count as latency.
     let mut clients = Vec::with_capacity(args.connections);
-    for _ in 0..args.connections {
-        let sender = connect(&target.connect).await?;
+    let mut shared = Vec::new();
+    for i in 0..args.connections {
+        let sender = match (args.http2, shared.get(i % args.h2_connections.max(1))) {
+            (true, Some(h2)) => Sender::H2(http2::SendRequest::clone(h2)),
+            _ => match connect(&target.connect, args.http2).await? {
+                Sender::H2(h2) => {
+                    shared.push(h2.clone());
+                    Sender::H2(h2)
+                }
+                h1 => h1,
+            },
+        };
         clients.push(Client { target: target.clone(), body: body.clone(), sender: Some(sender) });
     }
+    drop(shared);
 
     let window_start = Duration::from_secs_f64(args.warmup);
     let window_end = window_start + Duration::from_secs_f64(args.duration);
@@ -327,39 +350,81 @@ pub async fn pace(due: Instant, spin: Duration) {
     }
 }
 
-/// One keep-alive connection that reconnects when the previous one closed or failed.
+/// A connection's request side: HTTP/1.1 (one request at a time) or HTTP/2 (a clone per
+/// stream, sharing the connection).
+enum Sender {
+    H1(http1::SendRequest<Full<Bytes>>),
+    H2(http2::SendRequest<Full<Bytes>>),
+}
+
+impl Sender {
+    fn http2(&self) -> bool {
+        matches!(self, Self::H2(_))
+    }
+
+    /// Whether the connection can take a request (waits for HTTP/1.1's previous answer).
+    async fn ready(&mut self) -> bool {
+        match self {
+            Self::H1(s) => s.ready().await.is_ok(),
+            Self::H2(s) => s.ready().await.is_ok(),
+        }
+    }
+
+    /// One request, the whole response body read.
+    async fn exchange(&mut self, request: Request<Full<Bytes>>) -> Result<StatusCode, hyper::Error> {
+        let response = match self {
+            Self::H1(s) => s.send_request(request).await?,
+            Self::H2(s) => s.send_request(request).await?,
+        };
+        let status = response.status();
+        let mut body = response.into_body();
+        while let Some(frame) = body.frame().await {
+            let _frame = frame?;
+        }
+        Ok(status)
+    }
+}
+
+/// One request loop on a keep-alive connection (HTTP/1.1) or stream slot (HTTP/2) that
+/// reconnects when the connection closed or failed.
 struct Client {
     target: Arc<Target>,
     body: Bytes,
-    sender: Option<SendRequest<Full<Bytes>>>,
+    sender: Option<Sender>,
 }
 
 impl Client {
     /// Sends one request and reads the whole response.
     async fn send(&mut self) -> Result<StatusCode, Error> {
+        let http2 = self.sender.as_ref().is_some_and(Sender::http2);
         let mut sender = self.sender.take();
         // A connection the peer closed between requests (keep-alive limit, idle timeout) is not a
         // failed request: reconnect without counting it.
         let open = match &mut sender {
-            Some(s) => s.ready().await.is_ok(),
+            Some(s) => s.ready().await,
             None => false,
         };
         let mut sender = match sender {
             Some(s) if open => s,
-            _ => connect(&self.target.connect).await?,
+            _ => connect(&self.target.connect, http2).await?,
         };
-        let result = exchange(&mut sender, self.request()).await;
+        let result = sender.exchange(self.request(sender.http2())).await;
         if result.is_ok() {
             self.sender = Some(sender);
         }
         result.map_err(Error::Request)
     }
 
-    fn request(&self) -> Request<Full<Bytes>> {
+    fn request(&self, http2: bool) -> Request<Full<Bytes>> {
         let mut request = Request::new(Full::new(self.body.clone()));
-        *request.uri_mut() = self.target.path.clone();
-        // hyper's connection-level client sends exactly the headers it is given: Host included.
-        request.headers_mut().insert(header::HOST, self.target.host.clone());
+        if http2 {
+            // The authority travels as `:authority`, from the absolute URI.
+            *request.uri_mut() = self.target.absolute.clone();
+        } else {
+            *request.uri_mut() = self.target.path.clone();
+            // hyper's connection-level client sends exactly the headers it is given: Host included.
+            request.headers_mut().insert(header::HOST, self.target.host.clone());
+        }
         if !self.body.is_empty() {
             *request.method_mut() = Method::POST;
             request.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(self.body.len()));
@@ -368,7 +433,7 @@ impl Client {
     }
 }
 
-async fn connect(addr: &str) -> Result<SendRequest<Full<Bytes>>, Error> {
+async fn connect(addr: &str, http2: bool) -> Result<Sender, Error> {
     let connect_error = |source| Error::Connect { addr: addr.to_owned(), source };
     let stream = match timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
         Ok(result) => result.map_err(connect_error)?,
@@ -377,29 +442,25 @@ async fn connect(addr: &str) -> Result<SendRequest<Full<Bytes>>, Error> {
         }
     };
     stream.set_nodelay(true).map_err(connect_error)?;
-    let (sender, connection) = http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream))
-        .await
-        .map_err(|source| Error::Handshake { addr: addr.to_owned(), source })?;
-    // The connection future drives the socket; it ends when the sender is dropped or the peer
+    let handshake_error = |source| Error::Handshake { addr: addr.to_owned(), source };
+    // The connection future drives the socket; it ends when the senders are dropped or the peer
     // closes, and its error, if any, surfaces on the next request.
+    if http2 {
+        let (sender, connection) =
+            http2::handshake::<_, _, Full<Bytes>>(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .map_err(handshake_error)?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        return Ok(Sender::H2(sender));
+    }
+    let (sender, connection) =
+        http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream)).await.map_err(handshake_error)?;
     tokio::spawn(async move {
         let _ = connection.await;
     });
-    Ok(sender)
-}
-
-/// One request, the whole response body read.
-async fn exchange(
-    sender: &mut SendRequest<Full<Bytes>>,
-    request: Request<Full<Bytes>>,
-) -> Result<StatusCode, hyper::Error> {
-    let response = sender.send_request(request).await?;
-    let status = response.status();
-    let mut body = response.into_body();
-    while let Some(frame) = body.frame().await {
-        let _frame = frame?;
-    }
-    Ok(status)
+    Ok(Sender::H1(sender))
 }
 
 #[cfg(test)]
@@ -424,19 +485,25 @@ mod tests {
         assert!(args(&["--duration", "0"]).validate().is_err());
         assert!(args(&["--connections", "0"]).validate().is_err());
         assert!(args(&["--threads", "0"]).validate().is_err());
+        assert!(args(&["--http2", "--h2-connections", "0"]).validate().is_err());
+        assert!(args(&["--http2", "--h2-connections", "17"]).validate().is_err());
     }
 
     #[test]
     fn requests_carry_host_and_body() {
         let target = Arc::new(args(&["--host", "upstream.bench:8080"]).validate().unwrap());
-        let get = Client { target: target.clone(), body: Bytes::new(), sender: None }.request();
+        let get = Client { target: target.clone(), body: Bytes::new(), sender: None }.request(false);
         assert_eq!(get.method(), Method::GET);
         assert_eq!(get.headers()[header::HOST], "upstream.bench:8080");
         assert!(get.headers().get(header::CONTENT_LENGTH).is_none());
-        let post = Client { target, body: Bytes::from_static(b"abc"), sender: None }.request();
+        let post =
+            Client { target: target.clone(), body: Bytes::from_static(b"abc"), sender: None }.request(false);
         assert_eq!(post.method(), Method::POST);
         assert_eq!(post.headers()[header::CONTENT_LENGTH], "3");
         assert_eq!(*post.uri(), "/");
+        let h2 = Client { target, body: Bytes::new(), sender: None }.request(true);
+        assert_eq!(*h2.uri(), "http://upstream.bench:8080/");
+        assert!(h2.headers().get(header::HOST).is_none());
     }
 
     /// One open-loop run against an in-process HTTP/1.1 server on loopback: every request of
@@ -456,6 +523,34 @@ mod tests {
         assert!(summary.latency_us.max > 0);
     }
 
+    /// The same over HTTP/2: eight streams on two connections.
+    #[test]
+    fn http2_streams_share_connections_and_are_measured() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let port = runtime.block_on(serve_ok());
+        let url = format!("http://127.0.0.1:{port}/x");
+        let args = args_for(
+            &url,
+            &[
+                "--http2",
+                "--h2-connections",
+                "2",
+                "--connections",
+                "8",
+                "--rate",
+                "200",
+                "--duration",
+                "0.5",
+                "--warmup",
+                "0.1",
+            ],
+        );
+        let target = args.validate().unwrap();
+        let summary = runtime.block_on(load(&args, target)).unwrap();
+        assert_eq!(summary.errors, 0, "{summary}");
+        assert_eq!(summary.requests + summary.counts.missed, 100, "{summary}");
+    }
+
     /// A minimal keep-alive server answering 200 to everything; returns its port.
     async fn serve_ok() -> u16 {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -468,7 +563,8 @@ mod tests {
                             b"ok",
                         ))))
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
+                    // HTTP/1.1, or HTTP/2 with prior knowledge.
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
                 });

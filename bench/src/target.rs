@@ -11,6 +11,8 @@ pub struct Target {
     pub host: HeaderValue,
     /// The origin-form request target, `/path?query`.
     pub path: Uri,
+    /// The absolute form, `http://<host><path>`, for HTTP/2 (its `:authority` is the Host).
+    pub absolute: Uri,
 }
 
 impl Target {
@@ -18,7 +20,7 @@ impl Target {
     pub fn parse(url: &str, host: Option<&str>) -> Result<Self, String> {
         let uri: Uri = url.parse().map_err(|e| format!("--url {url:?}: {e}"))?;
         if uri.scheme_str() != Some("http") {
-            return Err(format!("--url {url:?} must start with http:// (loadgen speaks plain HTTP/1.1)"));
+            return Err(format!("--url {url:?} must start with http:// (loadgen speaks plain HTTP)"));
         }
         let authority = uri.authority().ok_or_else(|| format!("--url {url:?} has no host"))?;
         let connect = format!("{}:{}", authority.host(), authority.port_u16().unwrap_or(80));
@@ -29,8 +31,11 @@ impl Target {
             Some(p) if p.starts_with('/') => p,
             _ => "/",
         };
+        let absolute: Uri = format!("http://{}{path}", host.to_str().unwrap_or_default())
+            .parse()
+            .map_err(|e| format!("--host {host:?} with path {path:?}: {e}"))?;
         let path: Uri = path.parse().map_err(|e| format!("--url {url:?}: path {path:?}: {e}"))?;
-        Ok(Self { connect, host, path })
+        Ok(Self { connect, host, path, absolute })
     }
 }
 
@@ -44,6 +49,7 @@ mod tests {
         assert_eq!(t.connect, "127.0.0.1:15001");
         assert_eq!(t.host, "upstream.bench:8080");
         assert_eq!(t.path, "/api/v1?x=1");
+        assert_eq!(t.absolute, "http://upstream.bench:8080/api/v1?x=1");
 
         let t = Target::parse("http://localhost", None).unwrap();
         assert_eq!(t.connect, "localhost:80");

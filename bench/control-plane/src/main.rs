@@ -142,6 +142,8 @@ impl Operator {
             .arg(stream.to_string())
             .arg("--metrics-addr")
             .arg(metrics.to_string())
+            // As the chart runs it (charts/skein/templates/deployment.yaml).
+            .env("MALLOC_ARENA_MAX", "2")
             .env("RUST_LOG", std::env::var("SKEIN_OPERATOR_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());

@@ -1,4 +1,4 @@
-//! `loadgen`: open-loop fixed-rate HTTP/1.1 load, coordinated omission corrected (see
+//! `loadgen`: open-loop fixed-rate HTTP/1.1 or HTTP/2 load, coordinated omission corrected (see
 //! `skein_bench::schedule`). `bench/run.sh` runs it with `--json`.
 #![forbid(unsafe_code)]
 

@@ -2,7 +2,7 @@
 # cluster, the end-to-end tests against it.
 CARGO ?= cargo
 
-.PHONY: build test unit e2e generate lint fuzz run demo bench bench-control-plane images
+.PHONY: build test unit e2e generate lint fuzz run demo bench bench-mesh bench-control-plane images
 
 build:
 	$(CARGO) build --workspace --bins --examples
@@ -72,6 +72,16 @@ bench:
 	bash bench/run.sh
 	taskset -c 0 $${CARGO_TARGET_DIR:-target}/release/identity-bench
 	taskset -c 0 $${CARGO_TARGET_DIR:-target}/release/authz-bench
+
+# The mesh-path benchmark: client → proxy A → TLS 1.3 → proxy B → upstream, for a skein-proxy
+# pair (and one with --workers 2), an Envoy pair configured as Istio would and an HAProxy pair,
+# with an HTTP/1.1 client and then an HTTP/2 one (about 25 minutes; the knobs of bench/run.sh).
+# Writes its two sections of bench/RESULTS.md.
+MESH_TARGETS ?= direct skein-mtls envoy-mtls haproxy-tls skein-mtls-2w
+bench-mesh:
+	$(CARGO) build --release -p skein-proxy -p skein-bench
+	TARGETS="$(MESH_TARGETS)" SECTION=mesh-http1 bash bench/run.sh
+	TARGETS="$(MESH_TARGETS)" SECTION=mesh-http2 HTTP2=1 bash bench/run.sh
 
 # The control-plane benchmark: one skein-operator (core 0) fed a synthetic cluster of 1,000
 # Services from files, and 100, 1,000 and 5,000 simulated proxies over mTLS (core 1): cold start

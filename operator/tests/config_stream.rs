@@ -193,6 +193,17 @@ async fn raw_connection(addr: std::net::SocketAddr) -> hyper::client::conn::http
     sender
 }
 
+/// A plaintext stream server (the identity header decides) whose hub holds `mesh`.
+async fn serving(mesh: MeshConfig) -> (ConfigHub, std::net::SocketAddr, CancellationToken) {
+    let hub = ConfigHub::new(Metrics::default());
+    hub.publish(Arc::new(mesh));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    tokio::spawn(skein_operator::serve_stream(listener, hub.clone(), stop.clone()));
+    (hub, addr, stop)
+}
+
 /// One config stream read line by line, acknowledged by hand (or never).
 struct RawStream {
     body: hyper::body::Incoming,
@@ -244,12 +255,7 @@ impl RawStream {
 async fn a_refused_delta_is_answered_with_the_whole_config() {
     use skein_api::config::DELTA_PREFIX;
 
-    let hub = ConfigHub::new(Metrics::default());
-    hub.publish(Arc::new(canary_mesh(90)));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let stop = CancellationToken::new();
-    tokio::spawn(skein_operator::serve_stream(listener, hub.clone(), stop.clone()));
+    let (hub, addr, stop) = serving(canary_mesh(90)).await;
 
     let mut sender = raw_connection(addr).await;
     let mut stream = RawStream::open(&mut sender, "shop/productpage", true).await;
@@ -281,12 +287,7 @@ async fn a_refused_delta_is_answered_with_the_whole_config() {
 async fn one_identity_cannot_hold_every_admission_slot() {
     use skein_operator::IDENTITY_ADMISSION_LIMIT;
 
-    let hub = ConfigHub::new(Metrics::default());
-    hub.publish(Arc::new(canary_mesh(90)));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let stop = CancellationToken::new();
-    tokio::spawn(skein_operator::serve_stream(listener, hub.clone(), stop.clone()));
+    let (_hub, addr, stop) = serving(canary_mesh(90)).await;
     let limit = Duration::from_secs(10);
 
     let mut sender = raw_connection(addr).await;

@@ -86,11 +86,14 @@ bench-mesh:
 # The control-plane benchmark: one skein-operator (core 0) fed a synthetic cluster of 1,000
 # Services from files, and 100, 1,000 and 5,000 simulated proxies over mTLS (core 1): cold start
 # and the time from each change to every acknowledgement (about 3 minutes; PROXIES, CHANGES tune
-# it). Prints a Markdown table; bench/RESULTS.md holds the method and a run.
+# it); then skein-proxy's memory with the config of a workload scoped to 10 of the Services, and
+# with all of them. Prints a Markdown table; bench/RESULTS.md holds the method and a run.
 PROXIES ?= 100,1000,5000
 CHANGES ?= 5
 bench-control-plane:
-	$(CARGO) build --release -p skein-operator -p skein-control-plane-bench
+	$(CARGO) build --release -p skein-operator -p skein-proxy -p skein-control-plane-bench
 	taskset -c 1 $${CARGO_TARGET_DIR:-target}/release/control-plane-bench \
 	  --operator $${CARGO_TARGET_DIR:-target}/release/skein-operator --operator-cpu 0 \
 	  --proxies $(PROXIES) --changes $(CHANGES)
+	$${CARGO_TARGET_DIR:-target}/release/control-plane-bench \
+	  --proxy-rss $${CARGO_TARGET_DIR:-target}/release/skein-proxy

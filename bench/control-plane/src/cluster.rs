@@ -41,6 +41,8 @@ pub struct Edits {
     pub extra_endpoints: std::collections::BTreeMap<usize, usize>,
     /// (Service index, pod number) deleted, with its endpoint.
     pub deleted_pods: std::collections::BTreeSet<(usize, usize)>,
+    /// Namespace index → its `skein.dev/destinations` annotation.
+    pub scopes: std::collections::BTreeMap<usize, String>,
 }
 
 fn address(shape: &Shape, i: usize, n: usize) -> String {
@@ -57,7 +59,12 @@ pub fn namespace_files(shape: &Shape, ns: usize, edits: &Edits, node: Option<&st
     let namespace = format!("ns-{ns:02}");
     let (mut svcs, mut pods, mut slices, mut routes) =
         (String::new(), String::new(), String::new(), String::new());
-    let _ = writeln!(svcs, "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {namespace}}}\n---");
+    let annotations = match edits.scopes.get(&ns) {
+        Some(scope) => format!(", annotations: {{skein.dev/destinations: \"{scope}\"}}"),
+        None => String::new(),
+    };
+    let _ =
+        writeln!(svcs, "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {namespace}{annotations}}}\n---");
     for i in services {
         let (_, name) = shape.service(i);
         let _ = writeln!(

@@ -30,7 +30,7 @@ struct Args {
     proxies: Vec<usize>,
     /// The skein-operator binary.
     #[arg(long, env = "SKEIN_OPERATOR_BIN")]
-    operator: PathBuf,
+    operator: Option<PathBuf>,
     /// Run the operator on this CPU (`taskset`), and this process on the others.
     #[arg(long)]
     operator_cpu: Option<usize>,
@@ -48,6 +48,10 @@ struct Args {
     /// Only time the computation of the synthetic cluster (in this process, no proxies).
     #[arg(long)]
     compute_only: bool,
+    /// Only measure skein-proxy's memory (this binary) holding the config of a workload that may
+    /// call 10 of the Services, then of one that may call all of them.
+    #[arg(long)]
+    proxy_rss: Option<PathBuf>,
     /// Working directory (manifests, the operator's state); a temporary one by default.
     #[arg(long)]
     workdir: Option<PathBuf>,
@@ -64,6 +68,12 @@ fn main() -> anyhow::Result<()> {
     };
     if args.compute_only {
         return time_compute(&args, shape);
+    }
+    if let Some(proxy) = &args.proxy_rss {
+        return runtime.block_on(proxy_rss(&args, shape, proxy));
+    }
+    if args.operator.is_none() {
+        bail!("--operator names the skein-operator binary (or SKEIN_OPERATOR_BIN)");
     }
     println!(
         "synthetic cluster: {} Services, {} endpoints, {} TrafficRoutes, {} identities; the operator from --local files",
@@ -103,6 +113,84 @@ fn time_compute(args: &Args, shape: Shape) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// skein-proxy's resident memory with the config the operator computes for `ns-00/svc-000`,
+/// scoped to 10 Services of its namespace (`skein.dev/destinations` on the Namespace), then
+/// with every Service. Each proxy runs from a config file, one worker, until `/ready`, then 1 s.
+async fn proxy_rss(args: &Args, shape: Shape, proxy: &Path) -> anyhow::Result<()> {
+    let work = args
+        .workdir
+        .clone()
+        .unwrap_or_else(std::env::temp_dir)
+        .join(format!("skein-cp-proxy-rss-{}", std::process::id()));
+    let ten: Vec<String> =
+        (0..10.min(shape.services_per_namespace)).map(|i| format!("./{}", shape.service(i).1)).collect();
+    for scope in [Some(ten.join(", ")), None] {
+        let _ = std::fs::remove_dir_all(&work);
+        let mut edits = Edits::default();
+        if let Some(scope) = &scope {
+            edits.scopes.insert(0, scope.clone());
+        }
+        cluster::write_all(&shape, &work.join("manifests"), &edits, None)?;
+        let snapshot =
+            skein_operator::load_dir(&work.join("manifests")).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let mesh = skein_operator::compute(&snapshot);
+        let (ns, sa) = shape.service(0);
+        let identity = WorkloadIdentity::new(ns, sa);
+        let config: skein_api::ProxyConfig = serde_json::from_slice(&mesh.proxy_line(&identity).1)?;
+        let endpoints: usize = config.destinations.iter().map(|d| d.endpoints.len()).sum();
+        let file = work.join("config.json");
+        std::fs::write(&file, serde_json::to_vec(&config)?)?;
+        let stats: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let mut child = Command::new(proxy)
+            .arg("--config")
+            .arg(&file)
+            .args(["--outbound-addr", &format!("127.0.0.1:{}", free_port()?)])
+            .args(["--inbound-addr", &format!("127.0.0.1:{}", free_port()?)])
+            .args(["--admin-addr", &format!("127.0.0.1:{}", free_port()?)])
+            .args(["--stats-addr", &stats.to_string()])
+            .args(["--access-log", "off", "--workers", "1"])
+            .arg("--state-dir")
+            .arg(work.join("state"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", proxy.display()))?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let ready = loop {
+            if get(stats, "/ready")
+                .await
+                .is_ok_and(|r| r.starts_with("HTTP/1.0 200") || r.starts_with("HTTP/1.1 200"))
+            {
+                break true;
+            }
+            if Instant::now() > deadline || child.try_wait()?.is_some() {
+                break false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
+        let _ = child.kill();
+        let _ = child.wait();
+        if !ready {
+            bail!("skein-proxy did not become ready with {}", file.display());
+        }
+        let rss = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            / 1024.0;
+        println!(
+            "skein-proxy holding {} Services ({endpoints} endpoints{}): RSS {rss:.1} MiB",
+            config.destinations.len(),
+            scope.as_ref().map(|s| format!(", scope \"{s}\"")).unwrap_or_default()
+        );
+    }
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(())
+}
+
 fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -125,13 +213,14 @@ impl Operator {
     fn start(args: &Args, manifests: &Path, state: &Path) -> anyhow::Result<Self> {
         let (stream, metrics): (SocketAddr, SocketAddr) =
             (format!("127.0.0.1:{}", free_port()?).parse()?, format!("127.0.0.1:{}", free_port()?).parse()?);
+        let operator = args.operator.as_ref().context("--operator names the skein-operator binary")?;
         let mut command = match args.operator_cpu {
             Some(cpu) => {
                 let mut c = Command::new("taskset");
-                c.args(["-c", &cpu.to_string()]).arg(&args.operator);
+                c.args(["-c", &cpu.to_string()]).arg(operator);
                 c
             }
-            None => Command::new(&args.operator),
+            None => Command::new(operator),
         };
         command
             .arg("--local")
@@ -147,7 +236,7 @@ impl Operator {
             .env("RUST_LOG", std::env::var("SKEIN_OPERATOR_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
-        let child = command.spawn().with_context(|| format!("starting {}", args.operator.display()))?;
+        let child = command.spawn().with_context(|| format!("starting {}", operator.display()))?;
         Ok(Self { child, metrics, stream })
     }
 
@@ -187,9 +276,14 @@ impl Operator {
 }
 
 async fn scrape(addr: SocketAddr) -> anyhow::Result<String> {
+    get(addr, "/metrics").await
+}
+
+/// One plain HTTP/1.0 GET; the whole answer, status line included.
+async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut tcp = tokio::net::TcpStream::connect(addr).await?;
-    tcp.write_all(b"GET /metrics HTTP/1.0\r\nHost: operator\r\n\r\n").await?;
+    tcp.write_all(format!("GET {path} HTTP/1.0\r\nHost: skein\r\n\r\n").as_bytes()).await?;
     let mut text = String::new();
     tcp.read_to_string(&mut text).await?;
     Ok(text)

@@ -485,8 +485,10 @@ pub async fn run(
 ) {
     let mut loader = Some(Loader::with_default_policy(default_policy));
     let mut renew_at = tokio::time::Instant::now();
-    // The identities certificates were last looked at for: a change that keeps them (most)
-    // costs no look at the certificates; the look runs every 30 s besides, for renewals.
+    // The meshed identities of the snapshot in force, and those certificates were last looked
+    // at for: a change that keeps them (most) costs no look at the certificates; the look runs
+    // every 30 s besides, for renewals.
+    let mut identities = std::collections::BTreeSet::new();
     let mut issued_for = std::collections::BTreeSet::new();
     loop {
         // Reading and parsing the files run on the blocking pool, off the runtime's threads.
@@ -494,18 +496,22 @@ pub async fn run(
             (dirs.clone(), loader.take().unwrap_or_else(|| Loader::with_default_policy(default_policy)));
         let checked = tokio::task::spawn_blocking(move || {
             let loaded = l.load(&d);
-            let identities = meshed_identities(&l.snapshot);
+            // Only a snapshot put in force can change them (most looks find nothing new).
+            let identities = matches!(loaded, Some(Ok(_))).then(|| meshed_identities(&l.snapshot));
             (l, loaded, identities)
         })
         .await;
-        let (loaded, identities) = match checked {
-            Ok((l, loaded, identities)) => {
+        let loaded = match checked {
+            Ok((l, loaded, now_meshed)) => {
                 loader = Some(l);
-                (loaded, identities)
+                if let Some(now_meshed) = now_meshed {
+                    identities = now_meshed;
+                }
+                loaded
             }
             Err(e) => {
                 tracing::error!(error = %e, "reading the manifests failed");
-                (None, issued_for.clone())
+                None
             }
         };
         if let Some(loaded) = loaded {
@@ -545,7 +551,7 @@ pub async fn run(
                 Ok(Err(e)) => tracing::warn!(error = %e, "cannot issue workload certificates"),
                 Err(e) => tracing::warn!(error = %e, "issuing workload certificates failed"),
             }
-            issued_for = identities;
+            issued_for = identities.clone();
             renew_at = tokio::time::Instant::now() + Duration::from_secs(30);
         }
         tokio::select! {

@@ -31,8 +31,8 @@ pub use run::{run, run_local, Error, Result};
 // What the integration tests, the benchmarks and the demo drive in process.
 pub use admission::inject::{CaptureMode, InboundMode, InjectConfig, ProxyResources};
 pub use admission::webhook::{router as webhook_router, serve as serve_webhook, WebhookState};
-pub use compute::snapshot::{Snapshot, SnapshotObject};
-pub use compute::{compute, MeshConfig};
+pub use compute::snapshot::{Changes, Snapshot, SnapshotObject};
+pub use compute::{compute, compute_incremental, MeshConfig};
 pub use identity::ca::{CaFiles, MeshCa, WORKLOAD_LIFETIME};
 pub use identity::serving::{serving_names, ServingCert};
 pub use local::load_dir;

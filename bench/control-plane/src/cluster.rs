@@ -6,6 +6,13 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
+/// The synthetic namespaces' names start with this; on an API server they also carry
+/// [`BENCH_LABEL`], and the benchmark touches no namespace without it.
+pub const NAMESPACE_PREFIX: &str = "skein-cpb-";
+
+/// The label (`key=value`) on every namespace the benchmark creates.
+pub const BENCH_LABEL: (&str, &str) = ("skein.dev/bench", "control-plane");
+
 /// The cluster's shape.
 #[derive(Clone, Copy, Debug)]
 pub struct Shape {
@@ -20,10 +27,17 @@ impl Shape {
         self.namespaces * self.services_per_namespace
     }
 
+    /// The name of namespace `ns` (index).
+    pub fn namespace(&self, ns: usize) -> String {
+        format!("{NAMESPACE_PREFIX}{ns:02}")
+    }
+
     /// The namespace and name of Service `i` (its service account has the same name).
     pub fn service(&self, i: usize) -> (String, String) {
-        let ns = i / self.services_per_namespace;
-        (format!("ns-{ns:02}"), format!("svc-{:03}", i % self.services_per_namespace))
+        (
+            self.namespace(i / self.services_per_namespace),
+            format!("svc-{:03}", i % self.services_per_namespace),
+        )
     }
 
     /// How many of each namespace's Services have a route.
@@ -56,15 +70,18 @@ fn address(shape: &Shape, i: usize, n: usize) -> String {
 pub fn namespace_files(shape: &Shape, ns: usize, edits: &Edits, node: Option<&str>) -> Vec<(String, String)> {
     let first = ns * shape.services_per_namespace;
     let services = first..first + shape.services_per_namespace;
-    let namespace = format!("ns-{ns:02}");
+    let namespace = shape.namespace(ns);
     let (mut svcs, mut pods, mut slices, mut routes) =
         (String::new(), String::new(), String::new(), String::new());
     let annotations = match edits.scopes.get(&ns) {
         Some(scope) => format!(", annotations: {{skein.dev/destinations: \"{scope}\"}}"),
         None => String::new(),
     };
-    let _ =
-        writeln!(svcs, "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {namespace}{annotations}}}\n---");
+    let (key, value) = BENCH_LABEL;
+    let _ = writeln!(
+        svcs,
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {namespace}, labels: {{{key}: {value}}}{annotations}}}\n---"
+    );
     for i in services {
         let (_, name) = shape.service(i);
         let _ = writeln!(

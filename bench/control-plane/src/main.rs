@@ -1,11 +1,12 @@
 //! `control-plane-bench` (`make bench-control-plane`): one skein-operator (a process of its own,
-//! pinned to its own core) fed a synthetic cluster from manifest files (`--local`), and N
-//! simulated proxies in this process, each with its own client certificate over real TLS on
+//! pinned to its own core) fed a synthetic cluster from manifest files (`--local`) or, with
+//! `--cluster`, from the API server KUBECONFIG names (its watch path), and N simulated proxies in this process, each with its own client certificate over real TLS on
 //! loopback. For each N: the time for all N to connect and be served from a cold start, then,
 //! for each kind of change (a TrafficRoute weight, an endpoint added, a pod deleted), the time
 //! from the change to each proxy's acknowledgement, the bytes the operator sent for it, and the
 //! operator's RSS and CPU. Prints a Markdown table. Method and figures: bench/RESULTS.md.
 
+mod api;
 mod client;
 mod cluster;
 
@@ -52,6 +53,11 @@ struct Args {
     /// call 10 of the Services, then of one that may call all of them.
     #[arg(long)]
     proxy_rss: Option<PathBuf>,
+    /// Feed the operator from the API server KUBECONFIG names (its watchers) instead of files:
+    /// the synthetic cluster is written there object by object, and each change is the API
+    /// writes a user or a controller would make.
+    #[arg(long)]
+    cluster: bool,
     /// Working directory (manifests, the operator's state); a temporary one by default.
     #[arg(long)]
     workdir: Option<PathBuf>,
@@ -76,11 +82,12 @@ fn main() -> anyhow::Result<()> {
         bail!("--operator names the skein-operator binary (or SKEIN_OPERATOR_BIN)");
     }
     println!(
-        "synthetic cluster: {} Services, {} endpoints, {} TrafficRoutes, {} identities; the operator from --local files",
+        "synthetic cluster: {} Services, {} endpoints, {} TrafficRoutes, {} identities; the operator {}",
         shape.services(),
         shape.services() * shape.endpoints_per_service,
         shape.routed().len(),
-        shape.services()
+        shape.services(),
+        if args.cluster { "watching the API server" } else { "from --local files" }
     );
     println!();
     println!("| proxies | all served from cold | first config p50 / p90 | change | acknowledged p50 / p90 / max | sent per change | operator RSS (peak) | operator CPU |");
@@ -91,15 +98,17 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The computation alone: the cluster read once, then computed ten times; prints each time.
+/// The computation alone: the cluster read once, then computed whole ten times, then ten times
+/// after an endpoint is added (from the mesh before and the change); prints the times.
 fn time_compute(args: &Args, shape: Shape) -> anyhow::Result<()> {
+    use skein_operator::SnapshotObject as _;
     let work = args
         .workdir
         .clone()
         .unwrap_or_else(std::env::temp_dir)
         .join(format!("skein-cp-compute-{}", std::process::id()));
     cluster::write_all(&shape, &work, &Edits::default(), None)?;
-    let snapshot = skein_operator::load_dir(&work).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let mut snapshot = skein_operator::load_dir(&work).map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let _ = std::fs::remove_dir_all(&work);
     let mut ms = Vec::new();
     for _ in 0..10 {
@@ -110,10 +119,32 @@ fn time_compute(args: &Args, shape: Shape) -> anyhow::Result<()> {
     }
     let (p50, _, max) = percentiles(ms);
     println!("computation of {} Services: p50 {p50:.1} ms, max {max:.1} ms", shape.services());
+
+    snapshot.take_changes();
+    let mut previous = skein_operator::compute(&snapshot);
+    let (mut edits, mut ms) = (Edits::default(), Vec::new());
+    for k in 0..10 {
+        let i = (k * 37 + 11) % shape.services();
+        *edits.extra_endpoints.entry(i).or_insert(0) += 1;
+        let (_, name) = shape.service(i);
+        let files = cluster::namespace_files(&shape, i / shape.services_per_namespace, &edits, None);
+        let slices = files.iter().find(|(f, _)| f.ends_with("-slices.yaml")).context("a slices file")?;
+        let docs: Vec<k8s_openapi::api::discovery::v1::EndpointSlice> =
+            serde_saphyr::from_multiple(&slices.1).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let slice = docs.into_iter().find(|s| s.metadata.name.as_deref() == Some(&format!("{name}-1")));
+        slice.context("the changed slice")?.apply(&mut snapshot);
+        let t = Instant::now();
+        let changes = snapshot.take_changes();
+        let mesh = skein_operator::compute_incremental(&snapshot, &previous, &changes);
+        ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        previous = mesh;
+    }
+    let (p50, _, max) = percentiles(ms);
+    println!("after an endpoint added, from the mesh before: p50 {p50:.1} ms, max {max:.1} ms");
     Ok(())
 }
 
-/// skein-proxy's resident memory with the config the operator computes for `ns-00/svc-000`,
+/// skein-proxy's resident memory with the config the operator computes for the first Service,
 /// scoped to 10 Services of its namespace (`skein.dev/destinations` on the Namespace), then
 /// with every Service. Each proxy runs from a config file, one worker, until `/ready`, then 1 s.
 async fn proxy_rss(args: &Args, shape: Shape, proxy: &Path) -> anyhow::Result<()> {
@@ -209,8 +240,72 @@ impl Drop for Operator {
     }
 }
 
+/// Where the operator reads the synthetic cluster from.
+enum Feed {
+    /// Manifest files (`--local`), the operator's CA and certificates kept in `state`.
+    Files { manifests: PathBuf, state: PathBuf },
+    /// The API server (`--cluster`).
+    Api(api::ApiFeed),
+}
+
+impl Feed {
+    /// The mesh CA, once the operator has made it.
+    async fn ca(&self) -> anyhow::Result<skein_operator::CaFiles> {
+        let ca_dir = match self {
+            Feed::Api(api) => return api.ca(Duration::from_secs(60)).await,
+            Feed::Files { state, .. } => state.join("ca"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let read = |name: &str| std::fs::read_to_string(ca_dir.join(name));
+            if let (Ok(tls_crt), Ok(tls_key)) = (read("tls.crt"), read("tls.key")) {
+                return Ok(skein_operator::CaFiles {
+                    tls_crt,
+                    tls_key,
+                    ca_crt: read("ca.crt").unwrap_or_default(),
+                });
+            }
+            if Instant::now() > deadline {
+                bail!("the operator wrote no CA in {}", ca_dir.display());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until the operator has issued the workload certificate of Service `i`.
+    async fn wait_certificate(&self, shape: &Shape, i: usize, limit: Duration) -> anyhow::Result<()> {
+        let state = match self {
+            Feed::Api(api) => return api.wait_certificate(i, limit).await,
+            Feed::Files { state, .. } => state,
+        };
+        let (ns, sa) = shape.service(i);
+        let file = state.join("identities").join(ns).join(sa).join("tls.crt");
+        let deadline = Instant::now() + limit;
+        while !file.exists() {
+            if Instant::now() > deadline {
+                bail!("the operator issued no certificate for {} in time", file.display());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
+    /// Makes the change `edits` holds to the namespace of Service `i`.
+    async fn change(&mut self, shape: &Shape, i: usize, edits: &Edits) -> anyhow::Result<()> {
+        match self {
+            Feed::Files { manifests, .. } => {
+                cluster::rewrite_namespace_of(shape, manifests, i, edits, None)?;
+            }
+            Feed::Api(api) => {
+                api.change(i, edits).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Operator {
-    fn start(args: &Args, manifests: &Path, state: &Path) -> anyhow::Result<Self> {
+    fn start(args: &Args, feed: &Feed) -> anyhow::Result<Self> {
         let (stream, metrics): (SocketAddr, SocketAddr) =
             (format!("127.0.0.1:{}", free_port()?).parse()?, format!("127.0.0.1:{}", free_port()?).parse()?);
         let operator = args.operator.as_ref().context("--operator names the skein-operator binary")?;
@@ -222,11 +317,20 @@ impl Operator {
             }
             None => Command::new(operator),
         };
+        match feed {
+            Feed::Files { manifests, state } => {
+                command.arg("--local").arg(manifests).arg("--local-state").arg(state);
+            }
+            // Watching every namespace, its own in the benchmark's; no webhook configuration
+            // by that name exists, so the synthetic pods are not injected.
+            Feed::Api(_) => {
+                command
+                    .args(["--namespace", api::OPERATOR_NAMESPACE, "--instance", "control-plane-bench"])
+                    .args(["--webhook-addr", &format!("127.0.0.1:{}", free_port()?)])
+                    .args(["--webhook-configuration", "skein-cpb-no-such-webhook"]);
+            }
+        }
         command
-            .arg("--local")
-            .arg(manifests)
-            .arg("--local-state")
-            .arg(state)
             .arg("--stream-addr")
             .arg(stream.to_string())
             .arg("--metrics-addr")
@@ -313,25 +417,22 @@ async fn run_one(args: &Args, shape: Shape, n: usize) -> anyhow::Result<()> {
         None => std::env::temp_dir().join(format!("skein-cp-bench-{}-n{n}", std::process::id())),
     };
     let _ = std::fs::remove_dir_all(&work);
-    let (manifests, state) = (work.join("manifests"), work.join("state"));
     let mut edits = Edits::default();
-    cluster::write_all(&shape, &manifests, &edits, None)?;
-    let operator = Operator::start(args, &manifests, &state)?;
-
-    // The operator's CA, once it has written it; each proxy gets a certificate of its own.
-    let ca_dir = state.join("ca");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let files = loop {
-        let read = |name: &str| std::fs::read_to_string(ca_dir.join(name));
-        if let (Ok(tls_crt), Ok(tls_key)) = (read("tls.crt"), read("tls.key")) {
-            break skein_operator::CaFiles { tls_crt, tls_key, ca_crt: read("ca.crt").unwrap_or_default() };
-        }
-        if Instant::now() > deadline {
-            bail!("the operator wrote no CA in {}", ca_dir.display());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut feed = if args.cluster {
+        let mut api = api::ApiFeed::connect(shape).await?;
+        let t = Instant::now();
+        api.write_all(&edits).await?;
+        eprintln!("wrote the synthetic cluster to the API server in {:.1} s", t.elapsed().as_secs_f64());
+        Feed::Api(api)
+    } else {
+        let (manifests, state) = (work.join("manifests"), work.join("state"));
+        cluster::write_all(&shape, &manifests, &edits, None)?;
+        Feed::Files { manifests, state }
     };
-    let ca = skein_operator::MeshCa::load(&files)?;
+    let operator = Operator::start(args, &feed)?;
+
+    // The operator's CA, once it has made it; each proxy gets a certificate of its own.
+    let ca = skein_operator::MeshCa::load(&feed.ca().await?)?;
     let now = time::OffsetDateTime::now_utc();
     let mut configs = Vec::with_capacity(n);
     for j in 0..n {
@@ -364,16 +465,10 @@ async fn run_one(args: &Args, shape: Shape, n: usize) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
 
-    // The operator issues the workloads' certificates (local mode) once it has read the
-    // cluster; wait for the last, so the cold start does not share the core with that.
-    let (ns, sa) = shape.service(shape.services() - 1);
-    let last = state.join("identities").join(ns).join(sa).join("tls.crt");
-    while !last.exists() {
-        if Instant::now() > deadline {
-            bail!("the operator issued no certificate for {} in time", last.display());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // The operator issues the workloads' certificates once it has read the cluster; wait for
+    // the last, so the cold start does not share the core with that.
+    feed.wait_certificate(&shape, shape.services() - 1, deadline.saturating_duration_since(Instant::now()))
+        .await?;
 
     // Cold start: every proxy connects at once, with the 0–200 ms jitter skein-proxy
     // reconnects with.
@@ -432,7 +527,7 @@ async fn run_one(args: &Args, shape: Shape, n: usize) -> anyhow::Result<()> {
             let (full0, delta0) = operator.bytes_sent().await?;
             let i = change(&mut edits, k);
             let t0 = Instant::now();
-            cluster::rewrite_namespace_of(&shape, &manifests, i, &edits, None)?;
+            feed.change(&shape, i, &edits).await?;
             for (record, &b) in records.iter().zip(&before) {
                 let got = wait_line(record, b, Duration::from_secs(60)).await?;
                 let held = record.line(b.wrapping_sub(1)).map(|l| l.version).unwrap_or_default();
@@ -461,6 +556,9 @@ async fn run_one(args: &Args, shape: Shape, n: usize) -> anyhow::Result<()> {
         bail!("{} simulated proxies failed, first: {}", errors.len(), errors[0]);
     }
     drop(operator);
+    if let Feed::Api(api) = &feed {
+        api.clean().await?;
+    }
     let _ = std::fs::remove_dir_all(&work);
     Ok(())
 }

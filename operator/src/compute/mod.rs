@@ -31,7 +31,7 @@ pub mod scope;
 pub mod snapshot;
 pub mod status;
 
-use crate::compute::snapshot::{ObjectKey, Snapshot};
+use crate::compute::snapshot::{Changes, ObjectKey, Snapshot};
 use endpoints::{endpoints_by_service, inbound_ports};
 use policies::{accept_policies, Target};
 use routes::accept_routes;
@@ -125,8 +125,8 @@ impl DesiredStatus {
 /// is assembled from their bytes: identities that share a scope share the work.
 #[derive(Debug)]
 pub struct MeshConfig {
-    /// Sorted by namespace and name.
-    pub destinations: Arc<Vec<Destination>>,
+    /// Sorted by namespace and name; shared with the mesh computed before when unchanged.
+    pub destinations: Vec<Arc<Destination>>,
     /// Each destination as JSON, and its hash.
     destination_json: Vec<(bytes::Bytes, [u8; 32])>,
     /// (namespace, name) → index in `destinations`.
@@ -264,7 +264,7 @@ impl MeshConfig {
         ProxyConfig {
             version: self.version(&group, identity, &own),
             identity: Some(identity.clone()),
-            destinations: group.selected.iter().map(|&i| self.destinations[i].clone()).collect(),
+            destinations: group.selected.iter().map(|&i| Destination::clone(&self.destinations[i])).collect(),
             inbound: own.0,
             authz: own.1,
         }
@@ -481,6 +481,18 @@ impl Iterator for Frames {
 
 /// Computes the mesh from a snapshot.
 pub fn compute(snapshot: &Snapshot) -> MeshConfig {
+    compute_from(snapshot, None)
+}
+
+/// [`compute`], reusing the destinations of `previous` (computed from this snapshot before
+/// `changes`) that the changes cannot have touched: a Service whose Service object, slices and
+/// endpoints' pods are as they were keeps its destination, and its bytes and hash, unless its
+/// routes or policies differ. Routes, policies and access are computed whole (they are few).
+pub fn compute_incremental(snapshot: &Snapshot, previous: &MeshConfig, changes: &Changes) -> MeshConfig {
+    compute_from(snapshot, Some((previous, changes)))
+}
+
+fn compute_from(snapshot: &Snapshot, reuse: Option<(&MeshConfig, &Changes)>) -> MeshConfig {
     let mut statuses = BTreeMap::new();
 
     let routes = accept_routes(snapshot, &mut statuses);
@@ -501,12 +513,17 @@ pub fn compute(snapshot: &Snapshot) -> MeshConfig {
 
     let access = access::accept_access(snapshot, &mut statuses);
 
-    let mut endpoints = endpoints_by_service(snapshot);
+    let touched = reuse.map(|(_, changes)| changes.services_touched(snapshot));
+    let mut endpoints = if reuse.is_none() { endpoints_by_service(snapshot) } else { BTreeMap::new() };
     let mut routes_of: BTreeMap<&ObjectKey, Vec<&routes::AcceptedRoute>> = BTreeMap::new();
     for r in &routes {
         routes_of.entry(&r.service).or_default().push(r);
     }
+    // The previous mesh's destinations are sorted as the Services are: one walk finds each.
+    let mut earlier =
+        reuse.map(|(previous, _)| previous.destinations.iter().zip(&previous.destination_json).peekable());
     let mut destinations = Vec::with_capacity(snapshot.services.len());
+    let mut destination_json = Vec::with_capacity(snapshot.services.len());
     for (key, svc) in &snapshot.services {
         let mut service_routes: Vec<Route> = routes_of
             .get(key)
@@ -521,7 +538,32 @@ pub fn compute(snapshot: &Snapshot) -> MeshConfig {
         // Port-specific routes first, so the proxy's first hit is the most specific one.
         service_routes
             .sort_by(|a, b| (a.port.is_none(), a.port, &a.name).cmp(&(b.port.is_none(), b.port, &b.name)));
-        destinations.push(Destination {
+        let (retry, outlier) = (
+            retry.get(&Target::Service(key.clone())).cloned(),
+            outlier.get(&Target::Service(key.clone())).cloned(),
+        );
+        let parts = (key.namespace.as_str(), key.name.as_str());
+        let before = earlier.as_mut().and_then(|walk| {
+            while walk.next_if(|(d, _)| (d.namespace.as_str(), d.name.as_str()) < parts).is_some() {}
+            walk.next_if(|(d, _)| (d.namespace.as_str(), d.name.as_str()) == parts)
+        });
+        let unchanged = touched.as_ref().is_some_and(|t| !t.contains(&parts));
+        if let Some((d, json)) = before.filter(|_| unchanged) {
+            if d.routes == service_routes && d.retry == retry && d.outlier == outlier {
+                destinations.push(d.clone());
+                destination_json.push(json.clone());
+            } else {
+                let d = Destination { routes: service_routes, retry, outlier, ..Destination::clone(d) };
+                destination_json.push(serialized(&d));
+                destinations.push(Arc::new(d));
+            }
+            continue;
+        }
+        let endpoints = match reuse {
+            Some(_) => endpoints::endpoints_of(snapshot, key),
+            None => endpoints.remove(key).unwrap_or_default(),
+        };
+        let d = Destination {
             namespace: key.namespace.clone(),
             name: key.name.clone(),
             hosts: hosts_of(key),
@@ -536,25 +578,19 @@ pub fn compute(snapshot: &Snapshot) -> MeshConfig {
                     protocol: protocol_of(p.name.as_deref(), p.app_protocol.as_deref()),
                 })
                 .collect(),
-            endpoints: endpoints.remove(key).unwrap_or_default(),
+            endpoints,
             routes: service_routes,
-            retry: retry.get(&Target::Service(key.clone())).cloned(),
-            outlier: outlier.get(&Target::Service(key.clone())).cloned(),
-        });
+            retry,
+            outlier,
+        };
+        destination_json.push(serialized(&d));
+        destinations.push(Arc::new(d));
     }
 
-    let destination_json = destinations
-        .iter()
-        .map(|d| {
-            let json = serde_json::to_vec(d).expect("plain data serializes");
-            let hash: [u8; 32] = Sha256::digest(&json).into();
-            (bytes::Bytes::from(json), hash)
-        })
-        .collect();
     let index =
         destinations.iter().enumerate().map(|(i, d)| ((d.namespace.clone(), d.name.clone()), i)).collect();
     MeshConfig {
-        destinations: Arc::new(destinations),
+        destinations,
         destination_json,
         index,
         scopes: snapshot.scopes(),
@@ -564,7 +600,14 @@ pub fn compute(snapshot: &Snapshot) -> MeshConfig {
             SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         },
         group_changes: Default::default(),
-        inbound: inbound_ports(snapshot),
+        inbound: match reuse {
+            Some((previous, changes)) => {
+                let namespaces =
+                    changes.services.iter().chain(&changes.pods).map(|k| k.namespace.as_str()).collect();
+                endpoints::inbound_ports_since(snapshot, &previous.inbound, &namespaces)
+            }
+            None => inbound_ports(snapshot),
+        },
         authz: access.authz,
         namespace_policies: access.namespace_policies,
         namespace_defaults: snapshot
@@ -576,6 +619,13 @@ pub fn compute(snapshot: &Snapshot) -> MeshConfig {
         bad_namespace_defaults: access::bad_namespace_defaults(snapshot),
         statuses,
     }
+}
+
+/// A destination as JSON, and its hash.
+fn serialized(d: &Destination) -> (bytes::Bytes, [u8; 32]) {
+    let json = serde_json::to_vec(d).expect("plain data serializes");
+    let hash: [u8; 32] = Sha256::digest(&json).into();
+    (bytes::Bytes::from(json), hash)
 }
 
 /// Host names that reach a Service from any namespace.
@@ -659,6 +709,84 @@ endpoints: [{{addresses: ["{ip}"], conditions: {{ready: true}}, targetRef: {{kin
             .apply(&mut s);
         }
         s
+    }
+
+    /// Each kind of change, computed from the mesh before it and the snapshot's changes, gives
+    /// what a whole computation gives; what no change touched is shared, not built again.
+    #[test]
+    fn an_incremental_computation_equals_a_whole_one() {
+        let slice = |name: &str, service: &str, endpoints: &[(&str, Option<&str>)]| {
+            let endpoints: Vec<String> = endpoints
+                .iter()
+                .map(|(ip, pod)| match pod {
+                    Some(pod) => format!("{{addresses: [\"{ip}\"], targetRef: {{kind: Pod, name: {pod}}}}}"),
+                    None => format!("{{addresses: [\"{ip}\"]}}"),
+                })
+                .collect();
+            yaml::<EndpointSlice>(&format!(
+                "metadata: {{name: {name}, namespace: shop, labels: {{kubernetes.io/service-name: {service}}}}}\naddressType: IPv4\nports: [{{name: http, port: 9080}}]\nendpoints: [{}]",
+                endpoints.join(", ")
+            ))
+        };
+        let pod = |name: &str, version: &str| {
+            yaml::<Pod>(&format!(
+                "metadata: {{name: {name}, namespace: shop, labels: {{app: reviews, version: {version}, skein.dev/inject: enabled}}}}\nspec: {{serviceAccountName: reviews, containers: []}}"
+            ))
+        };
+        let service = |name: &str| {
+            yaml::<Service>(&format!(
+                "metadata: {{name: {name}, namespace: shop}}\nspec: {{ports: [{{name: http, port: 9080}}]}}"
+            ))
+        };
+        let mut s = shop();
+        service("ratings").apply(&mut s);
+        slice("ratings-1", "ratings", &[("10.0.1.1", None)]).apply(&mut s);
+        // Another namespace's workload, which no change touches: its inbound ports are kept.
+        yaml::<Pod>("metadata: {name: catalog-0, namespace: books, labels: {skein.dev/inject: enabled}}\nspec: {serviceAccountName: catalog, containers: []}")
+            .apply(&mut s);
+        yaml::<EndpointSlice>("metadata: {name: catalog-1, namespace: books, labels: {kubernetes.io/service-name: catalog}}\naddressType: IPv4\nports: [{name: grpc, port: 7070}]\nendpoints: [{addresses: [\"10.0.2.1\"], targetRef: {kind: Pod, name: catalog-0}}]")
+            .apply(&mut s);
+        s.take_changes();
+        let mut previous = Arc::new(compute(&s));
+        // Computes from `previous`; checks it against the whole computation; returns the names
+        // of the destinations shared with `previous`.
+        let mut step = |s: &mut Snapshot, what: &str| -> Vec<String> {
+            let changes = s.take_changes();
+            let mesh = compute_incremental(s, &previous, &changes);
+            let whole = compute(s);
+            assert_eq!(mesh.destinations, whole.destinations, "{what}");
+            assert_eq!(mesh.destination_json, whole.destination_json, "{what}");
+            assert_eq!(mesh.inbound, whole.inbound, "{what}");
+            let shared = mesh
+                .destinations
+                .iter()
+                .filter(|d| previous.destinations.iter().any(|p| Arc::ptr_eq(p, d)))
+                .map(|d| d.name.clone())
+                .collect();
+            previous = Arc::new(mesh);
+            shared
+        };
+
+        pod("reviews-v1-0", "v3").apply(&mut s);
+        assert_eq!(step(&mut s, "a pod's labels"), ["ratings"]);
+        pod("reviews-v1-0", "v3").apply(&mut s);
+        assert_eq!(s.changes, Changes::default(), "a pod put in again as it was changes nothing");
+        assert_eq!(step(&mut s, "nothing"), ["ratings", "reviews"]);
+        slice("ratings-1", "ratings", &[("10.0.1.1", None), ("10.0.1.2", None)]).apply(&mut s);
+        assert_eq!(step(&mut s, "an endpoint added"), ["reviews"]);
+        yaml::<TrafficRoute>(&CANARY.replace("weight: 90", "weight: 80").replace("weight: 10", "weight: 20"))
+            .apply(&mut s);
+        assert_eq!(step(&mut s, "a route's weights"), ["ratings"]);
+        slice("reviews-v2", "ratings", &[("10.0.0.2", Some("reviews-v2-0"))]).apply(&mut s);
+        assert!(step(&mut s, "a slice moved to another Service").is_empty());
+        Pod::delete(&ObjectKey::new("shop", "reviews-v2-0"), &mut s);
+        assert_eq!(step(&mut s, "a pod deleted"), ["reviews"]);
+        Service::delete(&ObjectKey::new("shop", "ratings"), &mut s);
+        service("details").apply(&mut s);
+        assert_eq!(step(&mut s, "a Service gone, another new"), ["reviews"]);
+        EndpointSlice::delete(&ObjectKey::new("shop", "reviews-v1"), &mut s);
+        assert_eq!(step(&mut s, "a slice deleted"), ["details"]);
+        assert_eq!(previous.inbound[&WorkloadIdentity::new("books", "catalog")][0].port, 7070);
     }
 
     fn tr(key: &str) -> ResourceRef {

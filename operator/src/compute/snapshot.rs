@@ -4,7 +4,7 @@
 //! under a lock and never touches an API client. Kubernetes objects are reduced to the few fields
 //! Skein needs, which keeps memory small at 10,000 endpoints and keeps tests short.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -307,9 +307,67 @@ pub struct Snapshot {
     pub service_accounts: BTreeMap<ObjectKey, Option<String>>,
     /// The mesh-wide access default (`--default-policy`), for namespaces without their own.
     pub default_policy: DefaultPolicy,
+    /// What `apply` and `delete` changed since the last [`Snapshot::take_changes`]. Fields
+    /// written directly are not seen here: give such a snapshot to [`super::compute`].
+    pub changes: Changes,
+}
+
+/// What changed in a snapshot that a Service's destination depends on: an object put in again
+/// as it was changes nothing (a pod's status update, a re-list).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Services whose Service object or one of whose EndpointSlices changed.
+    pub services: BTreeSet<ObjectKey>,
+    /// Pods that changed (the labels and identity of their endpoints).
+    pub pods: BTreeSet<ObjectKey>,
+}
+
+impl Changes {
+    /// Adds `other`'s changes.
+    pub fn merge(&mut self, other: Changes) {
+        self.services.extend(other.services);
+        self.pods.extend(other.pods);
+    }
+
+    /// The Services whose destination may differ: those changed, and those with an endpoint of
+    /// a changed pod.
+    pub fn services_touched<'a>(&'a self, snapshot: &'a Snapshot) -> BTreeSet<(&'a str, &'a str)> {
+        let mut touched: BTreeSet<(&str, &str)> =
+            self.services.iter().map(|k| (k.namespace.as_str(), k.name.as_str())).collect();
+        if !self.pods.is_empty() {
+            for (key, slice) in &snapshot.slices {
+                let of_changed_pod = slice.endpoints.iter().any(|e| {
+                    e.pod
+                        .as_deref()
+                        .is_some_and(|p| self.pods.contains(&(key.namespace.as_str(), p) as &dyn KeyRef))
+                });
+                if of_changed_pod {
+                    touched.insert((key.namespace.as_str(), slice.service.as_str()));
+                }
+            }
+        }
+        touched
+    }
+}
+
+fn service_changed(changes: &mut Changes, key: &ObjectKey, _: &ServiceInfo) {
+    changes.services.insert(key.clone());
+}
+
+fn slice_changed(changes: &mut Changes, key: &ObjectKey, slice: &SliceInfo) {
+    changes.services.insert(ObjectKey::new(key.namespace.clone(), slice.service.clone()));
+}
+
+fn pod_changed(changes: &mut Changes, key: &ObjectKey, _: &PodInfo) {
+    changes.pods.insert(key.clone());
 }
 
 impl Snapshot {
+    /// What changed since the last call, which starts a new record.
+    pub fn take_changes(&mut self) -> Changes {
+        std::mem::take(&mut self.changes)
+    }
+
     /// The pod `name` of namespace `namespace`.
     pub fn pod(&self, namespace: &str, name: &str) -> Option<&PodInfo> {
         self.pods.get(&(namespace, name) as &dyn KeyRef)
@@ -334,13 +392,24 @@ pub trait SnapshotObject: Sized {
     fn key_of(&self) -> ObjectKey;
 }
 
+/// `$changed(changes, key, value)`, when given, records the old value and the new one of an
+/// object that changed (in [`Snapshot::changes`]).
 macro_rules! snapshot_object {
-    ($ty:ty, $field:ident, |$obj:ident| $convert:expr) => {
+    ($ty:ty, $field:ident, |$obj:ident| $convert:expr $(, changed = $changed:path)?) => {
         impl SnapshotObject for $ty {
             fn apply(self, snapshot: &mut Snapshot) {
                 let key = self.key_of();
                 let $obj = self;
-                match $convert {
+                let value = $convert;
+                $(
+                    let old = snapshot.$field.get(&key);
+                    if old != value.as_ref() {
+                        for v in old.into_iter().chain(value.as_ref()) {
+                            $changed(&mut snapshot.changes, &key, v);
+                        }
+                    }
+                )?
+                match value {
                     Some(value) => {
                         snapshot.$field.insert(key, value);
                     }
@@ -350,7 +419,12 @@ macro_rules! snapshot_object {
                 }
             }
             fn delete(key: &ObjectKey, snapshot: &mut Snapshot) {
-                snapshot.$field.remove(key);
+                let _old = snapshot.$field.remove(key);
+                $(
+                    if let Some(old) = &_old {
+                        $changed(&mut snapshot.changes, key, old);
+                    }
+                )?
             }
             fn keys(snapshot: &Snapshot) -> Vec<ObjectKey> {
                 snapshot.$field.keys().cloned().collect()
@@ -391,9 +465,9 @@ snapshot_object!(AccessPolicy, access_policies, |o| Some(o));
 snapshot_object!(ServiceAccount, service_accounts, |o| Some(
     o.annotations().get(DESTINATIONS_ANNOTATION).cloned()
 ));
-snapshot_object!(Service, services, |o| Some(ServiceInfo::from_service(&o)));
-snapshot_object!(EndpointSlice, slices, |o| SliceInfo::from_slice(&o));
-snapshot_object!(Pod, pods, |o| Some(PodInfo::from_pod(&o)));
+snapshot_object!(Service, services, |o| Some(ServiceInfo::from_service(&o)), changed = service_changed);
+snapshot_object!(EndpointSlice, slices, |o| SliceInfo::from_slice(&o), changed = slice_changed);
+snapshot_object!(Pod, pods, |o| Some(PodInfo::from_pod(&o)), changed = pod_changed);
 cluster_snapshot_object!(Namespace, namespaces, |o| NamespaceInfo {
     default_policy: o.annotations().get(DEFAULT_POLICY_ANNOTATION).cloned(),
     destinations: o.annotations().get(DESTINATIONS_ANNOTATION).cloned(),

@@ -19,8 +19,8 @@ use skein_api::{AccessPolicy, OutlierPolicy, RetryPolicy, TrafficRoute};
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
-use crate::compute::compute;
 use crate::compute::snapshot::{ObjectKey, Snapshot, SnapshotObject};
+use crate::compute::{compute, compute_incremental, MeshConfig};
 use crate::metrics::{ErrorLabels, Metrics};
 use crate::stream::hub::ConfigHub;
 use skein_api::constants::DEFAULT_POLICY_ANNOTATION;
@@ -137,6 +137,8 @@ pub async fn compute_loop(ctx: Arc<Context>, computed: Vec<Arc<Notify>>, shutdow
     // Warned of once per change, not at every computation.
     let mut bad_defaults = std::collections::BTreeMap::new();
     let mut bad_scopes = std::collections::BTreeMap::new();
+    // The last mesh computed: the next reuses what the snapshot's changes did not touch.
+    let mut previous: Option<Arc<MeshConfig>> = None;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -145,8 +147,14 @@ pub async fn compute_loop(ctx: Arc<Context>, computed: Vec<Arc<Notify>>, shutdow
         tokio::time::sleep(DEBOUNCE).await;
         let started = Instant::now();
         let mesh = {
-            let snapshot = ctx.snapshot.read().unwrap_or_else(|e| e.into_inner());
-            compute(&snapshot)
+            // Written to by no watcher while computing, so the changes taken are exactly those
+            // between `previous` and what is computed.
+            let mut snapshot = ctx.snapshot.write().unwrap_or_else(|e| e.into_inner());
+            let changes = snapshot.take_changes();
+            match &previous {
+                Some(previous) => compute_incremental(&snapshot, previous, &changes),
+                None => compute(&snapshot),
+            }
         };
         if mesh.bad_namespace_defaults != bad_defaults {
             for (ns, value) in &mesh.bad_namespace_defaults {
@@ -164,7 +172,9 @@ pub async fn compute_loop(ctx: Arc<Context>, computed: Vec<Arc<Notify>>, shutdow
             }
             bad_scopes = mesh.scope_problems().clone();
         }
-        ctx.hub.publish(Arc::new(mesh));
+        let mesh = Arc::new(mesh);
+        previous = Some(mesh.clone());
+        ctx.hub.publish(mesh);
         ctx.metrics.reconciles.inc();
         ctx.metrics.reconcile_seconds.observe(started.elapsed().as_secs_f64());
         for wake in &computed {

@@ -35,8 +35,8 @@ pub mod schema_check;
 /// computation.
 const POLL: Duration = Duration::from_millis(20);
 
-use crate::compute::compute;
 use crate::compute::snapshot::{ObjectKey, Snapshot, SnapshotObject};
+use crate::compute::{compute, compute_incremental};
 use crate::metrics::ErrorLabels;
 use crate::stream::hub::ConfigHub;
 
@@ -129,6 +129,8 @@ pub struct Loader {
     owners: BTreeMap<ObjectId, (String, String)>,
     /// The texts of a set that was refused, so it is not refused again at every look.
     refused: Option<BTreeMap<String, [u8; 32]>>,
+    /// The mesh last put in force: the next computation reuses what did not change.
+    last: Option<Arc<crate::compute::MeshConfig>>,
 }
 
 /// An object of the snapshot: (kind, namespace, name).
@@ -162,7 +164,10 @@ impl Loader {
     /// set is the one refused last time), else the mesh computed from the new snapshot, or every
     /// refusal (the last good snapshot then stays).
     #[allow(clippy::type_complexity)]
-    pub fn load(&mut self, dirs: &[PathBuf]) -> Option<Result<crate::compute::MeshConfig, Vec<Refusal>>> {
+    pub fn load(
+        &mut self,
+        dirs: &[PathBuf],
+    ) -> Option<Result<Arc<crate::compute::MeshConfig>, Vec<Refusal>>> {
         let mut paths = Vec::new();
         for dir in dirs {
             match manifest_files(dir) {
@@ -197,7 +202,7 @@ impl Loader {
         read: Vec<Read>,
         unchanged: Vec<String>,
         mut errors: Vec<Refusal>,
-    ) -> Option<Result<crate::compute::MeshConfig, Vec<Refusal>>> {
+    ) -> Option<Result<Arc<crate::compute::MeshConfig>, Vec<Refusal>>> {
         use sha2::{Digest, Sha256};
         let digests: BTreeMap<String, [u8; 32]> = unchanged
             .iter()
@@ -266,7 +271,11 @@ impl Loader {
         }
         let parsed = started.elapsed();
         // What the schema and the computation refuse in a cluster is refused here too.
-        let mesh = compute(&self.snapshot);
+        let changes = self.snapshot.take_changes();
+        let mesh = match &self.last {
+            Some(last) => compute_incremental(&self.snapshot, last, &changes),
+            None => compute(&self.snapshot),
+        };
         tracing::debug!(parse = ?parsed, compute = ?(started.elapsed() - parsed), "computed the mesh");
         for (resource, status) in &mesh.statuses {
             if !status.accepted.status && status.accepted.reason == "Invalid" {
@@ -285,10 +294,14 @@ impl Loader {
         }
         if !errors.is_empty() {
             self.undo(added, displaced, overwritten);
+            // Back as `last` was computed, but recorded as changed: the undone changes too.
+            self.snapshot.changes.merge(changes);
             self.refused = Some(digests);
             return Some(Err(errors));
         }
         self.refused = None;
+        let mesh = Arc::new(mesh);
+        self.last = Some(mesh.clone());
         Some(Ok(mesh))
     }
 
@@ -517,7 +530,7 @@ pub async fn run(
         if let Some(loaded) = loaded {
             match loaded {
                 Ok(mesh) => {
-                    hub.publish(Arc::new(mesh));
+                    hub.publish(mesh);
                     hub.metrics().reconciles.inc();
                     tracing::info!(dirs = ?dirs, "loaded the manifests");
                 }
@@ -687,17 +700,23 @@ mod tests {
         let dirs = [dir.clone()];
         let ports =
             |s: &Snapshot, name: &str| s.services.get(&ObjectKey::new("shop", name)).map(|s| s.ports[0].port);
+        // The snapshot without its record of changes.
+        let held = |s: &Snapshot| format!("{:?}", Snapshot { changes: Default::default(), ..s.clone() });
+        // A mesh put in force (computed from the last one and the changes) is the whole computation's.
+        let whole = |mesh: Arc<crate::compute::MeshConfig>, s: &Snapshot| {
+            assert_eq!(mesh.destinations, compute(s).destinations);
+        };
         write("a.yaml", &svc("reviews", 9080));
         write("b.yaml", &svc("ratings", 9090));
         let mut loader = Loader::default();
-        loader.load(&dirs).unwrap().unwrap();
+        whole(loader.load(&dirs).unwrap().unwrap(), &loader.snapshot);
         let first = loader.snapshot.clone();
         assert_eq!((ports(&first, "reviews"), ports(&first, "ratings")), (Some(9080), Some(9090)));
         assert!(loader.load(&dirs).is_none(), "nothing changed");
 
         // An edit replaces what that file defined; the other file's objects stay.
         write("a.yaml", &svc("details", 9070));
-        loader.load(&dirs).unwrap().unwrap();
+        whole(loader.load(&dirs).unwrap().unwrap(), &loader.snapshot);
         let edited = loader.snapshot.clone();
         assert_eq!(ports(&edited, "reviews"), None);
         assert_eq!((ports(&edited, "details"), ports(&edited, "ratings")), (Some(9070), Some(9090)));
@@ -714,18 +733,23 @@ mod tests {
             "c.yaml (document 1): Service shop/ratings is defined already, in b.yaml (document 1)"
         );
         assert!(loader.load(&dirs).is_none(), "the same refused set is not refused again");
-        assert_eq!(format!("{:?}", loader.snapshot), format!("{edited:?}"), "the refused set is undone");
+        assert_eq!(held(&loader.snapshot), held(&edited), "the refused set is undone");
         // Removing the duplicate (and a file going away) puts the set in force again.
         std::fs::remove_file(dir.join("c.yaml")).unwrap();
         std::fs::remove_file(dir.join("b.yaml")).unwrap();
-        loader.load(&dirs).unwrap().unwrap();
+        whole(loader.load(&dirs).unwrap().unwrap(), &loader.snapshot);
         let fixed = loader.snapshot.clone();
         assert_eq!((ports(&fixed, "details"), ports(&fixed, "ratings")), (Some(9070), None));
 
         // A refused edit of a file in force: what the file defined before comes back as it was.
         write("a.yaml", &format!("{}---\nkind: Deployment\nmetadata: {{name: x}}\n", svc("details", 9071)));
         loader.load(&dirs).unwrap().unwrap_err();
-        assert_eq!(format!("{:?}", loader.snapshot), format!("{fixed:?}"));
+        assert_eq!(held(&loader.snapshot), held(&fixed));
+        // Then a good edit: computed from the last mesh in force and every change since, the
+        // refused ones (undone) included.
+        write("a.yaml", &svc("details", 9072));
+        whole(loader.load(&dirs).unwrap().unwrap(), &loader.snapshot);
+        assert_eq!(ports(&loader.snapshot, "details"), Some(9072));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -26,7 +26,6 @@ pub struct Received {
     pub at: Instant,
     pub version: String,
     pub delta: bool,
-    pub bytes: usize,
 }
 
 /// What one simulated proxy has seen.
@@ -142,7 +141,7 @@ async fn session(
     while let Some(frame) = body.frame().await {
         let Ok(data) = frame?.into_data() else { continue };
         let mut failed = None;
-        line.feed(&data, |head, len| {
+        line.feed(&data, |head, _len| {
             let at = Instant::now();
             let Some(version) = version_of(head) else {
                 failed = Some(format!("a line without a version: {}", String::from_utf8_lossy(head)));
@@ -151,12 +150,7 @@ async fn session(
             let ack = format!("{{\"version\":\"{version}\"}}\n");
             let _ = acks.unbounded_send(Ok(Frame::data(Bytes::from(ack))));
             let delta = head.starts_with(DELTA_PREFIX);
-            record.lines.lock().unwrap_or_else(|e| e.into_inner()).push(Received {
-                at,
-                version,
-                delta,
-                bytes: len + 1,
-            });
+            record.lines.lock().unwrap_or_else(|e| e.into_inner()).push(Received { at, version, delta });
         });
         if let Some(f) = failed {
             anyhow::bail!(f);

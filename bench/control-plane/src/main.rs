@@ -446,15 +446,18 @@ async fn run_one(args: &Args, shape: Shape, n: usize) -> anyhow::Result<()> {
         configs.push(client::tls_config(&cert.chain_pem, &cert.key_pem, &cert.bundle_pem)?);
     }
     // Served means: holding the config of the whole cluster. Wait for the operator to have read
-    // it (one probe proxy), so the cold start measures serving, not reading files.
+    // it, so the cold start measures serving, not reading: it issues the workloads' certificates
+    // once it has (wait for the last, so the cold start does not share the core with that), and
+    // then one probe proxy's config stays as it is (no new line for a second).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    feed.wait_certificate(&shape, shape.services() - 1, deadline.saturating_duration_since(Instant::now()))
+        .await?;
     let probe = Arc::new(Record::default());
     tokio::spawn(client::run(operator.stream, "probe".into(), configs[0].clone(), probe.clone()));
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let full_size = loop {
-        if let Some(line) = probe.lines.lock().unwrap_or_else(|e| e.into_inner()).last() {
-            if line.bytes > shape.services() * 200 {
-                break line.bytes;
-            }
+    loop {
+        let last = probe.lines.lock().unwrap_or_else(|e| e.into_inner()).last().map(|l| l.at);
+        if last.is_some_and(|at| at.elapsed() > Duration::from_secs(1)) {
+            break;
         }
         if let Some(e) = probe.error.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
             bail!("probe proxy: {e}");
@@ -463,12 +466,8 @@ async fn run_one(args: &Args, shape: Shape, n: usize) -> anyhow::Result<()> {
             bail!("the operator did not serve the cluster within 120 s");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-
-    // The operator issues the workloads' certificates once it has read the cluster; wait for
-    // the last, so the cold start does not share the core with that.
-    feed.wait_certificate(&shape, shape.services() - 1, deadline.saturating_duration_since(Instant::now()))
-        .await?;
+    }
+    let (full_before, _) = operator.bytes_sent().await?;
 
     // Cold start: every proxy connects at once, with the 0–200 ms jitter skein-proxy
     // reconnects with.
@@ -483,14 +482,15 @@ async fn run_one(args: &Args, shape: Shape, n: usize) -> anyhow::Result<()> {
         });
     }
     let firsts = wait_all(&records, 0, started, Duration::from_secs(120)).await?;
+    let full_size = (operator.bytes_sent().await?.0 - full_before) / n as u64;
     let served = firsts.iter().copied().fold(0.0, f64::max);
     let (f50, f90, _) = percentiles(firsts);
     let (rss, peak, cpu) = operator.usage()?;
     println!(
         "| {n} | {:.2} s | {f50:.0} / {f90:.0} ms | cold start ({} per proxy) | | {} in all | {rss:.0} MiB ({peak:.0}) | {cpu:.1} s |",
         served / 1000.0,
-        mib(full_size as u64),
-        mib(full_size as u64 * n as u64),
+        mib(full_size),
+        mib(full_size * n as u64),
     );
 
     // Changes, each to one Service every proxy holds.

@@ -467,6 +467,8 @@ fn accept_one(
         audience: Some(audience),
         extra: vec![(ENFORCED, enforced)],
         explicit_pods: explicit,
+        // Carried by its audience's own parts, not by a destination.
+        carried_by: None,
     }
 }
 

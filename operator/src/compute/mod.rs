@@ -94,6 +94,9 @@ pub struct DesiredStatus {
     pub extra: Vec<(&'static str, Cond)>,
     /// Target pods running in explicit capture mode (AccessPolicy), each told by an event.
     pub explicit_pods: Vec<(ObjectKey, Option<String>)>,
+    /// The Service whose destination carries it (a route, a policy attached to one), for
+    /// `Programmed` across changes elsewhere.
+    pub carried_by: Option<ObjectKey>,
 }
 
 impl DesiredStatus {
@@ -105,7 +108,13 @@ impl DesiredStatus {
             audience: None,
             extra: Vec::new(),
             explicit_pods: Vec::new(),
+            carried_by: None,
         }
+    }
+
+    /// Carried by Service `service`'s destination.
+    pub(crate) fn carried_by(self, service: ObjectKey) -> Self {
+        Self { carried_by: Some(service), ..self }
     }
 
     /// A spec that cannot be used: not accepted, references not looked at.
@@ -129,6 +138,8 @@ pub struct MeshConfig {
     pub destinations: Vec<Arc<Destination>>,
     /// Each destination as JSON, and its hash.
     destination_json: Vec<(bytes::Bytes, [u8; 32])>,
+    /// The serial of the mesh since which each destination's bytes are as they are.
+    changed_at: Vec<u64>,
     /// (namespace, name) → index in `destinations`.
     index: std::collections::HashMap<(String, String), usize>,
     scopes: scope::Scopes,
@@ -179,6 +190,17 @@ impl Default for MeshConfig {
 }
 
 impl MeshConfig {
+    /// Tells meshes apart: a later computation has a greater serial.
+    pub fn serial(&self) -> u64 {
+        self.serial
+    }
+
+    /// The serial of the mesh since which Service `service`'s destination is as it is here.
+    pub fn changed_at(&self, service: &ObjectKey) -> Option<u64> {
+        let &i = self.index.get(&(service.namespace.clone(), service.name.clone()))?;
+        self.changed_at.get(i).copied()
+    }
+
     /// Problems with `skein.dev/destinations` annotations (object → why it counts as absent).
     pub fn scope_problems(&self) -> &BTreeMap<String, String> {
         &self.scopes.problems
@@ -493,6 +515,8 @@ pub fn compute_incremental(snapshot: &Snapshot, previous: &MeshConfig, changes: 
 }
 
 fn compute_from(snapshot: &Snapshot, reuse: Option<(&MeshConfig, &Changes)>) -> MeshConfig {
+    static SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let serial = SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut statuses = BTreeMap::new();
 
     let routes = accept_routes(snapshot, &mut statuses);
@@ -520,10 +544,16 @@ fn compute_from(snapshot: &Snapshot, reuse: Option<(&MeshConfig, &Changes)>) -> 
         routes_of.entry(&r.service).or_default().push(r);
     }
     // The previous mesh's destinations are sorted as the Services are: one walk finds each.
-    let mut earlier =
-        reuse.map(|(previous, _)| previous.destinations.iter().zip(&previous.destination_json).peekable());
+    let mut earlier = reuse.map(|(previous, _)| {
+        previous
+            .destinations
+            .iter()
+            .zip(previous.destination_json.iter().zip(&previous.changed_at))
+            .peekable()
+    });
     let mut destinations = Vec::with_capacity(snapshot.services.len());
     let mut destination_json = Vec::with_capacity(snapshot.services.len());
+    let mut changed_at = Vec::with_capacity(snapshot.services.len());
     for (key, svc) in &snapshot.services {
         let mut service_routes: Vec<Route> = routes_of
             .get(key)
@@ -548,13 +578,21 @@ fn compute_from(snapshot: &Snapshot, reuse: Option<(&MeshConfig, &Changes)>) -> 
             walk.next_if(|(d, _)| (d.namespace.as_str(), d.name.as_str()) == parts)
         });
         let unchanged = touched.as_ref().is_some_and(|t| !t.contains(&parts));
-        if let Some((d, json)) = before.filter(|_| unchanged) {
+        // Since when the bytes are as they are: the mesh before's serial if it had the same.
+        let since = |json: &(bytes::Bytes, [u8; 32])| match before {
+            Some((_, (old, &at))) if old.1 == json.1 => at,
+            _ => serial,
+        };
+        if let Some((d, (json, &at))) = before.filter(|_| unchanged) {
             if d.routes == service_routes && d.retry == retry && d.outlier == outlier {
                 destinations.push(d.clone());
                 destination_json.push(json.clone());
+                changed_at.push(at);
             } else {
                 let d = Destination { routes: service_routes, retry, outlier, ..Destination::clone(d) };
-                destination_json.push(serialized(&d));
+                let json = serialized(&d);
+                changed_at.push(since(&json));
+                destination_json.push(json);
                 destinations.push(Arc::new(d));
             }
             continue;
@@ -583,7 +621,9 @@ fn compute_from(snapshot: &Snapshot, reuse: Option<(&MeshConfig, &Changes)>) -> 
             retry,
             outlier,
         };
-        destination_json.push(serialized(&d));
+        let json = serialized(&d);
+        changed_at.push(since(&json));
+        destination_json.push(json);
         destinations.push(Arc::new(d));
     }
 
@@ -592,13 +632,11 @@ fn compute_from(snapshot: &Snapshot, reuse: Option<(&MeshConfig, &Changes)>) -> 
     MeshConfig {
         destinations,
         destination_json,
+        changed_at,
         index,
         scopes: snapshot.scopes(),
         groups: Default::default(),
-        serial: {
-            static SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-            SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        },
+        serial,
         group_changes: Default::default(),
         inbound: match reuse {
             Some((previous, changes)) => {
@@ -750,9 +788,9 @@ endpoints: [{{addresses: ["{ip}"], conditions: {{ready: true}}, targetRef: {{kin
         let mut previous = Arc::new(compute(&s));
         // Computes from `previous`; checks it against the whole computation; returns the names
         // of the destinations shared with `previous`.
-        let mut step = |s: &mut Snapshot, what: &str| -> Vec<String> {
+        let step = |s: &mut Snapshot, previous: &mut Arc<MeshConfig>, what: &str| -> Vec<String> {
             let changes = s.take_changes();
-            let mesh = compute_incremental(s, &previous, &changes);
+            let mesh = compute_incremental(s, previous, &changes);
             let whole = compute(s);
             assert_eq!(mesh.destinations, whole.destinations, "{what}");
             assert_eq!(mesh.destination_json, whole.destination_json, "{what}");
@@ -763,29 +801,42 @@ endpoints: [{{addresses: ["{ip}"], conditions: {{ready: true}}, targetRef: {{kin
                 .filter(|d| previous.destinations.iter().any(|p| Arc::ptr_eq(p, d)))
                 .map(|d| d.name.clone())
                 .collect();
-            previous = Arc::new(mesh);
+            *previous = Arc::new(mesh);
             shared
         };
 
+        let ratings = ObjectKey::new("shop", "ratings");
+        let ratings_since = previous.changed_at(&ratings);
         pod("reviews-v1-0", "v3").apply(&mut s);
-        assert_eq!(step(&mut s, "a pod's labels"), ["ratings"]);
+        assert_eq!(step(&mut s, &mut previous, "a pod's labels"), ["ratings"]);
+        assert_eq!(previous.changed_at(&ratings), ratings_since, "ratings is as it was");
+        assert_eq!(previous.changed_at(&ObjectKey::new("shop", "reviews")), Some(previous.serial()));
         pod("reviews-v1-0", "v3").apply(&mut s);
         assert_eq!(s.changes, Changes::default(), "a pod put in again as it was changes nothing");
-        assert_eq!(step(&mut s, "nothing"), ["ratings", "reviews"]);
+        assert_eq!(step(&mut s, &mut previous, "nothing"), ["ratings", "reviews"]);
         slice("ratings-1", "ratings", &[("10.0.1.1", None), ("10.0.1.2", None)]).apply(&mut s);
-        assert_eq!(step(&mut s, "an endpoint added"), ["reviews"]);
-        yaml::<TrafficRoute>(&CANARY.replace("weight: 90", "weight: 80").replace("weight: 10", "weight: 20"))
-            .apply(&mut s);
-        assert_eq!(step(&mut s, "a route's weights"), ["ratings"]);
+        assert_eq!(step(&mut s, &mut previous, "an endpoint added"), ["reviews"]);
+        let weights = || {
+            yaml::<TrafficRoute>(
+                &CANARY.replace("weight: 90", "weight: 80").replace("weight: 10", "weight: 20"),
+            )
+        };
+        assert!(weights().apply(&mut s), "a spec changed");
+        assert_eq!(step(&mut s, &mut previous, "a route's weights"), ["ratings"]);
+        // The operator's own status write comes back from the watch: nothing to compute.
+        let mut written = weights();
+        written.status = Some(Default::default());
+        written.metadata.resource_version = Some("2".into());
+        assert!(!written.apply(&mut s), "a status written changes nothing the computation reads");
         slice("reviews-v2", "ratings", &[("10.0.0.2", Some("reviews-v2-0"))]).apply(&mut s);
-        assert!(step(&mut s, "a slice moved to another Service").is_empty());
+        assert!(step(&mut s, &mut previous, "a slice moved to another Service").is_empty());
         Pod::delete(&ObjectKey::new("shop", "reviews-v2-0"), &mut s);
-        assert_eq!(step(&mut s, "a pod deleted"), ["reviews"]);
+        assert_eq!(step(&mut s, &mut previous, "a pod deleted"), ["reviews"]);
         Service::delete(&ObjectKey::new("shop", "ratings"), &mut s);
         service("details").apply(&mut s);
-        assert_eq!(step(&mut s, "a Service gone, another new"), ["reviews"]);
+        assert_eq!(step(&mut s, &mut previous, "a Service gone, another new"), ["reviews"]);
         EndpointSlice::delete(&ObjectKey::new("shop", "reviews-v1"), &mut s);
-        assert_eq!(step(&mut s, "a slice deleted"), ["details"]);
+        assert_eq!(step(&mut s, &mut previous, "a slice deleted"), ["details"]);
         assert_eq!(previous.inbound[&WorkloadIdentity::new("books", "catalog")][0].port, 7070);
     }
 

@@ -138,6 +138,10 @@ pub(super) fn accept_policies<C: Clone, P: Policy<C>>(
                 Cond::fail("RouteNotFound", format!("target TrafficRoute {r} not found or not accepted"))
             }
         };
+        let carrier = match &target {
+            Target::Service(svc) => Some(svc.clone()),
+            Target::Route(r) => routes.iter().find(|a| &a.key == r).map(|a| a.service.clone()),
+        };
         let accepted = match attached.get(&target) {
             Some((winner, _)) => Cond::fail(
                 "Conflicted",
@@ -151,7 +155,9 @@ pub(super) fn accept_policies<C: Clone, P: Policy<C>>(
                 Cond::ok("Accepted", "policy is valid and attached")
             }
         };
-        statuses.insert(ResourceRef { kind, key }, DesiredStatus::new(generation, accepted, resolved_refs));
+        let mut desired = DesiredStatus::new(generation, accepted, resolved_refs);
+        desired.carried_by = carrier;
+        statuses.insert(ResourceRef { kind, key }, desired);
     }
     attached.into_iter().map(|(t, (_, c))| (t, c)).collect()
 }

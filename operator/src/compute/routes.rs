@@ -86,7 +86,8 @@ pub(super) fn accept_routes(
                 generation,
                 Cond::ok("Accepted", format!("routes Service {service}")),
                 resolve_route_refs(snapshot, &key, &service, tr),
-            ),
+            )
+            .carried_by(service.clone()),
         );
         accepted.push(AcceptedRoute { key, service, route });
     }

@@ -384,26 +384,61 @@ impl Snapshot {
 
 /// An object kind the snapshot holds, with how to put it in and take it out.
 pub trait SnapshotObject: Sized {
-    fn apply(self, snapshot: &mut Snapshot);
-    fn delete(key: &ObjectKey, snapshot: &mut Snapshot);
+    /// Puts the object in; whether anything the computation reads changed (a custom resource
+    /// whose status alone changed, as when the operator writes it, changes nothing).
+    fn apply(self, snapshot: &mut Snapshot) -> bool;
+    /// Takes the object out; whether it was there.
+    fn delete(key: &ObjectKey, snapshot: &mut Snapshot) -> bool;
     /// Keys of this kind currently held (to prune after a re-list).
     fn keys(snapshot: &Snapshot) -> Vec<ObjectKey>;
     /// The key an object of this kind is held under.
     fn key_of(&self) -> ObjectKey;
 }
 
-/// `$changed(changes, key, value)`, when given, records the old value and the new one of an
+/// Whether two versions of a custom resource are the same to the computation: the spec (told
+/// by the caller) and the metadata it reads, not the status or the resourceVersion.
+fn same_resource<K: kube::Resource>(a: &K, b: &K, same_spec: bool) -> bool {
+    let (a, b) = (a.meta(), b.meta());
+    same_spec
+        && a.generation == b.generation
+        && a.uid == b.uid
+        && a.creation_timestamp == b.creation_timestamp
+        && a.deletion_timestamp == b.deletion_timestamp
+        && a.labels == b.labels
+        && a.annotations == b.annotations
+}
+
+/// `same(a, b)` when a comparison is given, else `a == b`.
+macro_rules! same_value {
+    (|$a:ident, $b:ident| $same:expr; $x:expr, $y:expr) => {{
+        let ($a, $b) = ($x, $y);
+        $same
+    }};
+    (; $x:expr, $y:expr) => {
+        $x == $y
+    };
+}
+
+/// Implements [`SnapshotObject`] for a kind held in `snapshot.$field`, converted by
+/// `$convert` (`None`: not held). `same = |a, b| …` tells two held values apart (`==` when not
+/// given); `$changed(changes, key, value)`, when given, records the old and the new value of an
 /// object that changed (in [`Snapshot::changes`]).
 macro_rules! snapshot_object {
-    ($ty:ty, $field:ident, |$obj:ident| $convert:expr $(, changed = $changed:path)?) => {
+    ($ty:ty, $field:ident, |$obj:ident| $convert:expr
+     $(, same = |$a:ident, $b:ident| $same:expr)? $(, changed = $changed:path)?) => {
         impl SnapshotObject for $ty {
-            fn apply(self, snapshot: &mut Snapshot) {
+            fn apply(self, snapshot: &mut Snapshot) -> bool {
                 let key = self.key_of();
                 let $obj = self;
                 let value = $convert;
+                let old = snapshot.$field.get(&key);
+                let same = match (old, value.as_ref()) {
+                    (None, None) => true,
+                    (Some(a), Some(b)) => same_value!($(|$a, $b| $same)?; a, b),
+                    _ => false,
+                };
                 $(
-                    let old = snapshot.$field.get(&key);
-                    if old != value.as_ref() {
+                    if !same {
                         for v in old.into_iter().chain(value.as_ref()) {
                             $changed(&mut snapshot.changes, &key, v);
                         }
@@ -417,14 +452,16 @@ macro_rules! snapshot_object {
                         snapshot.$field.remove(&key);
                     }
                 }
+                !same
             }
-            fn delete(key: &ObjectKey, snapshot: &mut Snapshot) {
-                let _old = snapshot.$field.remove(key);
+            fn delete(key: &ObjectKey, snapshot: &mut Snapshot) -> bool {
+                let old = snapshot.$field.remove(key);
                 $(
-                    if let Some(old) = &_old {
+                    if let Some(old) = &old {
                         $changed(&mut snapshot.changes, key, old);
                     }
                 )?
+                old.is_some()
             }
             fn keys(snapshot: &Snapshot) -> Vec<ObjectKey> {
                 snapshot.$field.keys().cloned().collect()
@@ -440,13 +477,14 @@ macro_rules! snapshot_object {
 macro_rules! cluster_snapshot_object {
     ($ty:ty, $field:ident, |$obj:ident| $convert:expr) => {
         impl SnapshotObject for $ty {
-            fn apply(self, snapshot: &mut Snapshot) {
+            fn apply(self, snapshot: &mut Snapshot) -> bool {
                 let key = self.key_of();
                 let $obj = self;
-                snapshot.$field.insert(key, $convert);
+                let value = $convert;
+                snapshot.$field.insert(key, value.clone()).as_ref() != Some(&value)
             }
-            fn delete(key: &ObjectKey, snapshot: &mut Snapshot) {
-                snapshot.$field.remove(key);
+            fn delete(key: &ObjectKey, snapshot: &mut Snapshot) -> bool {
+                snapshot.$field.remove(key).is_some()
             }
             fn keys(snapshot: &Snapshot) -> Vec<ObjectKey> {
                 snapshot.$field.keys().cloned().collect()
@@ -458,10 +496,25 @@ macro_rules! cluster_snapshot_object {
     };
 }
 
-snapshot_object!(TrafficRoute, routes, |o| Some(o));
-snapshot_object!(OutlierPolicy, outlier_policies, |o| Some(o));
-snapshot_object!(RetryPolicy, retry_policies, |o| Some(o));
-snapshot_object!(AccessPolicy, access_policies, |o| Some(o));
+snapshot_object!(TrafficRoute, routes, |o| Some(o), same = |a, b| same_resource(a, b, a.spec == b.spec));
+snapshot_object!(
+    OutlierPolicy,
+    outlier_policies,
+    |o| Some(o),
+    same = |a, b| same_resource(a, b, a.spec == b.spec)
+);
+snapshot_object!(
+    RetryPolicy,
+    retry_policies,
+    |o| Some(o),
+    same = |a, b| same_resource(a, b, a.spec == b.spec)
+);
+snapshot_object!(
+    AccessPolicy,
+    access_policies,
+    |o| Some(o),
+    same = |a, b| same_resource(a, b, a.spec == b.spec)
+);
 snapshot_object!(ServiceAccount, service_accounts, |o| Some(
     o.annotations().get(DESTINATIONS_ANNOTATION).cloned()
 ));

@@ -17,6 +17,11 @@ pub struct ProxyView {
     pub proxy_id: String,
     /// The last version it applied.
     pub acked: Option<String>,
+    /// The serial of the mesh that first gave that version, when this replica serves the proxy
+    /// and the version is the one in force (not reported to the other replicas: their
+    /// meshes have serials of their own).
+    #[serde(skip)]
+    pub acked_at: Option<u64>,
     /// The last version it refused, with its reason.
     pub rejected: Option<(String, String)>,
 }
@@ -36,45 +41,71 @@ pub fn all_proxies(own: Vec<ProxyView>, reported: impl IntoIterator<Item = Proxy
 }
 
 /// `Programmed`: has every connected proxy that needs this resource applied the config that
-/// carries its current generation? Every proxy receives every destination, so every connected
-/// proxy needs every accepted resource; `current` gives the version each identity should be at.
+/// carries its current generation? `current` gives the version each identity should be at; a
+/// proxy at another version is programmed all the same when the resource is carried by a
+/// destination that last changed at mesh serial `since` and the proxy's version is from that
+/// mesh or a later one: a change elsewhere in the mesh leaves this resource Programmed.
 pub fn programmed(
     accepted: &Cond,
     proxies: &[ProxyView],
     current: impl Fn(&WorkloadIdentity) -> String,
+    since: Option<u64>,
 ) -> Cond {
+    programmed_among(accepted, &Roster::new(proxies, current), since)
+}
+
+/// The proxies one pass of the status writer looks at, with what is the same for every resource
+/// they all need: the version each should be at, and the message's version list and names.
+pub struct Roster<'a> {
+    proxies: &'a [ProxyView],
+    wants: Vec<String>,
+    versions: String,
+    names: String,
+}
+
+impl<'a> Roster<'a> {
+    pub fn new(proxies: &'a [ProxyView], current: impl Fn(&WorkloadIdentity) -> String) -> Self {
+        let wants: Vec<String> = proxies.iter().map(|p| current(&p.identity)).collect();
+        // By identity, so the message reads the same whichever order the proxies come in.
+        let mut versions: std::collections::BTreeMap<&WorkloadIdentity, &str> = Default::default();
+        for (p, want) in proxies.iter().zip(&wants) {
+            versions.entry(&p.identity).or_insert(want);
+        }
+        let versions = version_list(&versions);
+        Self { proxies, wants, versions, names: named(proxies) }
+    }
+}
+
+/// [`programmed`] among the proxies of `roster`.
+pub fn programmed_among(accepted: &Cond, roster: &Roster<'_>, since: Option<u64>) -> Cond {
     if !accepted.status {
         return Cond::fail(
             "NotAccepted",
             format!("not programmed: the resource is not accepted ({})", accepted.reason),
         );
     }
-    let total = proxies.len();
+    let total = roster.proxies.len();
     if total == 0 {
         return Cond::ok("Programmed", "0/0 proxies: no connected proxy needs this yet");
     }
-    // The version each identity should be at, by identity (so the message reads the same
-    // whichever order the proxies come in).
-    let mut versions: std::collections::BTreeMap<&WorkloadIdentity, String> = Default::default();
     let mut acked = 0;
     let mut rejected = None;
     let mut waiting = None;
-    for p in proxies {
-        let want = current(&p.identity);
-        if p.acked.as_deref() == Some(want.as_str()) {
+    for (p, want) in roster.proxies.iter().zip(&roster.wants) {
+        let carried = since.is_some_and(|s| p.acked_at.is_some_and(|at| at >= s));
+        if p.acked.as_deref() == Some(want.as_str()) || carried {
             acked += 1;
         } else if let Some((v, err)) = &p.rejected {
-            if *v == want {
+            if v == want {
                 rejected.get_or_insert_with(|| format!("proxy {} refused it: {err}", p.proxy_id));
             }
         } else {
             waiting.get_or_insert_with(|| format!("waiting for proxy {}", p.proxy_id));
         }
-        versions.entry(&p.identity).or_insert(want);
     }
-    let summary = format!("{acked}/{total} proxies at config {}", version_list(&versions));
+    let summary = format!("{acked}/{total} proxies at config {}", roster.versions);
     if acked == total {
-        Cond::ok("Programmed", format!("{summary}: {}", named(proxies)))
+        Cond::ok("Programmed", format!("{summary}: {}", roster.names))
     } else if let Some(why) = rejected {
         Cond::fail("Rejected", format!("{summary}; {why}"))
     } else {
@@ -84,10 +115,10 @@ pub fn programmed(
 
 /// `abc` for one identity; `abc (shop/client), def (shop/reviews)` for several, the first
 /// three of a long list.
-fn version_list(versions: &std::collections::BTreeMap<&WorkloadIdentity, String>) -> String {
+fn version_list(versions: &std::collections::BTreeMap<&WorkloadIdentity, &str>) -> String {
     const SHOWN: usize = 3;
     if versions.len() == 1 {
-        return versions.values().next().cloned().unwrap_or_default();
+        return versions.values().next().map(|v| v.to_string()).unwrap_or_default();
     }
     let mut out: Vec<String> = versions.iter().take(SHOWN).map(|(id, v)| format!("{v} ({id})")).collect();
     if versions.len() > SHOWN {
@@ -164,6 +195,37 @@ pub fn progress_only(old: Option<&PolicyStatus>, new: &PolicyStatus) -> bool {
     old.is_some_and(|o| o.observed_generation == new.observed_generation) && transitions(old, new).is_empty()
 }
 
+/// Whether `new` differs from `old` only in the config versions a `Programmed=True` message
+/// names: such a status is not written again. The message then names the versions that first
+/// carried the resource's generation, and a change elsewhere in the mesh, which gives every proxy
+/// a new version, does not rewrite every resource's status.
+pub fn versions_only(old: Option<&PolicyStatus>, new: &PolicyStatus) -> bool {
+    fn without_versions(message: &str) -> std::borrow::Cow<'_, str> {
+        match message
+            .split_once(" at config ")
+            .and_then(|(count, rest)| Some((count, rest.split_once(": ")?.1)))
+        {
+            Some((count, names)) => format!("{count}: {names}").into(),
+            None => message.into(),
+        }
+    }
+    let Some(old) = old else { return false };
+    old.observed_generation == new.observed_generation
+        && old.conditions.len() == new.conditions.len()
+        && old.conditions.iter().zip(&new.conditions).all(|(x, y)| {
+            let versions_may_differ = x.type_ == "Programmed" && x.status == "True";
+            x.type_ == y.type_
+                && x.status == y.status
+                && x.reason == y.reason
+                && x.observed_generation == y.observed_generation
+                && if versions_may_differ {
+                    without_versions(&x.message) == without_versions(&y.message)
+                } else {
+                    x.message == y.message
+                }
+        })
+}
+
 /// Whether two statuses say the same thing (ignoring `lastTransitionTime` precision).
 pub fn same(a: Option<&PolicyStatus>, b: &PolicyStatus) -> bool {
     let Some(a) = a else { return false };
@@ -207,6 +269,7 @@ mod tests {
             identity: WorkloadIdentity::new("shop", sa),
             proxy_id: id.into(),
             acked: acked.map(str::to_string),
+            acked_at: None,
             rejected: None,
         }
     }
@@ -223,32 +286,68 @@ mod tests {
         assert_eq!(serde_json::from_str::<Vec<ProxyView>>(&text).unwrap(), all);
     }
 
+    /// A change elsewhere in the mesh gives every proxy a new version: a resource whose
+    /// destination it did not touch stays Programmed, and its status is not written again for
+    /// the new versions alone.
+    #[test]
+    fn a_change_elsewhere_leaves_a_resource_programmed() {
+        let accepted = Cond::ok("Accepted", "");
+        let now = |_: &WorkloadIdentity| "new".to_string();
+        let at = |id: &str, serial: u64| ProxyView { acked_at: Some(serial), ..proxy(id, "x", Some("old")) };
+        // The destination carrying it is as it was since serial 5; the proxies' configs are from 7.
+        let carried = programmed(&accepted, &[at("a", 7), at("b", 7)], now, Some(5));
+        assert_eq!(carried, Cond::ok("Programmed", "2/2 proxies at config new: a, b"));
+        // A proxy whose config is from before the destination changed is not.
+        let behind = programmed(&accepted, &[at("a", 7), at("b", 4)], now, Some(5));
+        assert_eq!((behind.status, behind.reason.as_str()), (false, "Pending"));
+        // Another replica's proxy (no serial) is at the version in force or not programmed.
+        let theirs = programmed(&accepted, &[at("a", 7), proxy("c", "x", Some("old"))], now, Some(5));
+        assert!(!theirs.status);
+
+        let status = |message: &str, generation: i64| PolicyStatus {
+            observed_generation: Some(generation),
+            ..merge(None, &desired(accepted.clone()), &Cond::ok("Programmed", message), &t(1))
+        };
+        let old = status("2/2 proxies at config abc: a, b", 3);
+        assert!(versions_only(Some(&old), &status("2/2 proxies at config def: a, b", 3)));
+        assert!(!versions_only(Some(&old), &status("3/3 proxies at config def: a, b, c", 3)));
+        assert!(!versions_only(Some(&old), &status("2/2 proxies at config def: a, b", 4)));
+    }
+
     #[test]
     fn programmed_counts_proxies_at_their_current_version() {
         let accepted = Cond::ok("Accepted", "");
         let current = |_: &WorkloadIdentity| "abc".to_string();
-        let all =
-            programmed(&accepted, &[proxy("a", "x", Some("abc")), proxy("b", "x", Some("abc"))], current);
+        let all = programmed(
+            &accepted,
+            &[proxy("a", "x", Some("abc")), proxy("b", "x", Some("abc"))],
+            current,
+            None,
+        );
         assert_eq!(all, Cond::ok("Programmed", "2/2 proxies at config abc: a, b"));
         let many: Vec<ProxyView> = (0..8).map(|i| proxy(&format!("p{i}"), "x", Some("abc"))).collect();
         assert_eq!(
-            programmed(&accepted, &many, current).message,
+            programmed(&accepted, &many, current, None).message,
             "8/8 proxies at config abc: p0, p1, p2, p3, p4 and 3 more"
         );
 
-        let some =
-            programmed(&accepted, &[proxy("a", "x", Some("abc")), proxy("b", "x", Some("old"))], current);
+        let some = programmed(
+            &accepted,
+            &[proxy("a", "x", Some("abc")), proxy("b", "x", Some("old"))],
+            current,
+            None,
+        );
         assert!(!some.status);
         assert_eq!(some.reason, "Pending");
         assert!(some.message.starts_with("1/2 proxies at config abc"), "{}", some.message);
 
         let mut refusing = proxy("b", "x", Some("old"));
         refusing.rejected = Some(("abc".into(), "bad regex".into()));
-        let rejected = programmed(&accepted, &[proxy("a", "x", Some("abc")), refusing], current);
+        let rejected = programmed(&accepted, &[proxy("a", "x", Some("abc")), refusing], current, None);
         assert_eq!(rejected.reason, "Rejected");
         assert!(rejected.message.contains("proxy b refused it: bad regex"));
 
-        let none = programmed(&accepted, &[], current);
+        let none = programmed(&accepted, &[], current, None);
         assert!(none.status);
         assert!(none.message.starts_with("0/0"));
 
@@ -260,12 +359,12 @@ mod tests {
             proxy("reviews-1", "reviews", Some("v-reviews")),
         ];
         assert_eq!(
-            programmed(&accepted, &mixed, per_identity).message,
+            programmed(&accepted, &mixed, per_identity, None).message,
             "3/3 proxies at config v-client (shop/client), v-reviews (shop/reviews): client-0, reviews-0, reviews-1"
         );
         let wide: Vec<ProxyView> =
             (0..5).map(|i| proxy(&format!("p{i}"), &format!("sa{i}"), Some("x"))).collect();
-        let message = programmed(&accepted, &wide, per_identity).message;
+        let message = programmed(&accepted, &wide, per_identity, None).message;
         assert!(
             message.starts_with(
                 "0/5 proxies at config v-sa0 (shop/sa0), v-sa1 (shop/sa1), v-sa2 (shop/sa2), and 2 more;"
@@ -276,7 +375,7 @@ mod tests {
 
     #[test]
     fn programmed_is_false_when_not_accepted() {
-        let c = programmed(&Cond::fail("Conflicted", "x"), &[], |_| "v".into());
+        let c = programmed(&Cond::fail("Conflicted", "x"), &[], |_| "v".into(), None);
         assert_eq!((c.status, c.reason.as_str()), (false, "NotAccepted"));
     }
 

@@ -99,15 +99,20 @@ where
                     continue;
                 }
             };
-            {
+            // Whether the computation's input changed: the operator's own status writes come back
+            // as events that change nothing it reads, and start no computation.
+            let changed = {
                 let mut snapshot = ctx.snapshot.write().unwrap_or_else(|e| e.into_inner());
                 match event {
-                    watcher::Event::Init => relisted = Some(Vec::new()),
+                    watcher::Event::Init => {
+                        relisted = Some(Vec::new());
+                        false
+                    }
                     watcher::Event::InitApply(obj) => {
                         if let Some(seen) = relisted.as_mut() {
                             seen.push(obj.key_of());
                         }
-                        obj.apply(&mut snapshot);
+                        obj.apply(&mut snapshot)
                     }
                     watcher::Event::InitDone => {
                         if let Some(seen) = relisted.take() {
@@ -121,12 +126,15 @@ where
                             ctx.synced.send_modify(|n| *n += 1);
                             tracing::info!(%kind, "initial list done");
                         }
+                        true
                     }
                     watcher::Event::Apply(obj) => obj.apply(&mut snapshot),
                     watcher::Event::Delete(obj) => K::delete(&obj.key_of(), &mut snapshot),
                 }
+            };
+            if changed {
+                ctx.snapshot_changed.notify_one();
             }
-            ctx.snapshot_changed.notify_one();
         }
     });
 }

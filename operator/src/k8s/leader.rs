@@ -84,7 +84,7 @@ pub async fn run(
                 false
             }
         };
-        if leader.send_replace(leading) != leading {
+        if set_leading(&leader, leading) {
             tracing::info!(leading, lease = %name, identity = %me, "leadership changed");
         }
         tokio::select! {
@@ -93,7 +93,7 @@ pub async fn run(
         }
     }
     if *leader.borrow() {
-        leader.send_replace(false);
+        set_leading(&leader, false);
         if let Ok(mut lease) = api.get(&name).await {
             if let Some(spec) =
                 lease.spec.as_mut().filter(|s| s.holder_identity.as_deref() == Some(me.as_str()))
@@ -135,9 +135,29 @@ async fn try_once(api: &Api<Lease>, name: &str, me: &str) -> Result<bool, kube::
     }
 }
 
+/// Tells the loops that follow leadership whether this replica leads; whether that changed. A
+/// renewal that keeps it leading wakes none of them (each starts afresh on a change: the
+/// identity loop reads every workload's certificate again, the status writer forgets what it
+/// wrote).
+fn set_leading(leader: &watch::Sender<bool>, leading: bool) -> bool {
+    leader.send_if_modified(|current| std::mem::replace(current, leading) != leading)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_renewal_that_keeps_leadership_wakes_nobody() {
+        let (leader, mut follower) = watch::channel(false);
+        assert!(set_leading(&leader, true));
+        assert!(follower.has_changed().unwrap());
+        follower.mark_unchanged();
+        assert!(!set_leading(&leader, true), "still leading");
+        assert!(!follower.has_changed().unwrap(), "the loops that follow leadership are not woken");
+        assert!(set_leading(&leader, false));
+        assert!(follower.has_changed().unwrap());
+    }
 
     fn lease(holder: Option<&str>, renewed: i64) -> LeaseSpec {
         LeaseSpec {

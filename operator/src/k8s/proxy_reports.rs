@@ -209,6 +209,7 @@ mod tests {
             identity: WorkloadIdentity::new("shop", "web"),
             proxy_id: name.into(),
             acked: Some("v1".into()),
+            acked_at: None,
             rejected: None,
         }
     }

@@ -104,6 +104,8 @@ async fn write_statuses(
         status::all_proxies(own, ctx.peers.fresh_proxies(&ctx.instance, time::OffsetDateTime::now_utc()));
     let version_of =
         |id: &skein_api::WorkloadIdentity| current.get(id).cloned().unwrap_or_else(|| mesh.version_of(id));
+    // What is the same for every resource all proxies need, found once per pass.
+    let everyone = status::Roster::new(&proxies, version_of);
     let now = Time(Timestamp::now());
     let mut pass = Pass::default();
     written.retain(|r, _| mesh.statuses.contains_key(r));
@@ -113,15 +115,18 @@ async fn write_statuses(
             Some(audience) => {
                 let theirs: Vec<status::ProxyView> =
                     proxies.iter().filter(|p| audience.contains(&p.identity)).cloned().collect();
-                status::programmed(&desired.accepted, &theirs, version_of)
+                status::programmed(&desired.accepted, &theirs, version_of, None)
             }
-            None => status::programmed(&desired.accepted, &proxies, version_of),
+            None => {
+                let since = desired.carried_by.as_ref().and_then(|s| mesh.changed_at(s));
+                status::programmed_among(&desired.accepted, &everyone, since)
+            }
         };
         tell_explicit_pods(ctx, resource, desired, &mut *told).await;
         let ours = written.get(resource).filter(|w| w.uid == reference.uid).map(|w| &w.status);
         let base = ours.or(existing.as_ref());
         let new = status::merge(base, desired, &programmed, &now);
-        if status::same(base, &new) {
+        if status::same(base, &new) || status::versions_only(base, &new) {
             continue;
         }
         let recent = written

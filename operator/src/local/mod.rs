@@ -351,7 +351,7 @@ impl Loader {
 
 /// Removes the object of `kind` held under `key`.
 fn delete(kind: &str, key: &ObjectKey, snapshot: &mut Snapshot) {
-    match kind {
+    let _held = match kind {
         "TrafficRoute" => TrafficRoute::delete(key, snapshot),
         "OutlierPolicy" => OutlierPolicy::delete(key, snapshot),
         "RetryPolicy" => RetryPolicy::delete(key, snapshot),
@@ -361,8 +361,8 @@ fn delete(kind: &str, key: &ObjectKey, snapshot: &mut Snapshot) {
         "AccessPolicy" => AccessPolicy::delete(key, snapshot),
         "Namespace" => Namespace::delete(key, snapshot),
         "ServiceAccount" => ServiceAccount::delete(key, snapshot),
-        _ => {}
-    }
+        _ => false,
+    };
 }
 
 /// Parses one file's documents into `snapshot`, validated as the API server would (the

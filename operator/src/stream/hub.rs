@@ -25,6 +25,9 @@ struct Connected {
     identity: WorkloadIdentity,
     proxy_id: String,
     acked: Option<String>,
+    /// The serial of the mesh that first gave the acknowledged version (when it is the version
+    /// in force), for `Programmed` across changes that do not touch a resource.
+    acked_at: Option<u64>,
     rejected: Option<(String, String)>,
     traffic: crate::stream::topology::TrafficSamples,
 }
@@ -241,7 +244,14 @@ impl ConfigHub {
                 .subscribe();
             state.connections.insert(
                 id,
-                Connected { identity, proxy_id, acked: None, rejected: None, traffic: Default::default() },
+                Connected {
+                    identity,
+                    proxy_id,
+                    acked: None,
+                    acked_at: None,
+                    rejected: None,
+                    traffic: Default::default(),
+                },
             );
             self.metrics.connected_proxies.set(state.connections.len() as i64);
             (id, receiver)
@@ -256,14 +266,18 @@ impl ConfigHub {
             let mut state = self.lock();
             let Some(conn) = state.connections.get(&id) else { return };
             let identity = conn.identity.clone();
-            let published =
-                state.channels.get(&identity).map(|c| (c.sender.borrow().version.clone(), c.published_at));
+            let published = state.channels.get(&identity).map(|c| {
+                let pushed = c.sender.borrow();
+                (pushed.version.clone(), pushed.mesh.serial(), c.published_at)
+            });
             let conn = state.connections.get_mut(&id).expect("looked up above");
             match ack.error {
                 None => {
-                    if let Some((version, at)) = published {
+                    conn.acked_at = None;
+                    if let Some((version, serial, at)) = published {
                         if version == ack.version {
                             self.metrics.push_seconds.observe(at.elapsed().as_secs_f64());
+                            conn.acked_at = Some(serial);
                         }
                     }
                     conn.acked = Some(ack.version);
@@ -324,6 +338,7 @@ impl ConfigHub {
                 identity: c.identity.clone(),
                 proxy_id: c.proxy_id.clone(),
                 acked: c.acked.clone(),
+                acked_at: c.acked_at,
                 rejected: c.rejected.clone(),
             })
             .collect();

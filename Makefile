@@ -95,5 +95,10 @@ bench-control-plane:
 	taskset -c 1 $${CARGO_TARGET_DIR:-target}/release/control-plane-bench \
 	  --operator $${CARGO_TARGET_DIR:-target}/release/skein-operator --operator-cpu 0 \
 	  --proxies $(PROXIES) --changes $(CHANGES)
+	@if [ -n "$$KUBECONFIG" ]; then \
+	  taskset -c 1 $${CARGO_TARGET_DIR:-target}/release/control-plane-bench --cluster \
+	    --operator $${CARGO_TARGET_DIR:-target}/release/skein-operator --operator-cpu 0 \
+	    --proxies $(PROXIES) --changes $(CHANGES); \
+	 else echo "note: KUBECONFIG is not set, so the watch path (--cluster) is not measured"; fi
 	$${CARGO_TARGET_DIR:-target}/release/control-plane-bench \
 	  --proxy-rss $${CARGO_TARGET_DIR:-target}/release/skein-proxy

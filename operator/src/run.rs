@@ -127,11 +127,15 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<()> {
     .await
     .map_err(Error::Identity)?;
     let ca: SharedCa = Arc::new(arc_swap::ArcSwap::from_pointee(ca));
+    // Wakes the identity loop: after each computation, and when the CA changes (a rotation
+    // publishes the new trust bundle and re-issues certificates at once).
+    let identity_wake = Arc::new(Notify::new());
     tokio::spawn(secrets::watch_ca(
         client.clone(),
         args.cluster.namespace.clone(),
         ca_name.clone(),
         ca.clone(),
+        identity_wake.clone(),
         metrics.clone(),
         shutdown.clone(),
     ));
@@ -157,7 +161,6 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<()> {
     let webhook_listener = bind(args.webhook.webhook_addr).await?;
     controller::spawn_watchers(&ctx, args.cluster.watch_namespace.as_deref(), &shutdown);
     let computed = Arc::new(Notify::new());
-    let identity_wake = Arc::new(Notify::new());
     tokio::spawn(controller::compute_loop(
         ctx.clone(),
         vec![computed.clone(), identity_wake.clone()],

@@ -11,7 +11,7 @@
 //! touch one that exists without it, and it deletes what it made when it ends.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use futures::{StreamExt as _, TryStreamExt as _};
@@ -22,6 +22,7 @@ use kube::api::{
 use serde_json::Value;
 
 use crate::cluster::{self, Edits, Shape, BENCH_LABEL};
+use crate::until;
 
 /// The operator's own namespace (its Lease, its CA Secret).
 pub const OPERATOR_NAMESPACE: &str = "skein-cpb-system";
@@ -118,21 +119,20 @@ impl ApiFeed {
                 .with_context(|| format!("applying CRD {name}"))?;
         }
         // Served once Established.
-        let deadline = Instant::now() + Duration::from_secs(30);
         for (_, crd) in skein_operator::crdgen::crds() {
-            let name = crd.metadata.name.clone().unwrap_or_default();
-            loop {
-                let established = api.get_opt(&name).await?.and_then(|c| c.status).is_some_and(|s| {
-                    s.conditions.iter().flatten().any(|c| c.type_ == "Established" && c.status == "True")
-                });
-                if established {
-                    break;
-                }
-                if Instant::now() > deadline {
-                    bail!("CRD {name} was not Established within 30 s");
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            let (api, name) = (&api, &crd.metadata.name.clone().unwrap_or_default());
+            until(
+                &format!("CRD {name} to be Established"),
+                Duration::from_secs(30),
+                Duration::from_millis(100),
+                move || async move {
+                    let established = api.get_opt(name).await?.and_then(|c| c.status).is_some_and(|s| {
+                        s.conditions.iter().flatten().any(|c| c.type_ == "Established" && c.status == "True")
+                    });
+                    Ok(established.then_some(()))
+                },
+            )
+            .await?;
         }
         Ok(())
     }
@@ -173,14 +173,15 @@ impl ApiFeed {
             }
         }
         // A real cluster finalizes a deleted namespace before its name can be used again.
-        let deadline = Instant::now() + Duration::from_secs(120);
-        for name in self.namespaces() {
-            while namespaces.get_opt(&name).await?.is_some() {
-                if Instant::now() > deadline {
-                    bail!("namespace {name} was not gone within 120 s of its deletion");
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
+        for name in &self.namespaces() {
+            let namespaces = &namespaces;
+            until(
+                &format!("namespace {name} to be gone"),
+                Duration::from_secs(120),
+                Duration::from_millis(200),
+                move || async move { Ok(namespaces.get_opt(name).await?.is_none().then_some(())) },
+            )
+            .await?;
         }
         Ok(())
     }
@@ -258,42 +259,34 @@ impl ApiFeed {
 
     /// The mesh CA the operator keeps in its namespace, once it has written it.
     pub async fn ca(&self, limit: Duration) -> anyhow::Result<skein_operator::CaFiles> {
-        let api: Api<Secret> = Api::namespaced(self.client.clone(), OPERATOR_NAMESPACE);
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(secret) = api.get_opt(skein_api::constants::CA_SECRET).await? {
-                let data = secret.data.unwrap_or_default();
-                let text = |k: &str| data.get(k).map(|b| String::from_utf8_lossy(&b.0).into_owned());
-                if let (Some(tls_crt), Some(tls_key)) = (text("tls.crt"), text("tls.key")) {
-                    return Ok(skein_operator::CaFiles {
-                        tls_crt,
-                        tls_key,
-                        ca_crt: text("ca.crt").unwrap_or_default(),
-                    });
-                }
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "the operator wrote no Secret {OPERATOR_NAMESPACE}/{}",
-                    skein_api::constants::CA_SECRET
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        let api = &Api::<Secret>::namespaced(self.client.clone(), OPERATOR_NAMESPACE);
+        let what =
+            format!("the operator to write Secret {OPERATOR_NAMESPACE}/{}", skein_api::constants::CA_SECRET);
+        until(&what, limit, Duration::from_millis(200), move || async move {
+            let data =
+                api.get_opt(skein_api::constants::CA_SECRET).await?.and_then(|s| s.data).unwrap_or_default();
+            let text = |k: &str| data.get(k).map(|b| String::from_utf8_lossy(&b.0).into_owned());
+            Ok(match (text("tls.crt"), text("tls.key")) {
+                (Some(tls_crt), Some(tls_key)) => Some(skein_operator::CaFiles {
+                    tls_crt,
+                    tls_key,
+                    ca_crt: text("ca.crt").unwrap_or_default(),
+                }),
+                _ => None,
+            })
+        })
+        .await
     }
 
     /// Waits until the operator has issued the certificate of Service `i`'s workload.
     pub async fn wait_certificate(&self, i: usize, limit: Duration) -> anyhow::Result<()> {
         let (ns, sa) = self.shape.service(i);
-        let api: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
-        let name = format!("skein-identity-{sa}");
-        let deadline = Instant::now() + limit;
-        while api.get_opt(&name).await?.is_none() {
-            if Instant::now() > deadline {
-                bail!("the operator issued no Secret {ns}/{name} in time");
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        Ok(())
+        let api = &Api::<Secret>::namespaced(self.client.clone(), &ns);
+        let name = &format!("skein-identity-{sa}");
+        let what = format!("the operator to issue Secret {ns}/{name}");
+        until(&what, limit, Duration::from_millis(200), move || async move {
+            Ok(api.get_opt(name).await?.map(|_| ()))
+        })
+        .await
     }
 }

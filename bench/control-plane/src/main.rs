@@ -222,6 +222,24 @@ async fn proxy_rss(args: &Args, shape: Shape, proxy: &Path) -> anyhow::Result<()
     Ok(())
 }
 
+/// Looks every `every` until `look` gives a value; fails after `limit`, saying it waited for `what`.
+pub async fn until<T, F, Fut>(what: &str, limit: Duration, every: Duration, mut look: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = look().await? {
+            return Ok(value);
+        }
+        if Instant::now() > deadline {
+            bail!("waited {} s for {what}", limit.as_secs());
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
 fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -255,21 +273,20 @@ impl Feed {
             Feed::Api(api) => return api.ca(Duration::from_secs(60)).await,
             Feed::Files { state, .. } => state.join("ca"),
         };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let read = |name: &str| std::fs::read_to_string(ca_dir.join(name));
-            if let (Ok(tls_crt), Ok(tls_key)) = (read("tls.crt"), read("tls.key")) {
-                return Ok(skein_operator::CaFiles {
+        let dir = &ca_dir;
+        let what = format!("the operator to write its CA in {}", dir.display());
+        until(&what, Duration::from_secs(60), Duration::from_millis(50), move || async move {
+            let read = |name: &str| std::fs::read_to_string(dir.join(name));
+            Ok(match (read("tls.crt"), read("tls.key")) {
+                (Ok(tls_crt), Ok(tls_key)) => Some(skein_operator::CaFiles {
                     tls_crt,
                     tls_key,
                     ca_crt: read("ca.crt").unwrap_or_default(),
-                });
-            }
-            if Instant::now() > deadline {
-                bail!("the operator wrote no CA in {}", ca_dir.display());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+                }),
+                _ => None,
+            })
+        })
+        .await
     }
 
     /// Waits until the operator has issued the workload certificate of Service `i`.
@@ -279,15 +296,10 @@ impl Feed {
             Feed::Files { state, .. } => state,
         };
         let (ns, sa) = shape.service(i);
-        let file = state.join("identities").join(ns).join(sa).join("tls.crt");
-        let deadline = Instant::now() + limit;
-        while !file.exists() {
-            if Instant::now() > deadline {
-                bail!("the operator issued no certificate for {} in time", file.display());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Ok(())
+        let file = &state.join("identities").join(ns).join(sa).join("tls.crt");
+        let what = format!("the operator to issue {}", file.display());
+        until(&what, limit, Duration::from_millis(50), move || async move { Ok(file.exists().then_some(())) })
+            .await
     }
 
     /// Makes the change `edits` holds to the namespace of Service `i`.

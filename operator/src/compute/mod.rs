@@ -4,6 +4,9 @@
 //! Decisions worth knowing:
 //! - Every meshed workload may call every Service, so destinations are computed once and shared
 //!   (`Arc`); only identity and inbound ports differ per workload.
+//! - A change is computed from the mesh before it ([`compute_incremental`]): only the
+//!   destinations of the Services it touched are built again; the others are shared with the
+//!   mesh before, bytes and hash included.
 //! - Two TrafficRoutes for the same Service host and port conflict: the older one (creation
 //!   time, then namespace/name) wins and the newer one is `Accepted=False/Conflicted`, naming
 //!   the winner. A route for one port and an all-ports route for the same host do not conflict:

@@ -195,37 +195,6 @@ pub fn progress_only(old: Option<&PolicyStatus>, new: &PolicyStatus) -> bool {
     old.is_some_and(|o| o.observed_generation == new.observed_generation) && transitions(old, new).is_empty()
 }
 
-/// Whether `new` differs from `old` only in the config versions a `Programmed=True` message
-/// names: such a status is not written again. The message then names the versions that first
-/// carried the resource's generation, and a change elsewhere in the mesh, which gives every proxy
-/// a new version, does not rewrite every resource's status.
-pub fn versions_only(old: Option<&PolicyStatus>, new: &PolicyStatus) -> bool {
-    fn without_versions(message: &str) -> std::borrow::Cow<'_, str> {
-        match message
-            .split_once(" at config ")
-            .and_then(|(count, rest)| Some((count, rest.split_once(": ")?.1)))
-        {
-            Some((count, names)) => format!("{count}: {names}").into(),
-            None => message.into(),
-        }
-    }
-    let Some(old) = old else { return false };
-    old.observed_generation == new.observed_generation
-        && old.conditions.len() == new.conditions.len()
-        && old.conditions.iter().zip(&new.conditions).all(|(x, y)| {
-            let versions_may_differ = x.type_ == "Programmed" && x.status == "True";
-            x.type_ == y.type_
-                && x.status == y.status
-                && x.reason == y.reason
-                && x.observed_generation == y.observed_generation
-                && if versions_may_differ {
-                    without_versions(&x.message) == without_versions(&y.message)
-                } else {
-                    x.message == y.message
-                }
-        })
-}
-
 /// Whether two statuses say the same thing (ignoring `lastTransitionTime` precision).
 pub fn same(a: Option<&PolicyStatus>, b: &PolicyStatus) -> bool {
     let Some(a) = a else { return false };
@@ -287,8 +256,7 @@ mod tests {
     }
 
     /// A change elsewhere in the mesh gives every proxy a new version: a resource whose
-    /// destination it did not touch stays Programmed, and its status is not written again for
-    /// the new versions alone.
+    /// destination it did not touch stays Programmed.
     #[test]
     fn a_change_elsewhere_leaves_a_resource_programmed() {
         let accepted = Cond::ok("Accepted", "");
@@ -303,15 +271,6 @@ mod tests {
         // Another replica's proxy (no serial) is at the version in force or not programmed.
         let theirs = programmed(&accepted, &[at("a", 7), proxy("c", "x", Some("old"))], now, Some(5));
         assert!(!theirs.status);
-
-        let status = |message: &str, generation: i64| PolicyStatus {
-            observed_generation: Some(generation),
-            ..merge(None, &desired(accepted.clone()), &Cond::ok("Programmed", message), &t(1))
-        };
-        let old = status("2/2 proxies at config abc: a, b", 3);
-        assert!(versions_only(Some(&old), &status("2/2 proxies at config def: a, b", 3)));
-        assert!(!versions_only(Some(&old), &status("3/3 proxies at config def: a, b, c", 3)));
-        assert!(!versions_only(Some(&old), &status("2/2 proxies at config def: a, b", 4)));
     }
 
     #[test]

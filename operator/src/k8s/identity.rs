@@ -109,12 +109,14 @@ pub async fn load_or_create_ca(
 
 /// Re-reads the CA Secret every few seconds and swaps in a changed CA (a root rotation: add
 /// the new root to `ca.crt`, then switch `tls.crt`/`tls.key` to the new signer, then drop the
-/// old root). A Secret that does not load is refused and the CA in force stays.
+/// old root). A Secret that does not load is refused and the CA in force stays. `changed` is
+/// woken after each swap.
 pub async fn watch_ca(
     client: Client,
     namespace: String,
     name: String,
     ca: ca::SharedCa,
+    changed: Arc<Notify>,
     metrics: crate::metrics::Metrics,
     shutdown: CancellationToken,
 ) {
@@ -147,6 +149,7 @@ pub async fn watch_ca(
                         "the mesh CA changed; swapping it in"
                     );
                     ca.store(Arc::new(new));
+                    changed.notify_one();
                 }
             }
             Err(e) => {
@@ -166,7 +169,10 @@ pub struct IdentitySettings {
     pub lifetime: Duration,
 }
 
-/// Keeps bundles and workload certificates current while this replica leads.
+/// Keeps bundles and workload certificates current while this replica leads. Woken by
+/// `computed` (after a computation, or a CA swap), it issues what new identities need; on its
+/// timer (at most a minute), on a CA swap and on taking leadership it also reads every workload
+/// Secret again, so one deleted or changed by hand, or issued by an older CA, is replaced.
 pub async fn run(
     ctx: Arc<Context>,
     ca: ca::SharedCa,
@@ -177,11 +183,13 @@ pub async fn run(
 ) {
     let mut state = Published::default();
     let mut wait = Duration::from_secs(60);
+    // The CA (signer, trust bundle) the certificates in `state` were checked against.
+    let mut checked_with: Option<(String, String)> = None;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = computed.notified() => {}
-            _ = tokio::time::sleep(wait) => {}
+            _ = tokio::time::sleep(wait) => state.certificates.clear(),
             changed = leader.changed() => {
                 if changed.is_err() { return; }
                 state = Published::default();
@@ -192,6 +200,11 @@ pub async fn run(
             continue;
         }
         let current = ca.load_full();
+        let ca_now = (current.signer().to_string(), current.trust_bundle().to_string());
+        if checked_with.as_ref() != Some(&ca_now) {
+            state.certificates.clear();
+            checked_with = Some(ca_now);
+        }
         let failures = reconcile(&ctx, &current, &settings, &mut state).await;
         wait = next_wake(&state, settings.lifetime, OffsetDateTime::now_utc(), failures > 0);
     }

@@ -126,7 +126,7 @@ async fn write_statuses(
         let ours = written.get(resource).filter(|w| w.uid == reference.uid).map(|w| &w.status);
         let base = ours.or(existing.as_ref());
         let new = status::merge(base, desired, &programmed, &now);
-        if status::same(base, &new) || status::versions_only(base, &new) {
+        if status::same(base, &new) {
             continue;
         }
         let recent = written

@@ -100,7 +100,17 @@ async fn handle(stream: TcpStream, ctx: Arc<ProxyContext>, conn: ConnMeta) {
                             .and_then(|leaf| crate::tls::spiffe_ids(leaf).into_iter().next())
                             .and_then(|id| Caller::from_spiffe_id(&id))
                             .map(Arc::new);
-                        serve_hyper(tls, ctx, conn, caller).await;
+                        // A peer that asked for HTTP/1.1 is served on the fast path first.
+                        let http1 = tls.get_ref().1.alpn_protocol() == Some(b"http/1.1");
+                        if ctx.fast_path && http1 {
+                            if let Some(handoff) =
+                                crate::http1::serve(tls, &ctx, conn, caller.as_deref()).await
+                            {
+                                serve_hyper(handoff, ctx, conn, caller).await;
+                            }
+                        } else {
+                            serve_hyper(tls, ctx, conn, caller).await;
+                        }
                     }
                     Ok(Err(e)) => {
                         ctx.tls.handshake_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -128,7 +138,7 @@ async fn handle(stream: TcpStream, ctx: Arc<ProxyContext>, conn: ConnMeta) {
         }
     }
     if ctx.fast_path {
-        if let Some(handoff) = crate::http1::serve(stream, &ctx, conn).await {
+        if let Some(handoff) = crate::http1::serve(stream, &ctx, conn, None).await {
             serve_hyper(handoff, ctx, conn, None).await;
         }
     } else {

@@ -194,7 +194,8 @@ pub struct TlsMaterial {
     pub server: Arc<ServerConfig>,
     roots: Arc<RootCertStore>,
     certified: Arc<CertifiedKey>,
-    clients: Mutex<HashMap<String, Arc<ClientConfig>>>,
+    /// Client configurations by expected SPIFFE ID and whether they offer HTTP/1.1 only.
+    clients: Mutex<HashMap<(String, bool), Arc<ClientConfig>>>,
 }
 
 impl TlsMaterial {
@@ -259,11 +260,22 @@ impl TlsMaterial {
         Self::from_pem(&chain, &key, &roots)
     }
 
-    /// The client configuration for calling a peer that must present `expected` (a SPIFFE ID).
+    /// The client configuration for calling a peer that must present `expected` (a SPIFFE ID),
+    /// offering h2 and http/1.1.
     pub fn client_for(&self, expected: &str) -> Arc<ClientConfig> {
+        self.client(expected, false)
+    }
+
+    /// As [`Self::client_for`], offering http/1.1 only: the HTTP/1 fast path's connections and
+    /// upgrades, which the peer then serves as HTTP/1.1.
+    pub fn client_http1_for(&self, expected: &str) -> Arc<ClientConfig> {
+        self.client(expected, true)
+    }
+
+    fn client(&self, expected: &str, http1_only: bool) -> Arc<ClientConfig> {
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         clients
-            .entry(expected.to_string())
+            .entry((expected.to_string(), http1_only))
             .or_insert_with(|| {
                 let verifier = Arc::new(SpiffeServerVerifier {
                     roots: self.roots.clone(),
@@ -275,7 +287,11 @@ impl TlsMaterial {
                     .dangerous()
                     .with_custom_certificate_verifier(verifier)
                     .with_client_cert_resolver(Arc::new(Fixed(self.certified.clone())));
-                config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+                config.alpn_protocols = if http1_only {
+                    vec![b"http/1.1".to_vec()]
+                } else {
+                    ALPN.iter().map(|p| p.to_vec()).collect()
+                };
                 Arc::new(config)
             })
             .clone()

@@ -51,7 +51,13 @@ pub struct EndpointState {
     pub outlier: OutlierState,
     /// Idle upstream connections of the HTTP/1 fast path, with when each was last used.
     pub idle: std::sync::Mutex<Vec<(tokio::net::TcpStream, Instant)>>,
+    /// Idle mTLS connections of the HTTP/1 fast path to a meshed endpoint's sidecar, each made
+    /// for `peer_identity` (an endpoint's state is keyed by it).
+    pub idle_tls: std::sync::Mutex<Vec<(PeerStream, Instant)>>,
 }
+
+/// An mTLS connection to a peer sidecar.
+pub type PeerStream = Box<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
 
 impl EndpointState {
     pub fn new(addr: SocketAddr) -> Self {
@@ -77,6 +83,7 @@ impl EndpointState {
             stamp_ns: AtomicU64::new(now_ns()),
             outlier: OutlierState::default(),
             idle: std::sync::Mutex::default(),
+            idle_tls: std::sync::Mutex::default(),
         }
     }
 

@@ -2,18 +2,18 @@
 //! trace headers in), sent with its body on an idle or new upstream connection, and the response
 //! copied back as it streams; then the shared observe step.
 
-use std::io;
+use std::io::{self, Write as _};
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::framing::{take_body, Chunked, Framing};
 use super::head::{is_hop_by_hop, offset, parse_length, Head, View, MAX_HEAD, MAX_HEADERS, READ_CHUNK};
-use super::pool::{checkin, checkout};
+use super::pool::{checkin, checkout, Upstream};
 use crate::balance::{now_ns, EndpointState, InFlight, Pool};
 use crate::proxy::{observe, ConnMeta, ProxyContext};
 use crate::route::table::RequestView;
@@ -38,8 +38,8 @@ pub(super) struct Scratch {
 }
 
 /// A minimal response the fast path writes itself.
-pub(super) async fn answer(
-    stream: &mut TcpStream,
+pub(super) async fn answer<S: AsyncWrite + Unpin>(
+    stream: &mut S,
     status: u16,
     reason: &str,
     code: &str,
@@ -51,12 +51,13 @@ pub(super) async fn answer(
         "HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\nx-skein-error: {code}\r\ncontent-length: {}\r\n{conn}\r\n{body}",
         body.len()
     );
-    stream.write_all(text.as_bytes()).await
+    stream.write_all(text.as_bytes()).await?;
+    stream.flush().await
 }
 
 /// Forwards one request and its response; returns whether the client connection stays open.
-pub(super) async fn forward(
-    client: &mut TcpStream,
+pub(super) async fn forward<C: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut C,
     buf: &mut BytesMut,
     head: &Head,
     ctx: &ProxyContext,
@@ -93,8 +94,8 @@ pub(super) async fn forward(
     out.extend_from_slice(&buf[head.path.clone()]);
     out.extend_from_slice(b" HTTP/1.1\r\n");
     for (n, v) in &head.headers {
-        if is_hop_by_hop(&buf[n.clone()]) {
-            continue;
+        if is_hop_by_hop(&buf[n.clone()]) || head.inbound_port.as_ref() == Some(v) {
+            continue; // the inbound port header was for this sidecar
         }
         if head.absolute && buf[n.clone()].eq_ignore_ascii_case(b"host") {
             continue; // the target's authority replaces it (RFC 9112 §3.2.2)
@@ -134,6 +135,10 @@ pub(super) async fn forward(
         out.extend_from_slice(trace::new_request_id().as_bytes());
         out.extend_from_slice(b"\r\n");
     }
+    if endpoint.via_proxy.is_some() {
+        // The peer sidecar delivers to this port of its app.
+        let _ = write!(out, "{}: {}\r\n", skein_api::constants::INBOUND_PORT_HEADER, endpoint.addr.port());
+    }
     out.extend_from_slice(b"\r\n");
     // As much of the body as is already buffered goes in the same write.
     let buffered_body =
@@ -167,16 +172,24 @@ pub(super) async fn forward(
         replayable,
         method_is_head,
         client_close,
+        route.endpoint.is_some(),
     )
     .await;
     drop(in_flight);
 
+    let meshed = endpoint.via_proxy.is_some();
     if outcome.is_ok() && route.pool.is_some() {
-        // The fast path only serves endpoints without a sidecar: the answer came in plaintext.
-        route.series.plaintext.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // How the answer travelled: over mTLS from the endpoint's sidecar, or in plaintext.
+        let counter = if meshed { &route.series.mtls } else { &route.series.plaintext };
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
     let (status, keep) = match outcome {
-        Ok(x) => x,
+        Ok((status, keep, denied)) => {
+            if denied {
+                route.series.denied.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            (status, keep)
+        }
         Err(Failed::Connect) => {
             answer(
                 client,
@@ -198,7 +211,11 @@ pub(super) async fn forward(
     if let (Some(pool), true) = (&route.pool, status != 0) {
         observe::attempt(pool, &endpoint, status >= 500, &route.series);
     }
-    let upstream = if ctx.access_log.enabled() { endpoint.addr.to_string() } else { String::new() };
+    let upstream = match (&endpoint.via_proxy, ctx.access_log.enabled()) {
+        (_, false) => String::new(),
+        (Some((_, peer)), true) => peer.to_string(),
+        (None, true) => endpoint.addr.to_string(),
+    };
     observe::request(
         &ctx.access_log,
         &route.series,
@@ -233,10 +250,12 @@ enum Failed {
 }
 
 /// Sends `scratch.out` (and the rest of the body from the client) upstream and copies the
-/// response back; returns the status and whether the client connection can be kept.
+/// response back (from the app: without `x-skein-error`); returns the status, whether the
+/// client connection can be kept, and whether the answer is a peer sidecar's authorization
+/// denial.
 #[allow(clippy::too_many_arguments)]
-async fn exchange(
-    client: &mut TcpStream,
+async fn exchange<C: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut C,
     ctx: &ProxyContext,
     endpoint: &EndpointState,
     in_flight: &mut InFlight,
@@ -245,7 +264,8 @@ async fn exchange(
     replayable: bool,
     method_is_head: bool,
     client_close: bool,
-) -> Result<(u16, bool), Failed> {
+    from_app: bool,
+) -> Result<(u16, bool, bool), Failed> {
     // A pooled connection may have been closed by the server in the meantime: then try once
     // more on a fresh one, if the request can be sent again.
     let mut fresh = false;
@@ -253,17 +273,16 @@ async fn exchange(
         let (mut up, reused) = match checkout(endpoint) {
             Some(s) => (s, true),
             None => {
-                let s = tokio::time::timeout(ctx.connect_timeout, TcpStream::connect(endpoint.addr))
-                    .await
-                    .map_err(|_| Failed::Connect)?
-                    .map_err(|_| Failed::Connect)?;
-                let _ = s.set_nodelay(true);
+                let s = connect(ctx, endpoint).await?;
                 fresh = true;
                 (s, false)
             }
         };
         in_flight.dispatched();
-        let sent = up.write_all(&scratch.out).await;
+        let mut sent = up.write_all(&scratch.out).await;
+        if sent.is_ok() && body_left == 0 {
+            sent = up.flush().await;
+        }
         if sent.is_err() {
             if reused && replayable && !fresh {
                 continue;
@@ -276,6 +295,7 @@ async fn exchange(
             if copied != body_left {
                 return Err(Failed::Midway);
             }
+            up.flush().await.map_err(|_| Failed::Midway)?;
         }
         // Read the response head; an empty answer on a reused connection means it was stale.
         scratch.resp.clear();
@@ -300,6 +320,7 @@ async fn exchange(
     // Content-Length is dropped (RFC 9112 §6.3).
     let out = &mut scratch.out;
     out.clear();
+    let mut denied = false;
     let resp = &scratch.resp;
     let line_end = resp.iter().position(|b| *b == b'\n').unwrap_or(0);
     out.extend_from_slice(resp[..line_end].strip_suffix(b"\r").unwrap_or(&resp[..line_end]));
@@ -311,6 +332,16 @@ async fn exchange(
         }
         if chunked_and_length && name.eq_ignore_ascii_case(b"content-length") {
             continue;
+        }
+        if name.eq_ignore_ascii_case(crate::proxy::ERROR_HEADER.as_str().as_bytes()) {
+            if from_app {
+                // The app never speaks for a sidecar: its own `x-skein-error: authz-denied`
+                // would be counted as a denial by the caller.
+                continue;
+            }
+            denied |= status == 403
+                && endpoint.via_proxy.is_some()
+                && resp[v.clone()] == *crate::proxy::authz::DENIED.as_bytes();
         }
         out.extend_from_slice(name);
         out.extend_from_slice(b": ");
@@ -334,7 +365,7 @@ async fn exchange(
     if !rest.is_empty() {
         reusable = false; // bytes beyond the response: do not trust this connection again
     }
-    client.write_all(out).await.map_err(|_| Failed::Midway)?;
+    write_flushed(client, out).await?;
     if !done {
         let mut chunk = std::mem::take(&mut scratch.resp);
         loop {
@@ -351,7 +382,7 @@ async fn exchange(
             let mut part = &chunk[..];
             let finished = take_body(&mut framing, &mut part).map_err(|_| Failed::Midway)?;
             let used = chunk.len() - part.len();
-            client.write_all(&chunk[..used]).await.map_err(|_| Failed::Midway)?;
+            write_flushed(client, &chunk[..used]).await?;
             if !part.is_empty() {
                 reusable = false;
             }
@@ -364,7 +395,38 @@ async fn exchange(
     if reusable {
         checkin(endpoint, up);
     }
-    Ok((status, keep))
+    Ok((status, keep, denied))
+}
+
+/// Writes to the client and flushes: over TLS, bytes a full socket did not take wait in the
+/// session until flushed, and the next upstream read may be long in coming.
+async fn write_flushed<C: AsyncWrite + Unpin>(client: &mut C, bytes: &[u8]) -> Result<(), Failed> {
+    client.write_all(bytes).await.map_err(|_| Failed::Midway)?;
+    client.flush().await.map_err(|_| Failed::Midway)
+}
+
+/// A new upstream connection: TCP to an app endpoint, or mTLS to a meshed endpoint's sidecar,
+/// its certificate checked for the endpoint's identity. A meshed endpoint is not called
+/// without this sidecar's own identity (the caller leaves such a request to the general path).
+async fn connect(ctx: &ProxyContext, endpoint: &EndpointState) -> Result<Upstream, Failed> {
+    match (&endpoint.via_proxy, &endpoint.peer_identity, ctx.tls.current()) {
+        (Some((peer, _)), Some(identity), Some(material)) => {
+            let config = material.client_http1_for(&identity.spiffe_id(&material.trust_domain));
+            let tls = crate::proxy::peer::connect_peer(ctx, *peer, identity, config)
+                .await
+                .map_err(|_| Failed::Connect)?;
+            Ok(Upstream::Peer(Box::new(tls)))
+        }
+        (Some(_), _, _) => Err(Failed::Connect),
+        (None, _, _) => {
+            let s = tokio::time::timeout(ctx.connect_timeout, TcpStream::connect(endpoint.addr))
+                .await
+                .map_err(|_| Failed::Connect)?
+                .map_err(|_| Failed::Connect)?;
+            let _ = s.set_nodelay(true);
+            Ok(Upstream::Plain(s))
+        }
+    }
 }
 
 /// A parsed response head.
@@ -380,7 +442,7 @@ struct ResponseHead {
 /// Reads a complete response head into `scratch.resp` (skipping interim 1xx responses other
 /// than 101); `Ok(None)` when the connection closed before any byte. A `Content-Length` that is
 /// not digits, or two that differ, is an error (502), as in hyper's client.
-async fn read_response_head(up: &mut TcpStream, scratch: &mut Scratch) -> io::Result<Option<ResponseHead>> {
+async fn read_response_head(up: &mut Upstream, scratch: &mut Scratch) -> io::Result<Option<ResponseHead>> {
     let invalid = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
     loop {
         let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];

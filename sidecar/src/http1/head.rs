@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use http::HeaderName;
-use tokio::io::AsyncReadExt;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 pub(crate) use crate::proxy::syntax::{parse_length, valid_authority};
 use crate::route::table::RequestView;
@@ -42,6 +41,9 @@ pub(super) struct Head {
     pub(super) has_host: bool,
     pub(super) has_traceparent: bool,
     pub(super) has_request_id: bool,
+    /// The value of the one `x-skein-inbound-port` header: the app port a calling sidecar
+    /// names. Only an inbound request may carry it (the general path decides any other).
+    pub(super) inbound_port: Option<Range<usize>>,
 }
 
 /// Header names a proxy never forwards (RFC 9110 §7.6.1).
@@ -128,6 +130,7 @@ impl Head {
         head.has_host = false;
         head.has_traceparent = false;
         head.has_request_id = false;
+        head.inbound_port = None;
         // Absolute-form (an app using the sidecar as HTTP_PROXY): split off the authority.
         let t = target.as_bytes();
         head.path = offset(buf, t);
@@ -178,8 +181,12 @@ impl Head {
                         head.unusual = true; // upgrade, or headers named as hop-by-hop
                     }
                 }
+            } else if name.eq_ignore_ascii_case(skein_api::constants::INBOUND_PORT_HEADER.as_bytes()) {
+                if head.inbound_port.is_some() {
+                    head.unusual = true;
+                }
+                head.inbound_port = Some(offset(buf, value));
             } else if name.eq_ignore_ascii_case(b"transfer-encoding")
-                || name.eq_ignore_ascii_case(skein_api::constants::INBOUND_PORT_HEADER.as_bytes())
                 || name.eq_ignore_ascii_case(b"expect")
                 || name.eq_ignore_ascii_case(b"upgrade")
             {
@@ -243,8 +250,8 @@ pub(super) fn host_port(authority: &str) -> (&str, Option<u16>) {
 /// Reads until `buf` holds a complete head; `Ok(false)` on a clean end of stream before any
 /// byte, or an idle connection. Once a head has begun it must be complete within
 /// `head_timeout` (a slowloris client gets `TimedOut`).
-pub(super) async fn fill_head(
-    stream: &mut TcpStream,
+pub(super) async fn fill_head<S: AsyncRead + Unpin>(
+    stream: &mut S,
     buf: &mut BytesMut,
     head: &mut Head,
     head_timeout: Duration,

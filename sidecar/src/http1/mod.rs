@@ -7,8 +7,15 @@
 //! the response back, framing bodies by `Content-Length` or by scanning chunked encoding. Metrics,
 //! outlier detection, trace headers and the access log are the same as on the general path.
 //!
+//! Between sidecars it serves both ends of the hop: a meshed endpoint is reached over pooled
+//! HTTP/1.1 connections over mTLS to its sidecar's inbound listener (ALPN `http/1.1`, the
+//! peer's SPIFFE ID checked), naming the app port in `x-skein-inbound-port`; that listener
+//! serves such a connection here too, deciding access for the caller's verified identity.
+//!
 //! Anything this path does not handle — HTTP/1.0, `CONNECT`, upgrades, `Expect`, chunked request
-//! bodies, destinations with retries or timeouts, passthrough hosts, errors — is handed back:
+//! bodies, destinations with retries or timeouts, passthrough hosts, a meshed endpoint without
+//! an identity of our own, inbound denials and paths the app must be sent normalised, errors —
+//! is handed back:
 //! [`serve`] returns a [`HandOff`] holding the connection and the bytes already read, and the
 //! listener gives it to hyper for the rest of its life (the shape of linkerd2-proxy's protocol
 //! detection). So the fast path only ever takes the common case, the general path decides
@@ -32,18 +39,28 @@ use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 
 use crate::balance::EndpointState;
-use crate::proxy::{authz, ConnMeta, Direction, ProxyContext};
+use crate::proxy::authz::{self, Caller};
+use crate::proxy::{ConnMeta, Direction, ProxyContext};
 use crate::route::table::RequestView;
 use forward::{forward, Route, Scratch};
 pub(crate) use head::MAX_HEAD;
 use head::{fill_head, host_port, Head, View};
 
 /// Serves a client connection on the fast path for as long as its requests allow; returns the
-/// connection when the rest of it is for hyper, `None` when it is done.
-pub async fn serve(mut stream: TcpStream, ctx: &ProxyContext, conn: ConnMeta) -> Option<HandOff> {
+/// connection when the rest of it is for hyper, `None` when it is done. `stream` is a plain
+/// TCP connection, or on the inbound side an mTLS one from a peer sidecar that proved
+/// `caller`.
+pub async fn serve<S>(
+    mut stream: S,
+    ctx: &ProxyContext,
+    conn: ConnMeta,
+    caller: Option<&Caller>,
+) -> Option<HandOff<S>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let mut buf = BytesMut::with_capacity(8 * 1024);
     let mut head = Head::default();
     let mut scratch = Scratch::default();
@@ -77,14 +94,30 @@ pub async fn serve(mut stream: TcpStream, ctx: &ProxyContext, conn: ConnMeta) ->
         let active = ctx.store.current();
         let target = match conn.direction {
             Direction::Inbound => {
-                let Some(port) = conn.original.map(|o| o.port()).or(port) else { break };
+                // The app port, as on the general path: the connection's original destination,
+                // else what the calling sidecar named, else the authority's port.
+                let named = match &head.inbound_port {
+                    Some(r) => match view.str(r).parse::<u16>() {
+                        Ok(p) => Some(p),
+                        Err(_) => break,
+                    },
+                    None => None,
+                };
+                if authority.is_none() && conn.original.is_none() {
+                    break; // hyper's path answers 400
+                }
+                let Some(port) = conn.original.map(|o| o.port()).or(named).or(port) else { break };
                 if !ctx.inbound_port_allowed(port) {
                     break; // hyper's path answers 403
                 }
-                // Plaintext only reaches this path, so the caller has no identity. A denial (or
-                // no config yet) is hyper's path to answer and count.
-                let http = Some((view.str(&head.method), view.str(&head.path)));
-                let authz = match authz::decide(active.as_deref(), None, port, http) {
+                // A denial (or no config yet) is hyper's path to answer and count, and so is a
+                // path the app must be sent normalised.
+                let path = view.str(&head.path);
+                if authz::rewritten_path(active.as_deref(), port, path).is_some() {
+                    break;
+                }
+                let http = Some((view.str(&head.method), path));
+                let authz = match authz::decide(active.as_deref(), caller, port, http) {
                     Ok(None) => String::new(),
                     Ok(Some(d)) if d.allowed => authz::record(&ctx.store.shared.metrics.authz, &d).log,
                     Ok(Some(_)) | Err(authz::NoConfig) => break,
@@ -100,11 +133,14 @@ pub async fn serve(mut stream: TcpStream, ctx: &ProxyContext, conn: ConnMeta) ->
                 Route { endpoint: Some(endpoint), pool: None, series: ctx.inbound.clone(), authz }
             }
             Direction::Outbound => {
+                if head.inbound_port.is_some() {
+                    break; // a header for sidecars: the general path replaces it
+                }
                 let resolved = active.as_ref().map(|a| a.table.resolve(host, port, conn.original, &view));
                 match resolved {
                     Some(Ok(t))
                         if t.timeout.is_none()
-                            && !t.pool.meshed
+                            && (!t.pool.meshed || ctx.tls.current().is_some())
                             && t.protocol == skein_api::config::Protocol::Http
                             && t.retry
                                 .as_ref()
@@ -131,12 +167,12 @@ pub async fn serve(mut stream: TcpStream, ctx: &ProxyContext, conn: ConnMeta) ->
 
 /// A connection the fast path hands over: the bytes it already read, then the socket. As I/O
 /// it reads the prefix first, so hyper sees the connection from its first byte.
-pub struct HandOff {
+pub struct HandOff<S> {
     prefix: Bytes,
-    inner: TcpStream,
+    inner: S,
 }
 
-impl AsyncRead for HandOff {
+impl<S: AsyncRead + Unpin> AsyncRead for HandOff<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -152,7 +188,7 @@ impl AsyncRead for HandOff {
     }
 }
 
-impl AsyncWrite for HandOff {
+impl<S: AsyncWrite + Unpin> AsyncWrite for HandOff<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }

@@ -391,9 +391,8 @@ async fn send_upgrade(
         let response = ctx.client.request(req).await.map_err(|e| failure_of(&e))?;
         return Ok(Sent { response, over_mtls: false });
     };
-    let mut config = (*material.client_for(&identity.spiffe_id(&material.trust_domain))).clone();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let tls = connect_peer(ctx, *peer, identity, Arc::new(config)).await?;
+    let config = material.client_http1_for(&identity.spiffe_id(&material.trust_domain));
+    let tls = connect_peer(ctx, *peer, identity, config).await?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
         .map_err(|_| Failure::ConnectFailure)?;

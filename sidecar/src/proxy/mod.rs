@@ -23,7 +23,7 @@ pub mod authz;
 pub mod body;
 mod forward;
 pub mod observe;
-mod peer;
+pub(crate) mod peer;
 mod serve;
 pub mod syntax;
 

@@ -54,7 +54,7 @@ pub(super) async fn peer_connection(
 
 /// A TCP connection to a peer sidecar wrapped in mTLS, the peer's certificate checked for
 /// `identity`'s SPIFFE ID.
-pub(super) async fn connect_peer(
+pub(crate) async fn connect_peer(
     ctx: &ProxyContext,
     peer: SocketAddr,
     identity: &skein_api::WorkloadIdentity,

@@ -555,7 +555,7 @@ fn meshed_endpoint(ip: &str, port: u16) -> skein_api::config::Endpoint {
 }
 
 #[tokio::test]
-async fn meshed_endpoints_are_reached_through_their_sidecar_over_http2() {
+async fn meshed_endpoints_are_reached_through_their_sidecar_over_http1() {
     // A stand-in peer sidecar on 127.0.0.21:15006 that records what arrives.
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let listener = tokio::net::TcpListener::bind("127.0.0.21:15006").await.unwrap();
@@ -578,7 +578,7 @@ async fn meshed_endpoints_are_reached_through_their_sidecar_over_http2() {
                         )))
                     }
                 });
-                let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                     .await;
             });
@@ -592,7 +592,7 @@ async fn meshed_endpoints_are_reached_through_their_sidecar_over_http2() {
     let seen = seen.lock().unwrap().clone();
     assert_eq!(seen.len(), 3);
     for (version, port, host) in seen {
-        assert_eq!(version, http::Version::HTTP_2);
+        assert_eq!(version, http::Version::HTTP_11);
         assert_eq!(port.as_deref(), Some("8123"), "the app port is named for the peer");
         assert_eq!(host.as_deref(), Some(HOST), "the original authority travels along");
     }

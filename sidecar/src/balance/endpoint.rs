@@ -39,7 +39,7 @@ pub struct EndpointState {
     pub addr: SocketAddr,
     /// `addr` as a URI authority, built once.
     pub authority: http::uri::Authority,
-    /// For a meshed endpoint, its sidecar's inbound listener: requests go there over HTTP/2,
+    /// For a meshed endpoint, its sidecar's inbound listener: requests go there over HTTP/1.1 (mTLS),
     /// naming the app port in [`skein_api::constants::INBOUND_PORT_HEADER`].
     pub via_proxy: Option<(SocketAddr, http::uri::Authority)>,
     /// The identity a meshed endpoint must prove over mTLS.

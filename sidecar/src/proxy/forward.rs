@@ -13,7 +13,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
 use super::body::{buffer, Buffered, ProxyBody, RETRY_BUFFER_LIMIT};
-use super::peer::{connect_peer, peer_connection};
+use super::peer::{self, connect_peer};
 use super::{
     authz, error, observe, ProxyContext, ATTEMPT_HEADER, ERROR_HEADER, INBOUND_PORT, RETRIED_HEADER,
 };
@@ -103,7 +103,7 @@ fn upstream_request(
 
 /// Whether a send failed because the request body failed: hyper reports the body's own error
 /// (from the client's connection) as a user error with that error as its source.
-fn request_body_failed(e: &(dyn std::error::Error + 'static)) -> bool {
+pub(super) fn request_body_failed(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(s) = source {
         if let Some(h) = s.downcast_ref::<hyper::Error>() {
@@ -234,7 +234,7 @@ pub(super) async fn forward(
             target.series.fail_open.fetch_add(1, Ordering::Relaxed);
         }
         let endpoint = pick.endpoint;
-        // A meshed endpoint is reached through its sidecar, over HTTP/2.
+        // A meshed endpoint is reached through its sidecar, which delivers to the app's port.
         let to = endpoint.via_proxy.as_ref().map_or(&endpoint.authority, |(_, a)| a).clone();
         // Headers are copied only while another attempt may need them.
         let headers = if retry.is_some() && body.replayable() {
@@ -244,7 +244,6 @@ pub(super) async fn forward(
         };
         let mut req = upstream_request(parts, headers, &to, body.take(), attempt, false);
         if endpoint.via_proxy.is_some() {
-            *req.version_mut() = Version::HTTP_2;
             req.headers_mut().insert(&INBOUND_PORT, HeaderValue::from(endpoint.addr.port()));
         }
         let per_try = retry.and_then(|r| r.per_try_timeout);
@@ -332,48 +331,26 @@ struct Sent {
     over_mtls: bool,
 }
 
-/// Sends one attempt: plain HTTP/1.1 to an app endpoint, or HTTP/2 to a meshed endpoint's
-/// sidecar — over mTLS, verifying the peer's SPIFFE ID, when this sidecar has an identity.
+/// Sends one attempt over HTTP/1.1: to an app endpoint, or to a meshed endpoint's sidecar —
+/// over pooled mTLS connections, verifying the peer's SPIFFE ID, when this sidecar has an
+/// identity (in plaintext otherwise).
 async fn send(
     ctx: &ProxyContext,
     endpoint: &EndpointState,
-    req: Request<ProxyBody>,
+    mut req: Request<ProxyBody>,
     in_flight: &mut InFlight,
 ) -> Result<Sent, Failure> {
-    let client = match (&endpoint.via_proxy, &endpoint.peer_identity, ctx.tls.current()) {
-        (Some((peer, _)), Some(identity), Some(material)) => {
-            let mut sender = peer_connection(ctx, *peer, identity, &material).await?;
-            let mut req = req;
-            // HTTP/2 carries the authority in the URI: the original one, for the app's Host.
-            if let Some(host) = req
-                .headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .and_then(|h| h.parse::<Authority>().ok())
-            {
-                let path =
-                    req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
-                if let Ok(uri) =
-                    Uri::builder().scheme(Scheme::HTTPS).authority(host).path_and_query(path).build()
-                {
-                    *req.uri_mut() = uri;
-                }
-            }
-            in_flight.dispatched();
-            let response = sender.send_request(req).await.map_err(|e| {
-                if request_body_failed(&e) {
-                    return Failure::ClientBody; // the stream was reset, the connection is fine
-                }
-                // A broken connection is replaced on the next request.
-                ctx.peers.lock().unwrap_or_else(|p| p.into_inner()).remove(peer);
-                Failure::Reset
-            })?;
-            return Ok(Sent { response, over_mtls: true });
-        }
-        (Some(_), _, _) => &ctx.h2_client,
-        (None, _, _) => &ctx.client,
-    };
-    let response = client.request(req).await.map_err(|e| failure_of(&e))?;
+    if let (Some((peer, _)), Some(identity), Some(material)) =
+        (&endpoint.via_proxy, &endpoint.peer_identity, ctx.tls.current())
+    {
+        // A connection of our own speaks origin-form; the Host header names the app.
+        let path = req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+        *req.uri_mut() = Uri::from(path);
+        in_flight.dispatched();
+        let response = peer::send(ctx, *peer, identity, &material, req).await?;
+        return Ok(Sent { response, over_mtls: true });
+    }
+    let response = ctx.client.request(req).await.map_err(|e| failure_of(&e))?;
     Ok(Sent { response, over_mtls: false })
 }
 

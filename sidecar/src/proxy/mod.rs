@@ -78,7 +78,6 @@ pub const DEFAULT_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct ProxyContext {
     pub store: Arc<ConfigStore>,
     pub client: Client<HttpConnector, ProxyBody>,
-    pub h2_client: Client<HttpConnector, ProxyBody>,
     pub access_log: AccessLog,
     /// Where inbound requests go (the app, on the same port).
     pub inbound_target: IpAddr,
@@ -98,10 +97,8 @@ pub struct ProxyContext {
     pub max_request_body: Option<u64>,
     /// A request head must arrive within this long of its first byte (slowloris).
     pub head_timeout: Duration,
-    /// One multiplexed mTLS HTTP/2 connection per peer sidecar and expected identity.
+    /// Pooled mTLS HTTP/1.1 connections to peer sidecars, by address and expected identity.
     pub(crate) peers: std::sync::Mutex<peer::PeerConnections>,
-    /// Held while a new peer connection is made, so concurrent first requests share one.
-    pub(crate) peer_connect: tokio::sync::Mutex<()>,
 }
 
 impl ProxyContext {
@@ -119,14 +116,6 @@ impl ProxyContext {
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(256)
             .pool_timer(hyper_util::rt::TokioTimer::new())
-            .build(connector.clone());
-        // Proxy to proxy: one multiplexed HTTP/2 connection per peer sidecar.
-        let h2_client = Client::builder(hyper_util::rt::TokioExecutor::new())
-            .http2_only(true)
-            .timer(hyper_util::rt::TokioTimer::new())
-            .pool_timer(hyper_util::rt::TokioTimer::new())
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .pool_idle_timeout(Duration::from_secs(90))
             .build(connector);
         let series = |direction, destination: &str| {
             store.shared.metrics.series(SeriesKey {
@@ -141,7 +130,6 @@ impl ProxyContext {
         Self {
             store,
             client,
-            h2_client,
             access_log,
             inbound_target,
             connect_timeout,
@@ -154,7 +142,6 @@ impl ProxyContext {
             head_timeout: DEFAULT_HEAD_TIMEOUT,
             own_ports: vec![PROXY_ADMIN_PORT, PROXY_OUTBOUND_PORT, PROXY_INBOUND_PORT, PROXY_STATS_PORT],
             peers: std::sync::Mutex::default(),
-            peer_connect: tokio::sync::Mutex::const_new(()),
         }
     }
 }

@@ -1,54 +1,100 @@
-//! Connections to peer sidecars: one multiplexed HTTP/2 connection over mTLS per peer and
-//! expected identity, made on first use and shared by every request to that peer.
+//! Connections to peer sidecars for hyper's path: HTTP/1.1 over mTLS (ALPN `http/1.1`), pooled
+//! per peer address and expected identity, a connection per request in flight. The callee
+//! serves them on its HTTP/1 fast path (as it does the fast path's own pooled connections).
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 
 use super::body::ProxyBody;
 use super::ProxyContext;
 use crate::route::retry::Failure;
 
-/// Connections to peer sidecars, by address and the identity they proved.
-pub(crate) type PeerConnections = std::collections::HashMap<
-    SocketAddr,
-    (skein_api::WorkloadIdentity, hyper::client::conn::http2::SendRequest<ProxyBody>),
->;
+/// At most this many connections per peer and identity are kept for reuse (busy or idle).
+const POOL_MAX: usize = 64;
 
-/// The multiplexed connection to a peer sidecar, made (TCP, mTLS, HTTP/2) on first use.
-pub(super) async fn peer_connection(
+/// Connections to peer sidecars, by address and the identity they proved: each one busy with
+/// a response, or ready for the next request.
+pub(crate) type PeerConnections =
+    std::collections::HashMap<(SocketAddr, skein_api::WorkloadIdentity), Vec<SendRequest<ProxyBody>>>;
+
+/// Sends `req` (origin-form, `Host` naming the app's authority) to the sidecar at `peer`, which
+/// must prove `identity`, over a ready pooled connection or a new one. A request a pooled
+/// connection could not take (it closed meanwhile) goes on a new one; it was never sent.
+pub(super) async fn send(
     ctx: &ProxyContext,
     peer: SocketAddr,
     identity: &skein_api::WorkloadIdentity,
     material: &crate::tls::TlsMaterial,
-) -> Result<hyper::client::conn::http2::SendRequest<ProxyBody>, Failure> {
-    // Looked up per request: no allocation, a short lock.
-    let live = |ctx: &ProxyContext| {
-        let peers = ctx.peers.lock().unwrap_or_else(|p| p.into_inner());
-        peers.get(&peer).filter(|(id, s)| id == identity && !s.is_closed()).map(|(_, s)| s.clone())
-    };
-    if let Some(sender) = live(ctx) {
-        return Ok(sender);
+    mut req: http::Request<ProxyBody>,
+) -> Result<http::Response<Incoming>, Failure> {
+    let key = (peer, identity.clone());
+    loop {
+        let (mut sender, fresh) = match checkout(ctx, &key) {
+            Some(s) => (s, false),
+            None => (connect(ctx, peer, identity, material).await?, true),
+        };
+        match sender.try_send_request(req).await {
+            Ok(response) => {
+                checkin(ctx, key, sender);
+                return Ok(response);
+            }
+            Err(mut e) => match e.take_message() {
+                Some(unsent) if !fresh => req = unsent,
+                _ if super::forward::request_body_failed(e.error()) => return Err(Failure::ClientBody),
+                _ => return Err(Failure::Reset),
+            },
+        }
     }
-    // One connection per peer: whoever comes second waits for the first and shares it.
-    let _connecting = ctx.peer_connect.lock().await;
-    if let Some(sender) = live(ctx) {
-        return Ok(sender);
+}
+
+/// A pooled connection ready for a request; closed ones are dropped on the way.
+fn checkout(
+    ctx: &ProxyContext,
+    key: &(SocketAddr, skein_api::WorkloadIdentity),
+) -> Option<SendRequest<ProxyBody>> {
+    let mut peers = ctx.peers.lock().unwrap_or_else(|p| p.into_inner());
+    let pool = peers.get_mut(key)?;
+    pool.retain(|s| !s.is_closed());
+    let ready = pool.iter().position(SendRequest::is_ready)?;
+    Some(pool.swap_remove(ready))
+}
+
+/// Keeps a connection (busy until its response ends) for later requests.
+fn checkin(
+    ctx: &ProxyContext,
+    key: (SocketAddr, skein_api::WorkloadIdentity),
+    sender: SendRequest<ProxyBody>,
+) {
+    let mut peers = ctx.peers.lock().unwrap_or_else(|p| p.into_inner());
+    let pool = peers.entry(key).or_default();
+    if pool.len() < POOL_MAX {
+        pool.push(sender);
     }
-    let tls =
-        connect_peer(ctx, peer, identity, material.client_for(&identity.spiffe_id(&material.trust_domain)))
-            .await?;
-    let (sender, conn) = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-        .timer(hyper_util::rt::TokioTimer::new())
-        .keep_alive_interval(Duration::from_secs(30))
-        .handshake(TokioIo::new(tls))
+}
+
+/// A new HTTP/1.1 connection over mTLS to a peer sidecar. Pools of peers that are gone (every
+/// connection closed) are forgotten here, so the map holds live peers only.
+async fn connect(
+    ctx: &ProxyContext,
+    peer: SocketAddr,
+    identity: &skein_api::WorkloadIdentity,
+    material: &crate::tls::TlsMaterial,
+) -> Result<SendRequest<ProxyBody>, Failure> {
+    ctx.peers.lock().unwrap_or_else(|p| p.into_inner()).retain(|_, pool| {
+        pool.retain(|s| !s.is_closed());
+        !pool.is_empty()
+    });
+    let config = material.client_http1_for(&identity.spiffe_id(&material.trust_domain));
+    let tls = connect_peer(ctx, peer, identity, config).await?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
         .map_err(|_| Failure::ConnectFailure)?;
     tokio::spawn(conn);
-    ctx.peers.lock().unwrap_or_else(|p| p.into_inner()).insert(peer, (identity.clone(), sender.clone()));
     Ok(sender)
 }
 

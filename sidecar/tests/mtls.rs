@@ -253,6 +253,62 @@ async fn requests_cross_two_sidecars_over_mtls_and_plaintext_is_refused() {
     assert!(callee.tls.handshake_failures.load(Ordering::Relaxed) >= 1);
 }
 
+/// An HTTP/2 client's concurrent streams take hyper's path, which reaches the peer over its own
+/// pool of HTTP/1.1 connections over mTLS: a connection per stream in flight at most, each
+/// reused once its response has ended.
+#[tokio::test]
+async fn http2_streams_cross_over_pooled_http1_connections() {
+    use futures::StreamExt;
+    use http_body_util::{BodyExt, Empty};
+    let root = ca("root");
+    let app = support::upstream("app").await;
+    let callee = support::proxy_tls(
+        support::config("c1", vec![], vec![]),
+        "127.0.0.36:15006",
+        Some(fresh(&root, &root.pem, SERVER)),
+    )
+    .await;
+    let cfg = support::config("c1", vec![meshed("127.0.0.36", app.addr().port())], vec![]);
+    let caller = support::proxy_tls(cfg, "127.0.0.1:0", Some(fresh(&root, &root.pem, CLIENT))).await;
+    // One HTTP/2 connection to the outbound listener, as a gRPC client keeps.
+    let tcp = tokio::net::TcpStream::connect(caller.outbound).await.unwrap();
+    let (h2, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let answers: Vec<(u16, String)> = futures::stream::iter(0..200)
+        .map(|_| {
+            let mut h2 = h2.clone();
+            async move {
+                let req = http::Request::get("http://reviews.shop:9080/")
+                    .body(Empty::<bytes::Bytes>::new())
+                    .unwrap();
+                let response = h2.send_request(req).await.unwrap();
+                let status = response.status().as_u16();
+                let body = response.into_body().collect().await.unwrap().to_bytes();
+                (status, String::from_utf8_lossy(&body).into_owned())
+            }
+        })
+        .buffer_unordered(8)
+        .collect()
+        .await;
+    let failed: Vec<_> =
+        answers.iter().filter(|(status, body)| *status != 200 || !body.starts_with("app:")).collect();
+    assert!(failed.is_empty(), "{} failed, the first: {:?}", failed.len(), failed.first());
+    assert_eq!(app.hits(), 200);
+    let made = caller.tls.handshakes.load(Ordering::Relaxed);
+    assert!((1..=8).contains(&made), "{made} connections for 8 streams in flight");
+    assert_eq!(callee.tls.handshakes.load(Ordering::Relaxed), made);
+    let seen = app.last_headers.lock().unwrap().clone().unwrap();
+    assert_eq!(seen.get("host").unwrap(), "reviews.shop:9080");
+    assert!(caller.metrics().contains(
+        "skein_mtls_requests_total{direction=\"outbound\",destination=\"reviews.shop\",subset=\"\",route=\"\"} 200"
+    ));
+}
+
 #[tokio::test]
 async fn upgrades_cross_two_sidecars_over_mtls_to_a_strict_callee() {
     let root = ca("root");

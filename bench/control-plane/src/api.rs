@@ -265,15 +265,9 @@ impl ApiFeed {
         until(&what, limit, Duration::from_millis(200), move || async move {
             let data =
                 api.get_opt(skein_api::constants::CA_SECRET).await?.and_then(|s| s.data).unwrap_or_default();
-            let text = |k: &str| data.get(k).map(|b| String::from_utf8_lossy(&b.0).into_owned());
-            Ok(match (text("tls.crt"), text("tls.key")) {
-                (Some(tls_crt), Some(tls_key)) => Some(skein_operator::CaFiles {
-                    tls_crt,
-                    tls_key,
-                    ca_crt: text("ca.crt").unwrap_or_default(),
-                }),
-                _ => None,
-            })
+            Ok(skein_operator::CaFiles::read(|k| {
+                data.get(k).map(|b| String::from_utf8_lossy(&b.0).into_owned())
+            }))
         })
         .await
     }

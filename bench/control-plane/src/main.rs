@@ -276,15 +276,7 @@ impl Feed {
         let dir = &ca_dir;
         let what = format!("the operator to write its CA in {}", dir.display());
         until(&what, Duration::from_secs(60), Duration::from_millis(50), move || async move {
-            let read = |name: &str| std::fs::read_to_string(dir.join(name));
-            Ok(match (read("tls.crt"), read("tls.key")) {
-                (Ok(tls_crt), Ok(tls_key)) => Some(skein_operator::CaFiles {
-                    tls_crt,
-                    tls_key,
-                    ca_crt: read("ca.crt").unwrap_or_default(),
-                }),
-                _ => None,
-            })
+            Ok(skein_operator::CaFiles::read(|name| std::fs::read_to_string(dir.join(name)).ok()))
         })
         .await
     }

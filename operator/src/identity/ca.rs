@@ -60,6 +60,18 @@ pub struct CaFiles {
     pub ca_crt: String,
 }
 
+impl CaFiles {
+    /// The CA from its stored keys (`tls.crt`, `tls.key`, and `ca.crt` if there is one), as
+    /// `get` reads them from files or a Secret; `None` while the certificate or key is missing.
+    pub fn read(get: impl Fn(&str) -> Option<String>) -> Option<Self> {
+        Some(Self {
+            tls_crt: get("tls.crt")?,
+            tls_key: get("tls.key")?,
+            ca_crt: get("ca.crt").unwrap_or_default(),
+        })
+    }
+}
+
 /// A signed workload certificate.
 #[derive(Clone, Debug)]
 pub struct WorkloadCert {

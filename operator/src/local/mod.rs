@@ -609,10 +609,9 @@ pub async fn renew_serving_cert(
 /// `skein-ca` Secret is in a cluster.
 pub fn ensure_ca(state: &Path, trust_domain: &str) -> Result<crate::identity::ca::MeshCa, String> {
     let dir = state.join("ca");
-    let read = |name: &str| std::fs::read_to_string(dir.join(name));
-    if let (Ok(tls_crt), Ok(tls_key)) = (read("tls.crt"), read("tls.key")) {
-        let files =
-            crate::identity::ca::CaFiles { tls_crt, tls_key, ca_crt: read("ca.crt").unwrap_or_default() };
+    if let Some(files) =
+        crate::identity::ca::CaFiles::read(|name| std::fs::read_to_string(dir.join(name)).ok())
+    {
         return crate::identity::ca::MeshCa::load(&files).map_err(|e| format!("{}: {e}", dir.display()));
     }
     let (ca, files) = crate::identity::ca::MeshCa::generate(trust_domain, time::OffsetDateTime::now_utc())

@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
@@ -16,11 +17,16 @@ use crate::route::retry::Failure;
 
 /// At most this many connections per peer and identity are kept for reuse (busy or idle).
 const POOL_MAX: usize = 64;
+/// A connection last used longer ago is not used again: well before the peer's inbound
+/// listener closes an idle connection (two minutes), so a request never races that close.
+const IDLE_MAX: Duration = Duration::from_secs(60);
 
 /// Connections to peer sidecars, by address and the identity they proved: each one busy with
-/// a response, or ready for the next request.
-pub(crate) type PeerConnections =
-    std::collections::HashMap<(SocketAddr, skein_api::WorkloadIdentity), Vec<SendRequest<ProxyBody>>>;
+/// a response or ready for the next request, with when it was last given one.
+pub(crate) type PeerConnections = std::collections::HashMap<
+    (SocketAddr, skein_api::WorkloadIdentity),
+    Vec<(SendRequest<ProxyBody>, Instant)>,
+>;
 
 /// Sends `req` (origin-form, `Host` naming the app's authority) to the sidecar at `peer`, which
 /// must prove `identity`, over a ready pooled connection or a new one. A request a pooled
@@ -59,9 +65,14 @@ fn checkout(
 ) -> Option<SendRequest<ProxyBody>> {
     let mut peers = ctx.peers.lock().unwrap_or_else(|p| p.into_inner());
     let pool = peers.get_mut(key)?;
-    pool.retain(|s| !s.is_closed());
-    let ready = pool.iter().position(SendRequest::is_ready)?;
-    Some(pool.swap_remove(ready))
+    pool.retain(live);
+    let ready = pool.iter().position(|(s, _)| s.is_ready())?;
+    Some(pool.swap_remove(ready).0)
+}
+
+/// Open and used recently enough to be used again.
+fn live((sender, used): &(SendRequest<ProxyBody>, Instant)) -> bool {
+    !sender.is_closed() && used.elapsed() < IDLE_MAX
 }
 
 /// Keeps a connection (busy until its response ends) for later requests.
@@ -73,7 +84,7 @@ fn checkin(
     let mut peers = ctx.peers.lock().unwrap_or_else(|p| p.into_inner());
     let pool = peers.entry(key).or_default();
     if pool.len() < POOL_MAX {
-        pool.push(sender);
+        pool.push((sender, Instant::now()));
     }
 }
 
@@ -86,7 +97,7 @@ async fn connect(
     material: &crate::tls::TlsMaterial,
 ) -> Result<SendRequest<ProxyBody>, Failure> {
     ctx.peers.lock().unwrap_or_else(|p| p.into_inner()).retain(|_, pool| {
-        pool.retain(|s| !s.is_closed());
+        pool.retain(live);
         !pool.is_empty()
     });
     let config = material.client_http1_for(&identity.spiffe_id(&material.trust_domain));

@@ -134,3 +134,21 @@ pub async fn buffer(mut body: Incoming, limit: usize) -> Buffered {
         }
     }
 }
+
+/// Whether a send failed because the request body failed: hyper reports the body's own error
+/// (from the client's connection) as a user error with that error as its source.
+pub(super) fn request_body_failed(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if let Some(h) = s.downcast_ref::<hyper::Error>() {
+            if h.is_user()
+                && std::error::Error::source(h)
+                    .is_some_and(|inner| inner.downcast_ref::<hyper::Error>().is_some())
+            {
+                return true;
+            }
+        }
+        source = s.source();
+    }
+    false
+}

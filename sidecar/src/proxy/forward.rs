@@ -12,7 +12,7 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
-use super::body::{buffer, Buffered, ProxyBody, RETRY_BUFFER_LIMIT};
+use super::body::{buffer, request_body_failed, Buffered, ProxyBody, RETRY_BUFFER_LIMIT};
 use super::peer::{self, connect_peer};
 use super::{
     authz, error, observe, ProxyContext, ATTEMPT_HEADER, ERROR_HEADER, INBOUND_PORT, RETRIED_HEADER,
@@ -99,24 +99,6 @@ fn upstream_request(
         req.headers_mut().insert(&ATTEMPT_HEADER, HeaderValue::from(attempt));
     }
     req
-}
-
-/// Whether a send failed because the request body failed: hyper reports the body's own error
-/// (from the client's connection) as a user error with that error as its source.
-pub(super) fn request_body_failed(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(s) = source {
-        if let Some(h) = s.downcast_ref::<hyper::Error>() {
-            if h.is_user()
-                && std::error::Error::source(h)
-                    .is_some_and(|inner| inner.downcast_ref::<hyper::Error>().is_some())
-            {
-                return true;
-            }
-        }
-        source = s.source();
-    }
-    false
 }
 
 /// Classifies a client error.

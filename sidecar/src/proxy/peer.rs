@@ -51,7 +51,7 @@ pub(super) async fn send(
             }
             Err(mut e) => match e.take_message() {
                 Some(unsent) if !fresh => req = unsent,
-                _ if super::forward::request_body_failed(e.error()) => return Err(Failure::ClientBody),
+                _ if super::body::request_body_failed(e.error()) => return Err(Failure::ClientBody),
                 _ => return Err(Failure::Reset),
             },
         }

@@ -4,8 +4,8 @@
 //! `spiffe://<trust-domain>/ns/<ns>/sa/<sa>`. A peer's chain is verified against the trust
 //! bundle (which may hold several roots during a rotation), and then its SPIFFE ID: the
 //! inbound side accepts any identity of its own trust domain; the outbound side accepts only
-//! the identity the endpoint is supposed to run as. TLS 1.3 only; ALPN offers h2 and
-//! http/1.1.
+//! the identity the endpoint is supposed to run as. TLS 1.3 only. A sidecar calls its peers
+//! with ALPN `http/1.1`; its inbound side accepts `h2` too (sidecars of an older release).
 //!
 //! The material is read from the mounted Secret and trust-bundle directories and reloaded when
 //! their content changes (Kubernetes swaps a `..data` symlink, so the files are re-read by path,
@@ -34,7 +34,7 @@ use rustls::{
 };
 use tokio_util::sync::CancellationToken;
 
-/// ALPN protocols offered and accepted, in preference order.
+/// ALPN protocols accepted by the inbound side, in preference order.
 pub const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
 
 fn provider() -> Arc<CryptoProvider> {
@@ -194,8 +194,8 @@ pub struct TlsMaterial {
     pub server: Arc<ServerConfig>,
     roots: Arc<RootCertStore>,
     certified: Arc<CertifiedKey>,
-    /// Client configurations by expected SPIFFE ID and whether they offer HTTP/1.1 only.
-    clients: Mutex<HashMap<(String, bool), Arc<ClientConfig>>>,
+    /// Client configurations by expected SPIFFE ID.
+    clients: Mutex<HashMap<String, Arc<ClientConfig>>>,
 }
 
 impl TlsMaterial {
@@ -261,21 +261,11 @@ impl TlsMaterial {
     }
 
     /// The client configuration for calling a peer that must present `expected` (a SPIFFE ID),
-    /// offering h2 and http/1.1.
+    /// offering ALPN `http/1.1`: the hop between sidecars is HTTP/1.1.
     pub fn client_for(&self, expected: &str) -> Arc<ClientConfig> {
-        self.client(expected, false)
-    }
-
-    /// As [`Self::client_for`], offering http/1.1 only: the HTTP/1 fast path's connections and
-    /// upgrades, which the peer then serves as HTTP/1.1.
-    pub fn client_http1_for(&self, expected: &str) -> Arc<ClientConfig> {
-        self.client(expected, true)
-    }
-
-    fn client(&self, expected: &str, http1_only: bool) -> Arc<ClientConfig> {
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         clients
-            .entry((expected.to_string(), http1_only))
+            .entry(expected.to_string())
             .or_insert_with(|| {
                 let verifier = Arc::new(SpiffeServerVerifier {
                     roots: self.roots.clone(),
@@ -287,11 +277,7 @@ impl TlsMaterial {
                     .dangerous()
                     .with_custom_certificate_verifier(verifier)
                     .with_client_cert_resolver(Arc::new(Fixed(self.certified.clone())));
-                config.alpn_protocols = if http1_only {
-                    vec![b"http/1.1".to_vec()]
-                } else {
-                    ALPN.iter().map(|p| p.to_vec()).collect()
-                };
+                config.alpn_protocols = vec![b"http/1.1".to_vec()];
                 Arc::new(config)
             })
             .clone()

@@ -42,7 +42,10 @@ async fn handshake(server: TlsMaterial, client: TlsMaterial, expected: &str) -> 
             Err(e) => Err(format!("server refused: {e}")),
         }
     });
-    let connector = tokio_rustls::TlsConnector::from(client.client_for(expected));
+    // Offering h2 as well, as a sidecar of an older release does: the inbound side prefers it.
+    let mut config = (*client.client_for(expected)).clone();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("peer.skein.invalid").unwrap();
     let client_result = async {

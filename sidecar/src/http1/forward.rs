@@ -411,8 +411,7 @@ async fn write_flushed<C: AsyncWrite + Unpin>(client: &mut C, bytes: &[u8]) -> R
 async fn connect(ctx: &ProxyContext, endpoint: &EndpointState) -> Result<Upstream, Failed> {
     match (&endpoint.via_proxy, &endpoint.peer_identity, ctx.tls.current()) {
         (Some((peer, _)), Some(identity), Some(material)) => {
-            let config = material.client_http1_for(&identity.spiffe_id(&material.trust_domain));
-            let tls = crate::proxy::peer::connect_peer(ctx, *peer, identity, config)
+            let tls = crate::proxy::peer::connect_peer(ctx, *peer, identity, &material)
                 .await
                 .map_err(|_| Failed::Connect)?;
             Ok(Upstream::Peer(Box::new(tls)))

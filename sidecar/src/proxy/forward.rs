@@ -350,8 +350,7 @@ async fn send_upgrade(
         let response = ctx.client.request(req).await.map_err(|e| failure_of(&e))?;
         return Ok(Sent { response, over_mtls: false });
     };
-    let config = material.client_http1_for(&identity.spiffe_id(&material.trust_domain));
-    let tls = connect_peer(ctx, *peer, identity, config).await?;
+    let tls = connect_peer(ctx, *peer, identity, &material).await?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
         .map_err(|_| Failure::ConnectFailure)?;

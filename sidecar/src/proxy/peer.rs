@@ -4,7 +4,6 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
@@ -21,12 +20,16 @@ const POOL_MAX: usize = 64;
 /// listener closes an idle connection (two minutes), so a request never races that close.
 const IDLE_MAX: Duration = Duration::from_secs(60);
 
-/// Connections to peer sidecars, by address and the identity they proved: each one busy with
-/// a response or ready for the next request, with when it was last given one.
-pub(crate) type PeerConnections = std::collections::HashMap<
-    (SocketAddr, skein_api::WorkloadIdentity),
-    Vec<(SendRequest<ProxyBody>, Instant)>,
->;
+/// One pooled connection to a peer sidecar: the identity it proved, and when it was last
+/// given a request (it is busy until that response ends).
+pub(crate) struct Pooled {
+    identity: skein_api::WorkloadIdentity,
+    sender: SendRequest<ProxyBody>,
+    used: Instant,
+}
+
+/// Connections to peer sidecars, by address.
+pub(crate) type PeerConnections = std::collections::HashMap<SocketAddr, Vec<Pooled>>;
 
 /// Sends `req` (origin-form, `Host` naming the app's authority) to the sidecar at `peer`, which
 /// must prove `identity`, over a ready pooled connection or a new one. A request a pooled
@@ -38,15 +41,14 @@ pub(super) async fn send(
     material: &crate::tls::TlsMaterial,
     mut req: http::Request<ProxyBody>,
 ) -> Result<http::Response<Incoming>, Failure> {
-    let key = (peer, identity.clone());
     loop {
-        let (mut sender, fresh) = match checkout(ctx, &key) {
-            Some(s) => (s, false),
+        let (mut pooled, fresh) = match checkout(ctx, peer, identity) {
+            Some(p) => (p, false),
             None => (connect(ctx, peer, identity, material).await?, true),
         };
-        match sender.try_send_request(req).await {
+        match pooled.sender.try_send_request(req).await {
             Ok(response) => {
-                checkin(ctx, key, sender);
+                checkin(ctx, peer, pooled);
                 return Ok(response);
             }
             Err(mut e) => match e.take_message() {
@@ -58,33 +60,29 @@ pub(super) async fn send(
     }
 }
 
-/// A pooled connection ready for a request; closed ones are dropped on the way.
-fn checkout(
-    ctx: &ProxyContext,
-    key: &(SocketAddr, skein_api::WorkloadIdentity),
-) -> Option<SendRequest<ProxyBody>> {
+/// A pooled connection to `peer`, made for `identity`, ready for a request; closed and stale
+/// ones are dropped on the way.
+fn checkout(ctx: &ProxyContext, peer: SocketAddr, identity: &skein_api::WorkloadIdentity) -> Option<Pooled> {
     let mut peers = ctx.peers.lock().unwrap_or_else(|p| p.into_inner());
-    let pool = peers.get_mut(key)?;
-    pool.retain(live);
-    let ready = pool.iter().position(|(s, _)| s.is_ready())?;
-    Some(pool.swap_remove(ready).0)
+    let pool = peers.get_mut(&peer)?;
+    let now = Instant::now();
+    pool.retain(|p| live(p, now));
+    let ready = pool.iter().position(|p| p.identity == *identity && p.sender.is_ready())?;
+    Some(pool.swap_remove(ready))
 }
 
 /// Open and used recently enough to be used again.
-fn live((sender, used): &(SendRequest<ProxyBody>, Instant)) -> bool {
-    !sender.is_closed() && used.elapsed() < IDLE_MAX
+fn live(pooled: &Pooled, now: Instant) -> bool {
+    !pooled.sender.is_closed() && now.saturating_duration_since(pooled.used) < IDLE_MAX
 }
 
 /// Keeps a connection (busy until its response ends) for later requests.
-fn checkin(
-    ctx: &ProxyContext,
-    key: (SocketAddr, skein_api::WorkloadIdentity),
-    sender: SendRequest<ProxyBody>,
-) {
+fn checkin(ctx: &ProxyContext, peer: SocketAddr, mut pooled: Pooled) {
     let mut peers = ctx.peers.lock().unwrap_or_else(|p| p.into_inner());
-    let pool = peers.entry(key).or_default();
+    let pool = peers.entry(peer).or_default();
     if pool.len() < POOL_MAX {
-        pool.push((sender, Instant::now()));
+        pooled.used = Instant::now();
+        pool.push(pooled);
     }
 }
 
@@ -95,27 +93,27 @@ async fn connect(
     peer: SocketAddr,
     identity: &skein_api::WorkloadIdentity,
     material: &crate::tls::TlsMaterial,
-) -> Result<SendRequest<ProxyBody>, Failure> {
+) -> Result<Pooled, Failure> {
+    let now = Instant::now();
     ctx.peers.lock().unwrap_or_else(|p| p.into_inner()).retain(|_, pool| {
-        pool.retain(live);
+        pool.retain(|p| live(p, now));
         !pool.is_empty()
     });
-    let config = material.client_http1_for(&identity.spiffe_id(&material.trust_domain));
-    let tls = connect_peer(ctx, peer, identity, config).await?;
+    let tls = connect_peer(ctx, peer, identity, material).await?;
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
         .map_err(|_| Failure::ConnectFailure)?;
     tokio::spawn(conn);
-    Ok(sender)
+    Ok(Pooled { identity: identity.clone(), sender, used: now })
 }
 
-/// A TCP connection to a peer sidecar wrapped in mTLS, the peer's certificate checked for
-/// `identity`'s SPIFFE ID.
+/// A TCP connection to a peer sidecar wrapped in mTLS (ALPN `http/1.1`), the peer's
+/// certificate checked for `identity`'s SPIFFE ID.
 pub(crate) async fn connect_peer(
     ctx: &ProxyContext,
     peer: SocketAddr,
     identity: &skein_api::WorkloadIdentity,
-    config: Arc<rustls::ClientConfig>,
+    material: &crate::tls::TlsMaterial,
 ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, Failure> {
     let tcp = tokio::time::timeout(ctx.connect_timeout, tokio::net::TcpStream::connect(peer))
         .await
@@ -128,6 +126,7 @@ pub(crate) async fn connect_peer(
             }
         })?;
     let _ = tcp.set_nodelay(true);
+    let config = material.client_for(&identity.spiffe_id(&material.trust_domain));
     let connector = tokio_rustls::TlsConnector::from(config);
     let name = rustls::pki_types::ServerName::try_from("skein-peer.invalid").expect("a valid name");
     match tokio::time::timeout(ctx.connect_timeout, connector.connect(name, tcp)).await {

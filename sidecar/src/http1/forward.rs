@@ -365,36 +365,45 @@ async fn exchange<C: AsyncRead + AsyncWrite + Unpin>(
     if !rest.is_empty() {
         reusable = false; // bytes beyond the response: do not trust this connection again
     }
-    write_flushed(client, out).await?;
-    if !done {
-        let mut chunk = std::mem::take(&mut scratch.resp);
-        loop {
-            chunk.clear();
-            chunk.reserve(READ_CHUNK);
-            let n = up.read_buf(&mut chunk).await.map_err(|_| Failed::Midway)?;
-            if n == 0 {
-                if matches!(framing, Framing::UntilClose) {
-                    reusable = false;
-                    break;
-                }
-                return Err(Failed::Midway);
-            }
-            let mut part = &chunk[..];
-            let finished = take_body(&mut framing, &mut part).map_err(|_| Failed::Midway)?;
-            let used = chunk.len() - part.len();
-            write_flushed(client, &chunk[..used]).await?;
-            if !part.is_empty() {
-                reusable = false;
-            }
-            if finished {
-                break;
-            }
+    // The upstream connection goes back to the pool as soon as its response is read whole,
+    // before the client is sent the last of it: the client's next request, which that end
+    // prompts, then finds it there rather than opening another.
+    if done {
+        if reusable {
+            checkin(endpoint, up);
         }
-        scratch.resp = chunk;
+        write_flushed(client, out).await?;
+        return Ok((status, keep, denied));
     }
+    write_flushed(client, out).await?;
+    let mut chunk = std::mem::take(&mut scratch.resp);
+    let last = loop {
+        chunk.clear();
+        chunk.reserve(READ_CHUNK);
+        let n = up.read_buf(&mut chunk).await.map_err(|_| Failed::Midway)?;
+        if n == 0 {
+            if matches!(framing, Framing::UntilClose) {
+                reusable = false;
+                break 0;
+            }
+            return Err(Failed::Midway);
+        }
+        let mut part = &chunk[..];
+        let finished = take_body(&mut framing, &mut part).map_err(|_| Failed::Midway)?;
+        let used = chunk.len() - part.len();
+        if finished {
+            if !part.is_empty() {
+                reusable = false; // bytes beyond the response
+            }
+            break used;
+        }
+        write_flushed(client, &chunk[..used]).await?;
+    };
     if reusable {
         checkin(endpoint, up);
     }
+    write_flushed(client, &chunk[..last]).await?;
+    scratch.resp = chunk;
     Ok((status, keep, denied))
 }
 

@@ -89,3 +89,9 @@ pub fn duration(data: &[u8]) {
         );
     }
 }
+
+/// The config stream's HTTP/2 server (port 15012, reachable by every pod): frames and header
+/// blocks from a client, cut into reads anywhere.
+pub fn http2_frames(data: &[u8]) {
+    crate::stream::http2::fuzz_frames(data);
+}

@@ -290,15 +290,16 @@ async fn one_identity_cannot_hold_every_admission_slot() {
     let (_hub, addr, stop) = serving(canary_mesh(90)).await;
     let limit = Duration::from_secs(10);
 
-    let mut sender = raw_connection(addr).await;
+    // A connection each, as proxies do (the server takes one stream per connection).
     let mut hogs = Vec::new();
     for _ in 0..IDENTITY_ADMISSION_LIMIT {
+        let mut sender = raw_connection(addr).await;
         let mut hog = RawStream::open(&mut sender, "shop/intruder", false).await;
         assert!(hog.next_line(limit).await.is_some(), "within the identity's share");
-        hogs.push(hog);
+        hogs.push((sender, hog));
     }
-    let mut waiting = RawStream::open(&mut sender, "shop/intruder", false).await;
-    let mut other = RawStream::open(&mut sender, "shop/web", false).await;
+    let mut waiting = RawStream::open(&mut raw_connection(addr).await, "shop/intruder", false).await;
+    let mut other = RawStream::open(&mut raw_connection(addr).await, "shop/web", false).await;
     assert!(other.next_line(limit).await.is_some(), "another identity is admitted");
     assert!(waiting.next_line(Duration::from_millis(300)).await.is_none(), "the identity's share is taken");
     // Well within the 10 s a slot is held for a proxy that does not acknowledge.

@@ -61,3 +61,8 @@ fn local_manifests() {
 fn authz_path() {
     replay("authz_path", skein_proxy::fuzzing::authz_path);
 }
+
+#[test]
+fn http2_frames() {
+    replay("http2_frames", skein_operator::fuzzing::http2_frames);
+}

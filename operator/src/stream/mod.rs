@@ -6,6 +6,7 @@
 //! Depends on `compute` (the mesh it serves), `identity` (the serving certificate and CA) and
 //! `metrics`.
 
+pub mod http2;
 pub mod hub;
 pub mod server;
 pub mod topology;

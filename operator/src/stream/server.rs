@@ -10,21 +10,16 @@
 //! a refused delta is answered with the whole config. First configs are sent to a bounded
 //! number of proxies at a time ([`ConfigHub::admission`]), at most
 //! [`IDENTITY_ADMISSION_LIMIT`](crate::stream::hub::IDENTITY_ADMISSION_LIMIT) of one identity,
-//! in arrival order. HTTP/2 keepalive pings find dead peers.
+//! in arrival order. HTTP/2 keepalive pings find dead peers. The HTTP/2 server is our own
+//! ([`http2`]): an idle connection holds no buffers.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Full, StreamBody};
-use hyper::body::{Frame, Incoming};
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use http::{Method, Request, StatusCode};
 use skein_api::constants::{CONFIG_STREAM_PATH, DELTA_HEADER, IDENTITY_HEADER, PROXY_ID_HEADER};
 use skein_api::lines::LineBuffer;
 use skein_api::{ProxyMessage, WorkloadIdentity};
@@ -32,9 +27,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use crate::stream::http2::{self, Reply, RequestSink};
 use crate::stream::hub::{ConfigHub, ConnectionId, Pushed};
-
-type Body = UnsyncBoxBody<Bytes, Infallible>;
 
 /// Lines from a proxy longer than this are refused (acknowledgements are a few dozen bytes,
 /// traffic reports a few hundred per destination).
@@ -130,6 +124,7 @@ pub async fn serve_with(
         let _ = stream.set_nodelay(true);
         let hub = hub.clone();
         let shutdown = shutdown.clone();
+        let svc_shutdown = shutdown.clone();
         let tls = tls.clone();
         let acceptors = acceptors.clone();
         tokio::spawn(async move {
@@ -161,42 +156,16 @@ pub async fn serve_with(
                 _ => (Box::new(stream), None),
             };
             let require = tls.as_ref().is_some_and(|t| t.require_client_cert);
-            let svc_shutdown = shutdown.clone();
-            let service = service_fn(move |req| {
-                let response = handle(req, peer, proven.as_ref(), require, &hub, &svc_shutdown);
-                async move { Ok::<_, Infallible>(response) }
-            });
-            let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-            builder
-                .timer(TokioTimer::new())
-                .keep_alive_interval(Some(Duration::from_secs(10)))
-                .keep_alive_timeout(Duration::from_secs(20))
-                // Per connection, a little: acknowledgements are tiny, so small receive windows;
-                // what is queued for sending is one 64 KiB frame at a time.
-                .initial_stream_window_size(64 * 1024)
-                .initial_connection_window_size(64 * 1024)
-                .max_send_buf_size(64 * 1024);
-            let conn = builder.serve_connection(TokioIo::new(io), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                result = conn.as_mut() => {
-                    if let Err(e) = result {
-                        tracing::debug!(%peer, error = %e, "config stream connection ended");
-                    }
-                }
-                _ = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
-                }
+            let handler = move |req| handle(req, peer, proven.as_ref(), require, &hub, &shutdown);
+            if let Err(e) = http2::serve(io, handler, svc_shutdown).await {
+                tracing::debug!(%peer, error = %e, "config stream connection ended");
             }
         });
     }
 }
 
-fn plain(status: StatusCode, text: &str) -> Response<Body> {
-    let mut response = Response::new(Full::new(Bytes::from(format!("{text}\n"))).boxed_unsync());
-    *response.status_mut() = status;
-    response
+fn plain(status: StatusCode, text: &str) -> Reply {
+    Reply::text(status, text)
 }
 
 /// A connection the stream is served on: plain TCP or TLS.
@@ -204,13 +173,13 @@ trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
 fn handle(
-    req: Request<Incoming>,
+    req: Request<()>,
     peer: SocketAddr,
     proven: Option<&WorkloadIdentity>,
     require_client_cert: bool,
     hub: &ConfigHub,
     shutdown: &CancellationToken,
-) -> Response<Body> {
+) -> Reply {
     if req.uri().path() != CONFIG_STREAM_PATH {
         return plain(StatusCode::NOT_FOUND, "not found");
     }
@@ -243,7 +212,13 @@ fn handle(
     let admission = Some((hub.identity_admission(&identity), hub.admission.clone()));
     let (conn, receiver) = hub.connect(identity, proxy_id.clone());
     let feedback = Arc::new(Feedback::default());
-    tokio::spawn(read_acks(req.into_body(), conn, hub.clone(), proxy_id, feedback.clone()));
+    let acks = AckReader {
+        lines: LineBuffer::new(MAX_PROXY_LINE),
+        conn,
+        hub: hub.clone(),
+        proxy_id,
+        feedback: feedback.clone(),
+    };
 
     let session = Session {
         receiver,
@@ -258,13 +233,14 @@ fn handle(
     };
     let lines = futures::stream::unfold(session, |mut session| async move {
         let frame = session.next_frame().await?;
-        Some((Ok::<_, Infallible>(Frame::data(frame)), session))
+        Some((frame, session))
     });
-    let mut response = Response::new(StreamBody::new(lines).boxed_unsync());
-    response
-        .headers_mut()
-        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/x-ndjson"));
-    response
+    Reply {
+        status: StatusCode::OK,
+        content_type: "application/x-ndjson",
+        body: Box::pin(lines),
+        sink: Some(Box::new(acks)),
+    }
 }
 
 /// How long a proxy may hold its admission permit before acknowledging its first config.
@@ -388,38 +364,38 @@ impl Drop for Session {
     }
 }
 
-async fn read_acks(
-    mut body: Incoming,
+/// The proxy's side of the stream: acknowledgement and traffic lines.
+struct AckReader {
+    lines: LineBuffer,
     conn: ConnectionId,
     hub: ConfigHub,
     proxy_id: String,
     feedback: Arc<Feedback>,
-) {
-    let mut lines = LineBuffer::new(MAX_PROXY_LINE);
-    while let Some(frame) = body.frame().await {
-        let Ok(frame) = frame else { break };
-        let Ok(data) = frame.into_data() else { continue };
-        lines.extend(&data);
+}
+
+impl RequestSink for AckReader {
+    fn data(&mut self, data: &[u8]) -> bool {
+        self.lines.extend(data);
         loop {
-            match lines.next_line() {
+            match self.lines.next_line() {
                 Ok(Some(line)) => match serde_json::from_slice::<ProxyMessage>(line) {
                     Ok(ProxyMessage::Ack(ack)) => {
-                        feedback.release();
+                        self.feedback.release();
                         if ack.error.is_some() {
-                            feedback.refused.store(true, Ordering::Release);
-                            feedback.wake.notify_one();
+                            self.feedback.refused.store(true, Ordering::Release);
+                            self.feedback.wake.notify_one();
                         }
-                        hub.acknowledge(conn, ack)
+                        self.hub.acknowledge(self.conn, ack)
                     }
-                    Ok(ProxyMessage::Traffic { traffic }) => hub.record_traffic(conn, traffic),
+                    Ok(ProxyMessage::Traffic { traffic }) => self.hub.record_traffic(self.conn, traffic),
                     Err(e) => {
-                        tracing::warn!(proxy = %proxy_id, error = %e, "ignoring a malformed line from the proxy")
+                        tracing::warn!(proxy = %self.proxy_id, error = %e, "ignoring a malformed line from the proxy")
                     }
                 },
-                Ok(None) => break,
+                Ok(None) => return true,
                 Err(_) => {
-                    tracing::warn!(proxy = %proxy_id, "a line from the proxy is too long; closing its side of the stream");
-                    return;
+                    tracing::warn!(proxy = %self.proxy_id, "a line from the proxy is too long; resetting its stream");
+                    return false;
                 }
             }
         }

@@ -1,0 +1,389 @@
+//! HPACK (RFC 7541): the decoder a server needs for request headers, with its dynamic table,
+//! and the few literal encodings the server answers with (no dynamic table, no Huffman).
+
+use std::collections::VecDeque;
+
+use super::huffman;
+
+/// RFC 7541 Appendix A.
+const STATIC_TABLE: [(&str, &str); 61] = [
+    (":authority", ""),
+    (":method", "GET"),
+    (":method", "POST"),
+    (":path", "/"),
+    (":path", "/index.html"),
+    (":scheme", "http"),
+    (":scheme", "https"),
+    (":status", "200"),
+    (":status", "204"),
+    (":status", "206"),
+    (":status", "304"),
+    (":status", "400"),
+    (":status", "404"),
+    (":status", "500"),
+    ("accept-charset", ""),
+    ("accept-encoding", "gzip, deflate"),
+    ("accept-language", ""),
+    ("accept-ranges", ""),
+    ("accept", ""),
+    ("access-control-allow-origin", ""),
+    ("age", ""),
+    ("allow", ""),
+    ("authorization", ""),
+    ("cache-control", ""),
+    ("content-disposition", ""),
+    ("content-encoding", ""),
+    ("content-language", ""),
+    ("content-length", ""),
+    ("content-location", ""),
+    ("content-range", ""),
+    ("content-type", ""),
+    ("cookie", ""),
+    ("date", ""),
+    ("etag", ""),
+    ("expect", ""),
+    ("expires", ""),
+    ("from", ""),
+    ("host", ""),
+    ("if-match", ""),
+    ("if-modified-since", ""),
+    ("if-none-match", ""),
+    ("if-range", ""),
+    ("if-unmodified-since", ""),
+    ("last-modified", ""),
+    ("link", ""),
+    ("location", ""),
+    ("max-forwards", ""),
+    ("proxy-authenticate", ""),
+    ("proxy-authorization", ""),
+    ("range", ""),
+    ("referer", ""),
+    ("refresh", ""),
+    ("retry-after", ""),
+    ("server", ""),
+    ("set-cookie", ""),
+    ("strict-transport-security", ""),
+    ("transfer-encoding", ""),
+    ("user-agent", ""),
+    ("vary", ""),
+    ("via", ""),
+    ("www-authenticate", ""),
+];
+
+/// Static table indices the server encodes with.
+const STATUS: usize = 8;
+const CONTENT_TYPE: usize = 31;
+
+/// Why a header block could not be decoded: a connection error (COMPRESSION_ERROR), since the
+/// dynamic table can no longer be trusted.
+#[derive(Debug, PartialEq, Eq)]
+pub enum HpackError {
+    /// The block ended inside a representation.
+    Truncated,
+    /// An integer longer than any the decoder accepts.
+    IntegerOverflow,
+    /// Index 0, or past the end of the tables.
+    BadIndex(usize),
+    InvalidHuffman,
+    /// A table size update larger than the limit the server announced, or after a header.
+    BadSizeUpdate,
+    /// The decoded header list is larger than the limit.
+    ListTooLarge,
+}
+
+impl std::fmt::Display for HpackError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Truncated => f.write_str("header block truncated"),
+            Self::IntegerOverflow => f.write_str("integer too large"),
+            Self::BadIndex(i) => write!(f, "no table entry {i}"),
+            Self::InvalidHuffman => f.write_str("invalid Huffman string"),
+            Self::BadSizeUpdate => f.write_str("invalid dynamic table size update"),
+            Self::ListTooLarge => f.write_str("header list too large"),
+        }
+    }
+}
+
+/// A decoded header field: name and value as sent.
+pub type Field = (Vec<u8>, Vec<u8>);
+
+/// A connection's decoder: its dynamic table lives as long as the connection.
+#[derive(Debug)]
+pub struct Decoder {
+    /// Newest first.
+    table: VecDeque<Field>,
+    /// Sum of the entries' sizes (name + value + 32 each).
+    size: usize,
+    /// The size the encoder last set (at most `limit`).
+    max: usize,
+    /// SETTINGS_HEADER_TABLE_SIZE as the server announced it.
+    limit: usize,
+}
+
+impl Decoder {
+    pub fn new(limit: usize) -> Self {
+        Self { table: VecDeque::new(), size: 0, max: limit, limit }
+    }
+
+    /// Decodes one whole header block. `max_list` bounds the decoded list, counted as HTTP/2's
+    /// SETTINGS_MAX_HEADER_LIST_SIZE counts it (name + value + 32 per field).
+    pub fn decode(&mut self, block: &[u8], max_list: usize) -> Result<Vec<Field>, HpackError> {
+        let mut fields = Vec::new();
+        let mut list = 0usize;
+        let mut pos = 0usize;
+        while pos < block.len() {
+            let first = block[pos];
+            let field = if first & 0x80 != 0 {
+                // Indexed field.
+                let index = integer(block, &mut pos, 7)?;
+                self.entry(index)?
+            } else if first & 0xc0 == 0x40 {
+                // Literal with incremental indexing.
+                let index = integer(block, &mut pos, 6)?;
+                let field = self.literal(block, &mut pos, index)?;
+                self.insert(field.clone());
+                field
+            } else if first & 0xe0 == 0x20 {
+                // Dynamic table size update: only before the first field of a block.
+                let size = integer(block, &mut pos, 5)?;
+                if size > self.limit || !fields.is_empty() {
+                    return Err(HpackError::BadSizeUpdate);
+                }
+                self.max = size;
+                self.evict(0);
+                continue;
+            } else {
+                // Literal without indexing (0000) or never indexed (0001).
+                let index = integer(block, &mut pos, 4)?;
+                self.literal(block, &mut pos, index)?
+            };
+            list += field.0.len() + field.1.len() + 32;
+            if list > max_list {
+                return Err(HpackError::ListTooLarge);
+            }
+            fields.push(field);
+        }
+        Ok(fields)
+    }
+
+    fn entry(&self, index: usize) -> Result<Field, HpackError> {
+        match index {
+            0 => Err(HpackError::BadIndex(0)),
+            1..=61 => {
+                let (name, value) = STATIC_TABLE[index - 1];
+                Ok((name.as_bytes().to_vec(), value.as_bytes().to_vec()))
+            }
+            _ => self.table.get(index - 62).cloned().ok_or(HpackError::BadIndex(index)),
+        }
+    }
+
+    /// A literal field whose name is entry `index` (or, when 0, a string that follows).
+    fn literal(&self, block: &[u8], pos: &mut usize, index: usize) -> Result<Field, HpackError> {
+        let name = match index {
+            0 => string(block, pos)?,
+            _ => self.entry(index)?.0,
+        };
+        Ok((name, string(block, pos)?))
+    }
+
+    fn insert(&mut self, field: Field) {
+        let size = field.0.len() + field.1.len() + 32;
+        // An entry larger than the table empties it and is not added (RFC 7541 §4.4).
+        self.evict(size);
+        if size <= self.max {
+            self.size += size;
+            self.table.push_front(field);
+        }
+    }
+
+    /// Evicts the oldest entries until `room` more bytes fit (or the table is empty).
+    fn evict(&mut self, room: usize) {
+        while self.size + room > self.max {
+            let Some((name, value)) = self.table.pop_back() else { break };
+            self.size -= name.len() + value.len() + 32;
+        }
+    }
+}
+
+/// An integer with an `prefix`-bit prefix (RFC 7541 §5.1), at most 2^28 or so.
+fn integer(block: &[u8], pos: &mut usize, prefix: u8) -> Result<usize, HpackError> {
+    let mask = ((1u16 << prefix) - 1) as u8;
+    let first = block.get(*pos).ok_or(HpackError::Truncated)? & mask;
+    *pos += 1;
+    if first < mask {
+        return Ok(first as usize);
+    }
+    let mut value = mask as usize;
+    let mut shift = 0u32;
+    loop {
+        let byte = *block.get(*pos).ok_or(HpackError::Truncated)?;
+        *pos += 1;
+        if shift > 21 {
+            return Err(HpackError::IntegerOverflow);
+        }
+        value += ((byte & 0x7f) as usize) << shift;
+        shift += 7;
+        if byte & 0x80 == 0 {
+            return Ok(value);
+        }
+    }
+}
+
+/// A string literal (RFC 7541 §5.2), Huffman-coded or not.
+fn string(block: &[u8], pos: &mut usize) -> Result<Vec<u8>, HpackError> {
+    let huffman = block.get(*pos).ok_or(HpackError::Truncated)? & 0x80 != 0;
+    let len = integer(block, pos, 7)?;
+    let end = pos.checked_add(len).filter(|end| *end <= block.len()).ok_or(HpackError::Truncated)?;
+    let raw = &block[*pos..end];
+    *pos = end;
+    if !huffman {
+        return Ok(raw.to_vec());
+    }
+    let mut out = Vec::with_capacity(len + len / 2);
+    huffman::decode(raw, &mut out).map_err(|_| HpackError::InvalidHuffman)?;
+    Ok(out)
+}
+
+fn put_integer(dst: &mut Vec<u8>, first: u8, prefix: u8, mut value: usize) {
+    let mask = ((1u16 << prefix) - 1) as usize;
+    if value < mask {
+        dst.push(first | value as u8);
+        return;
+    }
+    dst.push(first | mask as u8);
+    value -= mask;
+    while value >= 0x80 {
+        dst.push((value as u8 & 0x7f) | 0x80);
+        value >>= 7;
+    }
+    dst.push(value as u8);
+}
+
+/// A literal field without indexing whose name is static entry `name`.
+fn put_literal(dst: &mut Vec<u8>, name: usize, value: &[u8]) {
+    put_integer(dst, 0x00, 4, name);
+    put_integer(dst, 0x00, 7, value.len());
+    dst.extend_from_slice(value);
+}
+
+/// A response's header block: its status and content type, touching no table.
+pub fn response_head(status: u16, content_type: &str) -> Vec<u8> {
+    let mut block = Vec::with_capacity(32);
+    put_literal(&mut block, STATUS, status.to_string().as_bytes());
+    put_literal(&mut block, CONTENT_TYPE, content_type.as_bytes());
+    block
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hex(s: &str) -> Vec<u8> {
+        let s: String = s.chars().filter(|c| !c.is_whitespace()).collect();
+        (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+    }
+
+    fn text(fields: &[Field]) -> Vec<(String, String)> {
+        fields
+            .iter()
+            .map(|(n, v)| (String::from_utf8_lossy(n).into_owned(), String::from_utf8_lossy(v).into_owned()))
+            .collect()
+    }
+
+    fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        list.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect()
+    }
+
+    /// RFC 7541 C.3 (plain literals) and C.4 (the same requests Huffman-coded): three requests
+    /// on one connection, the dynamic table carried from one to the next.
+    #[test]
+    fn decodes_the_rfc_request_examples_with_their_dynamic_table() {
+        for blocks in [
+            [
+                "8286 8441 0f77 7777 2e65 7861 6d70 6c65 2e63 6f6d",
+                "8286 84be 5808 6e6f 2d63 6163 6865",
+                "8287 85bf 400a 6375 7374 6f6d 2d6b 6579 0c63 7573 746f 6d2d 7661 6c75 65",
+            ],
+            [
+                "8286 8441 8cf1 e3c2 e5f2 3a6b a0ab 90f4 ff",
+                "8286 84be 5886 a8eb 1064 9cbf",
+                "8287 85bf 4088 25a8 49e9 5ba9 7d7f 8925 a849 e95b b8e8 b4bf",
+            ],
+        ] {
+            let mut decoder = Decoder::new(4096);
+            let first = decoder.decode(&hex(blocks[0]), 16 * 1024).unwrap();
+            assert_eq!(
+                text(&first),
+                pairs(&[
+                    (":method", "GET"),
+                    (":scheme", "http"),
+                    (":path", "/"),
+                    (":authority", "www.example.com")
+                ])
+            );
+            assert_eq!(decoder.size, 57);
+            let second = decoder.decode(&hex(blocks[1]), 16 * 1024).unwrap();
+            assert_eq!(text(&second)[4], ("cache-control".to_string(), "no-cache".to_string()));
+            assert_eq!(decoder.size, 110);
+            let third = decoder.decode(&hex(blocks[2]), 16 * 1024).unwrap();
+            assert_eq!(
+                text(&third),
+                pairs(&[
+                    (":method", "GET"),
+                    (":scheme", "https"),
+                    (":path", "/index.html"),
+                    (":authority", "www.example.com"),
+                    ("custom-key", "custom-value"),
+                ])
+            );
+            assert_eq!(decoder.size, 164);
+        }
+    }
+
+    #[test]
+    fn evicts_the_oldest_entries_and_obeys_size_updates() {
+        let mut decoder = Decoder::new(100);
+        // Two literals with incremental indexing, new names: "a: 1" (34) and "b: 2" (34).
+        let block = hex("4001 6101 31 4001 6201 32");
+        decoder.decode(&block, 1024).unwrap();
+        assert_eq!(decoder.size, 68);
+        // A third (34) does not fit beside both: the oldest ("a") goes.
+        decoder.decode(&hex("4001 6301 33"), 1024).unwrap();
+        assert_eq!(text(&decoder.decode(&hex("be bf"), 1024).unwrap()), pairs(&[("c", "3"), ("b", "2")]));
+        assert_eq!(decoder.decode(&hex("c0"), 1024), Err(HpackError::BadIndex(64)));
+        // A size update to 0 empties the table; one above the announced limit is refused, as
+        // is one after a field.
+        decoder.decode(&hex("20"), 1024).unwrap();
+        assert_eq!(decoder.size, 0);
+        assert_eq!(decoder.decode(&hex("3f 46"), 1024), Err(HpackError::BadSizeUpdate));
+        assert_eq!(decoder.decode(&hex("82 20"), 1024), Err(HpackError::BadSizeUpdate));
+    }
+
+    #[test]
+    fn refuses_malformed_blocks() {
+        let mut decoder = Decoder::new(4096);
+        assert_eq!(decoder.decode(&hex("80"), 1024), Err(HpackError::BadIndex(0)));
+        assert_eq!(decoder.decode(&hex("ff"), 1024), Err(HpackError::Truncated));
+        assert_eq!(decoder.decode(&hex("ff ff ff ff ff ff 01"), 1024), Err(HpackError::IntegerOverflow));
+        // A literal whose value claims 5 bytes and carries 2.
+        assert_eq!(decoder.decode(&hex("0001 61 05 6869"), 1024), Err(HpackError::Truncated));
+        // A Huffman value padded with zeros.
+        assert_eq!(decoder.decode(&hex("0001 61 81 00"), 1024), Err(HpackError::InvalidHuffman));
+        // 100 copies of ":method: GET" (42 each) are more than a list of 4,096.
+        assert_eq!(decoder.decode(&[0x82; 100], 4096), Err(HpackError::ListTooLarge));
+    }
+
+    #[test]
+    fn a_response_head_decodes_to_its_status_and_type() {
+        let block = response_head(403, "text/plain");
+        let mut decoder = Decoder::new(4096);
+        assert_eq!(
+            text(&decoder.decode(&block, 1024).unwrap()),
+            pairs(&[(":status", "403"), ("content-type", "text/plain")])
+        );
+        assert_eq!(decoder.size, 0, "nothing indexed");
+        let mut long = Vec::new();
+        put_integer(&mut long, 0x00, 4, 300);
+        assert_eq!(long, [0x0f, 0x9d, 0x02]);
+    }
+}

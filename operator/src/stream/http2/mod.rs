@@ -1,0 +1,803 @@
+//! A small HTTP/2 server (RFC 9113) for the config stream: one request at a time per
+//! connection, answered with a long-lived response whose body the caller streams, the request
+//! body handed to the caller as it arrives.
+//!
+//! Why not hyper's server: the h2 crate under it holds about 28 KiB per connection whatever the
+//! traffic (a 16 KiB write buffer, an 8 KiB read buffer, a 4 KiB HPACK buffer) and hyper adds
+//! a task per stream; with 5,000 proxies connected that was most of the operator's memory
+//! (docs/decisions.md, "The config stream's HTTP/2 server"). Here an idle connection holds no
+//! buffer at all: the read and write buffers exist only while bytes are in them, and a
+//! connection is one task.
+//!
+//! What a client may do is bounded: one open stream (SETTINGS_MAX_CONCURRENT_STREAMS 1, others
+//! refused), header blocks of at most [`MAX_HEADER_BLOCK`] bytes (CONTINUATION included), our
+//! receive windows enforced, at most [`OUT_LIMIT`] bytes of answers (SETTINGS and PING
+//! acknowledgements, resets) queued for a peer that does not read, a first request within
+//! 10 s, and a PING unanswered for 20 s ends the connection ([`Timers`]). A
+//! protocol error ends the connection with GOAWAY and the error's code.
+
+pub mod frame;
+pub mod hpack;
+mod huffman;
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures::{Stream, StreamExt};
+use http::{HeaderName, HeaderValue, Method, StatusCode, Uri, Version};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use frame::{flag, kind, setting, Head, Reason, DEFAULT_MAX_FRAME, DEFAULT_WINDOW, HEADER_LEN, MAX_WINDOW};
+
+/// A response body: the pieces to send, in order; its end ends the stream.
+pub type BodyStream = Pin<Box<dyn Stream<Item = Bytes> + Send>>;
+
+/// Where a request's body goes, piece by piece, as it arrives.
+pub trait RequestSink: Send {
+    /// Takes a piece of the body; `false` resets the stream (the piece broke a rule of the
+    /// protocol carried inside, e.g. a line too long).
+    fn data(&mut self, data: &[u8]) -> bool;
+}
+
+/// The answer to a request.
+pub struct Reply {
+    pub status: StatusCode,
+    pub content_type: &'static str,
+    pub body: BodyStream,
+    /// Takes the request's body; without one it is read and dropped.
+    pub sink: Option<Box<dyn RequestSink>>,
+}
+
+impl Reply {
+    /// A short plain-text answer.
+    pub fn text(status: StatusCode, text: &str) -> Self {
+        let body = Bytes::from(format!("{text}\n"));
+        Self {
+            status,
+            content_type: "text/plain; charset=utf-8",
+            body: Box::pin(futures::stream::once(std::future::ready(body))),
+            sink: None,
+        }
+    }
+}
+
+/// The largest header block a request may carry (HEADERS and its CONTINUATIONs).
+pub const MAX_HEADER_BLOCK: usize = 16 * 1024;
+/// The largest decoded header list (SETTINGS_MAX_HEADER_LIST_SIZE).
+pub const MAX_HEADER_LIST: usize = 16 * 1024;
+/// SETTINGS_HEADER_TABLE_SIZE: the default, so a client may index from its first request on.
+const HEADER_TABLE: usize = 4096;
+/// The connection's clocks.
+#[derive(Debug, Clone, Copy)]
+pub struct Timers {
+    /// Without anything read for this long, a PING goes out.
+    pub keepalive: Duration,
+    /// A PING unanswered for this long ends the connection.
+    pub keepalive_timeout: Duration,
+    /// A connection must have sent its first request within this.
+    pub first_request: Duration,
+    /// After shutdown, how long the open stream has to end.
+    pub grace: Duration,
+    /// How often the clocks are looked at.
+    pub tick: Duration,
+}
+
+impl Default for Timers {
+    fn default() -> Self {
+        Self {
+            keepalive: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(20),
+            first_request: Duration::from_secs(10),
+            grace: Duration::from_secs(5),
+            tick: Duration::from_secs(2),
+        }
+    }
+}
+/// No more response DATA is queued while this much waits to be written.
+const OUT_HIGH: usize = 16 * 1024;
+/// More than this queued (the peer makes us answer and does not read) ends the connection.
+pub const OUT_LIMIT: usize = 256 * 1024;
+/// Receive windows are topped up once this much of them is used.
+const WINDOW_UPDATE_AT: i64 = 32 * 1024;
+/// Read this much at a time.
+const READ_CHUNK: usize = 4096;
+
+#[derive(Debug)]
+pub enum ConnError {
+    Io(std::io::Error),
+    /// The peer broke the protocol; it is told with GOAWAY.
+    Protocol(Reason, &'static str),
+    Timeout(&'static str),
+}
+
+impl std::fmt::Display for ConnError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Io(e) => write!(f, "{e}"),
+            Self::Protocol(reason, what) => write!(f, "{what} (HTTP/2 error {:#x})", reason.0),
+            Self::Timeout(what) => f.write_str(what),
+        }
+    }
+}
+
+/// How a frame ended the connection.
+enum Stop {
+    Error(ConnError),
+    /// The peer sent GOAWAY.
+    GoneAway,
+}
+
+impl From<ConnError> for Stop {
+    fn from(e: ConnError) -> Self {
+        Self::Error(e)
+    }
+}
+
+fn protocol(reason: Reason, what: &'static str) -> Stop {
+    Stop::Error(ConnError::Protocol(reason, what))
+}
+
+/// Serves one connection until the peer closes it, breaks the protocol, stops answering
+/// PINGs, or `shutdown` fires (GOAWAY, then up to [`Timers::grace`] for the open stream to end).
+pub async fn serve<IO, H>(io: IO, handler: H, shutdown: CancellationToken) -> Result<(), ConnError>
+where
+    IO: AsyncRead + AsyncWrite,
+    H: FnMut(http::Request<()>) -> Reply,
+{
+    serve_with(io, handler, shutdown, Timers::default()).await
+}
+
+pub async fn serve_with<IO, H>(
+    io: IO,
+    mut handler: H,
+    shutdown: CancellationToken,
+    timers: Timers,
+) -> Result<(), ConnError>
+where
+    IO: AsyncRead + AsyncWrite,
+    H: FnMut(http::Request<()>) -> Reply,
+{
+    let (mut rd, mut wr) = tokio::io::split(io);
+    let mut conn = Conn::new();
+    let mut out = BytesMut::new();
+    frame::put_settings(
+        &mut out,
+        &[(setting::MAX_CONCURRENT_STREAMS, 1), (setting::MAX_HEADER_LIST_SIZE, MAX_HEADER_LIST as u32)],
+    );
+    let mut rbuf: Vec<u8> = Vec::new();
+    let mut unflushed = false;
+    let started = Instant::now();
+    let mut grace: Option<Instant> = None;
+    let tick = tokio::time::sleep(timers.tick);
+    tokio::pin!(tick);
+    let result: Result<(), Stop> = loop {
+        conn.fill(&mut out);
+        if grace.is_some() && conn.active.is_none() && out.is_empty() && !unflushed {
+            break Ok(());
+        }
+        let want_body = out.len() < OUT_HIGH && conn.wants_body();
+        tokio::select! {
+            read = read_some(&mut rd, &mut rbuf) => match read {
+                Ok(0) => break Ok(()),
+                Ok(_) => {
+                    conn.last_read = Instant::now();
+                    match conn.process(&rbuf, &mut out, &mut handler) {
+                        Ok(used) => {
+                            rbuf.drain(..used);
+                            if rbuf.is_empty() {
+                                // An idle connection holds no read buffer.
+                                rbuf = Vec::new();
+                            }
+                        }
+                        Err(stop) => break Err(stop),
+                    }
+                }
+                Err(e) => break Err(ConnError::Io(e).into()),
+            },
+            written = write_some(&mut wr, &out), if !out.is_empty() || unflushed => match written {
+                Ok(0) if out.is_empty() => unflushed = false,
+                Ok(0) => break Err(ConnError::Io(std::io::ErrorKind::WriteZero.into()).into()),
+                Ok(n) => {
+                    out.advance(n);
+                    unflushed = true;
+                    if out.is_empty() {
+                        out = BytesMut::new();
+                    }
+                }
+                Err(e) => break Err(ConnError::Io(e).into()),
+            },
+            item = next_item(&mut conn.active), if want_body => conn.body_item(item, &mut out),
+            _ = shutdown.cancelled(), if grace.is_none() => {
+                conn.draining = true;
+                frame::put_goaway(&mut out, conn.last_stream, Reason::NO_ERROR, "");
+                grace = Some(Instant::now() + timers.grace);
+            }
+            _ = &mut tick => {
+                let now = Instant::now();
+                if grace.is_some_and(|g| now >= g) {
+                    break Ok(());
+                }
+                if conn.last_stream == 0 && now - started >= timers.first_request {
+                    break Err(ConnError::Timeout("no request within the first seconds").into());
+                }
+                match conn.ping_sent {
+                    Some(sent) if now - sent >= timers.keepalive_timeout => {
+                        break Err(ConnError::Timeout("a PING went unanswered").into());
+                    }
+                    None if now - conn.last_read >= timers.keepalive => {
+                        frame::put_ping(&mut out, *b"skeinka!", false);
+                        conn.ping_sent = Some(now);
+                    }
+                    _ => {}
+                }
+                tick.as_mut().reset(now + timers.tick);
+            }
+        }
+    };
+    // What is queued still goes, then a protocol error's GOAWAY; a peer that does not take
+    // them within a second is not waited for.
+    let result = match result {
+        Ok(()) | Err(Stop::GoneAway) => Ok(()),
+        Err(Stop::Error(e)) => {
+            if let ConnError::Protocol(reason, what) = &e {
+                frame::put_goaway(&mut out, conn.last_stream, *reason, what);
+            }
+            Err(e)
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        wr.write_all(&out).await?;
+        wr.shutdown().await
+    })
+    .await;
+    result
+}
+
+async fn read_some<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+    buf.reserve(READ_CHUNK);
+    rd.read_buf(buf).await
+}
+
+/// Writes some of `out`, or flushes when it is empty.
+async fn write_some<W: AsyncWrite + Unpin>(wr: &mut W, out: &[u8]) -> std::io::Result<usize> {
+    if out.is_empty() {
+        wr.flush().await?;
+        return Ok(0);
+    }
+    wr.write(out).await
+}
+
+async fn next_item(active: &mut Option<Open>) -> Option<Bytes> {
+    match active.as_mut().and_then(|s| s.body.as_mut()) {
+        Some(body) => body.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The open stream.
+struct Open {
+    id: u32,
+    /// What we may still send on it.
+    send_window: i64,
+    /// What the peer may still send on it, and what it sent since the last WINDOW_UPDATE.
+    recv_window: i64,
+    recv_used: i64,
+    /// `None` once it has ended (END_STREAM queued).
+    body: Option<BodyStream>,
+    /// A piece of the body the windows have not let out whole.
+    pending: Option<Bytes>,
+    sink: Option<Box<dyn RequestSink>>,
+    /// The peer's side ended (END_STREAM received).
+    remote_closed: bool,
+}
+
+/// A header block whose CONTINUATIONs are still to come.
+struct Continuation {
+    stream: u32,
+    end_stream: bool,
+    block: Vec<u8>,
+}
+
+struct Conn {
+    decoder: hpack::Decoder,
+    preface_seen: bool,
+    settings_seen: bool,
+    /// What we may still send on the connection.
+    send_window: i64,
+    /// SETTINGS_INITIAL_WINDOW_SIZE and SETTINGS_MAX_FRAME_SIZE as the peer set them.
+    peer_initial_window: i64,
+    peer_max_frame: usize,
+    /// What the peer may still send on the connection, and what it sent since the last
+    /// WINDOW_UPDATE.
+    recv_window: i64,
+    recv_used: i64,
+    /// The highest stream the peer opened.
+    last_stream: u32,
+    continuation: Option<Continuation>,
+    active: Option<Open>,
+    last_read: Instant,
+    ping_sent: Option<Instant>,
+    /// GOAWAY sent: no new streams.
+    draining: bool,
+}
+
+impl Conn {
+    fn new() -> Self {
+        Self {
+            decoder: hpack::Decoder::new(HEADER_TABLE),
+            preface_seen: false,
+            settings_seen: false,
+            send_window: DEFAULT_WINDOW,
+            peer_initial_window: DEFAULT_WINDOW,
+            peer_max_frame: DEFAULT_MAX_FRAME,
+            recv_window: DEFAULT_WINDOW,
+            recv_used: 0,
+            last_stream: 0,
+            continuation: None,
+            active: None,
+            last_read: Instant::now(),
+            ping_sent: None,
+            draining: false,
+        }
+    }
+
+    fn wants_body(&self) -> bool {
+        self.active.as_ref().is_some_and(|s| s.body.is_some() && s.pending.is_none())
+    }
+
+    /// Queues what the windows let out of the open stream's pending piece.
+    fn fill(&mut self, out: &mut BytesMut) {
+        let Some(s) = self.active.as_mut() else { return };
+        while out.len() < OUT_HIGH {
+            let Some(piece) = s.pending.as_mut() else { return };
+            let n =
+                (piece.len() as i64).min(self.send_window).min(s.send_window).min(self.peer_max_frame as i64);
+            if n <= 0 {
+                return;
+            }
+            let n = n as usize;
+            frame::put_data(out, s.id, &piece[..n], false);
+            piece.advance(n);
+            self.send_window -= n as i64;
+            s.send_window -= n as i64;
+            if piece.is_empty() {
+                s.pending = None;
+            }
+        }
+    }
+
+    /// The body's next piece, or its end: END_STREAM, and the stream is done (reset if the
+    /// peer is still sending, so it stops).
+    fn body_item(&mut self, item: Option<Bytes>, out: &mut BytesMut) {
+        let Some(s) = self.active.as_mut() else { return };
+        match item {
+            Some(piece) if piece.is_empty() => {}
+            Some(piece) => s.pending = Some(piece),
+            None => {
+                frame::put_data(out, s.id, &[], true);
+                if !s.remote_closed {
+                    frame::put_rst_stream(out, s.id, Reason::NO_ERROR);
+                }
+                self.active = None;
+            }
+        }
+    }
+
+    /// Handles the whole frames at the start of `buf`; returns how many bytes they took.
+    fn process<H>(&mut self, buf: &[u8], out: &mut BytesMut, handler: &mut H) -> Result<usize, Stop>
+    where
+        H: FnMut(http::Request<()>) -> Reply,
+    {
+        let mut pos = 0;
+        if !self.preface_seen {
+            let n = buf.len().min(frame::PREFACE.len());
+            if buf[..n] != frame::PREFACE[..n] {
+                return Err(protocol(Reason::PROTOCOL_ERROR, "not an HTTP/2 connection preface"));
+            }
+            if n < frame::PREFACE.len() {
+                return Ok(0);
+            }
+            self.preface_seen = true;
+            pos = n;
+        }
+        while buf.len() - pos >= HEADER_LEN {
+            let head = Head::parse(&buf[pos..]);
+            if head.len > DEFAULT_MAX_FRAME {
+                return Err(protocol(Reason::FRAME_SIZE_ERROR, "frame larger than SETTINGS_MAX_FRAME_SIZE"));
+            }
+            if buf.len() - pos - HEADER_LEN < head.len {
+                break;
+            }
+            let payload = &buf[pos + HEADER_LEN..pos + HEADER_LEN + head.len];
+            pos += HEADER_LEN + head.len;
+            self.frame(head, payload, out, handler)?;
+        }
+        if out.len() > OUT_LIMIT {
+            return Err(protocol(Reason::ENHANCE_YOUR_CALM, "the peer does not read what it asks for"));
+        }
+        Ok(pos)
+    }
+
+    fn frame<H>(
+        &mut self,
+        head: Head,
+        payload: &[u8],
+        out: &mut BytesMut,
+        handler: &mut H,
+    ) -> Result<(), Stop>
+    where
+        H: FnMut(http::Request<()>) -> Reply,
+    {
+        if !self.settings_seen && head.kind != kind::SETTINGS {
+            return Err(protocol(Reason::PROTOCOL_ERROR, "the first frame must be SETTINGS"));
+        }
+        if let Some(c) = &self.continuation {
+            if head.kind != kind::CONTINUATION || head.stream != c.stream {
+                return Err(protocol(Reason::PROTOCOL_ERROR, "expected CONTINUATION"));
+            }
+        }
+        match head.kind {
+            kind::DATA => self.data(head, payload, out)?,
+            kind::HEADERS => {
+                if head.stream == 0 || head.stream.is_multiple_of(2) {
+                    return Err(protocol(Reason::PROTOCOL_ERROR, "HEADERS on a stream a client cannot open"));
+                }
+                let range =
+                    frame::unpadded(&head, payload).ok_or(protocol(Reason::PROTOCOL_ERROR, "bad padding"))?;
+                let mut block = &payload[range];
+                if head.has(flag::PRIORITY) {
+                    block = block.get(5..).ok_or(protocol(Reason::FRAME_SIZE_ERROR, "short HEADERS"))?;
+                }
+                let end_stream = head.has(flag::END_STREAM);
+                if head.has(flag::END_HEADERS) {
+                    self.headers(head.stream, end_stream, block, out, handler)?;
+                } else {
+                    self.continuation =
+                        Some(Continuation { stream: head.stream, end_stream, block: block.to_vec() });
+                }
+            }
+            kind::CONTINUATION => {
+                let Some(mut c) = self.continuation.take() else {
+                    return Err(protocol(Reason::PROTOCOL_ERROR, "CONTINUATION without HEADERS"));
+                };
+                if c.block.len() + payload.len() > MAX_HEADER_BLOCK {
+                    return Err(protocol(Reason::ENHANCE_YOUR_CALM, "header block too large"));
+                }
+                c.block.extend_from_slice(payload);
+                if head.has(flag::END_HEADERS) {
+                    self.headers(c.stream, c.end_stream, &c.block, out, handler)?;
+                } else {
+                    self.continuation = Some(c);
+                }
+            }
+            kind::PRIORITY => {
+                if head.stream == 0 {
+                    return Err(protocol(Reason::PROTOCOL_ERROR, "PRIORITY on stream 0"));
+                }
+                if head.len != 5 {
+                    self.reset(out, head.stream, Reason::FRAME_SIZE_ERROR);
+                }
+            }
+            kind::RST_STREAM => {
+                if head.stream == 0 || head.stream > self.last_stream {
+                    return Err(protocol(Reason::PROTOCOL_ERROR, "RST_STREAM on a stream never opened"));
+                }
+                if head.len != 4 {
+                    return Err(protocol(Reason::FRAME_SIZE_ERROR, "RST_STREAM of a wrong size"));
+                }
+                if self.active.as_ref().is_some_and(|s| s.id == head.stream) {
+                    self.active = None;
+                }
+            }
+            kind::SETTINGS => self.settings(head, payload, out)?,
+            kind::PUSH_PROMISE => return Err(protocol(Reason::PROTOCOL_ERROR, "a client cannot push")),
+            kind::PING => {
+                if head.stream != 0 {
+                    return Err(protocol(Reason::PROTOCOL_ERROR, "PING on a stream"));
+                }
+                let payload: [u8; 8] = payload
+                    .try_into()
+                    .map_err(|_| protocol(Reason::FRAME_SIZE_ERROR, "PING of a wrong size"))?;
+                if head.has(flag::ACK) {
+                    self.ping_sent = None;
+                } else {
+                    frame::put_ping(out, payload, true);
+                }
+            }
+            kind::GOAWAY => {
+                if head.stream != 0 {
+                    return Err(protocol(Reason::PROTOCOL_ERROR, "GOAWAY on a stream"));
+                }
+                return Err(Stop::GoneAway);
+            }
+            kind::WINDOW_UPDATE => self.window_update(head, payload, out)?,
+            // Unknown frame types are ignored (RFC 9113 §4.1).
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn data(&mut self, head: Head, payload: &[u8], out: &mut BytesMut) -> Result<(), Stop> {
+        if head.stream == 0 {
+            return Err(protocol(Reason::PROTOCOL_ERROR, "DATA on stream 0"));
+        }
+        // The whole frame, padding included, counts against the windows.
+        let len = payload.len() as i64;
+        if len > self.recv_window {
+            return Err(protocol(Reason::FLOW_CONTROL_ERROR, "DATA beyond the connection window"));
+        }
+        self.recv_window -= len;
+        self.recv_used += len;
+        if self.recv_used >= WINDOW_UPDATE_AT {
+            frame::put_window_update(out, 0, self.recv_used as u32);
+            self.recv_window += self.recv_used;
+            self.recv_used = 0;
+        }
+        let range = frame::unpadded(&head, payload).ok_or(protocol(Reason::PROTOCOL_ERROR, "bad padding"))?;
+        let Some(s) = self.active.as_mut().filter(|s| s.id == head.stream && !s.remote_closed) else {
+            if head.stream > self.last_stream {
+                return Err(protocol(Reason::PROTOCOL_ERROR, "DATA on a stream never opened"));
+            }
+            self.reset(out, head.stream, Reason::STREAM_CLOSED);
+            return Ok(());
+        };
+        if len > s.recv_window {
+            let id = s.id;
+            self.reset(out, id, Reason::FLOW_CONTROL_ERROR);
+            return Ok(());
+        }
+        s.recv_window -= len;
+        s.recv_used += len;
+        let accepted = match s.sink.as_mut() {
+            Some(sink) if !range.is_empty() => sink.data(&payload[range]),
+            _ => true,
+        };
+        if !accepted {
+            let id = s.id;
+            self.reset(out, id, Reason::ENHANCE_YOUR_CALM);
+            return Ok(());
+        }
+        if head.has(flag::END_STREAM) {
+            s.remote_closed = true;
+        } else if s.recv_used >= WINDOW_UPDATE_AT {
+            frame::put_window_update(out, s.id, s.recv_used as u32);
+            s.recv_window += s.recv_used;
+            s.recv_used = 0;
+        }
+        Ok(())
+    }
+
+    fn headers<H>(
+        &mut self,
+        stream: u32,
+        end_stream: bool,
+        block: &[u8],
+        out: &mut BytesMut,
+        handler: &mut H,
+    ) -> Result<(), Stop>
+    where
+        H: FnMut(http::Request<()>) -> Reply,
+    {
+        if block.len() > MAX_HEADER_BLOCK {
+            return Err(protocol(Reason::ENHANCE_YOUR_CALM, "header block too large"));
+        }
+        // Decoded whatever becomes of the stream, so the table stays in step with the peer's.
+        let fields = self.decoder.decode(block, MAX_HEADER_LIST).map_err(|e| match e {
+            hpack::HpackError::ListTooLarge => protocol(Reason::ENHANCE_YOUR_CALM, "header list too large"),
+            _ => protocol(Reason::COMPRESSION_ERROR, "header block does not decode"),
+        })?;
+        if let Some(s) = self.active.as_mut().filter(|s| s.id == stream) {
+            // Trailers: they end the request.
+            if s.remote_closed || !end_stream {
+                self.reset(out, stream, Reason::PROTOCOL_ERROR);
+            } else {
+                s.remote_closed = true;
+            }
+            return Ok(());
+        }
+        if stream <= self.last_stream {
+            return Err(protocol(Reason::STREAM_CLOSED, "HEADERS on a closed stream"));
+        }
+        self.last_stream = stream;
+        if self.draining || self.active.is_some() {
+            frame::put_rst_stream(out, stream, Reason::REFUSED_STREAM);
+            return Ok(());
+        }
+        let request = match request(fields) {
+            Ok(request) => request,
+            Err(_) => {
+                frame::put_rst_stream(out, stream, Reason::PROTOCOL_ERROR);
+                return Ok(());
+            }
+        };
+        let reply = handler(request);
+        frame::put_headers(
+            out,
+            stream,
+            &hpack::response_head(reply.status.as_u16(), reply.content_type),
+            false,
+        );
+        self.active = Some(Open {
+            id: stream,
+            send_window: self.peer_initial_window,
+            recv_window: DEFAULT_WINDOW,
+            recv_used: 0,
+            body: Some(reply.body),
+            pending: None,
+            sink: reply.sink,
+            remote_closed: end_stream,
+        });
+        Ok(())
+    }
+
+    fn settings(&mut self, head: Head, payload: &[u8], out: &mut BytesMut) -> Result<(), Stop> {
+        if head.stream != 0 {
+            return Err(protocol(Reason::PROTOCOL_ERROR, "SETTINGS on a stream"));
+        }
+        if head.has(flag::ACK) {
+            return match head.len {
+                0 => Ok(()),
+                _ => Err(protocol(Reason::FRAME_SIZE_ERROR, "SETTINGS acknowledgement with a payload")),
+            };
+        }
+        if !head.len.is_multiple_of(6) {
+            return Err(protocol(Reason::FRAME_SIZE_ERROR, "SETTINGS of a wrong size"));
+        }
+        self.settings_seen = true;
+        for entry in payload.chunks_exact(6) {
+            let id = u16::from_be_bytes([entry[0], entry[1]]);
+            let value = u32::from_be_bytes([entry[2], entry[3], entry[4], entry[5]]);
+            match id {
+                setting::INITIAL_WINDOW_SIZE => {
+                    let value = value as i64;
+                    if value > MAX_WINDOW {
+                        return Err(protocol(
+                            Reason::FLOW_CONTROL_ERROR,
+                            "SETTINGS_INITIAL_WINDOW_SIZE too large",
+                        ));
+                    }
+                    let delta = value - self.peer_initial_window;
+                    self.peer_initial_window = value;
+                    if let Some(s) = self.active.as_mut() {
+                        s.send_window += delta;
+                        if s.send_window > MAX_WINDOW {
+                            return Err(protocol(Reason::FLOW_CONTROL_ERROR, "a stream window overflowed"));
+                        }
+                    }
+                }
+                setting::MAX_FRAME_SIZE => {
+                    if !(DEFAULT_MAX_FRAME as u32..=(1 << 24) - 1).contains(&value) {
+                        return Err(protocol(Reason::PROTOCOL_ERROR, "SETTINGS_MAX_FRAME_SIZE out of range"));
+                    }
+                    self.peer_max_frame = value as usize;
+                }
+                setting::ENABLE_PUSH if value > 1 => {
+                    return Err(protocol(Reason::PROTOCOL_ERROR, "SETTINGS_ENABLE_PUSH not 0 or 1"));
+                }
+                // The peer's HPACK table size does not matter: nothing is indexed for it.
+                _ => {}
+            }
+        }
+        frame::put_settings_ack(out);
+        Ok(())
+    }
+
+    fn window_update(&mut self, head: Head, payload: &[u8], out: &mut BytesMut) -> Result<(), Stop> {
+        let bytes: [u8; 4] = payload
+            .try_into()
+            .map_err(|_| protocol(Reason::FRAME_SIZE_ERROR, "WINDOW_UPDATE of a wrong size"))?;
+        let increment = (u32::from_be_bytes(bytes) & 0x7fff_ffff) as i64;
+        if head.stream == 0 {
+            if increment == 0 {
+                return Err(protocol(Reason::PROTOCOL_ERROR, "WINDOW_UPDATE of 0"));
+            }
+            self.send_window += increment;
+            if self.send_window > MAX_WINDOW {
+                return Err(protocol(Reason::FLOW_CONTROL_ERROR, "the connection window overflowed"));
+            }
+            return Ok(());
+        }
+        if head.stream > self.last_stream {
+            return Err(protocol(Reason::PROTOCOL_ERROR, "WINDOW_UPDATE on a stream never opened"));
+        }
+        if let Some(s) = self.active.as_mut().filter(|s| s.id == head.stream) {
+            s.send_window += increment;
+            if increment == 0 {
+                self.reset(out, head.stream, Reason::PROTOCOL_ERROR);
+            } else if s.send_window > MAX_WINDOW {
+                self.reset(out, head.stream, Reason::FLOW_CONTROL_ERROR);
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends a stream with a stream error.
+    fn reset(&mut self, out: &mut BytesMut, stream: u32, reason: Reason) {
+        frame::put_rst_stream(out, stream, reason);
+        if self.active.as_ref().is_some_and(|s| s.id == stream) {
+            self.active = None;
+        }
+    }
+}
+
+/// Headers that belong to a hop of HTTP/1 and are malformed in HTTP/2 (RFC 9113 §8.2.2).
+const CONNECTION_SPECIFIC: [&[u8]; 5] =
+    [b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"];
+
+/// The request a decoded header list makes, or why it is malformed (RFC 9113 §8.3.1).
+fn request(fields: Vec<hpack::Field>) -> Result<http::Request<()>, &'static str> {
+    let (mut method, mut path, mut scheme, mut authority) = (None, None, None, None);
+    let mut headers = http::HeaderMap::new();
+    for (name, value) in fields {
+        if let Some(pseudo) = name.strip_prefix(b":") {
+            if !headers.is_empty() {
+                return Err("a pseudo-header after a regular one");
+            }
+            let slot = match pseudo {
+                b"method" => &mut method,
+                b"path" => &mut path,
+                b"scheme" => &mut scheme,
+                b"authority" => &mut authority,
+                _ => return Err("an unknown pseudo-header"),
+            };
+            if slot.replace(value).is_some() {
+                return Err("a repeated pseudo-header");
+            }
+            continue;
+        }
+        if name.iter().any(u8::is_ascii_uppercase) {
+            return Err("an upper-case header name");
+        }
+        if CONNECTION_SPECIFIC.contains(&name.as_slice()) || (name == b"te" && value != b"trailers") {
+            return Err("a connection-specific header");
+        }
+        let name = HeaderName::from_bytes(&name).map_err(|_| "an invalid header name")?;
+        let value = HeaderValue::from_bytes(&value).map_err(|_| "an invalid header value")?;
+        headers.append(name, value);
+    }
+    let (Some(method), Some(path), Some(_scheme)) = (method, path, scheme) else {
+        return Err(":method, :path or :scheme missing");
+    };
+    let mut request = http::Request::new(());
+    *request.method_mut() = Method::from_bytes(&method).map_err(|_| "an invalid :method")?;
+    *request.uri_mut() = Uri::try_from(path).map_err(|_| "an invalid :path")?;
+    *request.headers_mut() = headers;
+    *request.version_mut() = Version::HTTP_2;
+    Ok(request)
+}
+
+#[cfg(test)]
+mod tests;
+
+/// The fuzz target's logic (`skein_operator::fuzzing::http2_frames`): the bytes after the
+/// preface, as a client would send them, through the frame and header parsing, however they
+/// are cut into reads. Never a panic; what is queued for the peer stays bounded, and the
+/// windows within their range.
+pub fn fuzz_frames(data: &[u8]) {
+    // The first byte says where reads end: every `cut`-th byte.
+    let cut = data.first().map_or(1, |b| *b as usize % 64 + 1);
+    let mut conn = Conn::new();
+    let mut handler = |_: http::Request<()>| Reply::text(StatusCode::NOT_FOUND, "not found");
+    let mut out = BytesMut::new();
+    let mut buf = frame::PREFACE.to_vec();
+    for chunk in data.get(1..).unwrap_or_default().chunks(cut) {
+        buf.extend_from_slice(chunk);
+        match conn.process(&buf, &mut out, &mut handler) {
+            Ok(used) => drop(buf.drain(..used)),
+            Err(_) => return,
+        }
+        assert!(out.len() <= OUT_LIMIT, "the answers queued are bounded");
+        assert!(conn.send_window <= MAX_WINDOW && conn.recv_window <= DEFAULT_WINDOW);
+        if let Some(s) = &conn.active {
+            assert!(s.send_window <= MAX_WINDOW && s.recv_window <= DEFAULT_WINDOW);
+            // The body is a stream the connection's task polls; here it ends at once.
+            conn.body_item(None, &mut out);
+        }
+        if out.len() > OUT_LIMIT / 2 {
+            out.clear();
+        }
+    }
+}

@@ -11,7 +11,7 @@
 //! touch one that exists without it, and it deletes what it made when it ends.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use futures::{StreamExt as _, TryStreamExt as _};
@@ -237,24 +237,27 @@ impl ApiFeed {
     }
 
     /// Brings the namespace of Service `i` to `edits`: the objects that changed are applied,
-    /// then those gone are deleted, one write at a time. Returns the number of writes.
-    pub async fn change(&mut self, i: usize, edits: &Edits) -> anyhow::Result<usize> {
+    /// then those gone are deleted, one write at a time. Returns when the first write started
+    /// (the change's start: the documents are made and compared before it).
+    pub async fn change(&mut self, i: usize, edits: &Edits) -> anyhow::Result<Option<Instant>> {
         let ns = i / self.shape.services_per_namespace;
         let docs = documents(&self.shape, ns, edits)?;
         let old = self.applied.remove(&ns).unwrap_or_default();
-        let mut writes = 0;
-        for (key, doc) in &docs {
-            if old.get(key) != Some(doc) {
-                Self::apply(self.client.clone(), doc.clone()).await?;
-                writes += 1;
-            }
-        }
-        for key in old.keys().filter(|k| !docs.contains_key(*k)) {
-            self.delete(ns, key).await?;
-            writes += 1;
-        }
+        let applies: Vec<Value> = docs
+            .iter()
+            .filter(|(key, doc)| old.get(*key) != Some(*doc))
+            .map(|(_, doc)| doc.clone())
+            .collect();
+        let deletes: Vec<DocKey> = old.keys().filter(|k| !docs.contains_key(*k)).cloned().collect();
         self.applied.insert(ns, docs);
-        Ok(writes)
+        let first = (!applies.is_empty() || !deletes.is_empty()).then(Instant::now);
+        for doc in applies {
+            Self::apply(self.client.clone(), doc).await?;
+        }
+        for key in &deletes {
+            self.delete(ns, key).await?;
+        }
+        Ok(first)
     }
 
     /// The mesh CA the operator keeps in its namespace, once it has written it.

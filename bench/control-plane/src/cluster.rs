@@ -171,15 +171,18 @@ pub fn write_all(shape: &Shape, dir: &Path, edits: &Edits, node: Option<&str>) -
 
 /// Rewrites the files of the namespace of Service `i` that differ (atomically: a temp file,
 /// then rename, so the operator never reads half a file). Returns the files written.
+/// Returns the files written and when the first of them appeared (the change's start: the
+/// texts are made and compared before it).
 pub fn rewrite_namespace_of(
     shape: &Shape,
     dir: &Path,
     i: usize,
     edits: &Edits,
     node: Option<&str>,
-) -> anyhow::Result<Vec<String>> {
+) -> anyhow::Result<(Vec<String>, Option<std::time::Instant>)> {
     let ns = i / shape.services_per_namespace;
     let mut written = Vec::new();
+    let mut first = None;
     for (name, text) in namespace_files(shape, ns, edits, node) {
         let path = dir.join(&name);
         if std::fs::read_to_string(&path).ok().as_deref() == Some(text.as_str()) {
@@ -187,10 +190,11 @@ pub fn rewrite_namespace_of(
         }
         let tmp = dir.join(format!(".{name}.tmp"));
         std::fs::write(&tmp, &text)?;
+        first.get_or_insert_with(std::time::Instant::now);
         std::fs::rename(tmp, &path)?;
         written.push(name);
     }
-    Ok(written)
+    Ok((written, first))
 }
 
 #[cfg(test)]

@@ -294,17 +294,16 @@ impl Feed {
             .await
     }
 
-    /// Makes the change `edits` holds to the namespace of Service `i`.
-    async fn change(&mut self, shape: &Shape, i: usize, edits: &Edits) -> anyhow::Result<()> {
-        match self {
+    /// Makes the change `edits` holds to the namespace of Service `i`; returns when its first
+    /// write started.
+    async fn change(&mut self, shape: &Shape, i: usize, edits: &Edits) -> anyhow::Result<Instant> {
+        let first = match self {
             Feed::Files { manifests, .. } => {
-                cluster::rewrite_namespace_of(shape, manifests, i, edits, None)?;
+                cluster::rewrite_namespace_of(shape, manifests, i, edits, None)?.1
             }
-            Feed::Api(api) => {
-                api.change(i, edits).await?;
-            }
-        }
-        Ok(())
+            Feed::Api(api) => api.change(i, edits).await?,
+        };
+        first.context("the change wrote nothing")
     }
 }
 
@@ -530,8 +529,7 @@ async fn run_one(args: &Args, shape: Shape, n: usize) -> anyhow::Result<()> {
             let before: Vec<usize> = records.iter().map(|r| r.count()).collect();
             let (full0, delta0) = operator.bytes_sent().await?;
             let i = change(&mut edits, k);
-            let t0 = Instant::now();
-            feed.change(&shape, i, &edits).await?;
+            let t0 = feed.change(&shape, i, &edits).await?;
             for (record, &b) in records.iter().zip(&before) {
                 let got = wait_line(record, b, Duration::from_secs(60)).await?;
                 let held = record.line(b.wrapping_sub(1)).map(|l| l.version).unwrap_or_default();

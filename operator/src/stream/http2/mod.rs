@@ -10,7 +10,7 @@
 //! connection is one task.
 //!
 //! What a client may do is bounded: one open stream (SETTINGS_MAX_CONCURRENT_STREAMS 1, others
-//! refused), header blocks of at most [`MAX_HEADER_BLOCK`] bytes (CONTINUATION included), our
+//! refused) and [`MAX_STREAMS`] in the connection's life, header blocks of at most [`MAX_HEADER_BLOCK`] bytes (CONTINUATION included), our
 //! receive windows enforced, at most [`OUT_LIMIT`] bytes of answers (SETTINGS and PING
 //! acknowledgements, resets) queued for a peer that does not read, a first request within
 //! 10 s, and a PING unanswered for 20 s ends the connection ([`Timers`]). A
@@ -104,6 +104,9 @@ pub const OUT_LIMIT: usize = 256 * 1024;
 const WINDOW_UPDATE_AT: i64 = 32 * 1024;
 /// Read this much at a time.
 const READ_CHUNK: usize = 4096;
+/// Streams one connection may open in all. A proxy opens one per connection; a client that
+/// opens and resets streams in a loop (each a session started and torn down) is cut off.
+pub const MAX_STREAMS: u32 = 32;
 
 #[derive(Debug)]
 pub enum ConnError {
@@ -314,8 +317,9 @@ struct Conn {
     /// WINDOW_UPDATE.
     recv_window: i64,
     recv_used: i64,
-    /// The highest stream the peer opened.
+    /// The highest stream the peer opened, and how many it opened.
     last_stream: u32,
+    opened: u32,
     continuation: Option<Continuation>,
     active: Option<Open>,
     last_read: Instant,
@@ -336,6 +340,7 @@ impl Conn {
             recv_window: DEFAULT_WINDOW,
             recv_used: 0,
             last_stream: 0,
+            opened: 0,
             continuation: None,
             active: None,
             last_read: Instant::now(),
@@ -602,6 +607,10 @@ impl Conn {
             return Err(protocol(Reason::STREAM_CLOSED, "HEADERS on a closed stream"));
         }
         self.last_stream = stream;
+        self.opened += 1;
+        if self.opened > MAX_STREAMS {
+            return Err(protocol(Reason::ENHANCE_YOUR_CALM, "too many streams on one connection"));
+        }
         if self.draining || self.active.is_some() {
             frame::put_rst_stream(out, stream, Reason::REFUSED_STREAM);
             return Ok(());

@@ -267,6 +267,17 @@ async fn one_stream_at_a_time_and_a_body_the_sink_refuses_resets_it() {
     c.request(5, 2, "/elsewhere", true).await;
     let frames = c.until(kind::DATA, flag::END_STREAM).await;
     assert_eq!(data_of(&frames, 5), b"not found\n");
+
+    // Streams opened and reset in a loop: the connection ends at the limit.
+    for stream in (7..).step_by(2).take(MAX_STREAMS as usize) {
+        let mut b = BytesMut::new();
+        frame::put_headers(&mut b, stream, &request_block(2, "/elsewhere"), false);
+        frame::put_rst_stream(&mut b, stream, Reason(0x8));
+        c.send(&b).await;
+    }
+    assert_eq!(c.goaway().await, Reason::ENHANCE_YOUR_CALM);
+    // Stream 3, refused above, counts among the streams opened, and reached nobody.
+    assert_eq!(c.seen.requests.lock().unwrap().len(), MAX_STREAMS as usize - 1, "none past the limit served");
 }
 
 #[tokio::test]

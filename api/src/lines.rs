@@ -61,6 +61,12 @@ impl LineBuffer {
                 }
                 Ok(Some(&self.buf[line]))
             }
+            None if self.start == self.buf.len() => {
+                // Everything read: the buffer goes, so a connection between lines holds none
+                // (its capacity would otherwise stay at the longest line it ever carried).
+                *self = Self::new(self.limit);
+                Ok(None)
+            }
             None => {
                 self.scanned = self.buf.len();
                 if self.buf.len() - self.start > self.limit {
@@ -74,6 +80,11 @@ impl LineBuffer {
     /// Bytes held that are not yet a complete line.
     pub fn pending(&self) -> usize {
         self.buf.len() - self.start
+    }
+
+    /// Bytes of memory the buffer holds.
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity()
     }
 }
 
@@ -118,6 +129,20 @@ mod tests {
         let mut lines = LineBuffer::new(3);
         lines.extend(b"abcd\n");
         assert_eq!(lines.next_line(), Err(LineTooLong { limit: 3 }));
+    }
+
+    #[test]
+    fn a_buffer_read_to_its_end_holds_no_memory() {
+        let mut lines = LineBuffer::new(1 << 20);
+        lines.extend(&[b'x'; 100_000]);
+        lines.extend(b"\nshort");
+        assert_eq!(lines.next_line().unwrap().map(<[u8]>::len), Some(100_000));
+        assert_eq!(lines.next_line(), Ok(None));
+        assert!(lines.capacity() >= 100_000, "a partial line keeps its buffer");
+        lines.extend(b"\n");
+        assert_eq!(lines.next_line(), Ok(Some(&b"short"[..])));
+        assert_eq!(lines.next_line(), Ok(None));
+        assert_eq!((lines.capacity(), lines.pending()), (0, 0));
     }
 
     #[test]

@@ -184,6 +184,22 @@ type AckBody = http_body_util::StreamBody<
     futures::channel::mpsc::UnboundedReceiver<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>>,
 >;
 
+/// A connection that sends nothing, not even the first byte that tells TLS from plaintext,
+/// is closed at the handshake deadline (10 s): it holds a task no longer.
+#[tokio::test]
+async fn a_connection_that_sends_nothing_is_closed() {
+    use tokio::io::AsyncReadExt;
+
+    let (_hub, addr, stop) = serving(canary_mesh(90)).await;
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let started = tokio::time::Instant::now();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(30), tcp.read(&mut buf)).await;
+    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "closed within 30 s, nothing sent: {read:?}");
+    assert!(started.elapsed() >= Duration::from_secs(9), "{:?}", started.elapsed());
+    stop.cancel();
+}
+
 /// An HTTP/2 connection to the stream server at `addr`, for raw stream clients.
 async fn raw_connection(addr: std::net::SocketAddr) -> hyper::client::conn::http2::SendRequest<AckBody> {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -280,31 +296,47 @@ async fn a_refused_delta_is_answered_with_the_whole_config() {
     stop.cancel();
 }
 
-/// A proxy holds an admission slot from its first config until it acknowledges it: streams of
-/// one identity that never acknowledge hold at most that identity's share, so another
-/// identity is still served, and a stream that goes away hands its slot on at once.
+/// A proxy holds an admission slot from its first config until it acknowledges that config:
+/// streams of one identity that never acknowledge it (or acknowledge another version) hold at most that identity's share, so another identity is still served; an
+/// acknowledgement of the config sent, or a stream that goes away, hands the slot on at once.
 #[tokio::test]
 async fn one_identity_cannot_hold_every_admission_slot() {
     use skein_operator::IDENTITY_ADMISSION_LIMIT;
 
     let (_hub, addr, stop) = serving(canary_mesh(90)).await;
     let limit = Duration::from_secs(10);
+    let version_of = |line: &[u8]| serde_json::from_slice::<skein_api::ProxyConfig>(line).unwrap().version;
 
     // A connection each, as proxies do (the server takes one stream per connection).
     let mut hogs = Vec::new();
     for _ in 0..IDENTITY_ADMISSION_LIMIT {
         let mut sender = raw_connection(addr).await;
         let mut hog = RawStream::open(&mut sender, "shop/intruder", false).await;
-        assert!(hog.next_line(limit).await.is_some(), "within the identity's share");
-        hogs.push((sender, hog));
+        // An acknowledgement sent without reading the config, of a version guessed: no slot
+        // is given back.
+        hog.ack("a guess", None);
+        let first = hog.next_line(limit).await.expect("within the identity's share");
+        hogs.push((sender, hog, first));
     }
     let mut waiting = RawStream::open(&mut raw_connection(addr).await, "shop/intruder", false).await;
     let mut other = RawStream::open(&mut raw_connection(addr).await, "shop/web", false).await;
     assert!(other.next_line(limit).await.is_some(), "another identity is admitted");
     assert!(waiting.next_line(Duration::from_millis(300)).await.is_none(), "the identity's share is taken");
+
     // Well within the 10 s a slot is held for a proxy that does not acknowledge.
-    drop(hogs.pop());
-    assert!(waiting.next_line(Duration::from_secs(5)).await.is_some(), "a slot given back is taken");
+    let (_, hog, first) = hogs.last().unwrap();
+    hog.ack("another version", None);
+    assert!(waiting.next_line(Duration::from_millis(300)).await.is_none(), "not for another version");
+    hog.ack(&version_of(first), None);
+    assert!(
+        waiting.next_line(Duration::from_secs(5)).await.is_some(),
+        "an acknowledgement gives the slot back"
+    );
+
+    let mut next = RawStream::open(&mut raw_connection(addr).await, "shop/intruder", false).await;
+    assert!(next.next_line(Duration::from_millis(300)).await.is_none(), "the share is taken again");
+    drop(hogs.remove(0));
+    assert!(next.next_line(Duration::from_secs(5)).await.is_some(), "a slot given back is taken");
     stop.cancel();
 }
 

@@ -128,32 +128,17 @@ pub async fn serve_with(
         let tls = tls.clone();
         let acceptors = acceptors.clone();
         tokio::spawn(async move {
-            let mut first = [0u8; 1];
-            let is_tls = matches!(stream.peek(&mut first).await, Ok(1)) && first[0] == 0x16;
-            let (io, proven): (Box<dyn Io>, Option<WorkloadIdentity>) = match (&tls, is_tls) {
-                (Some(t), true) => {
-                    let Some(acceptor) = t.acceptor(&acceptors) else { return };
-                    match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
-                        Ok(Ok(s)) => {
-                            let proven = s
-                                .get_ref()
-                                .1
-                                .peer_certificates()
-                                .and_then(|c| c.first())
-                                .and_then(|c| identity_from_cert(c));
-                            (Box::new(s), proven)
-                        }
-                        _ => {
-                            tracing::info!(%peer, "config stream TLS handshake failed");
-                            return;
-                        }
-                    }
-                }
-                (Some(t), false) if t.require_client_cert => {
-                    tracing::info!(%peer, "refused a plaintext config stream (mTLS required)");
+            // The first byte and the TLS handshake share one deadline: a peer that connects
+            // and sends nothing, or stalls the handshake, holds a task for at most that long.
+            let opened =
+                tokio::time::timeout(HANDSHAKE_TIMEOUT, open(stream, peer, tls.as_ref(), &acceptors));
+            let (io, proven) = match opened.await {
+                Ok(Some(opened)) => opened,
+                Ok(None) => return,
+                Err(_) => {
+                    tracing::info!(%peer, "config stream: nothing usable within the handshake deadline");
                     return;
                 }
-                _ => (Box::new(stream), None),
             };
             let require = tls.as_ref().is_some_and(|t| t.require_client_cert);
             let handler = move |req| handle(req, peer, proven.as_ref(), require, &hub, &shutdown);
@@ -161,6 +146,46 @@ pub async fn serve_with(
                 tracing::debug!(%peer, error = %e, "config stream connection ended");
             }
         });
+    }
+}
+
+/// How long a new connection has for its first byte and its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A connection made ready to serve: TLS accepted when it starts with a TLS record (and the
+/// identity its client certificate proves), or plain TCP when that is allowed.
+async fn open(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    tls: Option<&StreamTls>,
+    acceptors: &AcceptorCache,
+) -> Option<(Box<dyn Io>, Option<WorkloadIdentity>)> {
+    let mut first = [0u8; 1];
+    let is_tls = matches!(stream.peek(&mut first).await, Ok(1)) && first[0] == 0x16;
+    match (tls, is_tls) {
+        (Some(t), true) => {
+            let acceptor = t.acceptor(acceptors)?;
+            match acceptor.accept(stream).await {
+                Ok(s) => {
+                    let proven = s
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .and_then(|c| identity_from_cert(c));
+                    Some((Box::new(s), proven))
+                }
+                Err(e) => {
+                    tracing::info!(%peer, error = %e, "config stream TLS handshake failed");
+                    None
+                }
+            }
+        }
+        (Some(t), false) if t.require_client_cert => {
+            tracing::info!(%peer, "refused a plaintext config stream (mTLS required)");
+            None
+        }
+        _ => Some((Box::new(stream), None)),
     }
 }
 
@@ -218,6 +243,7 @@ fn handle(
         hub: hub.clone(),
         proxy_id,
         feedback: feedback.clone(),
+        warned: false,
     };
 
     let session = Session {
@@ -269,14 +295,29 @@ struct Feedback {
     /// The proxy refused a config: the next one goes whole.
     refused: AtomicBool,
     wake: Notify,
-    /// Held from the first config until the proxy acknowledges it (or [`ADMISSION_HOLD`], or
-    /// it goes away): its identity's slot and the hub's.
-    permit: Mutex<Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>>,
+    /// Held from the first config until the proxy acknowledges that version (or
+    /// [`ADMISSION_HOLD`], or it goes away): its identity's slot and the hub's.
+    permit: Mutex<Option<Admitted>>,
+}
+
+/// The admission slots a proxy holds, and the version it must acknowledge to give them back.
+struct Admitted {
+    version: String,
+    _permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
 }
 
 impl Feedback {
     fn release(&self) {
         self.permit.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+
+    /// The proxy acknowledged `version`: the slots go back when it is the first config's (an
+    /// acknowledgement sent before the config arrived does not jump the admission queue).
+    fn acknowledged(&self, version: &str) {
+        let mut permit = self.permit.lock().unwrap_or_else(|e| e.into_inner());
+        if permit.as_ref().is_some_and(|p| p.version == version) {
+            permit.take();
+        }
     }
 }
 
@@ -297,21 +338,17 @@ impl Session {
     }
 
     async fn next_line(&mut self) -> Option<crate::compute::LinePlan> {
+        let mut admitted = None;
         if let Some((own, all)) = self.admission.take() {
             // Admission after authentication: a reconnect storm is served a bounded number of
             // first configs at a time, in arrival order (the semaphores are fair), so nobody
             // starves and the first to come are served first. The identity's slot is taken
             // first, so one identity's waiting proxies never hold the hub's slots.
-            let permit = tokio::select! {
-                permits = async { Some((own.acquire_owned().await.ok()?, all.acquire_owned().await.ok()?)) } => permits?,
+            admitted = tokio::select! {
+                permits = async { Some((own.acquire_owned().await.ok()?, all.acquire_owned().await.ok()?)) } => permits,
                 _ = self.shutdown.cancelled() => return None,
             };
-            *self.feedback.permit.lock().unwrap_or_else(|e| e.into_inner()) = Some(permit);
-            let feedback = self.feedback.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(ADMISSION_HOLD).await;
-                feedback.release();
-            });
+            admitted.as_ref()?;
         } else {
             loop {
                 tokio::select! {
@@ -330,6 +367,15 @@ impl Session {
             }
         }
         let pushed: Arc<Pushed> = self.receiver.borrow_and_update().clone();
+        if let Some(permits) = admitted {
+            let held = Admitted { version: pushed.version.clone(), _permits: permits };
+            *self.feedback.permit.lock().unwrap_or_else(|e| e.into_inner()) = Some(held);
+            let feedback = self.feedback.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(ADMISSION_HOLD).await;
+                feedback.release();
+            });
+        }
         let whole = self.feedback.refused.swap(false, Ordering::AcqRel);
         let delta = match (&self.sent, self.deltas && !whole) {
             (Some((held, _)), true) => pushed.delta_from(held),
@@ -371,6 +417,8 @@ struct AckReader {
     hub: ConfigHub,
     proxy_id: String,
     feedback: Arc<Feedback>,
+    /// A malformed line was warned of.
+    warned: bool,
 }
 
 impl RequestSink for AckReader {
@@ -378,9 +426,10 @@ impl RequestSink for AckReader {
         self.lines.extend(data);
         loop {
             match self.lines.next_line() {
+                Ok(Some(line)) if line.trim_ascii().is_empty() => {}
                 Ok(Some(line)) => match serde_json::from_slice::<ProxyMessage>(line) {
                     Ok(ProxyMessage::Ack(ack)) => {
-                        self.feedback.release();
+                        self.feedback.acknowledged(&ack.version);
                         if ack.error.is_some() {
                             self.feedback.refused.store(true, Ordering::Release);
                             self.feedback.wake.notify_one();
@@ -389,7 +438,16 @@ impl RequestSink for AckReader {
                     }
                     Ok(ProxyMessage::Traffic { traffic }) => self.hub.record_traffic(self.conn, traffic),
                     Err(e) => {
-                        tracing::warn!(proxy = %self.proxy_id, error = %e, "ignoring a malformed line from the proxy")
+                        // Warned of once per stream, so a proxy cannot flood the log. The line
+                        // is not a reason to reset: a proxy of a newer version may send kinds
+                        // of line this operator does not know, and a malformed line costs no
+                        // more to read than a valid traffic report.
+                        if !self.warned {
+                            self.warned = true;
+                            tracing::warn!(proxy = %self.proxy_id, error = %e, "ignoring a malformed line from the proxy (warned once per stream)");
+                        } else {
+                            tracing::debug!(proxy = %self.proxy_id, error = %e, "ignoring a malformed line from the proxy");
+                        }
                     }
                 },
                 Ok(None) => return true,

@@ -6,14 +6,15 @@
 //! traffic (a 16 KiB write buffer, an 8 KiB read buffer, a 4 KiB HPACK buffer) and hyper adds
 //! a task per stream; with 5,000 proxies connected that was most of the operator's memory
 //! (docs/decisions.md, "The config stream's HTTP/2 server"). Here an idle connection holds no
-//! buffer at all: the read and write buffers exist only while bytes are in them, and a
-//! connection is one task.
+//! buffer to speak of: it waits with room for a frame header, the read and write buffers grow
+//! only while bytes are in them, and a connection is one task.
 //!
 //! What a client may do is bounded: one open stream (SETTINGS_MAX_CONCURRENT_STREAMS 1, others
 //! refused) and [`MAX_STREAMS`] in the connection's life, header blocks of at most [`MAX_HEADER_BLOCK`] bytes (CONTINUATION included), our
 //! receive windows enforced, at most [`OUT_LIMIT`] bytes of answers (SETTINGS and PING
-//! acknowledgements, resets) queued for a peer that does not read, a first request within
-//! 10 s, and a PING unanswered for 20 s ends the connection ([`Timers`]). A
+//! acknowledgements, resets) queued for a peer that does not read, no stream open for
+//! 10 s (before the first request or after the last) and a PING unanswered for 20 s end the
+//! connection ([`Timers`]); a client's GOAWAY lets the open stream finish. A
 //! protocol error ends the connection with GOAWAY and the error's code.
 
 pub mod frame;
@@ -77,7 +78,8 @@ pub struct Timers {
     pub keepalive: Duration,
     /// A PING unanswered for this long ends the connection.
     pub keepalive_timeout: Duration,
-    /// A connection must have sent its first request within this.
+    /// A connection with no stream open for this long ends (before its first request, or
+    /// after its last).
     pub first_request: Duration,
     /// After shutdown, how long the open stream has to end.
     pub grace: Duration,
@@ -126,21 +128,8 @@ impl std::fmt::Display for ConnError {
     }
 }
 
-/// How a frame ended the connection.
-enum Stop {
-    Error(ConnError),
-    /// The peer sent GOAWAY.
-    GoneAway,
-}
-
-impl From<ConnError> for Stop {
-    fn from(e: ConnError) -> Self {
-        Self::Error(e)
-    }
-}
-
-fn protocol(reason: Reason, what: &'static str) -> Stop {
-    Stop::Error(ConnError::Protocol(reason, what))
+fn protocol(reason: Reason, what: &'static str) -> ConnError {
+    ConnError::Protocol(reason, what)
 }
 
 /// Serves one connection until the peer closes it, breaks the protocol, stops answering
@@ -172,14 +161,21 @@ where
     );
     let mut rbuf: Vec<u8> = Vec::new();
     let mut unflushed = false;
-    let started = Instant::now();
+    // Since when no stream has been open (from the start, until the first request).
+    let mut idle_since: Option<Instant> = Some(Instant::now());
     let mut grace: Option<Instant> = None;
     let tick = tokio::time::sleep(timers.tick);
     tokio::pin!(tick);
-    let result: Result<(), Stop> = loop {
+    let result: Result<(), ConnError> = loop {
         conn.fill(&mut out);
-        if grace.is_some() && conn.active.is_none() && out.is_empty() && !unflushed {
+        let ending = grace.is_some() || conn.peer_gone;
+        if ending && conn.active.is_none() && out.is_empty() && !unflushed {
             break Ok(());
+        }
+        if conn.active.is_some() {
+            idle_since = None;
+        } else {
+            idle_since.get_or_insert_with(Instant::now);
         }
         let want_body = out.len() < OUT_HIGH && conn.wants_body();
         tokio::select! {
@@ -198,11 +194,11 @@ where
                         Err(stop) => break Err(stop),
                     }
                 }
-                Err(e) => break Err(ConnError::Io(e).into()),
+                Err(e) => break Err(ConnError::Io(e)),
             },
             written = write_some(&mut wr, &out), if !out.is_empty() || unflushed => match written {
                 Ok(0) if out.is_empty() => unflushed = false,
-                Ok(0) => break Err(ConnError::Io(std::io::ErrorKind::WriteZero.into()).into()),
+                Ok(0) => break Err(ConnError::Io(std::io::ErrorKind::WriteZero.into())),
                 Ok(n) => {
                     out.advance(n);
                     unflushed = true;
@@ -210,7 +206,7 @@ where
                         out = BytesMut::new();
                     }
                 }
-                Err(e) => break Err(ConnError::Io(e).into()),
+                Err(e) => break Err(ConnError::Io(e)),
             },
             item = next_item(&mut conn.active), if want_body => conn.body_item(item, &mut out),
             _ = shutdown.cancelled(), if grace.is_none() => {
@@ -223,12 +219,15 @@ where
                 if grace.is_some_and(|g| now >= g) {
                     break Ok(());
                 }
-                if conn.last_stream == 0 && now - started >= timers.first_request {
-                    break Err(ConnError::Timeout("no request within the first seconds").into());
+                // A connection is for a stream: without one open for as long as a first
+                // request may take, it ends (a client that opened one and let it end does
+                // not keep the connection for nothing).
+                if grace.is_none() && idle_since.is_some_and(|i| now - i >= timers.first_request) {
+                    break Err(ConnError::Timeout("no stream open for the first seconds"));
                 }
                 match conn.ping_sent {
                     Some(sent) if now - sent >= timers.keepalive_timeout => {
-                        break Err(ConnError::Timeout("a PING went unanswered").into());
+                        break Err(ConnError::Timeout("a PING went unanswered"));
                     }
                     None if now - conn.last_read >= timers.keepalive => {
                         frame::put_ping(&mut out, *b"skeinka!", false);
@@ -242,15 +241,9 @@ where
     };
     // What is queued still goes, then a protocol error's GOAWAY; a peer that does not take
     // them within a second is not waited for.
-    let result = match result {
-        Ok(()) | Err(Stop::GoneAway) => Ok(()),
-        Err(Stop::Error(e)) => {
-            if let ConnError::Protocol(reason, what) = &e {
-                frame::put_goaway(&mut out, conn.last_stream, *reason, what);
-            }
-            Err(e)
-        }
-    };
+    if let Err(ConnError::Protocol(reason, what)) = &result {
+        frame::put_goaway(&mut out, conn.last_stream, *reason, what);
+    }
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         wr.write_all(&out).await?;
         wr.shutdown().await
@@ -260,7 +253,10 @@ where
 }
 
 async fn read_some<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut Vec<u8>) -> std::io::Result<usize> {
-    buf.reserve(READ_CHUNK);
+    // An idle connection waits with room for a frame header only (allocated when it is
+    // polled, freed when what was read is handled): a chunk reserved before waiting would be
+    // held by every idle connection.
+    buf.reserve(if buf.is_empty() { HEADER_LEN } else { READ_CHUNK });
     rd.read_buf(buf).await
 }
 
@@ -326,6 +322,8 @@ struct Conn {
     ping_sent: Option<Instant>,
     /// GOAWAY sent: no new streams.
     draining: bool,
+    /// The peer sent GOAWAY: the open stream may finish, then the connection ends.
+    peer_gone: bool,
 }
 
 impl Conn {
@@ -346,6 +344,7 @@ impl Conn {
             last_read: Instant::now(),
             ping_sent: None,
             draining: false,
+            peer_gone: false,
         }
     }
 
@@ -392,7 +391,7 @@ impl Conn {
     }
 
     /// Handles the whole frames at the start of `buf`; returns how many bytes they took.
-    fn process<H>(&mut self, buf: &[u8], out: &mut BytesMut, handler: &mut H) -> Result<usize, Stop>
+    fn process<H>(&mut self, buf: &[u8], out: &mut BytesMut, handler: &mut H) -> Result<usize, ConnError>
     where
         H: FnMut(http::Request<()>) -> Reply,
     {
@@ -432,7 +431,7 @@ impl Conn {
         payload: &[u8],
         out: &mut BytesMut,
         handler: &mut H,
-    ) -> Result<(), Stop>
+    ) -> Result<(), ConnError>
     where
         H: FnMut(http::Request<()>) -> Reply,
     {
@@ -516,7 +515,12 @@ impl Conn {
                 if head.stream != 0 {
                     return Err(protocol(Reason::PROTOCOL_ERROR, "GOAWAY on a stream"));
                 }
-                return Err(Stop::GoneAway);
+                if head.len < 8 {
+                    return Err(protocol(Reason::FRAME_SIZE_ERROR, "GOAWAY of a wrong size"));
+                }
+                // The peer opens no more streams; the open one (ours to answer) may finish.
+                self.peer_gone = true;
+                self.draining = true;
             }
             kind::WINDOW_UPDATE => self.window_update(head, payload, out)?,
             // Unknown frame types are ignored (RFC 9113 §4.1).
@@ -525,7 +529,7 @@ impl Conn {
         Ok(())
     }
 
-    fn data(&mut self, head: Head, payload: &[u8], out: &mut BytesMut) -> Result<(), Stop> {
+    fn data(&mut self, head: Head, payload: &[u8], out: &mut BytesMut) -> Result<(), ConnError> {
         if head.stream == 0 {
             return Err(protocol(Reason::PROTOCOL_ERROR, "DATA on stream 0"));
         }
@@ -542,13 +546,19 @@ impl Conn {
             self.recv_used = 0;
         }
         let range = frame::unpadded(&head, payload).ok_or(protocol(Reason::PROTOCOL_ERROR, "bad padding"))?;
-        let Some(s) = self.active.as_mut().filter(|s| s.id == head.stream && !s.remote_closed) else {
+        let Some(s) = self.active.as_mut().filter(|s| s.id == head.stream) else {
             if head.stream > self.last_stream {
                 return Err(protocol(Reason::PROTOCOL_ERROR, "DATA on a stream never opened"));
             }
-            self.reset(out, head.stream, Reason::STREAM_CLOSED);
+            // A stream we reset or ended: the peer may have sent this before it heard
+            // (RFC 9113 §5.4.2). Counted on the connection's window above, otherwise ignored.
             return Ok(());
         };
+        if s.remote_closed {
+            let id = s.id;
+            self.reset(out, id, Reason::STREAM_CLOSED);
+            return Ok(());
+        }
         if len > s.recv_window {
             let id = s.id;
             self.reset(out, id, Reason::FLOW_CONTROL_ERROR);
@@ -582,7 +592,7 @@ impl Conn {
         block: &[u8],
         out: &mut BytesMut,
         handler: &mut H,
-    ) -> Result<(), Stop>
+    ) -> Result<(), ConnError>
     where
         H: FnMut(http::Request<()>) -> Reply,
     {
@@ -604,7 +614,9 @@ impl Conn {
             return Ok(());
         }
         if stream <= self.last_stream {
-            return Err(protocol(Reason::STREAM_CLOSED, "HEADERS on a closed stream"));
+            // Trailers of a stream we reset or ended (RFC 9113 §5.4.2): decoded above so the
+            // table stays in step, otherwise ignored.
+            return Ok(());
         }
         self.last_stream = stream;
         self.opened += 1;
@@ -642,7 +654,7 @@ impl Conn {
         Ok(())
     }
 
-    fn settings(&mut self, head: Head, payload: &[u8], out: &mut BytesMut) -> Result<(), Stop> {
+    fn settings(&mut self, head: Head, payload: &[u8], out: &mut BytesMut) -> Result<(), ConnError> {
         if head.stream != 0 {
             return Err(protocol(Reason::PROTOCOL_ERROR, "SETTINGS on a stream"));
         }
@@ -694,7 +706,7 @@ impl Conn {
         Ok(())
     }
 
-    fn window_update(&mut self, head: Head, payload: &[u8], out: &mut BytesMut) -> Result<(), Stop> {
+    fn window_update(&mut self, head: Head, payload: &[u8], out: &mut BytesMut) -> Result<(), ConnError> {
         let bytes: [u8; 4] = payload
             .try_into()
             .map_err(|_| protocol(Reason::FRAME_SIZE_ERROR, "WINDOW_UPDATE of a wrong size"))?;

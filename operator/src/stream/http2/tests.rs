@@ -263,10 +263,18 @@ async fn one_stream_at_a_time_and_a_body_the_sink_refuses_resets_it() {
     let (head, payload) = frames.last().unwrap();
     assert_eq!((head.stream, payload.as_slice()), (1, &Reason::ENHANCE_YOUR_CALM.0.to_be_bytes()[..]));
 
+    // What the client sent on it before it heard of the reset, DATA and trailers, is ignored
+    // (RFC 9113 §5.4.2): no answer, and the connection goes on.
+    let mut late = BytesMut::new();
+    frame::put_data(&mut late, 1, b"late\n", false);
+    frame::put_headers(&mut late, 1, &[0x82], true);
+    c.send(&late).await;
+
     // With the stream gone, a new one is served.
     c.request(5, 2, "/elsewhere", true).await;
     let frames = c.until(kind::DATA, flag::END_STREAM).await;
     assert_eq!(data_of(&frames, 5), b"not found\n");
+    assert!(!frames.iter().any(|(h, _)| h.stream == 1), "nothing more on stream 1: {frames:?}");
 
     // Streams opened and reset in a loop: the connection ends at the limit.
     for stream in (7..).step_by(2).take(MAX_STREAMS as usize) {
@@ -332,6 +340,14 @@ async fn protocol_errors_end_the_connection_with_goaway() {
             "a header block that does not decode",
             with(&|b| frame::put_headers(b, 1, &[0x80], true)),
             Reason::COMPRESSION_ERROR,
+        ),
+        (
+            "a GOAWAY shorter than 8 bytes",
+            with(&|b| {
+                frame::put_head(b, 4, kind::GOAWAY, 0, 0);
+                b.put_u32(0);
+            }),
+            Reason::FRAME_SIZE_ERROR,
         ),
         ("a WINDOW_UPDATE of 0", with(&|b| frame::put_window_update(b, 0, 0)), Reason::PROTOCOL_ERROR),
         (
@@ -421,6 +437,50 @@ async fn a_silent_client_and_an_unanswered_ping_end_the_connection() {
     while c.frame().await.is_some() {}
     assert!(started.elapsed() >= timers.keepalive + timers.keepalive_timeout);
     assert!(matches!(c.server.await.unwrap(), Err(ConnError::Timeout(_))));
+}
+
+#[tokio::test]
+async fn a_connection_without_an_open_stream_ends() {
+    let ms = Duration::from_millis;
+    let timers = Timers { first_request: ms(300), tick: ms(20), ..Timers::default() };
+    // A request answered and ended; then nothing for as long as a first request may take.
+    let mut c = Client::start_with(timers);
+    c.open().await;
+    c.request(1, 2, "/elsewhere", true).await;
+    c.until(kind::DATA, flag::END_STREAM).await;
+    let ended = tokio::time::Instant::now();
+    while c.frame().await.is_some() {}
+    assert!(ended.elapsed() >= timers.first_request, "{:?}", ended.elapsed());
+    assert!(matches!(c.server.await.unwrap(), Err(ConnError::Timeout(_))));
+}
+
+#[tokio::test]
+async fn a_client_goaway_lets_the_open_stream_finish() {
+    let mut c = Client::start();
+    c.open().await;
+    c.request(1, 3, "/stream", false).await;
+    c.until(kind::HEADERS, 0).await;
+    let mut goaway = BytesMut::new();
+    frame::put_goaway(&mut goaway, 0, Reason::NO_ERROR, "");
+    c.send(&goaway).await;
+    // The stream goes on both ways: a line out, an acknowledgement in.
+    let body = c.body.take().unwrap();
+    body.send(Bytes::from_static(b"line\n")).unwrap();
+    assert_eq!(data_of(&c.until(kind::DATA, 0).await, 1), b"line\n");
+    let mut data = BytesMut::new();
+    frame::put_data(&mut data, 1, b"ack\n", false);
+    frame::put_ping(&mut data, [0; 8], false);
+    c.send(&data).await;
+    c.until(kind::PING, flag::ACK).await;
+    assert_eq!(*c.seen.body.lock().unwrap(), b"ack\n");
+    // New streams are refused; the body's end ends the stream, and then the connection.
+    c.request(3, 2, "/elsewhere", true).await;
+    let frames = c.until(kind::RST_STREAM, 0).await;
+    assert_eq!(frames.last().unwrap().0.stream, 3);
+    drop(body);
+    c.until(kind::DATA, flag::END_STREAM).await;
+    while c.frame().await.is_some() {}
+    c.server.await.unwrap().unwrap();
 }
 
 #[tokio::test]

@@ -5,7 +5,9 @@
 //! computation, the hub and the config stream are the very same as in a cluster.
 //!
 //! The directory is looked at every 20 ms; only files whose size or modification time changed
-//! are read, and only those whose text changed are parsed again. An object defined in two files
+//! are read, and of those only the documents whose text changed are parsed again (`pieces`: a
+//! file is cut at its `---` lines; a custom resource that moves in its file is parsed again, as
+//! its place is its creation order). An object defined in two files
 //! is refused. A set with a bad file is refused whole, with
 //! an error naming the file (and, for a spec the computation rejects, the field), and the last
 //! good snapshot stays in force.
@@ -28,7 +30,10 @@ use serde_json::Value;
 use skein_api::{AccessPolicy, OutlierPolicy, RetryPolicy, TrafficRoute};
 use tokio_util::sync::CancellationToken;
 
+mod pieces;
 pub mod schema_check;
+
+use pieces::{ObjectId, Piece, Planned};
 
 /// How often the directories are looked at: a look reads only the metadata of files that did
 /// not change, so it is cheap, and a change reaches the proxies within this plus the
@@ -133,9 +138,6 @@ pub struct Loader {
     last: Option<Arc<crate::compute::MeshConfig>>,
 }
 
-/// An object of the snapshot: (kind, namespace, name).
-type ObjectId = (String, String, String);
-
 /// What the loader knows of one file.
 struct FileState {
     name: String,
@@ -145,8 +147,19 @@ struct FileState {
     /// refused set is undone.
     text: String,
     order_base: i64,
-    /// What it defines, and where (for messages).
-    objects: Vec<(ObjectId, String)>,
+    /// Its documents, as pieces of text (`pieces::split`), and what each defines.
+    pieces: Vec<Piece>,
+}
+
+impl FileState {
+    fn objects(&self) -> impl Iterator<Item = &ObjectId> {
+        self.pieces.iter().flat_map(|p| p.objects.iter().map(|(o, _)| o))
+    }
+}
+
+/// Where a document is, for messages: `file (document N)`.
+fn at(name: &str, doc: usize) -> String {
+    format!("{name} (document {})", doc + 1)
 }
 
 /// A file read: (key, name, size and modification time, text).
@@ -225,7 +238,7 @@ impl Loader {
             .into_iter()
             .filter(|(k, _, _, _)| self.files.get(k).is_none_or(|f| Some(&f.digest) != digests.get(k)))
             .collect();
-        // What is gone or about to be replaced leaves the snapshot first (kept, to undo).
+        // What is gone or about to be replaced is taken out of the files (kept, to undo).
         let gone: Vec<String> = self
             .files
             .keys()
@@ -235,38 +248,58 @@ impl Loader {
         let mut displaced = Vec::new();
         for key in gone {
             if let Some(state) = self.files.remove(&key) {
-                for ((kind, ns, name), _) in &state.objects {
-                    delete(kind, &ObjectKey::new(ns.clone(), name.clone()), &mut self.snapshot);
-                    self.owners.remove(&(kind.clone(), ns.clone(), name.clone()));
-                }
                 displaced.push((key, state));
+            }
+        }
+        let held_by = |key: &str| -> &[Piece] {
+            displaced.iter().find(|(k, _)| *k == key).map_or(&[], |(_, s): &(String, FileState)| &s.pieces)
+        };
+        // A changed file's new text against what it held: the pieces whose text is unchanged stay.
+        let mut plans = Vec::new();
+        for (key, name, stamp, text) in changed {
+            let planned = pieces::plan(&text, held_by(&key));
+            plans.push((key, name, stamp, text, planned));
+        }
+        // What does not stay leaves the snapshot before anything is added (an object may move
+        // from one file to another).
+        for (key, state) in &displaced {
+            let kept: std::collections::BTreeSet<usize> = plans
+                .iter()
+                .filter(|(k, ..)| k == key)
+                .flat_map(|(.., planned)| planned.iter().flatten())
+                .filter_map(|p| match p {
+                    Planned::Kept(i) => Some(*i),
+                    Planned::New { .. } => None,
+                })
+                .collect();
+            let leaving = state.pieces.iter().enumerate().filter(|(i, _)| !kept.contains(i));
+            for (object, _) in leaving.flat_map(|(_, p)| p.objects.iter()) {
+                delete(&object.0, &ObjectKey::new(object.1.clone(), object.2.clone()), &mut self.snapshot);
+                self.owners.remove(object);
             }
         }
         // Files whose object a new file redefined: parsed again if the set is undone.
         let mut overwritten = std::collections::BTreeSet::new();
         let mut added = Vec::new();
-        for (key, name, stamp, text) in changed {
+        for (key, name, stamp, text, planned) in plans {
+            // Refusals in the order of the files.
+            let planned = planned.unwrap_or_else(|message| {
+                errors.push(Refusal::NotYaml { file: name.clone(), message });
+                Vec::new()
+            });
             // Creation order: by the file's place among all files, then the document's.
             let order_base = digests.keys().position(|k| *k == key).unwrap_or(0) as i64 * 100_000;
-            let objects = parse_file(&name, &text, order_base, &mut self.snapshot, &mut errors);
-            for (object, at) in &objects {
-                match self.owners.get(object) {
-                    Some((file, first)) => {
-                        errors.push(Refusal::Duplicate {
-                            at: at.clone(),
-                            kind: object.0.clone(),
-                            name: format!("{}/{}", object.1, object.2),
-                            first: first.clone(),
-                        });
-                        overwritten.insert(file.clone());
-                    }
-                    None => {
-                        self.owners.insert(object.clone(), (key.clone(), at.clone()));
-                    }
-                }
-            }
+            let pieces = self.put(
+                &key,
+                &name,
+                planned,
+                held_by(&key),
+                order_base,
+                &mut errors,
+                Some(&mut overwritten),
+            );
             let digest = digests.get(&key).copied().unwrap_or_default();
-            self.files.insert(key.clone(), FileState { name, stamp, digest, text, order_base, objects });
+            self.files.insert(key.clone(), FileState { name, stamp, digest, text, order_base, pieces });
             added.push(key);
         }
         let parsed = started.elapsed();
@@ -315,7 +348,7 @@ impl Loader {
     ) {
         for key in added {
             if let Some(state) = self.files.remove(&key) {
-                for (object, _) in &state.objects {
+                for object in state.objects() {
                     delete(
                         &object.0,
                         &ObjectKey::new(object.1.clone(), object.2.clone()),
@@ -334,18 +367,83 @@ impl Loader {
             self.files.keys().filter(|k| overwritten.contains(*k) || !self.owns_all(k)).cloned().collect();
         for key in again {
             let Some(state) = self.files.get(&key) else { continue };
+            let (name, text, order_base) = (state.name.clone(), state.text.clone(), state.order_base);
+            let planned = pieces::plan(&text, &[]).unwrap_or_default();
             let mut ignored = Vec::new();
-            let objects =
-                parse_file(&state.name, &state.text, state.order_base, &mut self.snapshot, &mut ignored);
-            for (object, at) in objects {
-                self.owners.insert(object, (key.clone(), at));
+            let pieces = self.put(&key, &name, planned, &[], order_base, &mut ignored, None);
+            if let Some(state) = self.files.get_mut(&key) {
+                state.pieces = pieces;
             }
         }
     }
 
     /// Whether every object of file `key` is owned by it (a displaced file coming back is not).
     fn owns_all(&self, key: &str) -> bool {
-        self.files[key].objects.iter().all(|(o, _)| self.owners.get(o).is_some_and(|(f, _)| f == key))
+        self.files[key].objects().all(|o| self.owners.get(o).is_some_and(|(f, _)| f == key))
+    }
+
+    /// Puts file `key`'s planned pieces in the snapshot: a kept piece stays as it is (its
+    /// objects renumbered where it moved), a new one is added document by document; returns
+    /// the file's pieces. With `overwritten`, an object another file defines already is refused
+    /// and that file noted; without (an undo), the file takes it.
+    #[allow(clippy::too_many_arguments)]
+    fn put(
+        &mut self,
+        key: &str,
+        name: &str,
+        planned: Vec<Planned>,
+        held: &[Piece],
+        order_base: i64,
+        errors: &mut Vec<Refusal>,
+        mut overwritten: Option<&mut std::collections::BTreeSet<String>>,
+    ) -> Vec<Piece> {
+        let mut next_doc = 0;
+        let mut pieces = Vec::with_capacity(planned.len());
+        for planned in planned {
+            match planned {
+                Planned::Kept(i) => {
+                    let mut piece = held[i].clone();
+                    if piece.first_doc != next_doc {
+                        for (object, doc) in &mut piece.objects {
+                            *doc = *doc - piece.first_doc + next_doc;
+                            self.owners.insert(object.clone(), (key.to_string(), at(name, *doc)));
+                        }
+                        piece.first_doc = next_doc;
+                    }
+                    next_doc += piece.docs;
+                    pieces.push(piece);
+                }
+                Planned::New { digest, docs } => {
+                    let (first_doc, count) = (next_doc, docs.len());
+                    let mut objects = Vec::new();
+                    for doc in docs {
+                        let i = next_doc;
+                        next_doc += 1;
+                        let Some(object) = add_doc(name, i, doc, order_base, &mut self.snapshot, errors)
+                        else {
+                            continue;
+                        };
+                        match (self.owners.get(&object), overwritten.as_deref_mut()) {
+                            (Some((file, first)), Some(overwritten)) => {
+                                errors.push(Refusal::Duplicate {
+                                    at: at(name, i),
+                                    kind: object.0.clone(),
+                                    name: format!("{}/{}", object.1, object.2),
+                                    first: first.clone(),
+                                });
+                                overwritten.insert(file.clone());
+                            }
+                            _ => {
+                                self.owners.insert(object.clone(), (key.to_string(), at(name, i)));
+                            }
+                        }
+                        objects.push((object, i));
+                    }
+                    pieces.push(Piece { digest, first_doc, docs: count, objects });
+                }
+            }
+        }
+        pieces
     }
 }
 
@@ -365,87 +463,77 @@ fn delete(kind: &str, key: &ObjectKey, snapshot: &mut Snapshot) {
     };
 }
 
-/// Parses one file's documents into `snapshot`, validated as the API server would (the
-/// computation's checks come after, over the whole set); returns what it defines and where.
-fn parse_file(
+/// Adds document `i` of file `name` to `snapshot`, validated as the API server would (the
+/// computation's checks come after, over the whole set); returns the object it defines.
+fn add_doc(
     name: &str,
-    text: &str,
+    i: usize,
+    mut doc: Value,
     order_base: i64,
     snapshot: &mut Snapshot,
     errors: &mut Vec<Refusal>,
-) -> Vec<((String, String, String), String)> {
-    let mut defined = Vec::new();
-    let docs: Vec<Value> = match serde_saphyr::from_multiple(text) {
-        Ok(d) => d,
-        Err(e) => {
-            errors.push(Refusal::NotYaml { file: name.to_string(), message: e.to_string() });
-            return defined;
-        }
-    };
-    for (i, mut doc) in docs.into_iter().enumerate() {
-        if doc.is_null() {
-            continue;
-        }
-        let order = order_base + i as i64 + 1;
-        // Defaults a cluster would fill in: namespace, generation, creation order.
-        let meta = doc.as_object_mut().and_then(|d| d.get_mut("metadata")).and_then(Value::as_object_mut);
-        if let Some(meta) = meta {
-            meta.entry("namespace").or_insert_with(|| Value::from("default"));
-            meta.entry("generation").or_insert_with(|| Value::from(1));
-            if !meta.contains_key("creationTimestamp") {
-                let at = Timestamp::from_second(order).unwrap_or(Timestamp::UNIX_EPOCH);
-                meta.insert(
-                    "creationTimestamp".into(),
-                    serde_json::to_value(Time(at)).unwrap_or(Value::Null),
-                );
-            }
-        }
-        let kind = doc.get("kind").and_then(Value::as_str).unwrap_or_default().to_string();
-        let at = format!("{name} (document {})", i + 1);
-        let key = |meta: &ObjectMeta| {
-            (kind.clone(), meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default())
-        };
-        // The CRD schema, as the API server would apply it.
-        if let Some(schema) = spec_schema(&kind) {
-            let mut problems = Vec::new();
-            crate::local::schema_check::check(
-                doc.get("spec").unwrap_or(&Value::Null),
-                schema,
-                "spec",
-                &mut problems,
-            );
-            if !problems.is_empty() {
-                let name = doc["metadata"]["name"].as_str().unwrap_or("?").to_string();
-                errors.extend(problems.into_iter().map(|problem| Refusal::Schema {
-                    at: at.clone(),
-                    kind: kind.clone(),
-                    name: name.clone(),
-                    problem,
-                }));
-                continue;
-            }
-        }
-        let result = match kind.as_str() {
-            "TrafficRoute" => add::<TrafficRoute>(doc, snapshot, |o| key(&o.metadata)),
-            "OutlierPolicy" => add::<OutlierPolicy>(doc, snapshot, |o| key(&o.metadata)),
-            "RetryPolicy" => add::<RetryPolicy>(doc, snapshot, |o| key(&o.metadata)),
-            "Service" => add::<Service>(doc, snapshot, |o| key(&o.metadata)),
-            "EndpointSlice" => add::<EndpointSlice>(doc, snapshot, |o| key(&o.metadata)),
-            "Pod" => add::<Pod>(doc, snapshot, |o| key(&o.metadata)),
-            "AccessPolicy" => add::<AccessPolicy>(doc, snapshot, |o| key(&o.metadata)),
-            "Namespace" => add::<Namespace>(doc, snapshot, |o| key(&o.metadata)),
-            "ServiceAccount" => add::<ServiceAccount>(doc, snapshot, |o| key(&o.metadata)),
-            other => {
-                errors.push(Refusal::UnknownKind { at, kind: other.to_string() });
-                continue;
-            }
-        };
-        match result {
-            Ok(k) => defined.push((k, at)),
-            Err(message) => errors.push(Refusal::Decode { at, message }),
+) -> Option<ObjectId> {
+    if doc.is_null() {
+        return None;
+    }
+    let order = order_base + i as i64 + 1;
+    // Defaults a cluster would fill in: namespace, generation, creation order.
+    let meta = doc.as_object_mut().and_then(|d| d.get_mut("metadata")).and_then(Value::as_object_mut);
+    if let Some(meta) = meta {
+        meta.entry("namespace").or_insert_with(|| Value::from("default"));
+        meta.entry("generation").or_insert_with(|| Value::from(1));
+        if !meta.contains_key("creationTimestamp") {
+            let at = Timestamp::from_second(order).unwrap_or(Timestamp::UNIX_EPOCH);
+            meta.insert("creationTimestamp".into(), serde_json::to_value(Time(at)).unwrap_or(Value::Null));
         }
     }
-    defined
+    let kind = doc.get("kind").and_then(Value::as_str).unwrap_or_default().to_string();
+    let at = at(name, i);
+    let key = |meta: &ObjectMeta| {
+        (kind.clone(), meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default())
+    };
+    // The CRD schema, as the API server would apply it.
+    if let Some(schema) = spec_schema(&kind) {
+        let mut problems = Vec::new();
+        crate::local::schema_check::check(
+            doc.get("spec").unwrap_or(&Value::Null),
+            schema,
+            "spec",
+            &mut problems,
+        );
+        if !problems.is_empty() {
+            let name = doc["metadata"]["name"].as_str().unwrap_or("?").to_string();
+            errors.extend(problems.into_iter().map(|problem| Refusal::Schema {
+                at: at.clone(),
+                kind: kind.clone(),
+                name: name.clone(),
+                problem,
+            }));
+            return None;
+        }
+    }
+    let result = match kind.as_str() {
+        "TrafficRoute" => add::<TrafficRoute>(doc, snapshot, |o| key(&o.metadata)),
+        "OutlierPolicy" => add::<OutlierPolicy>(doc, snapshot, |o| key(&o.metadata)),
+        "RetryPolicy" => add::<RetryPolicy>(doc, snapshot, |o| key(&o.metadata)),
+        "Service" => add::<Service>(doc, snapshot, |o| key(&o.metadata)),
+        "EndpointSlice" => add::<EndpointSlice>(doc, snapshot, |o| key(&o.metadata)),
+        "Pod" => add::<Pod>(doc, snapshot, |o| key(&o.metadata)),
+        "AccessPolicy" => add::<AccessPolicy>(doc, snapshot, |o| key(&o.metadata)),
+        "Namespace" => add::<Namespace>(doc, snapshot, |o| key(&o.metadata)),
+        "ServiceAccount" => add::<ServiceAccount>(doc, snapshot, |o| key(&o.metadata)),
+        other => {
+            errors.push(Refusal::UnknownKind { at, kind: other.to_string() });
+            return None;
+        }
+    };
+    match result {
+        Ok(k) => Some(k),
+        Err(message) => {
+            errors.push(Refusal::Decode { at, message });
+            None
+        }
+    }
 }
 
 /// The OpenAPI schema of `spec` of a Skein kind, from the generated CRDs.
@@ -681,6 +769,86 @@ mod tests {
         assert_eq!(labels, ["local-kind", "local-decode"], "{refusals:?}");
         assert!(refusals[0].to_string().starts_with("a.yaml (document 1): kind \"Deployment\""));
         assert!(refusals[1].to_string().starts_with("b.yaml: not YAML"));
+    }
+
+    /// A file edited document by document (the unchanged documents kept, not parsed again)
+    /// holds what the same file read afresh holds: the objects, the routes' creation order (a
+    /// route that moves takes its new place), and the places refusals name.
+    #[test]
+    fn an_edited_file_holds_what_the_same_file_read_afresh_holds() {
+        let dir = std::env::temp_dir().join(format!("skein-local-pieces-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let dirs = [dir.clone()];
+        let svc = "kind: Service\napiVersion: v1\nmetadata: {name: reviews, namespace: shop}\nspec: {ports: [{name: http, port: 9080}], selector: {app: reviews}}\n";
+        // Two routes for one host: the older one is in force, so creation order matters.
+        let route = |name: &str, weight: u32| {
+            format!("---\napiVersion: skein.dev/v1alpha1\nkind: TrafficRoute\nmetadata: {{name: {name}, namespace: shop}}\nspec:\n  host: reviews\n  port: 9080\n  subsets: [{{name: v1, labels: {{version: v1}}}}]\n  rules:\n    - backends: [{{subset: v1, weight: {weight}}}]\n")
+        };
+        let pod = |name: &str, version: &str| {
+            format!("---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop, labels: {{app: reviews, version: {version}}}}}\nspec: {{serviceAccountName: reviews, containers: [{{name: app, image: x}}]}}\n")
+        };
+        let write = |text: &str| {
+            let tmp = dir.join(".a.yaml.tmp");
+            std::fs::write(&tmp, text).unwrap();
+            std::fs::rename(tmp, dir.join("a.yaml")).unwrap();
+        };
+        let held = |s: &Snapshot| format!("{:?}", Snapshot { changes: Default::default(), ..s.clone() });
+        let fresh = || {
+            let mut loader = Loader::default();
+            loader.load(&dirs).unwrap().unwrap();
+            (held(&loader.snapshot), loader.owners)
+        };
+        let edits = [
+            [
+                svc.to_string(),
+                route("first", 100),
+                pod("p1", "v1"),
+                pod("p2", "v1"),
+                route("second", 100),
+                pod("p3", "v1"),
+            ]
+            .concat(),
+            // A pod deleted: the pods after it and the second route move.
+            [svc.to_string(), route("first", 100), pod("p2", "v1"), route("second", 100), pod("p3", "v1")]
+                .concat(),
+            // The routes swap places, so the other one is older.
+            [svc.to_string(), route("second", 100), pod("p2", "v1"), route("first", 100), pod("p3", "v1")]
+                .concat(),
+            // A pod edited, one added, a document emptied.
+            [
+                svc.to_string(),
+                route("second", 100),
+                pod("p2", "v2"),
+                "---\n".into(),
+                route("first", 100),
+                pod("p3", "v1"),
+                pod("p4", "v1"),
+            ]
+            .concat(),
+        ];
+        let mut loader = Loader::default();
+        for text in &edits {
+            write(text);
+            let mesh = loader.load(&dirs).unwrap().unwrap();
+            assert_eq!(mesh.destinations, compute(&loader.snapshot).destinations);
+            let (snapshot, owners) = fresh();
+            assert_eq!(held(&loader.snapshot), snapshot, "{text}");
+            assert_eq!(loader.owners, owners, "{text}");
+        }
+        // An object twice in the file: refused, naming both places; the set before stays.
+        let before = held(&loader.snapshot);
+        write(&format!("{}{}", edits[3], pod("p3", "v1")));
+        let refused = loader.load(&dirs).unwrap().unwrap_err();
+        assert_eq!(
+            refused.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            ["a.yaml (document 7): Pod shop/p3 is defined already, in a.yaml (document 5)"]
+        );
+        assert_eq!(held(&loader.snapshot), before, "the refused edit is undone");
+        write(&edits[1]);
+        loader.load(&dirs).unwrap().unwrap();
+        assert_eq!(held(&loader.snapshot), fresh().0);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -266,7 +266,7 @@ impl Loader {
             let kept: std::collections::BTreeSet<usize> = plans
                 .iter()
                 .filter(|(k, ..)| k == key)
-                .flat_map(|(.., planned)| planned.iter().flatten())
+                .flat_map(|(.., planned)| planned.iter())
                 .filter_map(|p| match p {
                     Planned::Kept(i) => Some(*i),
                     Planned::New { .. } => None,
@@ -282,16 +282,12 @@ impl Loader {
         let mut overwritten = std::collections::BTreeSet::new();
         let mut added = Vec::new();
         for (key, name, stamp, text, planned) in plans {
-            // Refusals in the order of the files.
-            let planned = planned.unwrap_or_else(|message| {
-                errors.push(Refusal::NotYaml { file: name.clone(), message });
-                Vec::new()
-            });
             // Creation order: by the file's place among all files, then the document's.
             let order_base = digests.keys().position(|k| *k == key).unwrap_or(0) as i64 * 100_000;
             let pieces = self.put(
                 &key,
                 &name,
+                &text,
                 planned,
                 held_by(&key),
                 order_base,
@@ -368,9 +364,9 @@ impl Loader {
         for key in again {
             let Some(state) = self.files.get(&key) else { continue };
             let (name, text, order_base) = (state.name.clone(), state.text.clone(), state.order_base);
-            let planned = pieces::plan(&text, &[]).unwrap_or_default();
+            let planned = pieces::plan(&text, &[]);
             let mut ignored = Vec::new();
-            let pieces = self.put(&key, &name, planned, &[], order_base, &mut ignored, None);
+            let pieces = self.put(&key, &name, &text, planned, &[], order_base, &mut ignored, None);
             if let Some(state) = self.files.get_mut(&key) {
                 state.pieces = pieces;
             }
@@ -383,14 +379,16 @@ impl Loader {
     }
 
     /// Puts file `key`'s planned pieces in the snapshot: a kept piece stays as it is (its
-    /// objects renumbered where it moved), a new one is added document by document; returns
-    /// the file's pieces. With `overwritten`, an object another file defines already is refused
-    /// and that file noted; without (an undo), the file takes it.
+    /// objects renumbered where it moved), a new one is parsed and added document by document;
+    /// returns the file's pieces (up to one that is not YAML, which refuses the file). With
+    /// `overwritten`, an object another file defines already is refused and that file noted;
+    /// without (an undo), the file takes it.
     #[allow(clippy::too_many_arguments)]
     fn put(
         &mut self,
         key: &str,
         name: &str,
+        text: &str,
         planned: Vec<Planned>,
         held: &[Piece],
         order_base: i64,
@@ -413,7 +411,14 @@ impl Loader {
                     next_doc += piece.docs;
                     pieces.push(piece);
                 }
-                Planned::New { digest, docs } => {
+                Planned::New { digest, range } => {
+                    let docs = match pieces::parse(text, range) {
+                        Ok(docs) => docs,
+                        Err(message) => {
+                            errors.push(Refusal::NotYaml { file: name.to_string(), message });
+                            break;
+                        }
+                    };
                     let (first_doc, count) = (next_doc, docs.len());
                     let mut objects = Vec::new();
                     for doc in docs {

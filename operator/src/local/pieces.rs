@@ -3,6 +3,7 @@
 //! what a change to a large file cost (500 pods: about 12 ms of YAML for one pod deleted).
 
 use std::collections::HashMap;
+use std::ops::Range;
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -38,7 +39,7 @@ impl Piece {
 /// (`%` or `...` lines), where a document's meaning may depend on the lines before its marker,
 /// is one piece. A marker line cannot occur inside a document (YAML forbids `---` at the start
 /// of a line in any scalar), so the pieces parse to the documents of the whole text.
-pub fn split(text: &str) -> Vec<&str> {
+pub fn split(text: &str) -> Vec<Range<usize>> {
     let marker = |line: &str, m: &str| {
         line.strip_prefix(m).is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '\t', '\r', '\n']))
     };
@@ -46,7 +47,7 @@ pub fn split(text: &str) -> Vec<&str> {
     let mut at = 0;
     for line in text.split_inclusive('\n') {
         if line.starts_with('%') || marker(line, "...") {
-            return vec![text];
+            return std::iter::once(0..text.len()).collect();
         }
         if at > 0 && marker(line, "---") {
             cuts.push(at);
@@ -54,53 +55,52 @@ pub fn split(text: &str) -> Vec<&str> {
         at += line.len();
     }
     cuts.push(text.len());
-    cuts.windows(2).map(|w| &text[w[0]..w[1]]).collect()
+    cuts.windows(2).map(|w| w[0]..w[1]).collect()
 }
 
 /// What becomes of one piece of a file's new text.
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq)]
 pub enum Planned {
     /// The old piece of this index, of the same text, stays in the snapshot as it is.
     Kept(usize),
-    /// A piece parsed: its digest and documents.
-    New { digest: [u8; 32], docs: Vec<Value> },
+    /// A piece to parse: its digest and where it is in the text.
+    New { digest: [u8; 32], range: Range<usize> },
 }
 
 /// Matches a file's new text against its pieces before (`old`, whose objects are still in the
-/// snapshot): an old piece is kept when a piece of the same text stands where it stood (its
-/// documents at the same places) or, placeless, anywhere; the rest is parsed. Err: the text is
-/// not YAML (the message is the whole text's, so its line numbers are the file's).
-pub fn plan(text: &str, old: &[Piece]) -> Result<Vec<Planned>, String> {
+/// snapshot). An old piece of the same text is kept when it is placeless, or when every piece
+/// before it was kept where it stood (so its documents keep their places, and a custom
+/// resource its creation order); the rest is to parse. Nothing is parsed here, so a file's
+/// documents are never all held at once.
+pub fn plan(text: &str, old: &[Piece]) -> Vec<Planned> {
     let mut by_digest: HashMap<[u8; 32], Vec<usize>> = HashMap::new();
     for (i, piece) in old.iter().enumerate() {
         by_digest.entry(piece.digest).or_default().push(i);
     }
-    let mut next_doc = 0;
+    let mut in_place = true;
     let mut planned = Vec::new();
-    for piece in split(text) {
-        let digest: [u8; 32] = Sha256::digest(piece.as_bytes()).into();
+    for (j, range) in split(text).into_iter().enumerate() {
+        let digest: [u8; 32] = Sha256::digest(&text.as_bytes()[range.clone()]).into();
         let kept = by_digest.get_mut(&digest).and_then(|candidates| {
-            let at = candidates.iter().position(|&i| old[i].first_doc == next_doc || old[i].placeless())?;
+            let at = candidates.iter().position(|&i| (in_place && i == j) || old[i].placeless())?;
             Some(candidates.remove(at))
         });
-        match kept {
-            Some(i) => {
-                next_doc += old[i].docs;
-                planned.push(Planned::Kept(i));
-            }
-            None => match serde_saphyr::from_multiple::<Value>(piece) {
-                Ok(docs) => {
-                    next_doc += docs.len();
-                    planned.push(Planned::New { digest, docs });
-                }
-                Err(e) => {
-                    let whole = serde_saphyr::from_multiple::<Value>(text).err();
-                    return Err(whole.map_or_else(|| e.to_string(), |e| e.to_string()));
-                }
-            },
-        }
+        in_place &= kept == Some(j);
+        planned.push(match kept {
+            Some(i) => Planned::Kept(i),
+            None => Planned::New { digest, range },
+        });
     }
-    Ok(planned)
+    planned
+}
+
+/// The documents of the piece of `text` at `range`. Err: it is not YAML (the message is the
+/// whole text's, so its line numbers are the file's).
+pub fn parse(text: &str, range: Range<usize>) -> Result<Vec<Value>, String> {
+    serde_saphyr::from_multiple::<Value>(&text[range]).map_err(|e| {
+        let whole = serde_saphyr::from_multiple::<Value>(text).err();
+        whole.map_or_else(|| e.to_string(), |e| e.to_string())
+    })
 }
 
 #[cfg(test)]
@@ -109,10 +109,9 @@ mod tests {
 
     fn parsed(text: &str) -> Vec<Value> {
         plan(text, &[])
-            .unwrap()
             .into_iter()
             .flat_map(|p| match p {
-                Planned::New { docs, .. } => docs,
+                Planned::New { range, .. } => parse(text, range).unwrap(),
                 Planned::Kept(_) => unreachable!("nothing to keep"),
             })
             .collect()
@@ -144,7 +143,9 @@ mod tests {
             let whole: Vec<Value> = serde_saphyr::from_multiple(text).unwrap();
             assert_eq!(parsed(text), whole, "{text:?}");
         }
-        assert_eq!(split("a: 1\n---\nb: 2\n--- {c: 3}\n"), ["a: 1\n", "---\nb: 2\n", "--- {c: 3}\n"]);
+        let text = "a: 1\n---\nb: 2\n--- {c: 3}\n";
+        let pieces: Vec<&str> = split(text).into_iter().map(|r| &text[r]).collect();
+        assert_eq!(pieces, ["a: 1\n", "---\nb: 2\n", "--- {c: 3}\n"]);
         assert_eq!(split("%YAML 1.2\n---\na: 1\n").len(), 1, "directives: one piece");
         assert_eq!(split("a: 1\n...\n---\nb: 2\n").len(), 1, "a document end: one piece");
     }
@@ -155,38 +156,37 @@ mod tests {
         let route = |n: u32| format!("---\nkind: TrafficRoute\nmetadata: {{name: r{n}}}\n");
         let text = [route(0), pod(1), route(2), pod(3)].concat();
         let old: Vec<Piece> = plan(&text, &[])
-            .unwrap()
             .into_iter()
             .enumerate()
-            .map(|(i, p)| match p {
-                Planned::New { digest, docs } => Piece {
+            .map(|(i, planned)| {
+                let Planned::New { digest, range } = planned else { unreachable!() };
+                let docs = parse(&text, range).unwrap();
+                let kind = docs[0]["kind"].as_str().unwrap().to_string();
+                Piece {
                     digest,
                     first_doc: i,
-                    docs: docs.len(),
-                    objects: vec![(
-                        (docs[0]["kind"].as_str().unwrap().into(), String::new(), String::new()),
-                        i,
-                    )],
-                },
-                Planned::Kept(_) => unreachable!(),
+                    docs: 1,
+                    objects: vec![((kind, String::new(), String::new()), i)],
+                }
             })
             .collect();
-        // The first route deleted: the pods move and are kept, the route after it moves and is
-        // parsed again (its creation order is its place); a new pod is parsed.
-        let kinds =
+        let kept =
             |planned: &[Planned]| planned.iter().map(|p| matches!(p, Planned::Kept(_))).collect::<Vec<_>>();
-        let edited = [pod(1), route(2), pod(3), pod(4)].concat();
-        let planned = plan(&edited, &old).unwrap();
-        assert_eq!(kinds(&planned), [true, false, true, false]);
-        assert!(matches!(planned[0], Planned::Kept(1)) && matches!(planned[2], Planned::Kept(3)));
-        // Nothing moved: everything is kept, the route included.
-        let planned = plan(&[route(0), pod(1), route(2), pod(5)].concat(), &old).unwrap();
-        assert_eq!(kinds(&planned), [true, true, true, false]);
+        // The first route deleted: the pods move and are kept; the route after it moves and is
+        // parsed again (its creation order is its place); a new pod is parsed.
+        let planned = plan(&[pod(1), route(2), pod(3), pod(4)].concat(), &old);
+        assert_eq!(kept(&planned), [true, false, true, false]);
+        assert_eq!((&planned[0], &planned[2]), (&Planned::Kept(1), &Planned::Kept(3)));
+        // Nothing before it moved: the route is kept too.
+        let planned = plan(&[route(0), pod(1), route(2), pod(5)].concat(), &old);
+        assert_eq!(kept(&planned), [true, true, true, false]);
         // The same piece twice: one is kept, the other parsed.
-        let planned = plan(&[route(0), pod(1), pod(1)].concat(), &old).unwrap();
-        assert_eq!(kinds(&planned), [true, true, false]);
-        // Not YAML: the whole text's message.
-        let e = plan(&format!("{}---\n{{ nope\n", pod(1)), &old).unwrap_err();
-        assert!(e.contains("line 5") || e.contains("5:"), "{e}");
+        let planned = plan(&[route(0), pod(1), pod(1)].concat(), &old);
+        assert_eq!(kept(&planned), [true, true, false]);
+        // Not YAML: the whole text's message, with the file's line numbers.
+        let text = format!("{}---\n{{ nope\n", pod(1));
+        let Some(Planned::New { range, .. }) = plan(&text, &old).pop() else { panic!() };
+        let e = parse(&text, range).unwrap_err();
+        assert!(e.contains("line 5"), "{e}");
     }
 }

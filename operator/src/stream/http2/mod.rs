@@ -6,8 +6,8 @@
 //! traffic (a 16 KiB write buffer, an 8 KiB read buffer, a 4 KiB HPACK buffer) and hyper adds
 //! a task per stream; with 5,000 proxies connected that was most of the operator's memory
 //! (docs/decisions.md, "The config stream's HTTP/2 server"). Here an idle connection holds no
-//! buffer to speak of: it waits with room for a frame header, the read and write buffers grow
-//! only while bytes are in them, and a connection is one task.
+//! buffer: a read lands on the stack of one poll, the read and write buffers exist only while
+//! bytes are in them, and a connection is one task.
 //!
 //! What a client may do is bounded: one open stream (SETTINGS_MAX_CONCURRENT_STREAMS 1, others
 //! refused) and [`MAX_STREAMS`] in the connection's life, header blocks of at most [`MAX_HEADER_BLOCK`] bytes (CONTINUATION included), our
@@ -27,7 +27,7 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use futures::{Stream, StreamExt};
 use http::{HeaderName, HeaderValue, Method, StatusCode, Uri, Version};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -252,12 +252,21 @@ where
     result
 }
 
-async fn read_some<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut Vec<u8>) -> std::io::Result<usize> {
-    // An idle connection waits with room for a frame header only (allocated when it is
-    // polled, freed when what was read is handled): a chunk reserved before waiting would be
-    // held by every idle connection.
-    buf.reserve(if buf.is_empty() { HEADER_LEN } else { READ_CHUNK });
-    rd.read_buf(buf).await
+/// Reads what is there, up to [`READ_CHUNK`], onto the end of `buf`. The chunk is on the
+/// stack of one poll, so a connection waiting to read holds no buffer: one reserved before
+/// waiting would be held by every idle connection (20 MiB at 5,000), and one sized for a frame
+/// header alone would cost a second read for every frame.
+fn read_some<'a, R: AsyncRead + Unpin>(
+    rd: &'a mut R,
+    buf: &'a mut Vec<u8>,
+) -> impl std::future::Future<Output = std::io::Result<usize>> + 'a {
+    std::future::poll_fn(move |cx| {
+        let mut chunk = [0u8; READ_CHUNK];
+        let mut read = tokio::io::ReadBuf::new(&mut chunk);
+        std::task::ready!(Pin::new(&mut *rd).poll_read(cx, &mut read))?;
+        buf.extend_from_slice(read.filled());
+        std::task::Poll::Ready(Ok(read.filled().len()))
+    })
 }
 
 /// Writes some of `out`, or flushes when it is empty.

@@ -29,6 +29,7 @@ mod route;
 mod run;
 mod telemetry;
 mod tls;
+mod wire;
 
 pub use args::{AccessLogMode, Args, InboundMode, Subcommand};
 pub use run::{run, Error, Result};

@@ -159,7 +159,7 @@ where
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(head_timeout)
-        .max_buf_size(crate::http1::MAX_HEAD)
+        .max_buf_size(crate::wire::MAX_HEAD)
         .keep_alive(true);
     builder.http2().timer(TokioTimer::new());
     if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(io), service).await {

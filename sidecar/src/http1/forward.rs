@@ -3,22 +3,21 @@
 //! copied back as it streams; then the shared observe step.
 
 use std::io::{self, Write as _};
-use std::ops::Range;
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 
-use super::framing::{take_body, Chunked, Framing};
-use super::head::{is_hop_by_hop, offset, parse_length, Head, View, MAX_HEAD, MAX_HEADERS, READ_CHUNK};
-use super::pool::{checkin, checkout, Upstream};
+use super::head::{is_hop_by_hop, Head, View, READ_CHUNK};
 use crate::balance::{now_ns, EndpointState, InFlight, Pool};
 use crate::proxy::{observe, ConnMeta, ProxyContext};
 use crate::route::table::RequestView;
 use crate::telemetry::metrics::Series;
 use crate::telemetry::trace;
+use crate::wire::framing::{take_body, Framing};
+use crate::wire::pool::{checkin, checkout, Upstream};
+use crate::wire::response::{read_response_head, ResponseBuf, ResponseHead};
 
 /// Where one request goes: a fixed endpoint (inbound) or a balanced pool.
 pub(super) struct Route {
@@ -33,8 +32,7 @@ pub(super) struct Route {
 #[derive(Default)]
 pub(super) struct Scratch {
     out: Vec<u8>,
-    resp: BytesMut,
-    headers: Vec<(Range<usize>, Range<usize>)>,
+    response: ResponseBuf,
 }
 
 /// A minimal response the fast path writes itself.
@@ -298,9 +296,9 @@ async fn exchange<C: AsyncRead + AsyncWrite + Unpin>(
             up.flush().await.map_err(|_| Failed::Midway)?;
         }
         // Read the response head; an empty answer on a reused connection means it was stale.
-        scratch.resp.clear();
-        scratch.resp.reserve(READ_CHUNK);
-        match read_response_head(&mut up, scratch).await {
+        scratch.response.resp.clear();
+        scratch.response.resp.reserve(READ_CHUNK);
+        match read_response_head(&mut up, &mut scratch.response).await {
             Ok(Some(parsed)) => break (up, parsed),
             Ok(None) if reused && replayable => continue,
             Ok(None) | Err(_) => return Err(Failed::BeforeResponse),
@@ -321,11 +319,11 @@ async fn exchange<C: AsyncRead + AsyncWrite + Unpin>(
     let out = &mut scratch.out;
     out.clear();
     let mut denied = false;
-    let resp = &scratch.resp;
+    let resp = &scratch.response.resp;
     let line_end = resp.iter().position(|b| *b == b'\n').unwrap_or(0);
     out.extend_from_slice(resp[..line_end].strip_suffix(b"\r").unwrap_or(&resp[..line_end]));
     out.extend_from_slice(b"\r\n");
-    for (n, v) in &scratch.headers {
+    for (n, v) in &scratch.response.headers {
         let name = &resp[n.clone()];
         if is_hop_by_hop(name) && !name.eq_ignore_ascii_case(b"transfer-encoding") {
             continue;
@@ -376,7 +374,7 @@ async fn exchange<C: AsyncRead + AsyncWrite + Unpin>(
         return Ok((status, keep, denied));
     }
     write_flushed(client, out).await?;
-    let mut chunk = std::mem::take(&mut scratch.resp);
+    let mut chunk = std::mem::take(&mut scratch.response.resp);
     let last = loop {
         chunk.clear();
         chunk.reserve(READ_CHUNK);
@@ -403,7 +401,7 @@ async fn exchange<C: AsyncRead + AsyncWrite + Unpin>(
         checkin(endpoint, up);
     }
     write_flushed(client, &chunk[..last]).await?;
-    scratch.resp = chunk;
+    scratch.response.resp = chunk;
     Ok((status, keep, denied))
 }
 
@@ -414,99 +412,7 @@ async fn write_flushed<C: AsyncWrite + Unpin>(client: &mut C, bytes: &[u8]) -> R
     client.flush().await.map_err(|_| Failed::Midway)
 }
 
-/// A new upstream connection: TCP to an app endpoint, or mTLS to a meshed endpoint's sidecar,
-/// its certificate checked for the endpoint's identity. A meshed endpoint is not called
-/// without this sidecar's own identity (the caller leaves such a request to the general path).
+/// A new upstream connection (see [`crate::proxy::peer::connect_upstream`]).
 async fn connect(ctx: &ProxyContext, endpoint: &EndpointState) -> Result<Upstream, Failed> {
-    match (&endpoint.via_proxy, &endpoint.peer_identity, ctx.tls.current()) {
-        (Some((peer, _)), Some(identity), Some(material)) => {
-            let tls = crate::proxy::peer::connect_peer(ctx, *peer, identity, &material)
-                .await
-                .map_err(|_| Failed::Connect)?;
-            Ok(Upstream::Peer(Box::new(tls)))
-        }
-        (Some(_), _, _) => Err(Failed::Connect),
-        (None, _, _) => {
-            let s = tokio::time::timeout(ctx.connect_timeout, TcpStream::connect(endpoint.addr))
-                .await
-                .map_err(|_| Failed::Connect)?
-                .map_err(|_| Failed::Connect)?;
-            let _ = s.set_nodelay(true);
-            Ok(Upstream::Plain(s))
-        }
-    }
-}
-
-/// A parsed response head.
-struct ResponseHead {
-    len: usize,
-    status: u16,
-    framing: Framing,
-    close: bool,
-    /// It had both `Transfer-Encoding` and `Content-Length`.
-    chunked_and_length: bool,
-}
-
-/// Reads a complete response head into `scratch.resp` (skipping interim 1xx responses other
-/// than 101); `Ok(None)` when the connection closed before any byte. A `Content-Length` that is
-/// not digits, or two that differ, is an error (502), as in hyper's client.
-async fn read_response_head(up: &mut Upstream, scratch: &mut Scratch) -> io::Result<Option<ResponseHead>> {
-    let invalid = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
-    loop {
-        let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut res = httparse::Response::new(&mut raw);
-        match res.parse(&scratch.resp) {
-            Ok(httparse::Status::Complete(len)) => {
-                let status = res.code.unwrap_or(502);
-                if (100..200).contains(&status) && status != 101 {
-                    scratch.resp.advance(len);
-                    continue;
-                }
-                scratch.headers.clear();
-                let (mut length, mut chunked, mut coded) = (None, false, false);
-                let mut close = res.version == Some(0);
-                for h in res.headers.iter() {
-                    let name = h.name.as_bytes();
-                    scratch.headers.push((offset(&scratch.resp, name), offset(&scratch.resp, h.value)));
-                    if name.eq_ignore_ascii_case(b"content-length") {
-                        let n = parse_length(h.value).ok_or_else(|| invalid("bad content-length"))?;
-                        if length.is_some_and(|l| l != n) {
-                            return Err(invalid("conflicting content-length"));
-                        }
-                        length = Some(n);
-                    } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-                        // The last coding decides: chunked ends the body, anything else runs to close.
-                        coded = true;
-                        chunked = h
-                            .value
-                            .split(|b| *b == b',')
-                            .next_back()
-                            .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-                    } else if name.eq_ignore_ascii_case(b"connection") {
-                        close |= h
-                            .value
-                            .split(|b| *b == b',')
-                            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
-                    }
-                }
-                if status == 101 {
-                    return Err(invalid("unexpected 101"));
-                }
-                let framing = match (coded, chunked, length) {
-                    (true, true, _) => Framing::Chunked(Chunked::default()),
-                    (true, false, _) => Framing::UntilClose,
-                    (false, _, Some(n)) => Framing::Length(n),
-                    (false, _, None) => Framing::UntilClose,
-                };
-                let chunked_and_length = coded && length.is_some();
-                return Ok(Some(ResponseHead { len, status, framing, close, chunked_and_length }));
-            }
-            Ok(httparse::Status::Partial) if scratch.resp.len() < MAX_HEAD => {}
-            _ => return Err(invalid("malformed response head")),
-        }
-        let n = up.read_buf(&mut scratch.resp).await?;
-        if n == 0 {
-            return if scratch.resp.is_empty() { Ok(None) } else { Err(io::ErrorKind::UnexpectedEof.into()) };
-        }
-    }
+    crate::proxy::peer::connect_upstream(ctx, endpoint).await.map_err(|_| Failed::Connect)
 }

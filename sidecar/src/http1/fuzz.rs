@@ -4,9 +4,9 @@
 
 use http::uri::Authority;
 
-use super::framing::Chunked;
 use super::head::{crlf_only, host_port, parse_length, Head, View};
 use crate::route::table::RouteTable;
+use crate::wire::framing::Chunked;
 
 fn named<'a>(head: &'a Head, data: &'a [u8], name: &'a [u8]) -> impl Iterator<Item = &'a [u8]> + 'a {
     head.headers
@@ -57,6 +57,21 @@ pub(crate) fn chunked(data: &[u8]) {
         assert_eq!(result, all, "split at {split}");
         if all.is_ok() {
             assert_eq!(parts, whole, "split at {split}");
+        }
+    }
+    // Decoding ends where scanning does; its data and trailer section are the message less its
+    // framing, so together they are never longer than what was used.
+    let mut decoder = Chunked::default();
+    let (mut ranges, mut trailer) = (Vec::new(), Vec::new());
+    let decoded = decoder.decode(data, &mut ranges, &mut trailer);
+    assert_eq!(decoded, all);
+    if let Ok(used) = decoded {
+        assert_eq!(decoder, whole);
+        let data_len: usize = ranges.iter().map(|r| r.len()).sum();
+        assert!(ranges.iter().all(|r| r.end <= used));
+        assert!(data_len + trailer.len() <= used);
+        if whole == Chunked::Done {
+            assert!(trailer.ends_with(b"\r\n"), "a finished message ends its trailer section");
         }
     }
 }

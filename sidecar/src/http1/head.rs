@@ -10,15 +10,11 @@ use bytes::BytesMut;
 use http::HeaderName;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-pub(crate) use crate::proxy::syntax::{parse_length, valid_authority};
 use crate::route::table::RequestView;
 use crate::telemetry::trace;
+pub(super) use crate::wire::syntax::{offset, parse_length, valid_authority};
+pub(super) use crate::wire::{MAX_HEAD, MAX_HEADERS, READ_CHUNK};
 
-/// The longest head accepted (request or response).
-pub(crate) const MAX_HEAD: usize = 64 * 1024;
-/// Room made for every read (a `BytesMut` without spare capacity would read 64 bytes at a time).
-pub(super) const READ_CHUNK: usize = 16 * 1024;
-pub(super) const MAX_HEADERS: usize = 100;
 /// A keep-alive client connection idle this long is closed.
 const CLIENT_IDLE: Duration = Duration::from_secs(120);
 
@@ -59,11 +55,6 @@ pub(super) fn is_hop_by_hop(name: &[u8]) -> bool {
         b"proxy-authorization",
     ];
     HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
-}
-
-pub(super) fn offset(base: &[u8], part: &[u8]) -> Range<usize> {
-    let start = part.as_ptr() as usize - base.as_ptr() as usize;
-    start..start + part.len()
 }
 
 /// The bytes a path and query may hold (RFC 3986: unreserved, sub-delims, `:@/?%`).

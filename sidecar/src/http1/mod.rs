@@ -26,10 +26,8 @@
 //! context and the shared observe step), `route`, `balance` and `telemetry`.
 
 mod forward;
-mod framing;
 pub(crate) mod fuzz;
 mod head;
-mod pool;
 
 use std::io;
 use std::net::SocketAddr;
@@ -45,7 +43,6 @@ use crate::proxy::authz::{self, Caller};
 use crate::proxy::{ConnMeta, Direction, ProxyContext};
 use crate::route::table::RequestView;
 use forward::{forward, Route, Scratch};
-pub(crate) use head::MAX_HEAD;
 use head::{fill_head, host_port, Head, View};
 
 /// Serves a client connection on the fast path for as long as its requests allow; returns the

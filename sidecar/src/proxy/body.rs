@@ -20,8 +20,16 @@ pub enum ProxyBody {
     Empty,
     Full(Option<Bytes>),
     Incoming(Incoming),
-    Prefixed { prefix: Option<Bytes>, rest: Incoming },
+    Prefixed {
+        prefix: Option<Bytes>,
+        rest: Incoming,
+    },
+    /// A response read from a fast-path connection (`wire::fetch`).
+    Fetched(Box<crate::wire::fetch::FetchedBody>),
 }
+
+/// Why a body broke off: the client's or upstream's connection failed, or its framing.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 impl ProxyBody {
     pub fn text(s: impl Into<String>) -> Self {
@@ -31,20 +39,25 @@ impl ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let boxed =
+            |p: Poll<Option<Result<Frame<Bytes>, _>>>| p.map(|f| f.map(|r| r.map_err(BodyError::from)));
         match self.get_mut() {
             Self::Empty => Poll::Ready(None),
             Self::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            Self::Incoming(body) => Pin::new(body).poll_frame(cx),
+            Self::Incoming(body) => boxed(Pin::new(body).poll_frame(cx)),
             Self::Prefixed { prefix, rest } => match prefix.take() {
                 Some(p) => Poll::Ready(Some(Ok(Frame::data(p)))),
-                None => Pin::new(rest).poll_frame(cx),
+                None => boxed(Pin::new(rest).poll_frame(cx)),
             },
+            Self::Fetched(body) => {
+                Pin::new(body.as_mut()).poll_frame(cx).map(|f| f.map(|r| r.map_err(BodyError::from)))
+            }
         }
     }
 
@@ -54,6 +67,7 @@ impl Body for ProxyBody {
             Self::Full(data) => data.is_none(),
             Self::Incoming(body) => body.is_end_stream(),
             Self::Prefixed { prefix, rest } => prefix.is_none() && rest.is_end_stream(),
+            Self::Fetched(body) => body.is_end_stream(),
         }
     }
 
@@ -72,6 +86,7 @@ impl Body for ProxyBody {
                 }
                 hint
             }
+            Self::Fetched(body) => body.size_hint(),
         }
     }
 }

@@ -162,7 +162,7 @@ pub(super) async fn forward(
                     // The app (or a passthrough destination) never speaks for a sidecar: an
                     // `x-skein-error: authz-denied` of its own would be counted as a denial.
                     r.headers_mut().remove(&ERROR_HEADER);
-                    finish_response(r, 0, upgrade)
+                    finish_response(r.map(ProxyBody::Incoming), 0, upgrade)
                 }
                 Err(e) => failure_response(failure_of(&e)),
             };
@@ -309,31 +309,60 @@ fn count_transport(series: &Series, over_mtls: Option<bool>) {
 
 /// An attempt's answer, and whether it came over mTLS from the destination's sidecar.
 struct Sent {
-    response: Response<Incoming>,
+    response: Response<ProxyBody>,
     over_mtls: bool,
 }
 
 /// Sends one attempt over HTTP/1.1: to an app endpoint, or to a meshed endpoint's sidecar —
 /// over pooled mTLS connections, verifying the peer's SPIFFE ID, when this sidecar has an
-/// identity (in plaintext otherwise).
+/// identity (in plaintext otherwise). A request whose body is whole in hand goes over the fast
+/// path's connections (`wire::fetch`); one whose body streams, through hyper's client.
 async fn send(
     ctx: &ProxyContext,
-    endpoint: &EndpointState,
+    endpoint: &Arc<EndpointState>,
     mut req: Request<ProxyBody>,
     in_flight: &mut InFlight,
 ) -> Result<Sent, Failure> {
+    let meshed = endpoint.via_proxy.is_some();
+    if meshed && (endpoint.peer_identity.is_none() || ctx.tls.current().is_none()) {
+        // Without identities the peer is spoken to in plaintext, through hyper's client.
+        let response = ctx.client.request(req).await.map_err(|e| failure_of(&e))?;
+        return Ok(Sent { response: response.map(ProxyBody::Incoming), over_mtls: false });
+    }
+    let whole = match req.body_mut() {
+        ProxyBody::Empty => Some(None),
+        ProxyBody::Full(data) => Some(data.take()),
+        body @ ProxyBody::Incoming(_) if http_body::Body::is_end_stream(body) => Some(None),
+        _ => None,
+    };
+    let path = req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+    if let Some(body) = whole {
+        // hyper's client names the target's authority when the request has no Host; so does
+        // this connection of our own.
+        if !req.headers().contains_key(header::HOST) {
+            if let Some(v) = req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
+                req.headers_mut().insert(header::HOST, v);
+            }
+        }
+        in_flight.dispatched();
+        let connect = || peer::connect_upstream(ctx, endpoint);
+        let response =
+            crate::wire::fetch::fetch(endpoint, req.method(), path.as_str(), req.headers(), body, connect)
+                .await?;
+        let response = response.map(|b| b.map_or(ProxyBody::Empty, |b| ProxyBody::Fetched(Box::new(b))));
+        return Ok(Sent { response, over_mtls: meshed });
+    }
     if let (Some((peer, _)), Some(identity), Some(material)) =
         (&endpoint.via_proxy, &endpoint.peer_identity, ctx.tls.current())
     {
         // A connection of our own speaks origin-form; the Host header names the app.
-        let path = req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
         *req.uri_mut() = Uri::from(path);
         in_flight.dispatched();
         let response = peer::send(ctx, *peer, identity, &material, req).await?;
-        return Ok(Sent { response, over_mtls: true });
+        return Ok(Sent { response: response.map(ProxyBody::Incoming), over_mtls: true });
     }
     let response = ctx.client.request(req).await.map_err(|e| failure_of(&e))?;
-    Ok(Sent { response, over_mtls: false })
+    Ok(Sent { response: response.map(ProxyBody::Incoming), over_mtls: false })
 }
 
 /// An upgrade (WebSocket and the like) has a connection of its own. To a meshed endpoint it is
@@ -348,7 +377,7 @@ async fn send_upgrade(
         (&endpoint.via_proxy, &endpoint.peer_identity, ctx.tls.current())
     else {
         let response = ctx.client.request(req).await.map_err(|e| failure_of(&e))?;
-        return Ok(Sent { response, over_mtls: false });
+        return Ok(Sent { response: response.map(ProxyBody::Incoming), over_mtls: false });
     };
     let tls = connect_peer(ctx, *peer, identity, &material).await?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
@@ -359,11 +388,11 @@ async fn send_upgrade(
     let path = req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
     *req.uri_mut() = Uri::from(path);
     let response = sender.send_request(req).await.map_err(|_| Failure::Reset)?;
-    Ok(Sent { response, over_mtls: true })
+    Ok(Sent { response: response.map(ProxyBody::Incoming), over_mtls: true })
 }
 
 fn finish_response(
-    mut r: Response<Incoming>,
+    mut r: Response<ProxyBody>,
     retries: u32,
     upgrade: Option<OnUpgrade>,
 ) -> Response<ProxyBody> {
@@ -386,7 +415,7 @@ fn finish_response(
     if retries > 0 {
         parts.headers.insert(&RETRIED_HEADER, HeaderValue::from(retries));
     }
-    Response::from_parts(parts, ProxyBody::Incoming(body))
+    Response::from_parts(parts, body)
 }
 
 /// CONNECT (an app using the sidecar as an HTTPS proxy): answer 200 and splice the bytes.

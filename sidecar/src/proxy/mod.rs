@@ -25,7 +25,6 @@ mod forward;
 pub mod observe;
 pub(crate) mod peer;
 mod serve;
-pub mod syntax;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;

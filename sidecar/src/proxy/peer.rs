@@ -107,6 +107,34 @@ async fn connect(
     Ok(Pooled { identity: identity.clone(), sender, used: now })
 }
 
+/// A new connection to `endpoint` for the fast path's pool: TCP to an app endpoint, or mTLS to
+/// a meshed endpoint's sidecar, its certificate checked for the endpoint's identity. A meshed
+/// endpoint is not called without this sidecar's own identity.
+pub(crate) async fn connect_upstream(
+    ctx: &ProxyContext,
+    endpoint: &crate::balance::EndpointState,
+) -> Result<crate::wire::pool::Upstream, Failure> {
+    use crate::wire::pool::Upstream;
+    match (&endpoint.via_proxy, &endpoint.peer_identity, ctx.tls.current()) {
+        (Some((peer, _)), Some(identity), Some(material)) => {
+            let tls = connect_peer(ctx, *peer, identity, &material).await?;
+            Ok(Upstream::Peer(Box::new(tls)))
+        }
+        (Some(_), _, _) => Err(Failure::ConnectFailure),
+        (None, _, _) => {
+            let s = tokio::time::timeout(ctx.connect_timeout, tokio::net::TcpStream::connect(endpoint.addr))
+                .await
+                .map_err(|_| Failure::ConnectFailure)?
+                .map_err(|e| match e.kind() {
+                    std::io::ErrorKind::ConnectionRefused => Failure::Refused,
+                    _ => Failure::ConnectFailure,
+                })?;
+            let _ = s.set_nodelay(true);
+            Ok(Upstream::Plain(s))
+        }
+    }
+}
+
 /// A TCP connection to a peer sidecar wrapped in mTLS (ALPN `http/1.1`), the peer's
 /// certificate checked for `identity`'s SPIFFE ID.
 pub(crate) async fn connect_peer(

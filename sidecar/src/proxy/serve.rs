@@ -229,7 +229,7 @@ fn refusal(ctx: &ProxyContext, req: &Request<Incoming>) -> Option<Response<Proxy
         .map(|v| v.as_bytes())
         .into_iter()
         .chain(target)
-        .any(|a| !super::syntax::valid_authority(a))
+        .any(|a| !crate::wire::syntax::valid_authority(a))
     {
         return refuse(StatusCode::BAD_REQUEST, "bad-host", "the authority is not a host[:port]");
     }
@@ -241,7 +241,8 @@ fn refusal(ctx: &ProxyContext, req: &Request<Incoming>) -> Option<Response<Proxy
         );
     }
     let mut lengths = h.get_all(header::CONTENT_LENGTH).iter();
-    let strict_length = lengths.next().is_none_or(|v| super::syntax::parse_length(v.as_bytes()).is_some());
+    let strict_length =
+        lengths.next().is_none_or(|v| crate::wire::syntax::parse_length(v.as_bytes()).is_some());
     if !strict_length || lengths.next().is_some() {
         return refuse(
             StatusCode::BAD_REQUEST,

@@ -114,8 +114,37 @@ impl Chunked {
     }
 }
 
+impl Chunked {
+    /// Like [`Chunked::feed`], decoding as it goes: the ranges of `bytes` that are chunk data
+    /// are pushed to `data`, and the bytes of the trailer section (its fields and the empty
+    /// line that ends it) to `trailer`.
+    pub fn decode(
+        &mut self,
+        bytes: &[u8],
+        data: &mut Vec<std::ops::Range<usize>>,
+        trailer: &mut Vec<u8>,
+    ) -> Result<usize, BadChunk> {
+        let mut i = 0;
+        while i < bytes.len() && *self != Self::Done {
+            if let Self::Data(n) = *self {
+                let take = (bytes.len() - i).min(usize::try_from(n).unwrap_or(usize::MAX));
+                data.push(i..i + take);
+                self.feed(&bytes[i..i + take])?;
+                i += take;
+                continue;
+            }
+            let in_trailer = matches!(*self, Self::LineStart | Self::Line | Self::LineLf | Self::FinalLf);
+            i += self.feed(&bytes[i..=i])?;
+            if in_trailer {
+                trailer.push(bytes[i - 1]);
+            }
+        }
+        Ok(i)
+    }
+}
+
 /// How a response body ends.
-pub(super) enum Framing {
+pub(crate) enum Framing {
     None,
     Length(u64),
     Chunked(Chunked),
@@ -123,7 +152,7 @@ pub(super) enum Framing {
 }
 
 /// Consumes body bytes from `rest` according to `framing`; true when the body is complete.
-pub(super) fn take_body(framing: &mut Framing, rest: &mut &[u8]) -> Result<bool, BadChunk> {
+pub(crate) fn take_body(framing: &mut Framing, rest: &mut &[u8]) -> Result<bool, BadChunk> {
     match framing {
         Framing::None => Ok(true),
         Framing::Length(n) => {
@@ -162,6 +191,31 @@ mod tests {
         }
         let mut s = Chunked::default();
         assert!(s.feed(b"zz\r\n").is_err());
+    }
+
+    #[test]
+    fn chunked_decoding_yields_the_data_and_the_trailer_section() {
+        let body =
+            b"4\r\nWiki\r\n5;ext=1\r\npedia\r\nE\r\n in\r\n\r\nchunks.\r\n0\r\nx-trailer: 1\r\n\r\nNEXT";
+        for split in 0..=body.len() - 4 {
+            let mut s = Chunked::default();
+            let (mut data, mut trailer) = (Vec::new(), Vec::new());
+            let mut ranges = Vec::new();
+            let first = s.decode(&body[..split], &mut ranges, &mut trailer).unwrap();
+            data.extend(ranges.drain(..).flat_map(|r| body[r].to_vec()));
+            let second = s.decode(&body[split..], &mut ranges, &mut trailer).unwrap();
+            data.extend(ranges.drain(..).flat_map(|r| body[split..][r].to_vec()));
+            assert_eq!((first, first + second), (split, body.len() - 4), "split at {split}");
+            assert_eq!(data, b"Wikipedia in\r\n\r\nchunks.", "split at {split}");
+            assert_eq!(trailer, b"x-trailer: 1\r\n\r\n", "split at {split}");
+            assert_eq!(s, Chunked::Done);
+        }
+        let mut s = Chunked::default();
+        let (mut ranges, mut trailer) = (Vec::new(), Vec::new());
+        assert_eq!(s.decode(b"0\r\n\r\n", &mut ranges, &mut trailer), Ok(5));
+        assert!(ranges.is_empty());
+        assert_eq!(trailer, b"\r\n");
+        assert!(Chunked::default().decode(b"5\nhello", &mut ranges, &mut trailer).is_err());
     }
 
     #[test]

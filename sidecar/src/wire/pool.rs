@@ -27,7 +27,7 @@ const POOL_MAX: usize = 64;
 const PEEK_AFTER: Duration = Duration::from_millis(250);
 
 /// An upstream connection: to the app, or over mTLS to a meshed endpoint's sidecar.
-pub(super) enum Upstream {
+pub(crate) enum Upstream {
     Plain(TcpStream),
     Peer(PeerStream),
 }
@@ -41,7 +41,7 @@ impl Upstream {
     }
 }
 
-pub(super) fn checkout(endpoint: &EndpointState) -> Option<Upstream> {
+pub(crate) fn checkout(endpoint: &EndpointState) -> Option<Upstream> {
     if endpoint.via_proxy.is_some() {
         let mut idle = endpoint.idle_tls.lock().unwrap_or_else(|e| e.into_inner());
         while let Some((s, at)) = idle.pop() {
@@ -77,7 +77,7 @@ fn still_open(fd: RawFd) -> bool {
     matches!(recv(fd, &mut byte, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT), Err(nix::errno::Errno::EAGAIN))
 }
 
-pub(super) fn checkin(endpoint: &EndpointState, stream: Upstream) {
+pub(crate) fn checkin(endpoint: &EndpointState, stream: Upstream) {
     match stream {
         Upstream::Plain(s) => {
             let mut idle = endpoint.idle.lock().unwrap_or_else(|e| e.into_inner());

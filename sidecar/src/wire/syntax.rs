@@ -1,5 +1,13 @@
-//! HTTP syntax both request paths judge alike (hyper's in `serve`, the fast path in
-//! `crate::http1`): what a `Content-Length` and an authority may be.
+//! HTTP syntax both request paths judge alike (hyper's in `proxy::serve`, the fast path in
+//! `http1`): what a `Content-Length` and an authority may be.
+
+use std::ops::Range;
+
+/// Where `part`, a slice of `base`, sits in it.
+pub(crate) fn offset(base: &[u8], part: &[u8]) -> Range<usize> {
+    let start = part.as_ptr() as usize - base.as_ptr() as usize;
+    start..start + part.len()
+}
 
 /// The longest `Content-Length` value taken: 19 digits always fit in a u64.
 const MAX_LENGTH_DIGITS: usize = 19;

@@ -1,0 +1,97 @@
+//! Response heads from an upstream HTTP/1.1 connection, parsed in place.
+
+use std::io;
+use std::ops::Range;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::AsyncReadExt;
+
+use super::framing::{Chunked, Framing};
+use super::pool::Upstream;
+use super::syntax::{offset, parse_length};
+use super::{MAX_HEAD, MAX_HEADERS};
+
+/// A response's bytes as read, and where its header fields sit in them (reused across the
+/// requests of a connection).
+#[derive(Default)]
+pub(crate) struct ResponseBuf {
+    pub(crate) resp: BytesMut,
+    pub(crate) headers: Vec<(Range<usize>, Range<usize>)>,
+}
+
+/// A parsed response head.
+pub(crate) struct ResponseHead {
+    pub(crate) len: usize,
+    pub(crate) status: u16,
+    pub(crate) framing: Framing,
+    pub(crate) close: bool,
+    /// It had both `Transfer-Encoding` and `Content-Length`.
+    pub(crate) chunked_and_length: bool,
+}
+
+/// Reads a complete response head into `scratch.resp` (skipping interim 1xx responses other
+/// than 101); `Ok(None)` when the connection closed before any byte. A `Content-Length` that is
+/// not digits, or two that differ, is an error (502), as in hyper's client.
+pub(crate) async fn read_response_head(
+    up: &mut Upstream,
+    scratch: &mut ResponseBuf,
+) -> io::Result<Option<ResponseHead>> {
+    let invalid = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
+    loop {
+        let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut res = httparse::Response::new(&mut raw);
+        match res.parse(&scratch.resp) {
+            Ok(httparse::Status::Complete(len)) => {
+                let status = res.code.unwrap_or(502);
+                if (100..200).contains(&status) && status != 101 {
+                    scratch.resp.advance(len);
+                    continue;
+                }
+                scratch.headers.clear();
+                let (mut length, mut chunked, mut coded) = (None, false, false);
+                let mut close = res.version == Some(0);
+                for h in res.headers.iter() {
+                    let name = h.name.as_bytes();
+                    scratch.headers.push((offset(&scratch.resp, name), offset(&scratch.resp, h.value)));
+                    if name.eq_ignore_ascii_case(b"content-length") {
+                        let n = parse_length(h.value).ok_or_else(|| invalid("bad content-length"))?;
+                        if length.is_some_and(|l| l != n) {
+                            return Err(invalid("conflicting content-length"));
+                        }
+                        length = Some(n);
+                    } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+                        // The last coding decides: chunked ends the body, anything else runs to close.
+                        coded = true;
+                        chunked = h
+                            .value
+                            .split(|b| *b == b',')
+                            .next_back()
+                            .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+                    } else if name.eq_ignore_ascii_case(b"connection") {
+                        close |= h
+                            .value
+                            .split(|b| *b == b',')
+                            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+                    }
+                }
+                if status == 101 {
+                    return Err(invalid("unexpected 101"));
+                }
+                let framing = match (coded, chunked, length) {
+                    (true, true, _) => Framing::Chunked(Chunked::default()),
+                    (true, false, _) => Framing::UntilClose,
+                    (false, _, Some(n)) => Framing::Length(n),
+                    (false, _, None) => Framing::UntilClose,
+                };
+                let chunked_and_length = coded && length.is_some();
+                return Ok(Some(ResponseHead { len, status, framing, close, chunked_and_length }));
+            }
+            Ok(httparse::Status::Partial) if scratch.resp.len() < MAX_HEAD => {}
+            _ => return Err(invalid("malformed response head")),
+        }
+        let n = up.read_buf(&mut scratch.resp).await?;
+        if n == 0 {
+            return if scratch.resp.is_empty() { Ok(None) } else { Err(io::ErrorKind::UnexpectedEof.into()) };
+        }
+    }
+}

@@ -153,7 +153,9 @@ where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let head_timeout = ctx.head_timeout;
-    let service = service_fn(move |req| proxy::serve(ctx.clone(), conn, caller.clone(), req));
+    // Boxed once here: hyper's HTTP/2 server moves each stream's future into a task of its own,
+    // and a request's future is kilobytes (every path it may take).
+    let service = service_fn(move |req| Box::pin(proxy::serve(ctx.clone(), conn, caller.clone(), req)));
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()

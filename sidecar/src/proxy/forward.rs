@@ -178,7 +178,9 @@ pub(super) async fn forward(
         if pick.endpoint.via_proxy.is_some() {
             req.headers_mut().insert(&INBOUND_PORT, HeaderValue::from(pick.endpoint.addr.port()));
         }
-        let result = send_upgrade(ctx, &pick.endpoint, req).await;
+        // Boxed, as below: a rare path's state would otherwise make every request's future
+        // (moved into its task) as large as its own.
+        let result = Box::pin(send_upgrade(ctx, &pick.endpoint, req)).await;
         count_transport(&target.series, result.as_ref().ok().map(|sent| sent.over_mtls));
         let response = match result {
             Ok(sent) => finish_response(sent.response, 0, upgrade),
@@ -308,7 +310,7 @@ fn count_transport(series: &Series, over_mtls: Option<bool>) {
 }
 
 /// An attempt's answer, and whether it came over mTLS from the destination's sidecar.
-struct Sent {
+pub(super) struct Sent {
     response: Response<ProxyBody>,
     over_mtls: bool,
 }
@@ -317,7 +319,7 @@ struct Sent {
 /// over pooled mTLS connections, verifying the peer's SPIFFE ID, when this sidecar has an
 /// identity (in plaintext otherwise). A request whose body is whole in hand goes over the fast
 /// path's connections (`wire::fetch`); one whose body streams, through hyper's client.
-async fn send(
+pub(super) async fn send(
     ctx: &ProxyContext,
     endpoint: &Arc<EndpointState>,
     mut req: Request<ProxyBody>,
@@ -358,7 +360,7 @@ async fn send(
         // A connection of our own speaks origin-form; the Host header names the app.
         *req.uri_mut() = Uri::from(path);
         in_flight.dispatched();
-        let response = peer::send(ctx, *peer, identity, &material, req).await?;
+        let response = Box::pin(peer::send(ctx, *peer, identity, &material, req)).await?;
         return Ok(Sent { response: response.map(ProxyBody::Incoming), over_mtls: true });
     }
     let response = ctx.client.request(req).await.map_err(|e| failure_of(&e))?;
@@ -368,7 +370,7 @@ async fn send(
 /// An upgrade (WebSocket and the like) has a connection of its own. To a meshed endpoint it is
 /// HTTP/1.1 over mTLS to the peer's sidecar (ALPN `http/1.1`), so a strict peer accepts it;
 /// otherwise plain HTTP/1.1.
-async fn send_upgrade(
+pub(super) async fn send_upgrade(
     ctx: &ProxyContext,
     endpoint: &EndpointState,
     mut req: Request<ProxyBody>,

@@ -312,3 +312,24 @@ pub fn error(status: StatusCode, code: &'static str, message: &str) -> Response<
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     response
 }
+#[cfg(test)]
+mod tests {
+    /// A request's future is moved whole into its task (hyper's HTTP/2 server spawns one per
+    /// stream) and through its states, so its size is paid on every request: rare paths (a
+    /// handshake, an upgrade, a streamed body) are boxed and parsing scratch stays on the stack.
+    /// Sizes of this (unoptimised) build; a release build's are smaller.
+    #[test]
+    fn a_requests_future_stays_small() {
+        fn size4<A, B, C, D, Fut, F: FnOnce(A, B, C, D) -> Fut>(_: F) -> usize {
+            std::mem::size_of::<Fut>()
+        }
+        fn size5<A, B, C, D, E, Fut, F: FnOnce(A, B, C, D, E) -> Fut>(_: F) -> usize {
+            std::mem::size_of::<Fut>()
+        }
+        let (serve, forward, send) =
+            (size4(super::serve), size5(super::forward), size4(super::super::forward::send));
+        assert!(serve <= 4096, "serve's future is {serve} bytes");
+        assert!(forward <= 2560, "forward's future is {forward} bytes");
+        assert!(send <= 1536, "send's future is {send} bytes");
+    }
+}

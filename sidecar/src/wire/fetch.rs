@@ -70,7 +70,9 @@ where
         let (mut up, reused) = match checkout(endpoint) {
             Some(s) => (s, true),
             None => {
-                let s = connect().await?;
+                // Boxed: a handshake's state (most of a kilobyte and a half) is needed by
+                // few requests, and would otherwise be part of every request's future.
+                let s = Box::pin(connect()).await?;
                 fresh = true;
                 (s, false)
             }

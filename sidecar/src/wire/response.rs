@@ -36,6 +36,22 @@ pub(crate) async fn read_response_head(
     up: &mut Upstream,
     scratch: &mut ResponseBuf,
 ) -> io::Result<Option<ResponseHead>> {
+    loop {
+        // Parsed in a function of its own: its array of header slots (3 KiB) stays on the
+        // stack of one poll instead of in every request's future.
+        if let Some(head) = parse_response_head(scratch)? {
+            return Ok(Some(head));
+        }
+        let n = up.read_buf(&mut scratch.resp).await?;
+        if n == 0 {
+            return if scratch.resp.is_empty() { Ok(None) } else { Err(io::ErrorKind::UnexpectedEof.into()) };
+        }
+    }
+}
+
+/// Parses the head at the start of `scratch.resp`, skipping interim responses; `Ok(None)` while
+/// it is incomplete.
+fn parse_response_head(scratch: &mut ResponseBuf) -> io::Result<Option<ResponseHead>> {
     let invalid = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
     loop {
         let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -86,12 +102,41 @@ pub(crate) async fn read_response_head(
                 let chunked_and_length = coded && length.is_some();
                 return Ok(Some(ResponseHead { len, status, framing, close, chunked_and_length }));
             }
-            Ok(httparse::Status::Partial) if scratch.resp.len() < MAX_HEAD => {}
+            Ok(httparse::Status::Partial) if scratch.resp.len() < MAX_HEAD => return Ok(None),
             _ => return Err(invalid("malformed response head")),
         }
-        let n = up.read_buf(&mut scratch.resp).await?;
-        if n == 0 {
-            return if scratch.resp.is_empty() { Ok(None) } else { Err(io::ErrorKind::UnexpectedEof.into()) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interim_responses_are_skipped_however_many() {
+        let mut scratch = ResponseBuf::default();
+        for _ in 0..2_000 {
+            scratch.resp.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
         }
+        scratch.resp.extend_from_slice(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-a: 1\r\n\r\nok");
+        let head = parse_response_head(&mut scratch).unwrap().unwrap();
+        assert_eq!((head.status, head.close, head.chunked_and_length), (200, false, false));
+        assert!(matches!(head.framing, Framing::Length(2)));
+        assert_eq!(&scratch.resp[head.len..], b"ok");
+        assert_eq!(scratch.headers.len(), 2);
+
+        for (bad, what) in [
+            (&b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\n"[..], "conflicting"),
+            (b"HTTP/1.1 200 OK\r\ncontent-length: +2\r\n\r\n", "bad content-length"),
+            (b"HTTP/1.1 101 Switching Protocols\r\n\r\n", "unexpected 101"),
+            (b"NOT HTTP\r\n\r\n", "malformed"),
+        ] {
+            let mut scratch = ResponseBuf { resp: bytes::BytesMut::from(bad), headers: Vec::new() };
+            let e = parse_response_head(&mut scratch).err().unwrap_or_else(|| panic!("{what} accepted"));
+            assert!(e.to_string().contains(what), "{e}");
+        }
+        let mut partial =
+            ResponseBuf { resp: bytes::BytesMut::from(&b"HTTP/1.1 200 OK\r\nx"[..]), headers: Vec::new() };
+        assert!(parse_response_head(&mut partial).unwrap().is_none());
     }
 }

@@ -18,6 +18,7 @@ mod balance;
 #[doc(hidden)]
 pub mod bench;
 mod capture;
+mod coalesce;
 mod config;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -18,6 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::balance::now_ns;
+use crate::coalesce::Coalesce;
 use crate::proxy::authz::{self, Caller};
 use crate::proxy::{self, ConnMeta, Direction, ProxyContext};
 
@@ -138,8 +139,11 @@ async fn handle(stream: TcpStream, ctx: Arc<ProxyContext>, conn: ConnMeta) {
         }
     }
     if ctx.fast_path {
-        if let Some(handoff) = crate::http1::serve(stream, &ctx, conn, None).await {
-            serve_hyper(handoff, ctx, conn, None).await;
+        match crate::http1::serve(stream, &ctx, conn, None).await {
+            // An HTTP/2 client's streams answered in the same round go out in one write.
+            Some(handoff) if handoff.is_http2() => serve_hyper(Coalesce::new(handoff), ctx, conn, None).await,
+            Some(handoff) => serve_hyper(handoff, ctx, conn, None).await,
+            None => {}
         }
     } else {
         serve_hyper(stream, ctx, conn, None).await;

@@ -735,3 +735,60 @@ async fn a_pooled_connection_the_app_closed_is_replaced_and_a_broken_body_is_not
     assert_eq!(h2_get(&mut h2).await.unwrap(), (200, b"ok".to_vec(), None));
     assert_eq!(accepted.load(Ordering::SeqCst), 3);
 }
+
+#[tokio::test]
+async fn an_http2_client_gets_large_bodies_and_many_streams_whole() {
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // An app that answers `/big` with 3 MiB (past every buffer and window on the way) and
+    // anything else with five bytes, on keep-alive connections.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        let mut chunk = [0u8; 4096];
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                    let big = buf.starts_with(b"GET /big ");
+                    buf.drain(..end);
+                    if big {
+                        let mut answer = b"HTTP/1.1 200 OK\r\ncontent-length: 3145728\r\n\r\n".to_vec();
+                        answer.extend((0..3_145_728u32).map(|i| (i % 251) as u8));
+                        s.write_all(&answer).await.unwrap();
+                    } else {
+                        s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nsmall").await.unwrap();
+                    }
+                }
+            });
+        }
+    });
+    let p = proxy(config("c1", vec![app_endpoint(port)], vec![])).await;
+    let h2 = h2_client(p.outbound).await;
+    let get = |path: &'static str| {
+        let mut h2 = h2.clone();
+        async move {
+            let req = http::Request::get(format!("http://{HOST}{path}"))
+                .body(http_body_util::Empty::new())
+                .unwrap();
+            let response = h2.send_request(req).await.unwrap();
+            let status = response.status().as_u16();
+            (status, response.into_body().collect().await.unwrap().to_bytes())
+        }
+    };
+    let big = tokio::spawn(get("/big"));
+    let smalls: Vec<_> =
+        futures::stream::iter(0..40).map(|_| get("/small")).buffer_unordered(16).collect().await;
+    assert!(smalls.iter().all(|(s, b)| *s == 200 && &b[..] == b"small"));
+    let (status, body) = big.await.unwrap();
+    assert_eq!((status, body.len()), (200, 3_145_728));
+    assert!(body.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8), "the body arrives intact");
+}

@@ -169,6 +169,13 @@ pub struct HandOff<S> {
     inner: S,
 }
 
+impl<S> HandOff<S> {
+    /// Whether the connection opened with HTTP/2's preface (prior knowledge).
+    pub fn is_http2(&self) -> bool {
+        self.prefix.starts_with(b"PRI * HTTP/2.0\r\n")
+    }
+}
+
 impl<S: AsyncRead + Unpin> AsyncRead for HandOff<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,

@@ -109,6 +109,8 @@ async fn handle(stream: TcpStream, ctx: Arc<ProxyContext>, conn: ConnMeta) {
                             {
                                 serve_hyper(handoff, ctx, conn, caller).await;
                             }
+                        } else if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                            serve_hyper(Coalesce::new(tls), ctx, conn, caller).await;
                         } else {
                             serve_hyper(tls, ctx, conn, caller).await;
                         }

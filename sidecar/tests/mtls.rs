@@ -434,3 +434,56 @@ async fn a_peer_cannot_reach_the_callees_own_ports_through_inbound() {
     }
     assert!(callee.tls.handshakes.load(Ordering::Relaxed) >= 4, "the peers were authenticated first");
 }
+
+/// A sidecar of an older release speaks HTTP/2 to the inbound listener (ALPN `h2`): its
+/// concurrent streams, each naming the app port, all reach the app and come back whole.
+#[tokio::test]
+async fn an_older_sidecars_http2_streams_reach_the_app() {
+    use futures::StreamExt;
+    use http_body_util::{BodyExt, Empty};
+    let root = ca("root");
+    let app = support::upstream("app").await;
+    let callee = support::proxy_tls(
+        support::config("c1", vec![], vec![]),
+        "127.0.0.37:15006",
+        Some(fresh(&root, &root.pem, SERVER)),
+    )
+    .await;
+    let client = fresh(&root, &root.pem, CLIENT);
+    let mut config = (*client.client_for(SERVER)).clone();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect("127.0.0.37:15006").await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("peer.skein.invalid").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (h2, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let port = app.addr().port().to_string();
+    let answers: Vec<(u16, String)> = futures::stream::iter(0..100)
+        .map(|_| {
+            let mut h2 = h2.clone();
+            let port = port.clone();
+            async move {
+                let req = http::Request::get("http://reviews.shop:9080/")
+                    .header("x-skein-inbound-port", port)
+                    .body(Empty::<bytes::Bytes>::new())
+                    .unwrap();
+                let response = h2.send_request(req).await.unwrap();
+                let status = response.status().as_u16();
+                let body = response.into_body().collect().await.unwrap().to_bytes();
+                (status, String::from_utf8_lossy(&body).into_owned())
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    let failed: Vec<_> = answers.iter().filter(|(s, b)| *s != 200 || !b.starts_with("app:")).collect();
+    assert!(failed.is_empty(), "{} failed, the first: {:?}", failed.len(), failed.first());
+    assert_eq!(app.hits(), 100);
+    assert_eq!(callee.tls.handshakes.load(Ordering::Relaxed), 1);
+}

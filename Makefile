@@ -26,7 +26,7 @@ generate:
 	$(CARGO) run -q --bin crdgen -- --out charts/skein/crds
 
 lint:
-	python3 .ci/module_cycles.py api operator sidecar bench demo e2e
+	python3 .ci/module_cycles.py api http2 operator sidecar bench demo e2e
 	$(CARGO) fmt --all --check
 	$(CARGO) fmt --check --manifest-path fuzz/Cargo.toml
 	$(CARGO) metadata --locked --format-version 1 --manifest-path fuzz/Cargo.toml >/dev/null

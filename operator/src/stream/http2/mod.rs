@@ -17,9 +17,7 @@
 //! connection ([`Timers`]); a client's GOAWAY lets the open stream finish. A
 //! protocol error ends the connection with GOAWAY and the error's code.
 
-pub mod frame;
-pub mod hpack;
-mod huffman;
+pub use skein_http2::{frame, hpack};
 
 use std::pin::Pin;
 use std::time::Duration;

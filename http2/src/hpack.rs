@@ -1,5 +1,6 @@
-//! HPACK (RFC 7541): the decoder a server needs for request headers, with its dynamic table,
-//! and the few literal encodings the server answers with (no dynamic table, no Huffman).
+//! HPACK (RFC 7541): the decoder a peer needs for the other side's header blocks, with its
+//! dynamic table and Huffman coding, and literal encodings that touch no table (no dynamic
+//! table, no Huffman: a block costs a few bytes more and the encoder holds no state).
 
 use std::collections::VecDeque;
 
@@ -69,10 +70,6 @@ const STATIC_TABLE: [(&str, &str); 61] = [
     ("via", ""),
     ("www-authenticate", ""),
 ];
-
-/// Static table indices the server encodes with.
-const STATUS: usize = 8;
-const CONTENT_TYPE: usize = 31;
 
 /// Why a header block could not be decoded: a connection error (COMPRESSION_ERROR), since the
 /// dynamic table can no longer be trusted.
@@ -259,9 +256,17 @@ fn put_integer(dst: &mut Vec<u8>, first: u8, prefix: u8, mut value: usize) {
     dst.push(value as u8);
 }
 
-/// A literal field without indexing whose name is static entry `name`.
-fn put_literal(dst: &mut Vec<u8>, name: usize, value: &[u8]) {
-    put_integer(dst, 0x00, 4, name);
+/// Appends a field as a literal without indexing (RFC 7541 §6.2.2): its name by its static-table
+/// index when the table has it, else spelled out. `name` must be lowercase, as HTTP/2 requires.
+pub fn put_field(dst: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    match STATIC_TABLE.iter().position(|(n, _)| n.as_bytes() == name) {
+        Some(i) => put_integer(dst, 0x00, 4, i + 1),
+        None => {
+            dst.push(0x00);
+            put_integer(dst, 0x00, 7, name.len());
+            dst.extend_from_slice(name);
+        }
+    }
     put_integer(dst, 0x00, 7, value.len());
     dst.extend_from_slice(value);
 }
@@ -269,8 +274,8 @@ fn put_literal(dst: &mut Vec<u8>, name: usize, value: &[u8]) {
 /// A response's header block: its status and content type, touching no table.
 pub fn response_head(status: u16, content_type: &str) -> Vec<u8> {
     let mut block = Vec::with_capacity(32);
-    put_literal(&mut block, STATUS, status.to_string().as_bytes());
-    put_literal(&mut block, CONTENT_TYPE, content_type.as_bytes());
+    put_field(&mut block, b":status", status.to_string().as_bytes());
+    put_field(&mut block, b"content-type", content_type.as_bytes());
     block
 }
 
@@ -371,6 +376,30 @@ mod tests {
         assert_eq!(decoder.decode(&hex("0001 61 81 00"), 1024), Err(HpackError::InvalidHuffman));
         // 100 copies of ":method: GET" (42 each) are more than a list of 4,096.
         assert_eq!(decoder.decode(&[0x82; 100], 4096), Err(HpackError::ListTooLarge));
+    }
+
+    #[test]
+    fn any_field_encodes_to_what_the_decoder_reads_back() {
+        let fields: [(&[u8], &[u8]); 5] = [
+            (b":status", b"200"),
+            (b"content-type", b"application/grpc"),
+            (b"grpc-status", b"0"),
+            (b"x-long", &[b'v'; 300]),
+            (b"www-authenticate", b""),
+        ];
+        let mut block = Vec::new();
+        for (n, v) in fields {
+            put_field(&mut block, n, v);
+        }
+        let mut decoder = Decoder::new(4096);
+        let decoded = decoder.decode(&block, 16 * 1024).unwrap();
+        let expected: Vec<Field> = fields.iter().map(|(n, v)| (n.to_vec(), v.to_vec())).collect();
+        assert_eq!(decoded, expected);
+        assert_eq!(decoder.size, 0, "nothing indexed");
+        // A static name costs its index: `:status` is entry 8, one byte.
+        let mut status = Vec::new();
+        put_field(&mut status, b":status", b"204");
+        assert_eq!(status, [0x08, 3, b'2', b'0', b'4']);
     }
 
     #[test]

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::balance::now_ns;
 use crate::coalesce::Coalesce;
 use crate::proxy::authz::{self, Caller};
+use crate::proxy::body::ProxyBody;
 use crate::proxy::{self, ConnMeta, Direction, ProxyContext};
 
 /// How long to wait for a client's first bytes before treating a redirected connection as
@@ -102,8 +103,11 @@ async fn handle(stream: TcpStream, ctx: Arc<ProxyContext>, conn: ConnMeta) {
                             .and_then(|id| Caller::from_spiffe_id(&id))
                             .map(Arc::new);
                         // A peer that asked for HTTP/1.1 is served on the fast path first.
-                        let http1 = tls.get_ref().1.alpn_protocol() == Some(b"http/1.1");
-                        if ctx.fast_path && http1 {
+                        let alpn = tls.get_ref().1.alpn_protocol();
+                        let http1 = alpn == Some(b"http/1.1");
+                        if alpn == Some(crate::wire::mux::ALPN) {
+                            serve_mux(tls, ctx, conn, caller).await;
+                        } else if ctx.fast_path && http1 {
                             if let Some(handoff) =
                                 crate::http1::serve(tls, &ctx, conn, caller.as_deref()).await
                             {
@@ -152,6 +156,21 @@ async fn handle(stream: TcpStream, ctx: Arc<ProxyContext>, conn: ConnMeta) {
     }
 }
 
+/// Serves the multiplexed hop from a peer sidecar that proved `caller`: each request, whole,
+/// goes through [`proxy::serve`] as hyper's do.
+async fn serve_mux<I>(io: I, ctx: Arc<ProxyContext>, conn: ConnMeta, caller: Option<Arc<Caller>>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let handler = move |req: http::Request<Option<bytes::Bytes>>| {
+        let req = req.map(|body| body.map_or(ProxyBody::Empty, |b| ProxyBody::Full(Some(b))));
+        let answer: crate::wire::mux::server::Answer<ProxyBody> =
+            Box::pin(proxy::serve(ctx.clone(), conn, caller.clone(), req));
+        answer
+    };
+    crate::wire::mux::server::serve(io, handler).await;
+}
+
 /// Serves HTTP/1.x or HTTP/2 (prior knowledge) with hyper: every request goes through
 /// [`proxy::serve`]. The only place the proxy's listeners call hyper.
 async fn serve_hyper<I>(io: I, ctx: Arc<ProxyContext>, conn: ConnMeta, caller: Option<Arc<Caller>>)
@@ -161,7 +180,9 @@ where
     let head_timeout = ctx.head_timeout;
     // Boxed once here: hyper's HTTP/2 server moves each stream's future into a task of its own,
     // and a request's future is kilobytes (every path it may take).
-    let service = service_fn(move |req| Box::pin(proxy::serve(ctx.clone(), conn, caller.clone(), req)));
+    let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        Box::pin(proxy::serve(ctx.clone(), conn, caller.clone(), req.map(ProxyBody::Incoming)))
+    });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()

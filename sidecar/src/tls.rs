@@ -5,7 +5,8 @@
 //! bundle (which may hold several roots during a rotation), and then its SPIFFE ID: the
 //! inbound side accepts any identity of its own trust domain; the outbound side accepts only
 //! the identity the endpoint is supposed to run as. TLS 1.3 only. A sidecar calls its peers
-//! with ALPN `http/1.1`; its inbound side accepts `h2` too (sidecars of an older release).
+//! with ALPN `skein-h2` (the multiplexed hop, `wire::mux`) for requests whose body is whole and
+//! `http/1.1` for the rest; its inbound side accepts `h2` too (sidecars of an older release).
 //!
 //! The material is read from the mounted Secret and trust-bundle directories and reloaded when
 //! their content changes (Kubernetes swaps a `..data` symlink, so the files are re-read by path,
@@ -35,7 +36,7 @@ use rustls::{
 use tokio_util::sync::CancellationToken;
 
 /// ALPN protocols accepted by the inbound side, in preference order.
-pub const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
+pub const ALPN: [&[u8]; 3] = [crate::wire::mux::ALPN, b"h2", b"http/1.1"];
 
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -194,8 +195,8 @@ pub struct TlsMaterial {
     pub server: Arc<ServerConfig>,
     roots: Arc<RootCertStore>,
     certified: Arc<CertifiedKey>,
-    /// Client configurations by expected SPIFFE ID.
-    clients: Mutex<HashMap<String, Arc<ClientConfig>>>,
+    /// Client configurations by expected SPIFFE ID and whether they offer the multiplexed hop.
+    clients: Mutex<HashMap<(String, bool), Arc<ClientConfig>>>,
 }
 
 impl TlsMaterial {
@@ -261,11 +262,17 @@ impl TlsMaterial {
     }
 
     /// The client configuration for calling a peer that must present `expected` (a SPIFFE ID),
-    /// offering ALPN `http/1.1`: the hop between sidecars is HTTP/1.1.
+    /// offering ALPN `http/1.1`: the fast path's hop.
     pub fn client_for(&self, expected: &str) -> Arc<ClientConfig> {
+        self.client_offering(expected, false)
+    }
+
+    /// As [`Self::client_for`], offering the multiplexed hop first when `mux` (a peer of an
+    /// older release picks `http/1.1`).
+    pub fn client_offering(&self, expected: &str, mux: bool) -> Arc<ClientConfig> {
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         clients
-            .entry(expected.to_string())
+            .entry((expected.to_string(), mux))
             .or_insert_with(|| {
                 let verifier = Arc::new(SpiffeServerVerifier {
                     roots: self.roots.clone(),
@@ -277,7 +284,10 @@ impl TlsMaterial {
                     .dangerous()
                     .with_custom_certificate_verifier(verifier)
                     .with_client_cert_resolver(Arc::new(Fixed(self.certified.clone())));
-                config.alpn_protocols = vec![b"http/1.1".to_vec()];
+                config.alpn_protocols = match mux {
+                    true => vec![crate::wire::mux::ALPN.to_vec(), b"http/1.1".to_vec()],
+                    false => vec![b"http/1.1".to_vec()],
+                };
                 Arc::new(config)
             })
             .clone()

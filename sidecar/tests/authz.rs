@@ -230,6 +230,52 @@ async fn ports_without_path_rules_pass_the_path_unchanged_and_the_app_cannot_fak
     assert_eq!(m.app.last_target.lock().unwrap().as_deref(), Some("/a//b/../c;x"));
 }
 
+/// An HTTP/2 client's requests cross the multiplexed hop (their bodies are whole in hand): the
+/// callee decides them, normalises their paths and strips the app's word exactly as it does
+/// the HTTP/1.1 hop's.
+#[tokio::test]
+async fn the_multiplexed_hop_is_decided_as_the_http1_one() {
+    let m = mesh("127.0.0.60", true, |port| {
+        let mut read_only = client_only(port, Mode::Enforce);
+        read_only.rules[0].to = Some(Destination {
+            methods: vec!["GET".into(), "POST".into()],
+            paths: vec![PathMatch::Prefix("/reviews".into())],
+            ..Default::default()
+        });
+        authz(DefaultPolicy::Allow, vec![read_only])
+    })
+    .await;
+    let client = m.caller(Some(CLIENT)).await;
+    let at = "reviews.shop:9080";
+    // Four at once share one connection.
+    let answers = futures::future::join_all((0..4).map(|i| {
+        let client = &client;
+        async move { client.send_h2("POST", at, &format!("/reviews/{i}"), b"stars=5").await }
+    }))
+    .await;
+    assert!(answers.iter().all(|a| a.status == 200 && a.body.starts_with("app:")));
+    assert_eq!(m.callee.tls.handshakes.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(m.app.hits(), 4);
+    let a = client.send_h2("GET", at, "/admin/..;/reviews/1?x=1", b"").await;
+    assert_eq!(a.status, 200);
+    assert_eq!(m.app.last_target.lock().unwrap().as_deref(), Some("/reviews/1?x=1"));
+    let a = client.send_h2("DELETE", at, "/reviews/1", b"").await;
+    assert_eq!(a.status, 403);
+    assert_eq!(a.headers.get("x-skein-error").unwrap(), "authz-denied");
+    let rogue = m.caller(Some(ROGUE)).await;
+    let a = rogue.send_h2("GET", at, "/reviews/1", b"").await;
+    assert_eq!((a.status, a.body.as_str()), (403, "denied by shop/reviews-callers\n"));
+    assert_eq!(m.app.hits(), 5, "the app never saw a denied request");
+    assert_eq!(m.decisions("allow", "shop/reviews-callers", "enforce"), 5);
+    assert_eq!(m.decisions("deny", "shop/reviews-callers", "enforce"), 2);
+    // The app's own `x-skein-error` does not cross as the sidecar's.
+    m.app.answer_headers.lock().unwrap().push(("x-skein-error", "authz-denied"));
+    let a = client.send_h2("GET", at, "/reviews/2", b"").await;
+    assert_eq!(a.status, 200);
+    assert!(a.headers.get("x-skein-error").is_none(), "{:?}", a.headers);
+    m.callee_log.wait_for("\"path\":\"/admin/..;/reviews/1?x=1\"").await;
+}
+
 #[tokio::test]
 async fn plaintext_callers_are_unauthenticated_in_permissive_mode_and_refused_in_strict() {
     // Permissive: a plaintext caller is judged without an identity.

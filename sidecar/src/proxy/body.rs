@@ -26,6 +26,10 @@ pub enum ProxyBody {
     },
     /// A response read from a fast-path connection (`wire::fetch`).
     Fetched(Box<crate::wire::fetch::FetchedBody>),
+    /// A response over the multiplexed hop (`wire::mux`).
+    Mux(Box<crate::wire::mux::client::MuxBody>),
+    /// A body read whole, whose trailers came with it.
+    Trailed(Option<Bytes>, Option<http::HeaderMap>),
 }
 
 /// Why a body broke off: the client's or upstream's connection failed, or its framing.
@@ -34,6 +38,74 @@ pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 impl ProxyBody {
     pub fn text(s: impl Into<String>) -> Self {
         Self::Full(Some(Bytes::from(s.into())))
+    }
+
+    /// Whether the whole body is in hand (none, or buffered), so it can be sent in one piece.
+    pub fn is_whole(&self) -> bool {
+        match self {
+            Self::Empty | Self::Full(_) => true,
+            Self::Incoming(body) => body.is_end_stream(),
+            _ => false,
+        }
+    }
+
+    /// Reads a streamed body whole when that costs no wait on its client: when it declared a
+    /// length of at most `limit`, or when all of it (at most `limit` bytes) has arrived by the
+    /// next scheduler round. Returns the body whole ([`Self::Full`]), or with what was read
+    /// put back in front. A unary gRPC call's body (HEADERS and one DATA frame) is whole by
+    /// then; a streaming call's is not, and is never waited for (its client may wait for an
+    /// answer before sending more). `None`: the body broke off while it was read.
+    pub async fn gather_ready(self, limit: usize) -> Option<Self> {
+        use futures::FutureExt;
+        let Self::Incoming(mut body) = self else { return Some(self) };
+        if body.size_hint().upper().is_some_and(|n| n <= limit as u64) {
+            return match buffer_incoming(body, limit).await {
+                Buffered::Replayable(data) => Some(Self::Full((!data.is_empty()).then_some(data))),
+                Buffered::OneShot(body) => Some(body),
+                Buffered::Broken => None,
+            };
+        }
+        let mut collected = BytesMut::new();
+        let mut yielded = false;
+        loop {
+            if body.is_end_stream() {
+                return Some(Self::Full((!collected.is_empty()).then(|| collected.freeze())));
+            }
+            match body.frame().now_or_never() {
+                Some(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        collected.extend_from_slice(&data);
+                        if collected.len() > limit {
+                            return Some(Self::Prefixed { prefix: Some(collected.freeze()), rest: body });
+                        }
+                    }
+                    Err(frame) => {
+                        let trailers = frame.into_trailers().ok();
+                        return Some(Self::Trailed(
+                            (!collected.is_empty()).then(|| collected.freeze()),
+                            trailers,
+                        ));
+                    }
+                },
+                Some(None) => return Some(Self::Full((!collected.is_empty()).then(|| collected.freeze()))),
+                None if !yielded => {
+                    // The connection's task may hold the rest, read and not yet handed on.
+                    yielded = true;
+                    tokio::task::yield_now().await;
+                }
+                Some(Some(Err(_))) => return None,
+                None if collected.is_empty() => return Some(Self::Incoming(body)),
+                None => return Some(Self::Prefixed { prefix: Some(collected.freeze()), rest: body }),
+            }
+        }
+    }
+
+    /// Takes a body that [`Self::is_whole`]: its bytes (`None`: there are none).
+    pub fn take_whole(&mut self) -> Option<Bytes> {
+        match self {
+            Self::Full(data) => data.take(),
+            _ => None,
+        }
     }
 }
 
@@ -58,6 +130,13 @@ impl Body for ProxyBody {
             Self::Fetched(body) => {
                 Pin::new(body.as_mut()).poll_frame(cx).map(|f| f.map(|r| r.map_err(BodyError::from)))
             }
+            Self::Mux(body) => {
+                Pin::new(body.as_mut()).poll_frame(cx).map(|f| f.map(|r| r.map_err(BodyError::from)))
+            }
+            Self::Trailed(data, trailers) => match data.take() {
+                Some(d) => Poll::Ready(Some(Ok(Frame::data(d)))),
+                None => Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t)))),
+            },
         }
     }
 
@@ -68,6 +147,8 @@ impl Body for ProxyBody {
             Self::Incoming(body) => body.is_end_stream(),
             Self::Prefixed { prefix, rest } => prefix.is_none() && rest.is_end_stream(),
             Self::Fetched(body) => body.is_end_stream(),
+            Self::Mux(body) => body.is_end_stream(),
+            Self::Trailed(data, trailers) => data.is_none() && trailers.is_none(),
         }
     }
 
@@ -87,6 +168,8 @@ impl Body for ProxyBody {
                 hint
             }
             Self::Fetched(body) => body.size_hint(),
+            Self::Mux(body) => body.size_hint(),
+            Self::Trailed(data, _) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
         }
     }
 }
@@ -120,8 +203,20 @@ impl Buffered {
     }
 }
 
-/// Reads up to `limit` bytes of `body`; returns it whole if it fits.
-pub async fn buffer(mut body: Incoming, limit: usize) -> Buffered {
+/// Reads up to `limit` bytes of `body`; returns it whole if it fits. A body already whole in
+/// hand is not read again.
+pub async fn buffer(body: ProxyBody, limit: usize) -> Buffered {
+    match body {
+        ProxyBody::Incoming(body) => buffer_incoming(body, limit).await,
+        ProxyBody::Empty => Buffered::Replayable(Bytes::new()),
+        ProxyBody::Full(data) if data.as_ref().is_none_or(|d| d.len() <= limit) => {
+            Buffered::Replayable(data.unwrap_or_default())
+        }
+        other => Buffered::OneShot(other),
+    }
+}
+
+async fn buffer_incoming(mut body: Incoming, limit: usize) -> Buffered {
     if body.is_end_stream() {
         return Buffered::Replayable(Bytes::new());
     }

@@ -1,6 +1,7 @@
 //! Steps 3–6: timeouts around retries around balancing around forwarding, for one request to
 //! a mesh destination or a fixed address; upgrades and CONNECT tunnels too.
 
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -8,7 +9,6 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
-use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
@@ -21,13 +21,17 @@ use crate::balance::{now_ms, now_ns, EndpointState, InFlight};
 use crate::route::retry::Failure;
 use crate::route::table::Target;
 use crate::telemetry::metrics::Series;
+use crate::wire::mux::{self, client::MuxError};
 
 /// Where one request is sent.
 pub(super) enum Upstream<'t> {
     /// A mesh destination: balanced, retried, ejected.
     Mesh(&'t Target),
-    /// A fixed address (passthrough, or the local app for inbound).
+    /// A fixed address (passthrough).
     Fixed(Authority, &'t Arc<Series>),
+    /// The local app, for an inbound request: a request whose body is whole in hand goes over
+    /// the fast path's connections to it (`wire::fetch`), as the fast path's own would.
+    App(SocketAddr),
 }
 
 /// What forwarding produced.
@@ -41,6 +45,20 @@ pub(super) struct Forwarded {
 /// `Connection` header names. `keep_upgrade` keeps `Connection: upgrade` and `Upgrade` for a
 /// protocol switch.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none: one pass over the names spares a lookup for each.
+    const FIXED: [&str; 8] = [
+        "connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "proxy-authorization",
+        "keep-alive",
+        "proxy-connection",
+        "upgrade",
+    ];
+    if !keep_upgrade && !headers.keys().any(|n| FIXED.contains(&n.as_str())) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -149,32 +167,35 @@ fn failure_response(f: Failure) -> Response<ProxyBody> {
 pub(super) async fn forward(
     ctx: &ProxyContext,
     parts: &mut Parts,
-    body: Incoming,
+    body: ProxyBody,
     upstream: &Upstream<'_>,
     upgrade: Option<OnUpgrade>,
 ) -> Forwarded {
     let target = match upstream {
-        Upstream::Fixed(to, _) => {
-            let headers = std::mem::take(&mut parts.headers);
-            let req = upstream_request(parts, headers, to, ProxyBody::Incoming(body), 0, upgrade.is_some());
-            let response = match ctx.client.request(req).await {
-                Ok(mut r) => {
-                    // The app (or a passthrough destination) never speaks for a sidecar: an
-                    // `x-skein-error: authz-denied` of its own would be counted as a denial.
-                    r.headers_mut().remove(&ERROR_HEADER);
-                    finish_response(r.map(ProxyBody::Incoming), 0, upgrade)
-                }
-                Err(e) => failure_response(failure_of(&e)),
-            };
-            return Forwarded { response, retries: 0, upstream: Some(to.to_string()) };
-        }
         Upstream::Mesh(t) => *t,
+        // Boxed: a passthrough's state would otherwise be part of every request's future.
+        Upstream::Fixed(to, _) => return Box::pin(to_fixed(ctx, parts, body, to, upgrade)).await,
+        Upstream::App(addr) => {
+            let endpoint = ctx.store.shared.endpoint(*addr);
+            if upgrade.is_some() || !body.is_whole() {
+                let to = endpoint.authority.clone();
+                return Box::pin(to_fixed(ctx, parts, body, &to, upgrade)).await;
+            }
+            let headers = std::mem::take(&mut parts.headers);
+            let req = upstream_request(parts, headers, &endpoint.authority, body, 0, false);
+            let mut in_flight = endpoint.start();
+            let response = match send(ctx, &endpoint, req, &mut in_flight).await {
+                Ok(sent) => from_app(sent.response, None),
+                Err(f) => failure_response(f),
+            };
+            return Forwarded { response, retries: 0, upstream: Some(endpoint.authority.to_string()) };
+        }
     };
     if upgrade.is_some() {
         let Some(pick) = target.pool.pick(now_ns()) else { return no_endpoints(0) };
         let to = pick.endpoint.via_proxy.as_ref().map_or(&pick.endpoint.authority, |(_, a)| a).clone();
         let headers = std::mem::take(&mut parts.headers);
-        let mut req = upstream_request(parts, headers, &to, ProxyBody::Incoming(body), 0, true);
+        let mut req = upstream_request(parts, headers, &to, body, 0, true);
         if pick.endpoint.via_proxy.is_some() {
             req.headers_mut().insert(&INBOUND_PORT, HeaderValue::from(pick.endpoint.addr.port()));
         }
@@ -196,7 +217,7 @@ pub(super) async fn forward(
     }
     let mut body = match retry {
         Some(_) => buffer(body, RETRY_BUFFER_LIMIT).await,
-        None => Buffered::OneShot(ProxyBody::Incoming(body)),
+        None => Buffered::OneShot(body),
     };
     if matches!(body, Buffered::Broken) {
         return Forwarded { response: failure_response(Failure::ClientBody), retries: 0, upstream: None };
@@ -291,6 +312,31 @@ pub(super) async fn forward(
     }
 }
 
+/// A request to a fixed address through hyper's client: passthrough, or to the app when its
+/// body streams or it is an upgrade.
+async fn to_fixed(
+    ctx: &ProxyContext,
+    parts: &mut Parts,
+    body: ProxyBody,
+    to: &Authority,
+    upgrade: Option<OnUpgrade>,
+) -> Forwarded {
+    let headers = std::mem::take(&mut parts.headers);
+    let req = upstream_request(parts, headers, to, body, 0, upgrade.is_some());
+    let response = match ctx.client.request(req).await {
+        Ok(r) => from_app(r.map(ProxyBody::Incoming), upgrade),
+        Err(e) => failure_response(failure_of(&e)),
+    };
+    Forwarded { response, retries: 0, upstream: Some(to.to_string()) }
+}
+
+/// The answer of an app or a passthrough destination, which never speaks for a sidecar: an
+/// `x-skein-error: authz-denied` of its own would be counted as a denial.
+fn from_app(mut r: Response<ProxyBody>, upgrade: Option<OnUpgrade>) -> Response<ProxyBody> {
+    r.headers_mut().remove(&ERROR_HEADER);
+    finish_response(r, 0, upgrade)
+}
+
 fn no_endpoints(retries: u32) -> Forwarded {
     Forwarded {
         response: error(StatusCode::SERVICE_UNAVAILABLE, "no-endpoints", "the destination has no endpoints"),
@@ -331,12 +377,12 @@ pub(super) async fn send(
         let response = ctx.client.request(req).await.map_err(|e| failure_of(&e))?;
         return Ok(Sent { response: response.map(ProxyBody::Incoming), over_mtls: false });
     }
-    let whole = match req.body_mut() {
-        ProxyBody::Empty => Some(None),
-        ProxyBody::Full(data) => Some(data.take()),
-        body @ ProxyBody::Incoming(_) if http_body::Body::is_end_stream(body) => Some(None),
-        _ => None,
-    };
+    if meshed && !req.body().is_whole() {
+        // What has arrived of a meshed request's body may be all of it (a unary gRPC call).
+        let body = std::mem::replace(req.body_mut(), ProxyBody::Empty);
+        *req.body_mut() = Box::pin(body.gather_ready(mux::MAX_BODY)).await.ok_or(Failure::ClientBody)?;
+    }
+    let whole = req.body().is_whole().then(|| req.body_mut().take_whole());
     let path = req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
     if let Some(body) = whole {
         // hyper's client names the target's authority when the request has no Host; so does
@@ -347,6 +393,31 @@ pub(super) async fn send(
             }
         }
         in_flight.dispatched();
+        let small = body.as_ref().is_none_or(|b| b.len() <= mux::MAX_BODY);
+        if let (Some((peer, _)), Some(identity), Some(material), true) =
+            (&endpoint.via_proxy, &endpoint.peer_identity, ctx.tls.current(), small)
+        {
+            let connect = || async {
+                let tls = connect_peer(ctx, *peer, identity, &material, true).await?;
+                Ok(Box::new(tls))
+            };
+            let block = mux::client::request_block(req.method(), path.as_str(), req.headers()).into();
+            let sent = mux::client::send(&ctx.mux, *peer, identity, connect, block, body.clone());
+            match Box::pin(sent).await {
+                Ok(response) => {
+                    let response =
+                        response.map(|b| b.map_or(ProxyBody::Empty, |b| ProxyBody::Mux(Box::new(b))));
+                    return Ok(Sent { response, over_mtls: true });
+                }
+                Err(MuxError::Failed(f)) => return Err(f),
+                // An older peer: HTTP/1.1 over the connection made to ask, if one was.
+                Err(MuxError::NotOffered(tls)) => {
+                    if let Some(tls) = tls {
+                        crate::wire::pool::checkin(endpoint, crate::wire::pool::Upstream::Peer(tls));
+                    }
+                }
+            }
+        }
         let connect = || peer::connect_upstream(ctx, endpoint);
         let response =
             crate::wire::fetch::fetch(endpoint, req.method(), path.as_str(), req.headers(), body, connect)
@@ -381,7 +452,7 @@ pub(super) async fn send_upgrade(
         let response = ctx.client.request(req).await.map_err(|e| failure_of(&e))?;
         return Ok(Sent { response: response.map(ProxyBody::Incoming), over_mtls: false });
     };
-    let tls = connect_peer(ctx, *peer, identity, &material).await?;
+    let tls = connect_peer(ctx, *peer, identity, &material, false).await?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
         .map_err(|_| Failure::ConnectFailure)?;
@@ -424,6 +495,7 @@ fn finish_response(
 pub(super) fn tunnel(upgrade: Option<OnUpgrade>, upstream: &Upstream<'_>) -> Forwarded {
     let to = match upstream {
         Upstream::Fixed(a, _) => a.to_string(),
+        Upstream::App(a) => a.to_string(),
         Upstream::Mesh(t) => match t.pool.pick(now_ns()) {
             Some(p) => p.endpoint.addr.to_string(),
             None => return no_endpoints(0),

@@ -98,6 +98,8 @@ pub struct ProxyContext {
     pub head_timeout: Duration,
     /// Pooled mTLS HTTP/1.1 connections to peer sidecars, by address and expected identity.
     pub(crate) peers: std::sync::Mutex<peer::PeerConnections>,
+    /// The multiplexed hop's connections to peer sidecars.
+    pub(crate) mux: crate::wire::mux::client::Pool,
 }
 
 impl ProxyContext {
@@ -141,6 +143,7 @@ impl ProxyContext {
             head_timeout: DEFAULT_HEAD_TIMEOUT,
             own_ports: vec![PROXY_ADMIN_PORT, PROXY_OUTBOUND_PORT, PROXY_INBOUND_PORT, PROXY_STATS_PORT],
             peers: std::sync::Mutex::default(),
+            mux: Default::default(),
         }
     }
 }

@@ -99,7 +99,7 @@ async fn connect(
         pool.retain(|p| live(p, now));
         !pool.is_empty()
     });
-    let tls = connect_peer(ctx, peer, identity, material).await?;
+    let tls = connect_peer(ctx, peer, identity, material, false).await?;
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
         .map_err(|_| Failure::ConnectFailure)?;
@@ -117,7 +117,7 @@ pub(crate) async fn connect_upstream(
     use crate::wire::pool::Upstream;
     match (&endpoint.via_proxy, &endpoint.peer_identity, ctx.tls.current()) {
         (Some((peer, _)), Some(identity), Some(material)) => {
-            let tls = connect_peer(ctx, *peer, identity, &material).await?;
+            let tls = connect_peer(ctx, *peer, identity, &material, false).await?;
             Ok(Upstream::Peer(Box::new(tls)))
         }
         (Some(_), _, _) => Err(Failure::ConnectFailure),
@@ -135,13 +135,14 @@ pub(crate) async fn connect_upstream(
     }
 }
 
-/// A TCP connection to a peer sidecar wrapped in mTLS (ALPN `http/1.1`), the peer's
-/// certificate checked for `identity`'s SPIFFE ID.
+/// A TCP connection to a peer sidecar wrapped in mTLS (ALPN `http/1.1`, after the multiplexed
+/// hop's when `mux`), the peer's certificate checked for `identity`'s SPIFFE ID.
 pub(crate) async fn connect_peer(
     ctx: &ProxyContext,
     peer: SocketAddr,
     identity: &skein_api::WorkloadIdentity,
     material: &crate::tls::TlsMaterial,
+    mux: bool,
 ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, Failure> {
     let tcp = tokio::time::timeout(ctx.connect_timeout, tokio::net::TcpStream::connect(peer))
         .await
@@ -154,7 +155,7 @@ pub(crate) async fn connect_peer(
             }
         })?;
     let _ = tcp.set_nodelay(true);
-    let config = material.client_for(&identity.spiffe_id(&material.trust_domain));
+    let config = material.client_offering(&identity.spiffe_id(&material.trust_domain), mux);
     let connector = tokio_rustls::TlsConnector::from(config);
     let name = rustls::pki_types::ServerName::try_from("skein-peer.invalid").expect("a valid name");
     match tokio::time::timeout(ctx.connect_timeout, connector.connect(name, tcp)).await {

@@ -9,7 +9,6 @@ use std::time::Instant;
 use http::header::{self, HeaderValue};
 use http::uri::{Authority, PathAndQuery};
 use http::{Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 
 use super::authz::{self, Caller};
@@ -19,12 +18,13 @@ use super::{observe, ConnMeta, Direction, ProxyContext, ERROR_HEADER, INBOUND_PO
 use crate::route::table::NoTarget;
 use crate::telemetry::trace;
 
-/// Serves one request (hyper's service function).
+/// Serves one request: hyper's (its body [`ProxyBody::Incoming`]) or one of the multiplexed
+/// hop's (`crate::mux`, its body whole).
 pub async fn serve(
     ctx: Arc<ProxyContext>,
     conn: ConnMeta,
     caller: Option<Arc<Caller>>,
-    mut req: Request<Incoming>,
+    mut req: Request<ProxyBody>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
     if let Some(refused) = refusal(&ctx, &req) {
@@ -108,10 +108,7 @@ pub async fn serve(
                             }
                         }
                     }
-                    Ok(Upstream::Fixed(
-                        authority_for(SocketAddr::new(ctx.inbound_target, port)),
-                        &ctx.inbound,
-                    ))
+                    Ok(Upstream::App(SocketAddr::new(ctx.inbound_target, port)))
                 }
             }
         }
@@ -164,6 +161,7 @@ pub async fn serve(
             let series = match &upstream {
                 Upstream::Mesh(t) => t.series.clone(),
                 Upstream::Fixed(_, s) => (*s).clone(),
+                Upstream::App(_) => ctx.inbound.clone(),
             };
             let upgrade = parts
                 .extensions
@@ -214,7 +212,7 @@ pub async fn serve(
 /// heads, differing lengths and codings other than chunked; given both `Content-Length` and
 /// `Transfer-Encoding` it keeps only the latter and closes the connection after the response
 /// (RFC 9112 §6.3), so bytes smuggled behind the body are never read as a request.
-fn refusal(ctx: &ProxyContext, req: &Request<Incoming>) -> Option<Response<ProxyBody>> {
+fn refusal<B>(ctx: &ProxyContext, req: &Request<B>) -> Option<Response<ProxyBody>> {
     let h = req.headers();
     let refuse = |status, code, message: &str| {
         tracing::info!(code, "refused a request: {message}");
@@ -273,7 +271,7 @@ fn rewrite_path(uri: &mut http::Uri, normal: &str) -> Option<String> {
     Some(raw)
 }
 
-fn authority_of(req: &Request<Incoming>) -> Option<Authority> {
+fn authority_of<B>(req: &Request<B>) -> Option<Authority> {
     if let Some(a) = req.uri().authority() {
         return Some(a.clone());
     }
@@ -328,7 +326,7 @@ mod tests {
         }
         let (serve, forward, send) =
             (size4(super::serve), size5(super::forward), size4(super::super::forward::send));
-        assert!(serve <= 4096, "serve's future is {serve} bytes");
+        assert!(serve <= 4160, "serve's future is {serve} bytes");
         assert!(forward <= 2560, "forward's future is {forward} bytes");
         assert!(send <= 1536, "send's future is {send} bytes");
     }

@@ -8,6 +8,7 @@
 
 pub(crate) mod fetch;
 pub(crate) mod framing;
+pub mod mux;
 pub(crate) mod pool;
 pub(crate) mod response;
 pub mod syntax;

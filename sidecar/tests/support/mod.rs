@@ -300,6 +300,29 @@ impl TestProxy {
         Answer { status, body: String::from_utf8_lossy(&body).into_owned(), headers }
     }
 
+    /// Sends a request as an HTTP/2 client (prior knowledge, a connection of its own) to the
+    /// outbound listener, for `http://{authority}{path}`.
+    pub async fn send_h2(&self, method: &str, authority: &str, path: &str, body: &[u8]) -> Answer {
+        let tcp = tokio::net::TcpStream::connect(self.outbound).await.unwrap();
+        let (mut h2, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        let req = Request::builder()
+            .method(method)
+            .uri(format!("http://{authority}{path}"))
+            .body(Full::new(Bytes::copy_from_slice(body)))
+            .unwrap();
+        let response = h2.send_request(req).await.expect("proxy answers");
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        Answer { status, body: String::from_utf8_lossy(&body).into_owned(), headers }
+    }
+
     pub async fn get(&self, host: &str, headers: &[(&str, &str)]) -> Answer {
         self.send("GET", host, "/", headers, b"").await
     }

@@ -1,0 +1,350 @@
+//! Both ends of the hop over an in-memory pipe, and the callee against frames written by hand.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body::Frame;
+use http_body_util::{BodyExt, StreamBody};
+use skein_http2::frame::{self, kind, Head, Reason, HEADER_LEN};
+use skein_http2::hpack;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::sync::mpsc;
+
+use super::client::{self, Refused};
+use super::server;
+
+type TestBody = StreamBody<futures::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>>;
+
+/// An app of sorts: `/big/N` answers N bytes, `/trailers` a body and trailers, `/empty`
+/// nothing, anything else what it was asked.
+fn handler(req: Request<Option<Bytes>>) -> server::Answer<TestBody> {
+    Box::pin(async move {
+        let path = req.uri().path().to_string();
+        let mut frames = Vec::new();
+        if let Some(n) = path.strip_prefix("/big/") {
+            frames.push(Ok(Frame::data(Bytes::from(vec![b'x'; n.parse().unwrap()]))));
+        } else if path == "/trailers" {
+            frames.push(Ok(Frame::data(Bytes::from_static(b"ok"))));
+            let mut trailers = HeaderMap::new();
+            trailers.insert("grpc-status", HeaderValue::from_static("0"));
+            frames.push(Ok(Frame::trailers(trailers)));
+        } else if path != "/empty" {
+            let len = req.body().as_ref().map_or(0, Bytes::len);
+            frames.push(Ok(Frame::data(Bytes::from(format!("{} {path} {len}", req.method())))));
+        }
+        let mut response = Response::new(StreamBody::new(futures::stream::iter(frames)));
+        let authority = req.uri().authority().map_or("", |a| a.as_str()).to_string();
+        response.headers_mut().insert("x-authority", HeaderValue::from_str(&authority).unwrap());
+        Ok(response)
+    })
+}
+
+/// A caller's connection task and a callee over a pipe.
+fn pair() -> mpsc::UnboundedSender<client::Open> {
+    let (near, far) = tokio::io::duplex(64 * 1024);
+    tokio::spawn(server::serve(far, handler));
+    let (opens, rx) = mpsc::unbounded_channel();
+    tokio::spawn(client::run(near, rx));
+    opens
+}
+
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+    trailers: Option<HeaderMap>,
+}
+
+async fn call(
+    opens: &mpsc::UnboundedSender<client::Open>,
+    method: Method,
+    path: &str,
+    body: Bytes,
+) -> Answer {
+    let mut headers = HeaderMap::new();
+    headers.insert(http::header::HOST, HeaderValue::from_static("reviews.shop:9080"));
+    let block = client::request_block(&method, path, &headers);
+    let response = client::submit(opens, block.into(), body).await.expect("an answer");
+    let (parts, body) = response.into_parts();
+    let (body, trailers) = match body {
+        Some(b) => {
+            let collected = b.collect().await.expect("a whole body");
+            let trailers = collected.trailers().cloned();
+            (collected.to_bytes(), trailers)
+        }
+        None => (Bytes::new(), None),
+    };
+    Answer { status: parts.status, headers: parts.headers, body, trailers }
+}
+
+#[tokio::test]
+async fn requests_cross_one_connection_past_the_callees_stream_limit() {
+    let opens = pair();
+    // More at once than the callee takes (128): the rest wait for streams to end.
+    let answers: Vec<Answer> = futures::future::join_all((0..300).map(|i| {
+        let opens = opens.clone();
+        async move { call(&opens, Method::POST, &format!("/n/{i}"), Bytes::from(vec![b'b'; i])).await }
+    }))
+    .await;
+    for (i, a) in answers.iter().enumerate() {
+        assert_eq!(a.status, 200);
+        assert_eq!(a.body, format!("POST /n/{i} {i}"));
+        assert_eq!(a.headers["x-authority"], "reviews.shop:9080");
+    }
+    let empty = call(&opens, Method::GET, "/empty", Bytes::new()).await;
+    assert_eq!((empty.status, empty.body.len()), (StatusCode::OK, 0));
+}
+
+#[tokio::test]
+async fn large_bodies_cross_within_the_windows_and_trailers_follow() {
+    let opens = pair();
+    // A response far larger than either window, and a request body exactly as large as the
+    // callee's stream window (one byte more than the window before its SETTINGS arrive).
+    let (big, asked) = tokio::join!(
+        call(&opens, Method::GET, "/big/3000000", Bytes::new()),
+        call(&opens, Method::PUT, "/upload", Bytes::from(vec![b'u'; super::MAX_BODY])),
+    );
+    assert_eq!(big.body.len(), 3_000_000);
+    assert!(big.body.iter().all(|b| *b == b'x'));
+    assert_eq!(asked.body, format!("PUT /upload {}", super::MAX_BODY));
+    let grpc = call(&opens, Method::POST, "/trailers", Bytes::new()).await;
+    assert_eq!(grpc.body, "ok");
+    assert_eq!(grpc.trailers.expect("trailers")["grpc-status"], "0");
+}
+
+// --- The callee against frames written by hand. ---
+
+fn block(fields: &[(&str, &str)]) -> Vec<u8> {
+    let mut block = Vec::new();
+    for (n, v) in fields {
+        hpack::put_field(&mut block, n.as_bytes(), v.as_bytes());
+    }
+    block
+}
+
+const GET: &[(&str, &str)] =
+    &[(":method", "GET"), (":scheme", "http"), (":authority", "a:1"), (":path", "/x")];
+
+/// A connection to a callee, the preface and an empty SETTINGS written.
+async fn raw() -> DuplexStream {
+    let (mut near, far) = tokio::io::duplex(1024 * 1024);
+    tokio::spawn(server::serve(far, handler));
+    let mut out = BytesMut::from(frame::PREFACE);
+    frame::put_settings(&mut out, &[]);
+    near.write_all(&out).await.unwrap();
+    near
+}
+
+/// The next frame the callee writes (`None`: it closed the connection).
+async fn next(io: &mut DuplexStream) -> Option<(Head, Bytes)> {
+    let mut head = [0u8; HEADER_LEN];
+    let read = tokio::time::timeout(Duration::from_secs(5), io.read_exact(&mut head)).await.expect("in time");
+    read.ok()?;
+    let head = Head::parse(&head);
+    let mut payload = vec![0u8; head.len];
+    io.read_exact(&mut payload).await.ok()?;
+    Some((head, payload.into()))
+}
+
+/// The next frame of `kind` (others skipped).
+async fn next_of(io: &mut DuplexStream, want: u8) -> Option<(Head, Bytes)> {
+    loop {
+        let (head, payload) = next(io).await?;
+        if head.kind == want {
+            return Some((head, payload));
+        }
+    }
+}
+
+fn code(payload: &[u8], at: usize) -> Reason {
+    Reason(u32::from_be_bytes([payload[at], payload[at + 1], payload[at + 2], payload[at + 3]]))
+}
+
+async fn send(io: &mut DuplexStream, out: BytesMut) {
+    io.write_all(&out).await.unwrap();
+}
+
+#[tokio::test]
+async fn malformed_requests_are_reset_and_the_connection_serves_on() {
+    let mut io = raw().await;
+    let mut out = BytesMut::new();
+    let upper = [GET, &[("X-Upper", "1")]].concat();
+    frame::put_headers(&mut out, 1, &block(&upper), true);
+    frame::put_headers(&mut out, 3, &block(&GET[..3]), true);
+    let connection = [GET, &[("connection", "close")]].concat();
+    frame::put_headers(&mut out, 5, &block(&connection), true);
+    let declared = [GET, &[("content-length", "5")]].concat();
+    frame::put_headers(&mut out, 7, &block(&declared), false);
+    frame::put_data(&mut out, 7, b"abc", true);
+    let pseudo_late = [&[("accept", "*/*")], GET].concat();
+    frame::put_headers(&mut out, 9, &block(&pseudo_late), true);
+    frame::put_headers(&mut out, 11, &block(GET), true);
+    send(&mut io, out).await;
+    for stream in [1, 3, 5, 7, 9] {
+        let (head, payload) = next_of(&mut io, kind::RST_STREAM).await.expect("a reset");
+        assert_eq!((head.stream, code(&payload, 0)), (stream, Reason::PROTOCOL_ERROR));
+    }
+    let (head, _) = next_of(&mut io, kind::HEADERS).await.expect("an answer");
+    assert_eq!(head.stream, 11);
+}
+
+#[tokio::test]
+async fn protocol_errors_end_the_connection_with_their_code() {
+    // What a peer sends, after the preface and SETTINGS, and the GOAWAY code it earns.
+    let mut garbage = BytesMut::new();
+    frame::put_headers(&mut garbage, 1, &[0xff, 0xff, 0xff, 0xff, 0xff, 0x7f], true);
+    let mut oversized = BytesMut::new();
+    frame::put_head(&mut oversized, frame::DEFAULT_MAX_FRAME + 1, kind::DATA, 0, 1);
+    oversized.extend_from_slice(&vec![0u8; frame::DEFAULT_MAX_FRAME + 1]);
+    let mut backwards = BytesMut::new();
+    frame::put_headers(&mut backwards, 5, &block(GET), true);
+    frame::put_headers(&mut backwards, 3, &block(GET), true);
+    let mut flood = BytesMut::new();
+    frame::put_head(&mut flood, 0, kind::HEADERS, 0, 1);
+    for _ in 0..5 {
+        frame::put_head(&mut flood, 16_000, kind::CONTINUATION, 0, 1);
+        flood.extend_from_slice(&[0u8; 16_000]);
+    }
+    let mut interrupted = BytesMut::new();
+    frame::put_head(&mut interrupted, 0, kind::HEADERS, 0, 1);
+    frame::put_ping(&mut interrupted, [0; 8], false);
+    let cases = [
+        (garbage, Reason::COMPRESSION_ERROR),
+        (oversized, Reason::FRAME_SIZE_ERROR),
+        (backwards, Reason::PROTOCOL_ERROR),
+        (flood, Reason::ENHANCE_YOUR_CALM),
+        (interrupted, Reason::PROTOCOL_ERROR),
+    ];
+    for (i, (out, reason)) in cases.into_iter().enumerate() {
+        let mut io = raw().await;
+        send(&mut io, out).await;
+        let (_, payload) = next_of(&mut io, kind::GOAWAY).await.expect("a GOAWAY");
+        assert_eq!(code(&payload, 4), reason, "case {i}");
+        assert!(next(&mut io).await.is_none(), "case {i}: the connection closes");
+    }
+    // Not HTTP/2 at all.
+    let (mut near, far) = tokio::io::duplex(4096);
+    tokio::spawn(server::serve(far, handler));
+    near.write_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n").await.unwrap();
+    let (_, payload) = next_of(&mut near, kind::GOAWAY).await.expect("a GOAWAY");
+    assert_eq!(code(&payload, 4), Reason::PROTOCOL_ERROR);
+}
+
+#[tokio::test]
+async fn streams_past_the_limit_are_refused_and_bodies_past_their_window_reset() {
+    let mut io = raw().await;
+    let mut out = BytesMut::new();
+    // Open streams, their bodies never ended: the one past the limit is refused.
+    for i in 0..=server::MAX_STREAMS as u32 {
+        frame::put_headers(&mut out, 1 + 2 * i, &block(GET), false);
+    }
+    send(&mut io, out).await;
+    let (head, payload) = next_of(&mut io, kind::RST_STREAM).await.expect("a refusal");
+    assert_eq!(
+        (head.stream, code(&payload, 0)),
+        (1 + 2 * server::MAX_STREAMS as u32, Reason::REFUSED_STREAM)
+    );
+    // One byte past the stream's window resets it.
+    let mut out = BytesMut::new();
+    for _ in 0..4 {
+        frame::put_data(&mut out, 1, &[b'd'; 16_384], false);
+    }
+    frame::put_data(&mut out, 1, b"!", false);
+    send(&mut io, out).await;
+    let (head, payload) = next_of(&mut io, kind::RST_STREAM).await.expect("a reset");
+    assert_eq!((head.stream, code(&payload, 0)), (1, Reason::FLOW_CONTROL_ERROR));
+}
+
+#[tokio::test]
+async fn streams_reset_as_fast_as_they_open_end_the_connection() {
+    let mut io = raw().await;
+    let mut out = BytesMut::new();
+    for i in 0..1000u32 {
+        frame::put_headers(&mut out, 1 + 2 * i, &block(GET), true);
+        frame::put_rst_stream(&mut out, 1 + 2 * i, Reason::CANCEL);
+    }
+    send(&mut io, out).await;
+    let (_, payload) = next_of(&mut io, kind::GOAWAY).await.expect("a GOAWAY");
+    assert_eq!(code(&payload, 4), Reason::ENHANCE_YOUR_CALM);
+}
+
+// --- The caller against a callee written by hand. ---
+
+/// A caller's connection task over a pipe whose far end the test speaks for; the caller's
+/// preface and SETTINGS are read, and an empty SETTINGS sent.
+async fn raw_callee() -> (mpsc::UnboundedSender<client::Open>, DuplexStream) {
+    let (near, mut far) = tokio::io::duplex(1024 * 1024);
+    let (opens, rx) = mpsc::unbounded_channel();
+    tokio::spawn(client::run(near, rx));
+    let mut preface = [0u8; 24];
+    far.read_exact(&mut preface).await.unwrap();
+    assert_eq!(&preface, frame::PREFACE);
+    let mut out = BytesMut::new();
+    frame::put_settings(&mut out, &[]);
+    far.write_all(&out).await.unwrap();
+    (opens, far)
+}
+
+fn request(
+    opens: &mpsc::UnboundedSender<client::Open>,
+) -> tokio::task::JoinHandle<Result<Response<Option<client::MuxBody>>, Refused>> {
+    let opens = opens.clone();
+    tokio::spawn(async move { client::submit(&opens, block(GET).into(), Bytes::new()).await })
+}
+
+#[tokio::test]
+async fn requests_the_callee_refused_or_never_took_come_back_unsent() {
+    let (opens, mut far) = raw_callee().await;
+    let first = request(&opens);
+    let (head, _) = next_of(&mut far, kind::HEADERS).await.unwrap();
+    let mut out = BytesMut::new();
+    frame::put_rst_stream(&mut out, head.stream, Reason::REFUSED_STREAM);
+    far.write_all(&out).await.unwrap();
+    assert!(matches!(first.await.unwrap(), Err(Refused::Unsent)));
+
+    let second = request(&opens);
+    let (head, _) = next_of(&mut far, kind::HEADERS).await.unwrap();
+    let mut out = BytesMut::new();
+    frame::put_goaway(&mut out, head.stream - 2, Reason::NO_ERROR, "");
+    far.write_all(&out).await.unwrap();
+    assert!(matches!(second.await.unwrap(), Err(Refused::Unsent)));
+
+    // A stream the callee took and then reset failed for good.
+    let (opens, mut far) = raw_callee().await;
+    let third = request(&opens);
+    let (head, _) = next_of(&mut far, kind::HEADERS).await.unwrap();
+    let mut out = BytesMut::new();
+    frame::put_rst_stream(&mut out, head.stream, Reason::INTERNAL_ERROR);
+    far.write_all(&out).await.unwrap();
+    assert!(matches!(third.await.unwrap(), Err(Refused::Failed(_))));
+}
+
+#[tokio::test]
+async fn a_body_the_caller_drops_resets_its_stream() {
+    let (opens, mut far) = raw_callee().await;
+    let asked = request(&opens);
+    let (head, _) = next_of(&mut far, kind::HEADERS).await.unwrap();
+    let mut out = BytesMut::new();
+    frame::put_headers(&mut out, head.stream, &block(&[(":status", "200")]), false);
+    frame::put_data(&mut out, head.stream, b"first", false);
+    far.write_all(&out).await.unwrap();
+    let response = asked.await.unwrap().expect("a response");
+    let mut body = response.into_body().expect("a body");
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(first, "first");
+    drop(body);
+    let (reset, payload) = next_of(&mut far, kind::RST_STREAM).await.expect("a reset");
+    assert_eq!((reset.stream, code(&payload, 0)), (head.stream, Reason::CANCEL));
+    // The connection serves on.
+    let again = request(&opens);
+    let (next_head, _) = next_of(&mut far, kind::HEADERS).await.unwrap();
+    assert_eq!(next_head.stream, head.stream + 2);
+    let mut out = BytesMut::new();
+    frame::put_headers(&mut out, next_head.stream, &block(&[(":status", "204")]), true);
+    far.write_all(&out).await.unwrap();
+    let response = again.await.unwrap().expect("a response");
+    assert_eq!(response.status(), 204);
+    assert!(response.into_body().is_none());
+}

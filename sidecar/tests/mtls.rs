@@ -226,21 +226,22 @@ async fn requests_cross_two_sidecars_over_mtls_and_plaintext_is_refused() {
         assert_eq!((a.status, a.body.as_str()), (200, "app:0"));
     }
     assert_eq!(app.hits(), 5);
-    // Plain HTTP/1.1 requests take the fast path: one pooled HTTP/1.1 connection over mTLS.
-    assert_eq!(caller.tls.handshakes.load(Ordering::Relaxed), 1, "one pooled connection");
+    // Plain HTTP/1.1 requests take the fast path, and cross the multiplexed hop: one
+    // connection over mTLS.
+    assert_eq!(caller.tls.handshakes.load(Ordering::Relaxed), 1, "one connection");
     assert_eq!(callee.tls.handshakes.load(Ordering::Relaxed), 1);
     let seen = app.last_headers.lock().unwrap().clone().unwrap();
     assert_eq!(seen.get("host").unwrap(), "reviews.shop:9080");
     assert!(seen.get("x-skein-inbound-port").is_none(), "the callee consumed it: {seen:?}");
-    // A request the fast path leaves to hyper (`Expect`) goes over hyper's own pooled
-    // connection (HTTP/1.1 over mTLS): a second handshake, and no more for the next one.
+    // A request the fast path leaves to hyper (`Expect`) has its small body read whole, and
+    // crosses the same connection.
     for _ in 0..2 {
         let a = caller.send("POST", "reviews.shop:9080", "/", &[("expect", "100-continue")], b"x").await;
-        assert_eq!(a.status, 200, "{}", a.body);
+        assert_eq!((a.status, a.body.as_str()), (200, "app:1"));
     }
     assert_eq!(app.hits(), 7);
-    assert_eq!(caller.tls.handshakes.load(Ordering::Relaxed), 2, "and one of hyper's");
-    assert_eq!(callee.tls.handshakes.load(Ordering::Relaxed), 2);
+    assert_eq!(caller.tls.handshakes.load(Ordering::Relaxed), 1, "still one connection");
+    assert_eq!(callee.tls.handshakes.load(Ordering::Relaxed), 1);
     // Counted as mTLS requests, and reported so in the traffic report for the topology.
     assert!(caller.metrics().contains(
         "skein_mtls_requests_total{direction=\"outbound\",destination=\"reviews.shop\",subset=\"\",route=\"\"} 7"
@@ -256,9 +257,8 @@ async fn requests_cross_two_sidecars_over_mtls_and_plaintext_is_refused() {
     assert!(callee.tls.handshake_failures.load(Ordering::Relaxed) >= 1);
 }
 
-/// An HTTP/2 client's concurrent streams take hyper's path, which reaches the peer over its own
-/// pool of HTTP/1.1 connections over mTLS: a connection per stream in flight at most, each
-/// reused once its response has ended.
+/// An HTTP/2 client's concurrent streams take hyper's path, and cross the multiplexed hop
+/// together: a burst makes one connection.
 #[tokio::test]
 async fn http2_streams_cross_the_multiplexed_hop_on_one_connection() {
     use futures::StreamExt;
@@ -505,4 +505,54 @@ async fn http2_streams_reach_the_app(ip: &str, alpn: &[u8]) {
     assert!(failed.is_empty(), "{} failed, the first: {:?}", failed.len(), failed.first());
     assert_eq!(app.hits(), 100);
     assert_eq!(callee.tls.handshakes.load(Ordering::Relaxed), 1);
+}
+
+/// A response the app streams (chunked, with trailers, larger than the hop's windows) crosses
+/// the multiplexed hop and reaches an HTTP/1.1 client whole, re-chunked by the caller.
+#[tokio::test]
+async fn a_streamed_response_crosses_the_multiplexed_hop_whole() {
+    let app = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = app.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = app.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if s.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let mut out =
+                    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-sum\r\n\r\n".to_vec();
+                for i in 0..64u8 {
+                    out.extend_from_slice(format!("{:x}\r\n", 8192).as_bytes());
+                    out.extend_from_slice(&[b'a' + i % 26; 8192]);
+                    out.extend_from_slice(b"\r\n");
+                }
+                out.extend_from_slice(b"0\r\nx-sum: 64\r\n\r\n");
+                let _ = s.write_all(&out).await;
+            });
+        }
+    });
+    let root = ca("root");
+    let _callee = support::proxy_tls(
+        support::config("c1", vec![], vec![]),
+        "127.0.0.39:15006",
+        Some(fresh(&root, &root.pem, SERVER)),
+    )
+    .await;
+    let cfg = support::config("c1", vec![meshed("127.0.0.39", port)], vec![]);
+    let caller = support::proxy_tls(cfg, "127.0.0.1:0", Some(fresh(&root, &root.pem, CLIENT))).await;
+    for _ in 0..2 {
+        let a = caller.send("GET", "reviews.shop:9080", "/", &[], b"").await;
+        assert_eq!(a.status, 200);
+        assert_eq!(a.body.len(), 64 * 8192);
+        let expected: String =
+            (0..64u8).map(|i| ((b'a' + i % 26) as char).to_string().repeat(8192)).collect();
+        assert!(a.body == expected, "the body crossed intact");
+    }
+    assert_eq!(caller.tls.handshakes.load(Ordering::Relaxed), 1);
 }

@@ -16,6 +16,7 @@ use crate::route::table::RequestView;
 use crate::telemetry::metrics::Series;
 use crate::telemetry::trace;
 use crate::wire::framing::{take_body, Framing};
+use crate::wire::mux::MAX_BODY;
 use crate::wire::pool::{checkin, checkout, Upstream};
 use crate::wire::response::{read_response_head, ResponseBuf, ResponseHead};
 
@@ -31,7 +32,7 @@ pub(super) struct Route {
 /// Buffers reused across the requests of a connection.
 #[derive(Default)]
 pub(super) struct Scratch {
-    out: Vec<u8>,
+    pub(super) out: Vec<u8>,
     response: ResponseBuf,
 }
 
@@ -160,19 +161,33 @@ pub(super) async fn forward<C: AsyncRead + AsyncWrite + Unpin>(
     buf.advance(head.len + buffered_body);
 
     let mut in_flight = endpoint.start();
-    let outcome = exchange(
-        client,
-        ctx,
-        &endpoint,
-        &mut in_flight,
-        scratch,
-        body_left,
-        replayable,
-        method_is_head,
-        client_close,
-        route.endpoint.is_some(),
-    )
-    .await;
+    // To a meshed endpoint, a request whose body is whole goes over the multiplexed hop when
+    // the peer offers it.
+    let over_mux = if body_left == 0 && buffered_body <= MAX_BODY && endpoint.via_proxy.is_some() {
+        in_flight.dispatched();
+        super::mux::exchange(client, ctx, &endpoint, scratch, buffered_body, method_is_head, client_close)
+            .await
+    } else {
+        None
+    };
+    let outcome = match over_mux {
+        Some(outcome) => outcome,
+        None => {
+            exchange(
+                client,
+                ctx,
+                &endpoint,
+                &mut in_flight,
+                scratch,
+                body_left,
+                replayable,
+                method_is_head,
+                client_close,
+                route.endpoint.is_some(),
+            )
+            .await
+        }
+    };
     drop(in_flight);
 
     let meshed = endpoint.via_proxy.is_some();
@@ -238,7 +253,7 @@ fn is_idempotent(method: &str) -> bool {
     matches!(method, "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE")
 }
 
-enum Failed {
+pub(super) enum Failed {
     /// No connection could be made: nothing was sent.
     Connect,
     /// The upstream went away before answering.
@@ -407,7 +422,7 @@ async fn exchange<C: AsyncRead + AsyncWrite + Unpin>(
 
 /// Writes to the client and flushes: over TLS, bytes a full socket did not take wait in the
 /// session until flushed, and the next upstream read may be long in coming.
-async fn write_flushed<C: AsyncWrite + Unpin>(client: &mut C, bytes: &[u8]) -> Result<(), Failed> {
+pub(super) async fn write_flushed<C: AsyncWrite + Unpin>(client: &mut C, bytes: &[u8]) -> Result<(), Failed> {
     client.write_all(bytes).await.map_err(|_| Failed::Midway)?;
     client.flush().await.map_err(|_| Failed::Midway)
 }

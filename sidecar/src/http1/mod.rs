@@ -28,6 +28,7 @@
 mod forward;
 pub(crate) mod fuzz;
 mod head;
+mod mux;
 
 use std::io;
 use std::net::SocketAddr;

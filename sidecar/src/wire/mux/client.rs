@@ -627,6 +627,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 let _ = self.reset(id, Reason::CANCEL);
                 continue;
             }
+            // What came with the head is the caller's now: its window is given back.
+            self.top_up(id);
             let _ = self.settle(id);
         }
     }

@@ -25,6 +25,10 @@ fn handler(req: Request<Option<Bytes>>) -> server::Answer<TestBody> {
         let mut frames = Vec::new();
         if let Some(n) = path.strip_prefix("/big/") {
             frames.push(Ok(Frame::data(Bytes::from(vec![b'x'; n.parse().unwrap()]))));
+        } else if let Some(n) = path.strip_prefix("/pieces/") {
+            for i in 0..n.parse::<u8>().unwrap() {
+                frames.push(Ok(Frame::data(Bytes::from(vec![b'a' + i % 26; 8192]))));
+            }
         } else if path == "/trailers" {
             frames.push(Ok(Frame::data(Bytes::from_static(b"ok"))));
             let mut trailers = HeaderMap::new();
@@ -107,6 +111,8 @@ async fn large_bodies_cross_within_the_windows_and_trailers_follow() {
         call(&opens, Method::PUT, "/upload", Bytes::from(vec![b'u'; super::MAX_BODY])),
     );
     assert_eq!(big.body.len(), 3_000_000);
+    let pieces = call(&opens, Method::GET, "/pieces/64", Bytes::new()).await;
+    assert_eq!(pieces.body.len(), 64 * 8192);
     assert!(big.body.iter().all(|b| *b == b'x'));
     assert_eq!(asked.body, format!("PUT /upload {}", super::MAX_BODY));
     let grpc = call(&opens, Method::POST, "/trailers", Bytes::new()).await;
@@ -347,4 +353,28 @@ async fn a_body_the_caller_drops_resets_its_stream() {
     let response = again.await.unwrap().expect("a response");
     assert_eq!(response.status(), 204);
     assert!(response.into_body().is_none());
+}
+
+#[tokio::test]
+async fn a_window_filled_before_the_caller_had_its_response_is_given_back() {
+    let (opens, mut far) = raw_callee().await;
+    let asked = request(&opens);
+    let (head, _) = next_of(&mut far, kind::HEADERS).await.unwrap();
+    // The head and a whole stream window of body in one write: all of it reaches the caller
+    // with the response, and the window must come back or the stream stalls.
+    let mut out = BytesMut::new();
+    frame::put_headers(&mut out, head.stream, &block(&[(":status", "200")]), false);
+    for _ in 0..16 {
+        frame::put_data(&mut out, head.stream, &[b'w'; 16_384], false);
+    }
+    far.write_all(&out).await.unwrap();
+    let update = loop {
+        let (h, payload) = next_of(&mut far, kind::WINDOW_UPDATE).await.expect("a window update");
+        if h.stream == head.stream {
+            break payload;
+        }
+    };
+    assert_eq!(code(&update, 0).0, 16 * 16_384);
+    let response = asked.await.unwrap().expect("a response");
+    assert_eq!(response.status(), 200);
 }

@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 seconds=${FUZZ_SECONDS:-60}
-targets=${FUZZ_TARGETS:-http1_request_head http1_chunked proxy_config route_match admission_review duration local_manifests authz_path http2_frames}
+targets=${FUZZ_TARGETS:-http1_request_head http1_chunked proxy_config route_match admission_review duration local_manifests authz_path http2_frames mux_frames}
 target_dir="${CARGO_TARGET_DIR:-$(pwd)/target}/fuzz"
 export RUSTFLAGS="--cfg fuzzing -Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
 -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \

@@ -66,3 +66,8 @@ fn authz_path() {
 fn http2_frames() {
     replay("http2_frames", skein_operator::fuzzing::http2_frames);
 }
+
+#[test]
+fn mux_frames() {
+    replay("mux_frames", skein_proxy::fuzzing::mux_frames);
+}

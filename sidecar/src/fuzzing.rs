@@ -203,3 +203,20 @@ pub fn authz_path(data: &[u8]) {
         Err(_) => assert!(!decision.allowed, "{path:?} hides a separator"),
     }
 }
+
+/// The multiplexed hop's server: whatever a peer sends after the preface, it never panics,
+/// ends (the input's end closes the connection), and every frame it writes is well formed:
+/// within the default frame size, on a stream the peer opened (or 0 for the connection).
+pub fn mux_frames(data: &[u8]) {
+    use std::cell::RefCell;
+    thread_local! {
+        static RUNTIME: RefCell<Option<tokio::runtime::Runtime>> = const { RefCell::new(None) };
+    }
+    RUNTIME.with(|rt| {
+        let mut rt = rt.borrow_mut();
+        let rt = rt.get_or_insert_with(|| {
+            tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime")
+        });
+        rt.block_on(crate::wire::mux::fuzz::serve_bytes(data));
+    });
+}

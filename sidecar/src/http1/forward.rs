@@ -10,6 +10,7 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::head::{is_hop_by_hop, Head, View, READ_CHUNK};
+use super::outcome::{write_flushed, Failed};
 use crate::balance::{now_ns, EndpointState, InFlight, Pool};
 use crate::proxy::{observe, ConnMeta, ProxyContext};
 use crate::route::table::RequestView;
@@ -32,7 +33,7 @@ pub(super) struct Route {
 /// Buffers reused across the requests of a connection.
 #[derive(Default)]
 pub(super) struct Scratch {
-    pub(super) out: Vec<u8>,
+    out: Vec<u8>,
     response: ResponseBuf,
 }
 
@@ -165,8 +166,16 @@ pub(super) async fn forward<C: AsyncRead + AsyncWrite + Unpin>(
     // the peer offers it.
     let over_mux = if body_left == 0 && buffered_body <= MAX_BODY && endpoint.via_proxy.is_some() {
         in_flight.dispatched();
-        super::mux::exchange(client, ctx, &endpoint, scratch, buffered_body, method_is_head, client_close)
-            .await
+        super::mux::exchange(
+            client,
+            ctx,
+            &endpoint,
+            &mut scratch.out,
+            buffered_body,
+            method_is_head,
+            client_close,
+        )
+        .await
     } else {
         None
     };
@@ -251,15 +260,6 @@ pub(super) async fn forward<C: AsyncRead + AsyncWrite + Unpin>(
 /// GET, HEAD, OPTIONS, TRACE, PUT and DELETE.
 fn is_idempotent(method: &str) -> bool {
     matches!(method, "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE")
-}
-
-pub(super) enum Failed {
-    /// No connection could be made: nothing was sent.
-    Connect,
-    /// The upstream went away before answering.
-    BeforeResponse,
-    /// Something broke after the response started: both connections are dropped.
-    Midway,
 }
 
 /// Sends `scratch.out` (and the rest of the body from the client) upstream and copies the
@@ -418,13 +418,6 @@ async fn exchange<C: AsyncRead + AsyncWrite + Unpin>(
     write_flushed(client, &chunk[..last]).await?;
     scratch.response.resp = chunk;
     Ok((status, keep, denied))
-}
-
-/// Writes to the client and flushes: over TLS, bytes a full socket did not take wait in the
-/// session until flushed, and the next upstream read may be long in coming.
-pub(super) async fn write_flushed<C: AsyncWrite + Unpin>(client: &mut C, bytes: &[u8]) -> Result<(), Failed> {
-    client.write_all(bytes).await.map_err(|_| Failed::Midway)?;
-    client.flush().await.map_err(|_| Failed::Midway)
 }
 
 /// A new upstream connection (see [`crate::proxy::peer::connect_upstream`]).

@@ -29,6 +29,7 @@ mod forward;
 pub(crate) mod fuzz;
 mod head;
 mod mux;
+mod outcome;
 
 use std::io;
 use std::net::SocketAddr;

@@ -9,8 +9,8 @@ use futures::FutureExt;
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::forward::{write_flushed, Failed, Scratch};
 use super::head::is_hop_by_hop;
+use super::outcome::{write_flushed, Failed};
 use crate::balance::EndpointState;
 use crate::proxy::ProxyContext;
 use crate::route::retry::Failure;
@@ -20,14 +20,14 @@ use crate::wire::pool::{checkin, Upstream};
 /// What is written to the client at most before it is sent (a streamed body's pieces).
 const WRITE_AT: usize = 64 * 1024;
 
-/// Sends the request in `scratch.out` (its head, then `body_len` bytes of body) over the hop
+/// Sends the request in `out` (its head, then `body_len` bytes of body) over the hop
 /// and relays the answer; `None` when `endpoint`'s sidecar does not offer the hop (the
 /// request was not sent, and goes over HTTP/1.1).
 pub(super) async fn exchange<C: AsyncRead + AsyncWrite + Unpin>(
     client: &mut C,
     ctx: &ProxyContext,
     endpoint: &EndpointState,
-    scratch: &mut Scratch,
+    out: &mut Vec<u8>,
     body_len: usize,
     method_is_head: bool,
     client_close: bool,
@@ -37,7 +37,7 @@ pub(super) async fn exchange<C: AsyncRead + AsyncWrite + Unpin>(
     else {
         return None;
     };
-    let (block, body) = block_of(&scratch.out, body_len);
+    let (block, body) = block_of(out, body_len);
     let connect = || async {
         let tls = crate::proxy::peer::connect_peer(ctx, *peer, identity, &material, true).await?;
         Ok(Box::new(tls))
@@ -56,7 +56,7 @@ pub(super) async fn exchange<C: AsyncRead + AsyncWrite + Unpin>(
         }
         Err(MuxError::Failed(_)) => return Some(Err(Failed::BeforeResponse)),
     };
-    Some(relay(client, response, &mut scratch.out, method_is_head, client_close).await)
+    Some(relay(client, response, out, method_is_head, client_close).await)
 }
 
 /// The header block and body of a request head this path wrote (`out`: request line,

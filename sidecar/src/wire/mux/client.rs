@@ -89,10 +89,27 @@ enum Entry {
     NotOffered(Instant),
 }
 
-/// The hop's connections, by peer address and the identity it proved.
+/// A peer's connection: its address, the identity it proved, and the lane (below).
+type Key = (SocketAddr, WorkloadIdentity, usize);
+
+/// The hop's connections, by peer address and the identity it proved: one per runtime worker
+/// thread (a lane) with `--workers` above 1, so the TLS of each worker's requests is done on
+/// its own thread rather than all of it on the one a single connection's task runs on.
 #[derive(Default)]
 pub(crate) struct Pool {
-    conns: Mutex<HashMap<(SocketAddr, WorkloadIdentity), Entry>>,
+    conns: Mutex<HashMap<Key, Entry>>,
+}
+
+/// The lane of the calling thread: worker threads are numbered as they first send, modulo the
+/// runtime's workers.
+fn lane() -> usize {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static LANE: usize = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    let workers = tokio::runtime::Handle::try_current().map_or(1, |h| h.metrics().num_workers()).max(1);
+    LANE.with(|l| *l) % workers
 }
 
 enum Lookup<'p> {
@@ -106,7 +123,7 @@ enum Lookup<'p> {
 /// again.
 struct Connecting<'p> {
     pool: &'p Pool,
-    key: (SocketAddr, WorkloadIdentity),
+    key: Key,
     result: watch::Sender<Option<Failure>>,
 }
 
@@ -121,7 +138,7 @@ impl Drop for Connecting<'_> {
 
 impl Pool {
     fn lookup(&self, peer: SocketAddr, identity: &WorkloadIdentity) -> Lookup<'_> {
-        let key = (peer, identity.clone());
+        let key = (peer, identity.clone(), lane());
         let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         match conns.get(&key) {
             Some(Entry::Live { opens, born }) if !opens.is_closed() && born.elapsed() < MAX_AGE => {

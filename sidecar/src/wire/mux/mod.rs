@@ -18,6 +18,7 @@
 //! ([`Link`]), header blocks written out, and the limits.
 
 pub(crate) mod client;
+pub(crate) mod fuzz;
 pub(crate) mod server;
 
 use std::io;

@@ -217,7 +217,7 @@ where
     fn on_event(&mut self, event: Event) -> Result<(), ConnError> {
         match event {
             Event::Headers { stream, fields, end_stream } => self.on_headers(stream, fields, end_stream)?,
-            Event::Data { stream, data, end_stream, flow } => self.on_data(stream, data, end_stream, flow),
+            Event::Data { stream, data, end_stream, flow } => self.on_data(stream, data, end_stream, flow)?,
             Event::Reset { stream, .. } => {
                 if stream > self.last_stream {
                     return Err(super::conn_error(Reason::PROTOCOL_ERROR, "RST_STREAM on an idle stream"));
@@ -293,7 +293,10 @@ where
         Ok(())
     }
 
-    fn on_data(&mut self, id: u32, data: Bytes, end_stream: bool, flow: usize) {
+    fn on_data(&mut self, id: u32, data: Bytes, end_stream: bool, flow: usize) -> Result<(), ConnError> {
+        if id.is_multiple_of(2) || id > self.last_stream {
+            return Err(super::conn_error(Reason::PROTOCOL_ERROR, "DATA on a stream never opened"));
+        }
         let Some(Stream { state: State::Receiving { body, window, .. }, .. }) = self.streams.get_mut(&id)
         else {
             // A stream that is closed or already answered: its window is given back at once.
@@ -303,12 +306,12 @@ where
             } else {
                 self.reset(id, Reason::STREAM_CLOSED);
             }
-            return;
+            return Ok(());
         };
         *window -= flow as i64;
         if *window < 0 {
             self.reset(id, Reason::FLOW_CONTROL_ERROR);
-            return;
+            return Ok(());
         }
         // Padding is given back now; the body's bytes when it is handed on.
         self.link.consume(flow - data.len());
@@ -316,6 +319,7 @@ where
         if end_stream {
             self.finish_request(id);
         }
+        Ok(())
     }
 
     /// The request is whole: checked against its declared length and handed to the handler.

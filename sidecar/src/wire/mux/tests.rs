@@ -216,7 +216,10 @@ async fn protocol_errors_end_the_connection_with_their_code() {
     let mut interrupted = BytesMut::new();
     frame::put_head(&mut interrupted, 0, kind::HEADERS, 0, 1);
     frame::put_ping(&mut interrupted, [0; 8], false);
+    let mut idle_data = BytesMut::new();
+    frame::put_data(&mut idle_data, 2, b"never opened", true);
     let cases = [
+        (idle_data, Reason::PROTOCOL_ERROR),
         (garbage, Reason::COMPRESSION_ERROR),
         (oversized, Reason::FRAME_SIZE_ERROR),
         (backwards, Reason::PROTOCOL_ERROR),

@@ -308,14 +308,7 @@ async fn a_request_to_the_proxy_itself_is_refused_not_looped() {
 async fn http2_from_the_app_is_served() {
     let up = upstream("v1").await;
     let p = proxy(config("c1", vec![endpoint(&up, "v1")], vec![])).await;
-    let tcp = tokio::net::TcpStream::connect(p.outbound).await.unwrap();
-    let (mut h2, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut h2 = support::h2_over(tokio::net::TcpStream::connect(p.outbound).await.unwrap()).await;
     for _ in 0..3 {
         let req = http::Request::get("http://reviews.shop:9080/h2")
             .body(http_body_util::Empty::<bytes::Bytes>::new())
@@ -666,15 +659,7 @@ async fn h2_get(
 async fn h2_client(
     addr: std::net::SocketAddr,
 ) -> hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>> {
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (h2, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
-    h2
+    support::h2_over(tokio::net::TcpStream::connect(addr).await.unwrap()).await
 }
 
 fn app_endpoint(port: u16) -> skein_api::config::Endpoint {

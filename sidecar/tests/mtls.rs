@@ -274,14 +274,7 @@ async fn http2_streams_cross_the_multiplexed_hop_on_one_connection() {
     let cfg = support::config("c1", vec![meshed("127.0.0.36", app.addr().port())], vec![]);
     let caller = support::proxy_tls(cfg, "127.0.0.1:0", Some(fresh(&root, &root.pem, CLIENT))).await;
     // One HTTP/2 connection to the outbound listener, as a gRPC client keeps.
-    let tcp = tokio::net::TcpStream::connect(caller.outbound).await.unwrap();
-    let (h2, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let h2 = support::h2_over(tokio::net::TcpStream::connect(caller.outbound).await.unwrap()).await;
     let answers: Vec<(u16, String)> = futures::stream::iter(0..200)
         .map(|_| {
             let mut h2 = h2.clone();
@@ -470,13 +463,7 @@ async fn http2_streams_reach_the_app(ip: &str, alpn: &[u8]) {
     let name = rustls::pki_types::ServerName::try_from("peer.skein.invalid").unwrap();
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.unwrap();
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(alpn));
-    let (h2, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tls),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let h2 = support::h2_over(tls).await;
     let port = app.addr().port().to_string();
     let answers: Vec<(u16, String, &str)> = futures::stream::iter(0..100)
         .map(|i| {

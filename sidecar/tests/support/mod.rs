@@ -255,6 +255,22 @@ pub async fn proxy_full(
     TestProxy { store, outbound, inbound, client, stop, tls }
 }
 
+/// An HTTP/2 client (prior knowledge) over `io`, its connection driven by a task of its own.
+pub async fn h2_over<I, B>(io: I) -> hyper::client::conn::http2::SendRequest<B>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    B: hyper::body::Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let (h2, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), TokioIo::new(io))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    h2
+}
+
 /// A response as the test sees it.
 pub struct Answer {
     pub status: u16,
@@ -303,14 +319,7 @@ impl TestProxy {
     /// Sends a request as an HTTP/2 client (prior knowledge, a connection of its own) to the
     /// outbound listener, for `http://{authority}{path}`.
     pub async fn send_h2(&self, method: &str, authority: &str, path: &str, body: &[u8]) -> Answer {
-        let tcp = tokio::net::TcpStream::connect(self.outbound).await.unwrap();
-        let (mut h2, conn) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(tcp),
-        )
-        .await
-        .unwrap();
-        tokio::spawn(conn);
+        let mut h2 = h2_over(tokio::net::TcpStream::connect(self.outbound).await.unwrap()).await;
         let req = Request::builder()
             .method(method)
             .uri(format!("http://{authority}{path}"))

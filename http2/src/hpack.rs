@@ -2,6 +2,7 @@
 //! dynamic table and Huffman coding, and literal encodings that touch no table (no dynamic
 //! table, no Huffman: a block costs a few bytes more and the encoder holds no state).
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 
 use super::huffman;
@@ -101,14 +102,64 @@ impl std::fmt::Display for HpackError {
     }
 }
 
-/// A decoded header field: name and value as sent.
-pub type Field = (Vec<u8>, Vec<u8>);
+/// A dynamic table entry: name and value as sent.
+type Entry = (Vec<u8>, Vec<u8>);
+
+/// A field as decoded: borrowed from the block or the tables, or owned when it was Huffman-coded.
+type Decoded<'a> = (Cow<'a, [u8]>, Cow<'a, [u8]>);
+
+/// A decoded header list: every name and value, in order, in one buffer (two allocations for
+/// a block, whatever its number of fields).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Fields {
+    bytes: Vec<u8>,
+    /// For each field, where its name ends and where its value ends in `bytes`.
+    ends: Vec<(u32, u32)>,
+}
+
+impl Fields {
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// The fields as (name, value), in the order they were sent.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = (&[u8], &[u8])> + '_ {
+        let mut start = 0usize;
+        self.ends.iter().map(move |&(name_end, value_end)| {
+            let (name_end, value_end) = (name_end as usize, value_end as usize);
+            let field = (&self.bytes[start..name_end], &self.bytes[name_end..value_end]);
+            start = value_end;
+            field
+        })
+    }
+
+    fn push(&mut self, name: &[u8], value: &[u8]) {
+        self.bytes.extend_from_slice(name);
+        let name_end = self.bytes.len() as u32;
+        self.bytes.extend_from_slice(value);
+        self.ends.push((name_end, self.bytes.len() as u32));
+    }
+}
+
+impl<'a> FromIterator<(&'a [u8], &'a [u8])> for Fields {
+    fn from_iter<I: IntoIterator<Item = (&'a [u8], &'a [u8])>>(iter: I) -> Self {
+        let mut fields = Fields::default();
+        for (name, value) in iter {
+            fields.push(name, value);
+        }
+        fields
+    }
+}
 
 /// A connection's decoder: its dynamic table lives as long as the connection.
 #[derive(Debug)]
 pub struct Decoder {
     /// Newest first.
-    table: VecDeque<Field>,
+    table: VecDeque<Entry>,
     /// Sum of the entries' sizes (name + value + 32 each).
     size: usize,
     /// The size the encoder last set (at most `limit`).
@@ -124,22 +175,29 @@ impl Decoder {
 
     /// Decodes one whole header block. `max_list` bounds the decoded list, counted as HTTP/2's
     /// SETTINGS_MAX_HEADER_LIST_SIZE counts it (name + value + 32 per field).
-    pub fn decode(&mut self, block: &[u8], max_list: usize) -> Result<Vec<Field>, HpackError> {
-        let mut fields = Vec::new();
+    pub fn decode(&mut self, block: &[u8], max_list: usize) -> Result<Fields, HpackError> {
+        let mut fields = Fields {
+            bytes: Vec::with_capacity((block.len() * 2).min(max_list)),
+            ends: Vec::with_capacity(block.len().min(16)),
+        };
         let mut list = 0usize;
         let mut pos = 0usize;
         while pos < block.len() {
             let first = block[pos];
-            let field = if first & 0x80 != 0 {
+            let (name, value): Decoded<'_> = if first & 0x80 != 0 {
                 // Indexed field.
                 let index = integer(block, &mut pos, 7)?;
-                self.entry(index)?
+                let (name, value) = self.entry(index)?;
+                (Cow::Borrowed(name), Cow::Borrowed(value))
             } else if first & 0xc0 == 0x40 {
                 // Literal with incremental indexing.
                 let index = integer(block, &mut pos, 6)?;
-                let field = self.literal(block, &mut pos, index)?;
-                self.insert(field.clone());
-                field
+                let (name, value) = self.literal(block, &mut pos, index)?;
+                let entry = (name.into_owned(), value.into_owned());
+                list = counted(list, &entry.0, &entry.1, max_list)?;
+                fields.push(&entry.0, &entry.1);
+                self.insert(entry);
+                continue;
             } else if first & 0xe0 == 0x20 {
                 // Dynamic table size update: only before the first field of a block.
                 let size = integer(block, &mut pos, 5)?;
@@ -154,42 +212,48 @@ impl Decoder {
                 let index = integer(block, &mut pos, 4)?;
                 self.literal(block, &mut pos, index)?
             };
-            list += field.0.len() + field.1.len() + 32;
-            if list > max_list {
-                return Err(HpackError::ListTooLarge);
-            }
-            fields.push(field);
+            list = counted(list, &name, &value, max_list)?;
+            fields.push(&name, &value);
         }
         Ok(fields)
     }
 
-    fn entry(&self, index: usize) -> Result<Field, HpackError> {
+    fn entry(&self, index: usize) -> Result<(&[u8], &[u8]), HpackError> {
         match index {
             0 => Err(HpackError::BadIndex(0)),
             1..=61 => {
                 let (name, value) = STATIC_TABLE[index - 1];
-                Ok((name.as_bytes().to_vec(), value.as_bytes().to_vec()))
+                Ok((name.as_bytes(), value.as_bytes()))
             }
-            _ => self.table.get(index - 62).cloned().ok_or(HpackError::BadIndex(index)),
+            _ => self
+                .table
+                .get(index - 62)
+                .map(|(name, value)| (name.as_slice(), value.as_slice()))
+                .ok_or(HpackError::BadIndex(index)),
         }
     }
 
     /// A literal field whose name is entry `index` (or, when 0, a string that follows).
-    fn literal(&self, block: &[u8], pos: &mut usize, index: usize) -> Result<Field, HpackError> {
+    fn literal<'a>(
+        &'a self,
+        block: &'a [u8],
+        pos: &mut usize,
+        index: usize,
+    ) -> Result<Decoded<'a>, HpackError> {
         let name = match index {
             0 => string(block, pos)?,
-            _ => self.entry(index)?.0,
+            _ => Cow::Borrowed(self.entry(index)?.0),
         };
         Ok((name, string(block, pos)?))
     }
 
-    fn insert(&mut self, field: Field) {
-        let size = field.0.len() + field.1.len() + 32;
+    fn insert(&mut self, entry: Entry) {
+        let size = entry.0.len() + entry.1.len() + 32;
         // An entry larger than the table empties it and is not added (RFC 7541 §4.4).
         self.evict(size);
         if size <= self.max {
             self.size += size;
-            self.table.push_front(field);
+            self.table.push_front(entry);
         }
     }
 
@@ -200,6 +264,15 @@ impl Decoder {
             self.size -= name.len() + value.len() + 32;
         }
     }
+}
+
+/// The list's size with one more field, as SETTINGS_MAX_HEADER_LIST_SIZE counts it.
+fn counted(list: usize, name: &[u8], value: &[u8], max_list: usize) -> Result<usize, HpackError> {
+    let list = list + name.len() + value.len() + 32;
+    if list > max_list {
+        return Err(HpackError::ListTooLarge);
+    }
+    Ok(list)
 }
 
 /// An integer with an `prefix`-bit prefix (RFC 7541 §5.1), at most 2^28 or so.
@@ -226,19 +299,20 @@ fn integer(block: &[u8], pos: &mut usize, prefix: u8) -> Result<usize, HpackErro
     }
 }
 
-/// A string literal (RFC 7541 §5.2), Huffman-coded or not.
-fn string(block: &[u8], pos: &mut usize) -> Result<Vec<u8>, HpackError> {
+/// A string literal (RFC 7541 §5.2), Huffman-coded or not: borrowed from the block when it is
+/// plain.
+fn string<'a>(block: &'a [u8], pos: &mut usize) -> Result<Cow<'a, [u8]>, HpackError> {
     let huffman = block.get(*pos).ok_or(HpackError::Truncated)? & 0x80 != 0;
     let len = integer(block, pos, 7)?;
     let end = pos.checked_add(len).filter(|end| *end <= block.len()).ok_or(HpackError::Truncated)?;
     let raw = &block[*pos..end];
     *pos = end;
     if !huffman {
-        return Ok(raw.to_vec());
+        return Ok(Cow::Borrowed(raw));
     }
     let mut out = Vec::with_capacity(len + len / 2);
     huffman::decode(raw, &mut out).map_err(|_| HpackError::InvalidHuffman)?;
-    Ok(out)
+    Ok(Cow::Owned(out))
 }
 
 fn put_integer(dst: &mut Vec<u8>, first: u8, prefix: u8, mut value: usize) {
@@ -288,7 +362,7 @@ mod tests {
         (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
     }
 
-    fn text(fields: &[Field]) -> Vec<(String, String)> {
+    fn text(fields: &Fields) -> Vec<(String, String)> {
         fields
             .iter()
             .map(|(n, v)| (String::from_utf8_lossy(n).into_owned(), String::from_utf8_lossy(v).into_owned()))
@@ -393,7 +467,7 @@ mod tests {
         }
         let mut decoder = Decoder::new(4096);
         let decoded = decoder.decode(&block, 16 * 1024).unwrap();
-        let expected: Vec<Field> = fields.iter().map(|(n, v)| (n.to_vec(), v.to_vec())).collect();
+        let expected: Fields = fields.into_iter().collect();
         assert_eq!(decoded, expected);
         assert_eq!(decoder.size, 0, "nothing indexed");
         // A static name costs its index: `:status` is entry 8, one byte.

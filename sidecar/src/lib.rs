@@ -22,6 +22,7 @@ mod coalesce;
 mod config;
 #[doc(hidden)]
 pub mod fuzzing;
+mod headers;
 mod http1;
 mod listener;
 mod probe;

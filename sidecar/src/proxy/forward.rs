@@ -45,7 +45,9 @@ pub(super) struct Forwarded {
 /// `Connection` header names. `keep_upgrade` keeps `Connection: upgrade` and `Upgrade` for a
 /// protocol switch.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    // Most messages carry none: one pass over the names spares a lookup for each.
+    // Removed by name whatever the message says. One pass over the names finds those present
+    // (most messages carry none, an upstream's responses a `connection: keep-alive`), so only
+    // they cost a lookup.
     const FIXED: [&str; 8] = [
         "connection",
         "te",
@@ -56,30 +58,32 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         "proxy-connection",
         "upgrade",
     ];
-    if !keep_upgrade && !headers.keys().any(|n| FIXED.contains(&n.as_str())) {
+    let mut doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| FIXED.contains(&n.as_str()))
+        .filter(|n| !(keep_upgrade && *n == header::UPGRADE))
+        .cloned()
+        .collect();
+    if doomed.is_empty() && !keep_upgrade {
         return;
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .filter(|n| !(keep_upgrade && *n == header::UPGRADE))
-        .collect();
-    for name in named {
+    // And the fields the Connection header names (RFC 9110 §7.6.1).
+    doomed.extend(
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            // The fixed names are in hand already (an upstream's `keep-alive` among them).
+            .filter(|t| !FIXED.iter().any(|f| f.eq_ignore_ascii_case(t)))
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok()),
+    );
+    for name in doomed {
         headers.remove(name);
     }
-    for name in [header::TE, header::TRAILER, header::TRANSFER_ENCODING, header::PROXY_AUTHORIZATION] {
-        headers.remove(name);
-    }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
     if keep_upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
-        headers.remove(header::CONNECTION);
-        headers.remove(header::UPGRADE);
     }
 }
 

@@ -30,7 +30,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::HeaderName;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use skein_api::constants::{PROXY_ADMIN_PORT, PROXY_INBOUND_PORT, PROXY_OUTBOUND_PORT, PROXY_STATS_PORT};
@@ -42,15 +41,7 @@ use body::ProxyBody;
 
 pub use serve::{error, serve};
 
-/// See [`skein_api::constants::INBOUND_PORT_HEADER`].
-pub static INBOUND_PORT: HeaderName = HeaderName::from_static(skein_api::constants::INBOUND_PORT_HEADER);
-/// Request header telling the upstream which attempt this is (1 = first retry).
-pub static ATTEMPT_HEADER: HeaderName = HeaderName::from_static("x-skein-attempt");
-/// Response header set when the proxy retried: an outer proxy that sees it does not retry
-/// again, so retries never multiply across hops.
-pub static RETRIED_HEADER: HeaderName = HeaderName::from_static("x-skein-retries");
-/// Response header naming why the proxy itself answered with an error.
-pub static ERROR_HEADER: HeaderName = HeaderName::from_static("x-skein-error");
+pub use crate::headers::{ATTEMPT_HEADER, ERROR_HEADER, INBOUND_PORT, RETRIED_HEADER};
 
 /// Which listener a request came in on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -2,10 +2,9 @@
 //! (or an invalid one) and kept when it has one; `x-request-id` likewise; B3 headers
 //! (`x-b3-*`, `b3`) pass through untouched, like every other end-to-end header.
 
-use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::header::{HeaderMap, HeaderValue};
 
-pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
-pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub use crate::headers::{REQUEST_ID, TRACEPARENT};
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 

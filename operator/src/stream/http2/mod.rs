@@ -634,7 +634,7 @@ impl Conn {
             frame::put_rst_stream(out, stream, Reason::REFUSED_STREAM);
             return Ok(());
         }
-        let request = match request(fields) {
+        let request = match request(&fields) {
             Ok(request) => request,
             Err(_) => {
                 frame::put_rst_stream(out, stream, Reason::PROTOCOL_ERROR);
@@ -756,10 +756,10 @@ const CONNECTION_SPECIFIC: [&[u8]; 5] =
     [b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"];
 
 /// The request a decoded header list makes, or why it is malformed (RFC 9113 §8.3.1).
-fn request(fields: Vec<hpack::Field>) -> Result<http::Request<()>, &'static str> {
+fn request(fields: &hpack::Fields) -> Result<http::Request<()>, &'static str> {
     let (mut method, mut path, mut scheme, mut authority) = (None, None, None, None);
     let mut headers = http::HeaderMap::new();
-    for (name, value) in fields {
+    for (name, value) in fields.iter() {
         if let Some(pseudo) = name.strip_prefix(b":") {
             if !headers.is_empty() {
                 return Err("a pseudo-header after a regular one");
@@ -779,18 +779,18 @@ fn request(fields: Vec<hpack::Field>) -> Result<http::Request<()>, &'static str>
         if name.iter().any(u8::is_ascii_uppercase) {
             return Err("an upper-case header name");
         }
-        if CONNECTION_SPECIFIC.contains(&name.as_slice()) || (name == b"te" && value != b"trailers") {
+        if CONNECTION_SPECIFIC.contains(&name) || (name == b"te" && value != b"trailers") {
             return Err("a connection-specific header");
         }
-        let name = HeaderName::from_bytes(&name).map_err(|_| "an invalid header name")?;
-        let value = HeaderValue::from_bytes(&value).map_err(|_| "an invalid header value")?;
+        let name = HeaderName::from_bytes(name).map_err(|_| "an invalid header name")?;
+        let value = HeaderValue::from_bytes(value).map_err(|_| "an invalid header value")?;
         headers.append(name, value);
     }
     let (Some(method), Some(path), Some(_scheme)) = (method, path, scheme) else {
         return Err(":method, :path or :scheme missing");
     };
     let mut request = http::Request::new(());
-    *request.method_mut() = Method::from_bytes(&method).map_err(|_| "an invalid :method")?;
+    *request.method_mut() = Method::from_bytes(method).map_err(|_| "an invalid :method")?;
     *request.uri_mut() = Uri::try_from(path).map_err(|_| "an invalid :path")?;
     *request.headers_mut() = headers;
     *request.version_mut() = Version::HTTP_2;

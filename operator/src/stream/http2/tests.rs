@@ -157,8 +157,9 @@ fn request_block(method: u8, path: &str) -> Vec<u8> {
 
 fn status_of(block: &[u8]) -> String {
     let fields = hpack::Decoder::new(4096).decode(block, 4096).unwrap();
-    assert_eq!(fields[0].0, b":status");
-    String::from_utf8(fields[0].1.clone()).unwrap()
+    let (name, status) = fields.iter().next().unwrap();
+    assert_eq!(name, b":status");
+    String::from_utf8(status.to_vec()).unwrap()
 }
 
 fn data_of(frames: &[(Head, Vec<u8>)], stream: u32) -> Vec<u8> {

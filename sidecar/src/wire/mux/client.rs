@@ -22,7 +22,7 @@ use http::{HeaderMap, Method, Response, StatusCode};
 use http_body::{Frame, SizeHint};
 use skein_api::WorkloadIdentity;
 use skein_http2::frame::{self, setting, Reason};
-use skein_http2::hpack::{self, Field};
+use skein_http2::hpack::{self, Fields};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -561,15 +561,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         Ok(())
     }
 
-    fn on_headers(&mut self, id: u32, fields: Vec<Field>, end_stream: bool) -> Result<(), ConnError> {
+    fn on_headers(&mut self, id: u32, fields: Fields, end_stream: bool) -> Result<(), ConnError> {
         if id.is_multiple_of(2) || id >= self.next_id {
             return Err(super::conn_error(Reason::PROTOCOL_ERROR, "HEADERS on a stream we did not open"));
         }
         let Some(s) = self.streams.get_mut(&id) else { return Ok(()) };
         if s.head.is_some() || s.body.is_some() {
             // Trailers.
-            let trailers =
-                fields.into_iter().map(|(n, v)| regular_field(&n, &v)).collect::<Option<HeaderMap>>();
+            let trailers = fields.iter().map(|(n, v)| regular_field(n, v)).collect::<Option<HeaderMap>>();
             match (trailers, end_stream) {
                 (Some(t), true) => s.push(Frame::trailers(t)),
                 _ => return self.reset(id, Reason::PROTOCOL_ERROR),
@@ -577,7 +576,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             s.ended = true;
             return self.settle(id);
         }
-        let Some(head) = response_head(fields) else { return self.reset(id, Reason::PROTOCOL_ERROR) };
+        let Some(head) = response_head(&fields) else { return self.reset(id, Reason::PROTOCOL_ERROR) };
         if head.status().is_informational() {
             // An interim response (100, 103): the final one follows.
             return if end_stream { self.reset(id, Reason::PROTOCOL_ERROR) } else { Ok(()) };
@@ -750,16 +749,16 @@ impl Stream {
 
 /// A response's head from its decoded fields: `:status` first and only, regular fields well
 /// formed; `None` makes it malformed.
-fn response_head(fields: Vec<Field>) -> Option<Response<()>> {
-    let mut fields = fields.into_iter();
+fn response_head(fields: &Fields) -> Option<Response<()>> {
+    let mut fields = fields.iter();
     let (name, status) = fields.next()?;
     if name != b":status" || status.len() != 3 {
         return None;
     }
-    let status = StatusCode::from_bytes(&status).ok()?;
+    let status = StatusCode::from_bytes(status).ok()?;
     let mut headers = HeaderMap::with_capacity(fields.len());
     for (name, value) in fields {
-        let (name, value) = regular_field(&name, &value)?;
+        let (name, value) = regular_field(name, value)?;
         headers.append(name, value);
     }
     let mut response = Response::new(());

@@ -29,7 +29,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use skein_http2::frame::{
     self, flag, kind, setting, Head, Reason, DEFAULT_MAX_FRAME, HEADER_LEN, MAX_WINDOW,
 };
-use skein_http2::hpack::{self, Decoder, Field};
+use skein_http2::hpack::{self, Decoder, Fields};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 /// The ALPN protocol of the multiplexed hop. A callee that does not offer it (an older release)
@@ -67,7 +67,7 @@ pub(crate) enum Event {
     /// A whole header block (HEADERS and any CONTINUATIONs), decoded.
     Headers {
         stream: u32,
-        fields: Vec<Field>,
+        fields: Fields,
         end_stream: bool,
     },
     /// `flow` is what the frame counts against the receive windows (padding included).
@@ -499,7 +499,10 @@ pub(crate) fn regular_field(name: &[u8], value: &[u8]) -> Option<(http::HeaderNa
     if name.iter().any(u8::is_ascii_uppercase) || connection_specific(name, value) {
         return None;
     }
-    let name = http::HeaderName::from_bytes(name).ok()?;
+    let name = match crate::headers::ours(name) {
+        Some(ours) => ours.clone(),
+        None => http::HeaderName::from_bytes(name).ok()?,
+    };
     let value = http::HeaderValue::from_bytes(value).ok()?;
     Some((name, value))
 }

@@ -24,7 +24,7 @@ use futures::StreamExt;
 use http::{Request, Response, Uri, Version};
 use http_body::Body;
 use skein_http2::frame::{self, setting, Reason};
-use skein_http2::hpack::{self, Field};
+use skein_http2::hpack::{self, Fields};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{put_header, regular_field, ConnError, Event, Link, MAX_BODY};
@@ -255,7 +255,7 @@ where
         Ok(())
     }
 
-    fn on_headers(&mut self, id: u32, fields: Vec<Field>, end_stream: bool) -> Result<(), ConnError> {
+    fn on_headers(&mut self, id: u32, fields: Fields, end_stream: bool) -> Result<(), ConnError> {
         if let Some(s) = self.streams.get(&id) {
             // Trailers: they end the body (and are not passed on: the app is spoken to in
             // HTTP/1.1 with the body whole).
@@ -277,7 +277,7 @@ where
             frame::put_rst_stream(&mut self.link.wbuf, id, Reason::REFUSED_STREAM);
             return Ok(());
         }
-        let Some((head, length)) = request_head(fields) else {
+        let Some((head, length)) = request_head(&fields) else {
             frame::put_rst_stream(&mut self.link.wbuf, id, Reason::PROTOCOL_ERROR);
             return Ok(());
         };
@@ -462,12 +462,12 @@ where
 /// A request's head from its decoded fields (RFC 9113 §8.3.1): pseudo-header fields first,
 /// `:method`, `:scheme` and `:path` once each, `:authority` at most once, regular fields
 /// well formed; `None` makes the request malformed. Also returns its declared length.
-fn request_head(fields: Vec<Field>) -> Option<(http::request::Parts, Option<u64>)> {
+fn request_head(fields: &Fields) -> Option<(http::request::Parts, Option<u64>)> {
     let (mut method, mut scheme, mut authority, mut path) = (None, None, None, None);
     let mut headers = http::HeaderMap::with_capacity(fields.len());
     let mut length = None;
     let mut regular = false;
-    for (name, value) in fields {
+    for (name, value) in fields.iter() {
         if let Some(pseudo) = name.strip_prefix(b":") {
             let slot = match pseudo {
                 b"method" => &mut method,
@@ -482,7 +482,7 @@ fn request_head(fields: Vec<Field>) -> Option<(http::request::Parts, Option<u64>
             continue;
         }
         regular = true;
-        let (name, value) = regular_field(&name, &value)?;
+        let (name, value) = regular_field(name, value)?;
         if name == http::header::CONTENT_LENGTH {
             let n = parse_length(value.as_bytes())?;
             if length.replace(n).is_some_and(|m| m != n) {
@@ -491,14 +491,14 @@ fn request_head(fields: Vec<Field>) -> Option<(http::request::Parts, Option<u64>
         }
         headers.append(name, value);
     }
-    let method = http::Method::from_bytes(&method?).ok()?;
+    let method = http::Method::from_bytes(method?).ok()?;
     let (scheme, path) = (scheme?, path?);
     if path.is_empty() {
         return None;
     }
     let mut uri = Uri::builder().path_and_query(path);
     if let Some(authority) = authority {
-        uri = uri.scheme(scheme.as_slice()).authority(authority);
+        uri = uri.scheme(scheme).authority(authority);
     }
     let (mut head, ()) = Request::new(()).into_parts();
     head.method = method;

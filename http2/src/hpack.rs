@@ -5,6 +5,8 @@
 use std::borrow::Cow;
 use std::collections::VecDeque;
 
+use bytes::Bytes;
+
 use super::huffman;
 
 /// RFC 7541 Appendix A.
@@ -109,10 +111,10 @@ type Entry = (Vec<u8>, Vec<u8>);
 type Decoded<'a> = (Cow<'a, [u8]>, Cow<'a, [u8]>);
 
 /// A decoded header list: every name and value, in order, in one buffer (two allocations for
-/// a block, whatever its number of fields).
+/// a block, whatever its number of fields). Values can be taken out sharing it ([`Self::share`]).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Fields {
-    bytes: Vec<u8>,
+    bytes: Bytes,
     /// For each field, where its name ends and where its value ends in `bytes`.
     ends: Vec<(u32, u32)>,
 }
@@ -137,21 +139,42 @@ impl Fields {
         })
     }
 
+    /// `part` (a name or value [`Self::iter`] gave) as a `Bytes` sharing the list's buffer.
+    ///
+    /// # Panics
+    /// When `part` is not a slice of this list.
+    pub fn share(&self, part: &[u8]) -> Bytes {
+        self.bytes.slice_ref(part)
+    }
+}
+
+/// Fields as they are decoded.
+#[derive(Default)]
+struct Builder {
+    bytes: Vec<u8>,
+    ends: Vec<(u32, u32)>,
+}
+
+impl Builder {
     fn push(&mut self, name: &[u8], value: &[u8]) {
         self.bytes.extend_from_slice(name);
         let name_end = self.bytes.len() as u32;
         self.bytes.extend_from_slice(value);
         self.ends.push((name_end, self.bytes.len() as u32));
     }
+
+    fn build(self) -> Fields {
+        Fields { bytes: Bytes::from(self.bytes), ends: self.ends }
+    }
 }
 
 impl<'a> FromIterator<(&'a [u8], &'a [u8])> for Fields {
     fn from_iter<I: IntoIterator<Item = (&'a [u8], &'a [u8])>>(iter: I) -> Self {
-        let mut fields = Fields::default();
+        let mut fields = Builder::default();
         for (name, value) in iter {
             fields.push(name, value);
         }
-        fields
+        fields.build()
     }
 }
 
@@ -176,7 +199,7 @@ impl Decoder {
     /// Decodes one whole header block. `max_list` bounds the decoded list, counted as HTTP/2's
     /// SETTINGS_MAX_HEADER_LIST_SIZE counts it (name + value + 32 per field).
     pub fn decode(&mut self, block: &[u8], max_list: usize) -> Result<Fields, HpackError> {
-        let mut fields = Fields {
+        let mut fields = Builder {
             bytes: Vec::with_capacity((block.len() * 2).min(max_list)),
             ends: Vec::with_capacity(block.len().min(16)),
         };
@@ -201,7 +224,7 @@ impl Decoder {
             } else if first & 0xe0 == 0x20 {
                 // Dynamic table size update: only before the first field of a block.
                 let size = integer(block, &mut pos, 5)?;
-                if size > self.limit || !fields.is_empty() {
+                if size > self.limit || !fields.ends.is_empty() {
                     return Err(HpackError::BadSizeUpdate);
                 }
                 self.max = size;
@@ -215,7 +238,7 @@ impl Decoder {
             list = counted(list, &name, &value, max_list)?;
             fields.push(&name, &value);
         }
-        Ok(fields)
+        Ok(fields.build())
     }
 
     fn entry(&self, index: usize) -> Result<(&[u8], &[u8]), HpackError> {
@@ -330,11 +353,125 @@ fn put_integer(dst: &mut Vec<u8>, first: u8, prefix: u8, mut value: usize) {
     dst.push(value as u8);
 }
 
+/// The static table's first entry named `name` (RFC 7541 Appendix A): by length, then among
+/// the few names of that length, rather than a scan of the table.
+fn static_name(name: &[u8]) -> Option<usize> {
+    Some(match name.len() {
+        3 => match name {
+            b"age" => 21,
+            b"via" => 60,
+            _ => return None,
+        },
+        4 => match name {
+            b"date" => 33,
+            b"etag" => 34,
+            b"from" => 37,
+            b"host" => 38,
+            b"link" => 45,
+            b"vary" => 59,
+            _ => return None,
+        },
+        5 => match name {
+            b":path" => 4,
+            b"allow" => 22,
+            b"range" => 50,
+            _ => return None,
+        },
+        6 => match name {
+            b"accept" => 19,
+            b"cookie" => 32,
+            b"expect" => 35,
+            b"server" => 54,
+            _ => return None,
+        },
+        7 => match name {
+            b":method" => 2,
+            b":scheme" => 6,
+            b":status" => 8,
+            b"expires" => 36,
+            b"referer" => 51,
+            b"refresh" => 52,
+            _ => return None,
+        },
+        8 => match name {
+            b"if-match" => 39,
+            b"if-range" => 42,
+            b"location" => 46,
+            _ => return None,
+        },
+        10 => match name {
+            b":authority" => 1,
+            b"set-cookie" => 55,
+            b"user-agent" => 58,
+            _ => return None,
+        },
+        11 => match name {
+            b"retry-after" => 53,
+            _ => return None,
+        },
+        12 => match name {
+            b"content-type" => 31,
+            b"max-forwards" => 47,
+            _ => return None,
+        },
+        13 => match name {
+            b"accept-ranges" => 18,
+            b"authorization" => 23,
+            b"cache-control" => 24,
+            b"content-range" => 30,
+            b"if-none-match" => 41,
+            b"last-modified" => 44,
+            _ => return None,
+        },
+        14 => match name {
+            b"accept-charset" => 15,
+            b"content-length" => 28,
+            _ => return None,
+        },
+        15 => match name {
+            b"accept-encoding" => 16,
+            b"accept-language" => 17,
+            _ => return None,
+        },
+        16 => match name {
+            b"content-encoding" => 26,
+            b"content-language" => 27,
+            b"content-location" => 29,
+            b"www-authenticate" => 61,
+            _ => return None,
+        },
+        17 => match name {
+            b"if-modified-since" => 40,
+            b"transfer-encoding" => 57,
+            _ => return None,
+        },
+        18 => match name {
+            b"proxy-authenticate" => 48,
+            _ => return None,
+        },
+        19 => match name {
+            b"content-disposition" => 25,
+            b"if-unmodified-since" => 43,
+            b"proxy-authorization" => 49,
+            _ => return None,
+        },
+        25 => match name {
+            b"strict-transport-security" => 56,
+            _ => return None,
+        },
+        27 => match name {
+            b"access-control-allow-origin" => 20,
+            _ => return None,
+        },
+        _ => return None,
+    })
+}
+
 /// Appends a field as a literal without indexing (RFC 7541 §6.2.2): its name by its static-table
 /// index when the table has it, else spelled out. `name` must be lowercase, as HTTP/2 requires.
 pub fn put_field(dst: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    match STATIC_TABLE.iter().position(|(n, _)| n.as_bytes() == name) {
-        Some(i) => put_integer(dst, 0x00, 4, i + 1),
+    match static_name(name) {
+        Some(i) => put_integer(dst, 0x00, 4, i),
         None => {
             dst.push(0x00);
             put_integer(dst, 0x00, 7, name.len());
@@ -450,6 +587,16 @@ mod tests {
         assert_eq!(decoder.decode(&hex("0001 61 81 00"), 1024), Err(HpackError::InvalidHuffman));
         // 100 copies of ":method: GET" (42 each) are more than a list of 4,096.
         assert_eq!(decoder.decode(&[0x82; 100], 4096), Err(HpackError::ListTooLarge));
+    }
+
+    #[test]
+    fn static_names_are_found_at_their_first_entry() {
+        for (i, (name, _)) in STATIC_TABLE.iter().enumerate() {
+            let first = STATIC_TABLE.iter().position(|(n, _)| n == name).unwrap() + 1;
+            assert_eq!(static_name(name.as_bytes()), Some(first), "{name} at {}", i + 1);
+        }
+        assert_eq!(static_name(b"x-request-id"), None);
+        assert_eq!(static_name(b"Host"), None, "names are lowercase");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
 use http_body::{Frame, SizeHint};
@@ -99,12 +99,14 @@ where
 
     let mut response = http::Response::new(None);
     *response.status_mut() = status;
-    let resp = &scratch.resp;
+    // The values share the head's buffer (one allocation for all of them, not one each).
+    let mut rest = scratch.resp;
+    let head = rest.split_to(len).freeze();
     let map = response.headers_mut();
     map.reserve(scratch.headers.len().min(MAX_HEADERS));
     for (n, v) in &scratch.headers {
-        let name = HeaderName::from_bytes(&resp[n.clone()]).map_err(|_| Failure::Reset)?;
-        let value = HeaderValue::from_bytes(&resp[v.clone()]).map_err(|_| Failure::Reset)?;
+        let name = HeaderName::from_bytes(&head[n.clone()]).map_err(|_| Failure::Reset)?;
+        let value = HeaderValue::from_maybe_shared(head.slice(v.clone())).map_err(|_| Failure::Reset)?;
         map.append(name, value);
     }
     // Framed both ways: Transfer-Encoding won (RFC 9112 §6.3), the length is not passed on.
@@ -116,8 +118,6 @@ where
     } else {
         framing
     };
-    let mut rest = scratch.resp;
-    rest.advance(len);
     let body = FetchedBody {
         up: Some(up),
         endpoint: endpoint.clone(),

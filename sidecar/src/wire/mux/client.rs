@@ -26,7 +26,7 @@ use skein_http2::hpack::{self, Fields};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{put_header, regular_field, ConnError, Event, Link, ALPN};
+use super::{put_header, regular_field, ConnError, Event, Link, Streams, ALPN};
 use crate::balance::endpoint::PeerStream;
 use crate::route::retry::Failure;
 
@@ -89,15 +89,40 @@ enum Entry {
     NotOffered(Instant),
 }
 
-/// A peer's connection: its address, the identity it proved, and the lane (below).
-type Key = (SocketAddr, WorkloadIdentity, usize);
+/// A peer's connections: its address and the lane (below).
+type Key = (SocketAddr, usize);
 
 /// The hop's connections, by peer address and the identity it proved: one per runtime worker
 /// thread (a lane) with `--workers` above 1, so the TLS of each worker's requests is done on
-/// its own thread rather than all of it on the one a single connection's task runs on.
+/// its own thread rather than all of it on the one a single connection's task runs on. An
+/// address is almost always one identity: those are looked through, so a lookup clones and
+/// hashes no identity.
 #[derive(Default)]
 pub(crate) struct Pool {
-    conns: Mutex<HashMap<Key, Entry>>,
+    conns: Mutex<HashMap<Key, Vec<(WorkloadIdentity, Entry)>>>,
+}
+
+impl Pool {
+    fn entry<'m>(
+        conns: &'m mut HashMap<Key, Vec<(WorkloadIdentity, Entry)>>,
+        key: &Key,
+        identity: &WorkloadIdentity,
+    ) -> Option<&'m mut Entry> {
+        conns.get_mut(key)?.iter_mut().find(|(id, _)| id == identity).map(|(_, e)| e)
+    }
+
+    fn remove(
+        conns: &mut HashMap<Key, Vec<(WorkloadIdentity, Entry)>>,
+        key: &Key,
+        identity: &WorkloadIdentity,
+    ) {
+        if let Some(list) = conns.get_mut(key) {
+            list.retain(|(id, _)| id != identity);
+            if list.is_empty() {
+                conns.remove(key);
+            }
+        }
+    }
 }
 
 /// The lane of the calling thread: worker threads are numbered as they first send, modulo the
@@ -124,23 +149,24 @@ enum Lookup<'p> {
 struct Connecting<'p> {
     pool: &'p Pool,
     key: Key,
+    identity: WorkloadIdentity,
     result: watch::Sender<Option<Failure>>,
 }
 
 impl Drop for Connecting<'_> {
     fn drop(&mut self) {
         let mut conns = self.pool.conns.lock().unwrap_or_else(|e| e.into_inner());
-        if matches!(conns.get(&self.key), Some(Entry::Connecting(_))) {
-            conns.remove(&self.key);
+        if matches!(Pool::entry(&mut conns, &self.key, &self.identity), Some(Entry::Connecting(_))) {
+            Pool::remove(&mut conns, &self.key, &self.identity);
         }
     }
 }
 
 impl Pool {
     fn lookup(&self, peer: SocketAddr, identity: &WorkloadIdentity) -> Lookup<'_> {
-        let key = (peer, identity.clone(), lane());
+        let key = (peer, lane());
         let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-        match conns.get(&key) {
+        match Pool::entry(&mut conns, &key, identity) {
             Some(Entry::Live { opens, born }) if !opens.is_closed() && born.elapsed() < MAX_AGE => {
                 return Lookup::Live(opens.clone())
             }
@@ -149,14 +175,31 @@ impl Pool {
             _ => {}
         }
         // Connections to peers that are gone are forgotten here, so the map holds live ones.
-        conns.retain(|_, e| match e {
-            Entry::Live { opens, .. } => !opens.is_closed(),
-            Entry::Connecting(_) => true,
-            Entry::NotOffered(at) => at.elapsed() < NOT_OFFERED_FOR,
+        conns.retain(|_, list| {
+            list.retain(|(_, e)| match e {
+                Entry::Live { opens, .. } => !opens.is_closed(),
+                Entry::Connecting(_) => true,
+                Entry::NotOffered(at) => at.elapsed() < NOT_OFFERED_FOR,
+            });
+            !list.is_empty()
         });
         let (result, waiting) = watch::channel(None);
-        conns.insert(key.clone(), Entry::Connecting(waiting));
-        Lookup::Connect(Connecting { pool: self, key, result })
+        let identity = identity.clone();
+        Pool::settle(&mut conns, key, &identity, Entry::Connecting(waiting));
+        Lookup::Connect(Connecting { pool: self, key, identity, result })
+    }
+
+    /// Puts `entry` in place of what `identity` at `key` had.
+    fn settle(
+        conns: &mut HashMap<Key, Vec<(WorkloadIdentity, Entry)>>,
+        key: Key,
+        identity: &WorkloadIdentity,
+        entry: Entry,
+    ) {
+        match Pool::entry(conns, &key, identity) {
+            Some(e) => *e = entry,
+            None => conns.entry(key).or_default().push((identity.clone(), entry)),
+        }
     }
 }
 
@@ -171,7 +214,7 @@ impl Connecting<'_> {
 
     fn settle(self, entry: Entry) {
         let mut conns = self.pool.conns.lock().unwrap_or_else(|e| e.into_inner());
-        conns.insert(self.key.clone(), entry);
+        Pool::settle(&mut conns, self.key, &self.identity, entry);
     }
 
     fn failed(self, failure: Failure) {
@@ -377,7 +420,7 @@ struct Conn<S> {
     opens_closed: bool,
     credits: mpsc::UnboundedReceiver<Credit>,
     credits_tx: mpsc::UnboundedSender<Credit>,
-    streams: HashMap<u32, Stream>,
+    streams: Streams<Stream>,
     /// Requests waiting for the peer's stream limit.
     queued: VecDeque<Open>,
     next_id: u32,
@@ -405,7 +448,7 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + Unpin>(stream: S, opens: mps
         opens_closed: false,
         credits,
         credits_tx,
-        streams: HashMap::new(),
+        streams: Streams::default(),
         queued: VecDeque::new(),
         next_id: 1,
         answered: Vec::new(),
@@ -568,7 +611,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         let Some(s) = self.streams.get_mut(&id) else { return Ok(()) };
         if s.head.is_some() || s.body.is_some() {
             // Trailers.
-            let trailers = fields.iter().map(|(n, v)| regular_field(n, v)).collect::<Option<HeaderMap>>();
+            let trailers =
+                fields.iter().map(|(n, v)| regular_field(&fields, n, v)).collect::<Option<HeaderMap>>();
             match (trailers, end_stream) {
                 (Some(t), true) => s.push(Frame::trailers(t)),
                 _ => return self.reset(id, Reason::PROTOCOL_ERROR),
@@ -749,8 +793,8 @@ impl Stream {
 
 /// A response's head from its decoded fields: `:status` first and only, regular fields well
 /// formed; `None` makes it malformed.
-fn response_head(fields: &Fields) -> Option<Response<()>> {
-    let mut fields = fields.iter();
+fn response_head(list: &Fields) -> Option<Response<()>> {
+    let mut fields = list.iter();
     let (name, status) = fields.next()?;
     if name != b":status" || status.len() != 3 {
         return None;
@@ -758,7 +802,7 @@ fn response_head(fields: &Fields) -> Option<Response<()>> {
     let status = StatusCode::from_bytes(status).ok()?;
     let mut headers = HeaderMap::with_capacity(fields.len());
     for (name, value) in fields {
-        let (name, value) = regular_field(name, value)?;
+        let (name, value) = regular_field(list, name, value)?;
         headers.append(name, value);
     }
     let mut response = Response::new(());

@@ -493,9 +493,43 @@ fn connection_specific(name: &[u8], value: &[u8]) -> bool {
     }
 }
 
+/// A connection's streams by id.
+pub(crate) type Streams<V> = std::collections::HashMap<u32, V, std::hash::BuildHasherDefault<IdHasher>>;
+
+/// Stream ids spread by a multiplication: SipHash's defence against chosen keys buys nothing in
+/// a map of at most a connection's concurrent streams (a peer choosing colliding ids slows its
+/// own connection's lookups, by at most that many), and costs most of a lookup.
+#[derive(Default)]
+pub(crate) struct IdHasher(u64);
+
+/// 2^64 / φ, odd.
+const MIX: u64 = 0x9e37_79b9_7f4a_7c15;
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        // The product's middle bits, the best mixed, serve both as the bucket and as the tag.
+        self.0.rotate_left(32)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(MIX);
+        }
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.0 = (self.0 ^ u64::from(n)).wrapping_mul(MIX);
+    }
+}
+
 /// A regular field as received: its name must be lowercase and a token, its value free of
 /// CR, LF and NUL, and it must not be connection-specific; `None` makes the message malformed.
-pub(crate) fn regular_field(name: &[u8], value: &[u8]) -> Option<(http::HeaderName, http::HeaderValue)> {
+/// The value shares the list's buffer.
+pub(crate) fn regular_field(
+    fields: &Fields,
+    name: &[u8],
+    value: &[u8],
+) -> Option<(http::HeaderName, http::HeaderValue)> {
     if name.iter().any(u8::is_ascii_uppercase) || connection_specific(name, value) {
         return None;
     }
@@ -503,7 +537,7 @@ pub(crate) fn regular_field(name: &[u8], value: &[u8]) -> Option<(http::HeaderNa
         Some(ours) => ours.clone(),
         None => http::HeaderName::from_bytes(name).ok()?,
     };
-    let value = http::HeaderValue::from_bytes(value).ok()?;
+    let value = http::HeaderValue::from_maybe_shared(fields.share(value)).ok()?;
     Some((name, value))
 }
 

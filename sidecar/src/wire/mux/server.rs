@@ -11,7 +11,6 @@
 //! as an HTTP/1.1 head, a connection without streams for [`IDLE`] is closed, and streams reset
 //! by the peer faster than it lets them finish end the connection (the rapid-reset attack).
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -27,7 +26,7 @@ use skein_http2::frame::{self, setting, Reason};
 use skein_http2::hpack::{self, Fields};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{put_header, regular_field, ConnError, Event, Link, MAX_BODY};
+use super::{put_header, regular_field, ConnError, Event, Link, Streams, MAX_BODY};
 use crate::wire::syntax::parse_length;
 
 /// Streams a peer may have open at once.
@@ -99,7 +98,7 @@ where
     let mut conn = Conn {
         link: Link::new(io, &[], &settings, CONN_WINDOW),
         preface: false,
-        streams: HashMap::new(),
+        streams: Streams::default(),
         handling: FuturesUnordered::new(),
         handler,
         last_stream: 0,
@@ -115,7 +114,7 @@ where
 struct Conn<S, H, B> {
     link: Link<S>,
     preface: bool,
-    streams: HashMap<u32, Stream<B>>,
+    streams: Streams<Stream<B>>,
     handling: FuturesUnordered<Handling<B>>,
     handler: H,
     /// The highest stream the peer opened.
@@ -482,7 +481,7 @@ fn request_head(fields: &Fields) -> Option<(http::request::Parts, Option<u64>)> 
             continue;
         }
         regular = true;
-        let (name, value) = regular_field(name, value)?;
+        let (name, value) = regular_field(fields, name, value)?;
         if name == http::header::CONTENT_LENGTH {
             let n = parse_length(value.as_bytes())?;
             if length.replace(n).is_some_and(|m| m != n) {

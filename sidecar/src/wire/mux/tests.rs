@@ -381,3 +381,18 @@ async fn a_window_filled_before_the_caller_had_its_response_is_given_back() {
     let response = asked.await.unwrap().expect("a response");
     assert_eq!(response.status(), 200);
 }
+
+/// A connection's odd (or even) ids, one after another, land in distinct buckets of a table of
+/// their number, and their tags (the top seven bits) differ too.
+#[test]
+fn stream_ids_spread_over_the_table() {
+    use std::hash::{BuildHasher, BuildHasherDefault};
+    let build = BuildHasherDefault::<super::IdHasher>::default();
+    for first in [1u32, 2, 1_000_001] {
+        let hashes: Vec<u64> = (0..128).map(|i| build.hash_one(first + 2 * i)).collect();
+        let buckets: std::collections::HashSet<u64> = hashes.iter().map(|h| h & 255).collect();
+        let tags: std::collections::HashSet<u64> = hashes.iter().map(|h| h >> 57).collect();
+        assert!(buckets.len() >= 100, "{} buckets of 256 for 128 ids from {first}", buckets.len());
+        assert!(tags.len() >= 64, "{} tags for 128 ids from {first}", tags.len());
+    }
+}

@@ -122,17 +122,17 @@ pub(super) async fn forward<C: AsyncRead + AsyncWrite + Unpin>(
             .iter()
             .find(|(n, _)| buf[n.clone()].eq_ignore_ascii_case(b"traceparent"))
             .map(|(_, v)| v.clone());
-        trace_id = tp.map(|v| buf[v.start + 3..v.start + 35].to_vec()).unwrap_or_default();
+        trace_id = tp.map(|v| trace::TraceId::of(&buf[v])).unwrap_or_default();
     } else {
         let tp = trace::new_traceparent();
-        trace_id = tp.as_bytes()[3..35].to_vec();
+        trace_id = trace::TraceId::of(&tp);
         out.extend_from_slice(b"traceparent: ");
-        out.extend_from_slice(tp.as_bytes());
+        out.extend_from_slice(&tp);
         out.extend_from_slice(b"\r\n");
     }
     if !head.has_request_id {
         out.extend_from_slice(b"x-request-id: ");
-        out.extend_from_slice(trace::new_request_id().as_bytes());
+        out.extend_from_slice(&trace::new_request_id());
         out.extend_from_slice(b"\r\n");
     }
     if endpoint.via_proxy.is_some() {
@@ -250,7 +250,7 @@ pub(super) async fn forward<C: AsyncRead + AsyncWrite + Unpin>(
             status,
             upstream: &upstream,
             retries: 0,
-            trace_id: std::str::from_utf8(&trace_id).unwrap_or_default(),
+            trace_id: trace_id.as_str(),
             authz: &route.authz,
         },
     );

@@ -102,9 +102,10 @@ impl Head {
     /// Anything the fast path is not sure of sets `unusual`, and hyper's path, which is
     /// strict about the rest, decides (with a 400 for what it refuses).
     pub(super) fn parse(buf: &[u8], head: &mut Head) -> Result<Option<()>, ()> {
-        let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut req = httparse::Request::new(&mut raw);
-        let len = match req.parse(buf) {
+        // Left uninitialised: httparse writes the fields it returns (3 KiB not cleared per head).
+        let mut raw = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut []);
+        let len = match req.parse_with_uninit_headers(buf, &mut raw) {
             Ok(httparse::Status::Complete(n)) => n,
             Ok(httparse::Status::Partial) => return Ok(None),
             Err(_) => return Err(()),

@@ -199,7 +199,7 @@ pub async fn serve(
             status: forwarded.response.status().as_u16(),
             upstream: forwarded.upstream.as_deref().unwrap_or(""),
             retries: forwarded.retries,
-            trace_id: trace_id.to_str().unwrap_or_default(),
+            trace_id: trace_id.as_str(),
             authz: &authz_log,
         },
     );

@@ -34,15 +34,15 @@ pub fn is_valid_traceparent(v: &[u8]) -> bool {
 }
 
 /// A new sampled traceparent with random ids.
-pub fn new_traceparent() -> HeaderValue {
+pub fn new_traceparent() -> [u8; 55] {
     let mut buf = *b"00-00000000000000000000000000000000-0000000000000000-01";
     hex_into(&mut buf[3..35], fastrand::u128(1..));
     hex_into(&mut buf[36..52], u128::from(fastrand::u64(1..)));
-    HeaderValue::from_bytes(&buf).expect("ascii")
+    buf
 }
 
 /// A new random request id (UUID v4 layout).
-pub fn new_request_id() -> HeaderValue {
+pub fn new_request_id() -> [u8; 36] {
     let mut raw = fastrand::u128(..);
     raw = (raw & !(0xf << 76)) | (0x4 << 76); // version 4
     raw = (raw & !(0x3 << 62)) | (0x2 << 62); // RFC 4122 variant
@@ -56,21 +56,45 @@ pub fn new_request_id() -> HeaderValue {
     for slot in buf.iter_mut().filter(|c| **c != b'-') {
         *slot = *src.next().expect("32 digits");
     }
-    HeaderValue::from_bytes(&buf).expect("ascii")
+    buf
+}
+
+/// A request's trace id, its 32 hex digits (for the access log); empty when it has none.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TraceId(Option<[u8; 32]>);
+
+impl TraceId {
+    /// The trace id of a traceparent that is valid (or at least long enough to hold one).
+    pub fn of(traceparent: &[u8]) -> Self {
+        Self(traceparent.get(3..35).and_then(|id| id.try_into().ok()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        self.0.as_ref().and_then(|id| std::str::from_utf8(id).ok()).unwrap_or_default()
+    }
 }
 
 /// Ensures the request carries a valid `traceparent` and an `x-request-id`; returns the trace
 /// id (for the access log).
-pub fn ensure(headers: &mut HeaderMap) -> HeaderValue {
-    let valid = headers.get(&TRACEPARENT).is_some_and(|v| is_valid_traceparent(v.as_bytes()));
-    if !valid {
-        headers.insert(TRACEPARENT.clone(), new_traceparent());
+pub fn ensure(headers: &mut HeaderMap) -> TraceId {
+    if let Some(tp) = headers.get(&TRACEPARENT).filter(|v| is_valid_traceparent(v.as_bytes())) {
+        let id = TraceId::of(tp.as_bytes());
+        if !headers.contains_key(&REQUEST_ID) {
+            headers.insert(REQUEST_ID.clone(), value(&new_request_id()));
+        }
+        return id;
     }
+    let tp = new_traceparent();
+    headers.insert(TRACEPARENT.clone(), value(&tp));
     if !headers.contains_key(&REQUEST_ID) {
-        headers.insert(REQUEST_ID.clone(), new_request_id());
+        headers.insert(REQUEST_ID.clone(), value(&new_request_id()));
     }
-    let tp = headers.get(&TRACEPARENT).expect("just ensured").as_bytes();
-    HeaderValue::from_bytes(&tp[3..35]).expect("validated hex")
+    TraceId::of(&tp)
+}
+
+/// A generated header value (hex digits and dashes only).
+fn value(generated: &[u8]) -> HeaderValue {
+    HeaderValue::from_bytes(generated).expect("ascii")
 }
 
 #[cfg(test)]
@@ -83,7 +107,7 @@ mod tests {
         let trace_id = ensure(&mut h);
         let tp = h.get(&TRACEPARENT).unwrap().to_str().unwrap().to_string();
         assert!(is_valid_traceparent(tp.as_bytes()), "{tp}");
-        assert_eq!(&tp[3..35], trace_id.to_str().unwrap());
+        assert_eq!(&tp[3..35], trace_id.as_str());
         assert!(tp.ends_with("-01"));
         let id = h.get(&REQUEST_ID).unwrap().to_str().unwrap();
         assert_eq!(id.len(), 36);
@@ -97,7 +121,7 @@ mod tests {
         h.insert(&TRACEPARENT, HeaderValue::from_static(tp));
         h.insert(&REQUEST_ID, HeaderValue::from_static("abc"));
         h.insert("x-b3-traceid", HeaderValue::from_static("80f198ee56343ba864fe8b2a57d3eff7"));
-        assert_eq!(ensure(&mut h), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(ensure(&mut h).as_str(), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!(h.get(&TRACEPARENT).unwrap(), tp);
         assert_eq!(h.get(&REQUEST_ID).unwrap(), "abc");
         assert_eq!(h.get("x-b3-traceid").unwrap(), "80f198ee56343ba864fe8b2a57d3eff7");

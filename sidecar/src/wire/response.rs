@@ -54,9 +54,14 @@ pub(crate) async fn read_response_head(
 fn parse_response_head(scratch: &mut ResponseBuf) -> io::Result<Option<ResponseHead>> {
     let invalid = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
     loop {
-        let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut res = httparse::Response::new(&mut raw);
-        match res.parse(&scratch.resp) {
+        // Left uninitialised: httparse writes the fields it returns (3 KiB not cleared per head).
+        let mut raw = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+        let mut res = httparse::Response::new(&mut []);
+        match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut res,
+            &scratch.resp,
+            &mut raw,
+        ) {
             Ok(httparse::Status::Complete(len)) => {
                 let status = res.code.unwrap_or(502);
                 if (100..200).contains(&status) && status != 101 {

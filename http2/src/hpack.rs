@@ -199,6 +199,8 @@ impl Decoder {
     /// Decodes one whole header block. `max_list` bounds the decoded list, counted as HTTP/2's
     /// SETTINGS_MAX_HEADER_LIST_SIZE counts it (name + value + 32 per field).
     pub fn decode(&mut self, block: &[u8], max_list: usize) -> Result<Fields, HpackError> {
+        // Offsets into the decoded list are u32s.
+        let max_list = max_list.min(u32::MAX as usize);
         let mut fields = Builder {
             bytes: Vec::with_capacity((block.len() * 2).min(max_list)),
             ends: Vec::with_capacity(block.len().min(16)),

@@ -189,6 +189,16 @@ async fn trace_headers_are_generated_or_kept() {
     let seen = up.last_headers.lock().unwrap().clone().unwrap();
     assert_eq!(seen.get("traceparent").unwrap(), mine);
     assert_eq!(seen.get("x-request-id").unwrap(), "req-1");
+
+    // Two traceparents, both valid, are as good as none: one new one goes on (the general
+    // path's `trace::ensure` decides alike: its unit tests).
+    let other = "00-5bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    p.get(HOST, &[("traceparent", mine), ("traceparent", other)]).await;
+    let seen = up.last_headers.lock().unwrap().clone().unwrap();
+    let sent: Vec<_> = seen.get_all("traceparent").iter().collect();
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert!(sent[0] != mine && sent[0] != other, "{sent:?}");
+    assert!(skein_proxy::is_valid_traceparent(sent[0].as_bytes()));
 }
 
 #[tokio::test]

@@ -100,8 +100,8 @@ pub(super) async fn forward<C: AsyncRead + AsyncWrite + Unpin>(
         if head.absolute && buf[n.clone()].eq_ignore_ascii_case(b"host") {
             continue; // the target's authority replaces it (RFC 9112 §3.2.2)
         }
-        if !head.has_traceparent && buf[n.clone()].eq_ignore_ascii_case(b"traceparent") {
-            continue; // an invalid one is replaced
+        if head.traceparent.is_none() && buf[n.clone()].eq_ignore_ascii_case(b"traceparent") {
+            continue; // an invalid (or repeated) one is replaced
         }
         out.extend_from_slice(&buf[n.clone()]);
         out.extend_from_slice(b": ");
@@ -116,13 +116,8 @@ pub(super) async fn forward<C: AsyncRead + AsyncWrite + Unpin>(
         }
     }
     let trace_id;
-    if head.has_traceparent {
-        let tp = head
-            .headers
-            .iter()
-            .find(|(n, _)| buf[n.clone()].eq_ignore_ascii_case(b"traceparent"))
-            .map(|(_, v)| v.clone());
-        trace_id = tp.map(|v| trace::TraceId::of(&buf[v])).unwrap_or_default();
+    if let Some(tp) = &head.traceparent {
+        trace_id = trace::TraceId::of(&buf[tp.clone()]);
     } else {
         let tp = trace::new_traceparent();
         trace_id = trace::TraceId::of(&tp);

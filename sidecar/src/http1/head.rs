@@ -35,7 +35,9 @@ pub(super) struct Head {
     pub(super) unusual: bool,
     pub(super) close: bool,
     pub(super) has_host: bool,
-    pub(super) has_traceparent: bool,
+    /// The value of the request's one `traceparent`, when it has exactly one and it is valid;
+    /// otherwise every `traceparent` is dropped and a new one generated.
+    pub(super) traceparent: Option<Range<usize>>,
     pub(super) has_request_id: bool,
     /// The value of the one `x-skein-inbound-port` header: the app port a calling sidecar
     /// names. Only an inbound request may carry it (the general path decides any other).
@@ -120,7 +122,8 @@ impl Head {
         head.authority = None;
         head.absolute = false;
         head.has_host = false;
-        head.has_traceparent = false;
+        head.traceparent = None;
+        let mut traceparents = 0;
         head.has_request_id = false;
         head.inbound_port = None;
         // Absolute-form (an app using the sidecar as HTTP_PROXY): split off the authority.
@@ -184,7 +187,9 @@ impl Head {
             {
                 head.unusual = true;
             } else if name.eq_ignore_ascii_case(b"traceparent") {
-                head.has_traceparent = trace::is_valid_traceparent(value);
+                traceparents += 1;
+                head.traceparent =
+                    (traceparents == 1 && trace::is_valid_traceparent(value)).then(|| offset(buf, value));
             } else if name.eq_ignore_ascii_case(b"x-request-id") {
                 head.has_request_id = true;
             }

@@ -77,7 +77,9 @@ impl TraceId {
 /// Ensures the request carries a valid `traceparent` and an `x-request-id`; returns the trace
 /// id (for the access log).
 pub fn ensure(headers: &mut HeaderMap) -> TraceId {
-    if let Some(tp) = headers.get(&TRACEPARENT).filter(|v| is_valid_traceparent(v.as_bytes())) {
+    // Exactly one, and valid: several are as good as none (the fast path decides alike).
+    let mut all = headers.get_all(&TRACEPARENT).iter();
+    if let (Some(tp), None) = (all.next().filter(|v| is_valid_traceparent(v.as_bytes())), all.next()) {
         let id = TraceId::of(tp.as_bytes());
         if !headers.contains_key(&REQUEST_ID) {
             headers.insert(REQUEST_ID.clone(), value(&new_request_id()));
@@ -125,6 +127,21 @@ mod tests {
         assert_eq!(h.get(&TRACEPARENT).unwrap(), tp);
         assert_eq!(h.get(&REQUEST_ID).unwrap(), "abc");
         assert_eq!(h.get("x-b3-traceid").unwrap(), "80f198ee56343ba864fe8b2a57d3eff7");
+    }
+
+    #[test]
+    fn replaces_repeated_traceparents_with_one() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let mut h = HeaderMap::new();
+        h.append(&TRACEPARENT, HeaderValue::from_static(tp));
+        h.append(
+            &TRACEPARENT,
+            HeaderValue::from_static("00-5bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        );
+        let id = ensure(&mut h);
+        assert_eq!(h.get_all(&TRACEPARENT).iter().count(), 1);
+        assert_ne!(h.get(&TRACEPARENT).unwrap(), tp);
+        assert_eq!(&h.get(&TRACEPARENT).unwrap().as_bytes()[3..35], id.as_str().as_bytes());
     }
 
     #[test]

@@ -7,3 +7,13 @@
 pub mod frame;
 pub mod hpack;
 mod huffman;
+
+/// A field HTTP/2 forbids (RFC 9113 §8.2.2): one that belongs to a hop of HTTP/1, and `te`
+/// other than `trailers`. A message carrying one is malformed.
+pub fn connection_specific(name: &[u8], value: &[u8]) -> bool {
+    match name {
+        b"connection" | b"keep-alive" | b"proxy-connection" | b"transfer-encoding" | b"upgrade" => true,
+        b"te" => value != b"trailers",
+        _ => false,
+    }
+}

@@ -751,10 +751,6 @@ impl Conn {
     }
 }
 
-/// Headers that belong to a hop of HTTP/1 and are malformed in HTTP/2 (RFC 9113 §8.2.2).
-const CONNECTION_SPECIFIC: [&[u8]; 5] =
-    [b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"];
-
 /// The request a decoded header list makes, or why it is malformed (RFC 9113 §8.3.1).
 fn request(fields: &hpack::Fields) -> Result<http::Request<()>, &'static str> {
     let (mut method, mut path, mut scheme, mut authority) = (None, None, None, None);
@@ -779,7 +775,7 @@ fn request(fields: &hpack::Fields) -> Result<http::Request<()>, &'static str> {
         if name.iter().any(u8::is_ascii_uppercase) {
             return Err("an upper-case header name");
         }
-        if CONNECTION_SPECIFIC.contains(&name) || (name == b"te" && value != b"trailers") {
+        if skein_http2::connection_specific(name, value) {
             return Err("a connection-specific header");
         }
         let name = HeaderName::from_bytes(name).map_err(|_| "an invalid header name")?;

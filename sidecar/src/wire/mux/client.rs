@@ -411,6 +411,9 @@ struct Stream {
     ended: bool,
     /// Bytes of its body the caller took since its window was last topped up.
     consumed: i64,
+    /// What the peer may still send on it: DATA past it is a FLOW_CONTROL_ERROR, so what a
+    /// stream holds is bounded by its window whatever the peer does.
+    recv_window: i64,
 }
 
 struct Conn<S> {
@@ -478,7 +481,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 }
             }
             self.open_queued();
-            if self.link.poll_read(cx).is_ready() {
+            // A peer that sends and never reads is read no more than it lets us answer.
+            if self.link.can_write() && self.link.poll_read(cx).is_ready() {
                 progress = true;
                 if let Err(e) = self.read_frames() {
                     tracing::debug!(
@@ -494,8 +498,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             if self.link.read_closed {
                 return Poll::Ready(());
             }
-            if let Poll::Ready(Err(_)) = self.link.poll_write(cx) {
-                return Poll::Ready(());
+            let full = !self.link.can_write();
+            match self.link.poll_write(cx) {
+                Poll::Ready(Err(_)) => return Poll::Ready(()),
+                // Reading stopped while the buffer was full: read again now.
+                Poll::Ready(Ok(())) => progress |= full,
+                Poll::Pending => {}
             }
             if self.streams.is_empty() && self.queued.is_empty() {
                 if self.opens_closed {
@@ -550,6 +558,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 body: None,
                 ended: false,
                 consumed: 0,
+                recv_window: STREAM_WINDOW,
             };
             self.streams.insert(id, stream);
         }
@@ -641,6 +650,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         if s.head.is_none() && s.body.is_none() {
             return self.reset(id, Reason::PROTOCOL_ERROR);
         }
+        s.recv_window -= flow as i64;
+        if s.recv_window < 0 {
+            return self.reset(id, Reason::FLOW_CONTROL_ERROR);
+        }
         // Padding is given back to the stream at once.
         s.consumed += (flow - data.len()) as i64;
         if !data.is_empty() {
@@ -714,6 +727,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         if let Some(s) = self.streams.get_mut(&id) {
             if !s.ended && s.consumed >= STREAM_WINDOW / 2 {
                 frame::put_window_update(&mut self.link.wbuf, id, s.consumed as u32);
+                s.recv_window += s.consumed;
                 s.consumed = 0;
             }
         }

@@ -477,20 +477,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Link<S> {
 /// Appends `name: value` to a header block; `false` when the field may not cross HTTP/2
 /// (connection-specific, RFC 9113 §8.2.2), so it was left out.
 pub(crate) fn put_header(block: &mut Vec<u8>, name: &http::HeaderName, value: &http::HeaderValue) -> bool {
-    if connection_specific(name.as_str().as_bytes(), value.as_bytes()) {
+    if skein_http2::connection_specific(name.as_str().as_bytes(), value.as_bytes()) {
         return false;
     }
     hpack::put_field(block, name.as_str().as_bytes(), value.as_bytes());
     true
-}
-
-/// Fields HTTP/2 forbids (RFC 9113 §8.2.2): `te` is allowed only as `trailers`.
-fn connection_specific(name: &[u8], value: &[u8]) -> bool {
-    match name {
-        b"connection" | b"keep-alive" | b"proxy-connection" | b"transfer-encoding" | b"upgrade" => true,
-        b"te" => value != b"trailers",
-        _ => false,
-    }
 }
 
 /// A connection's streams by id.
@@ -530,7 +521,7 @@ pub(crate) fn regular_field(
     name: &[u8],
     value: &[u8],
 ) -> Option<(http::HeaderName, http::HeaderValue)> {
-    if name.iter().any(u8::is_ascii_uppercase) || connection_specific(name, value) {
+    if name.iter().any(u8::is_ascii_uppercase) || skein_http2::connection_specific(name, value) {
         return None;
     }
     let name = match crate::headers::ours(name) {

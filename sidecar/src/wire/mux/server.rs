@@ -159,9 +159,12 @@ where
                 }
             }
             progress |= self.send_bodies(cx);
+            let full = !self.link.can_write();
             match self.link.poll_write(cx) {
                 Poll::Ready(Err(_)) => return Poll::Ready(()),
                 Poll::Ready(Ok(())) => {
+                    // Reading stopped while the buffer was full: read again now.
+                    progress |= full;
                     if (self.link.read_closed || self.going_away) && self.streams.is_empty() {
                         return Poll::Ready(());
                     }
@@ -209,6 +212,11 @@ where
         }
         while let Some(event) = self.link.next_event()? {
             self.on_event(event)?;
+            // Streams ended by a reset, the peer's or ours (a stream the peer made malformed
+            // after its handler started: "MadeYouReset"), outnumbering those answered.
+            if self.resets > RESETS_FREE && self.resets > self.answered {
+                return Err(super::conn_error(Reason::ENHANCE_YOUR_CALM, "too many streams reset"));
+            }
         }
         Ok(())
     }
@@ -227,9 +235,6 @@ where
                         abort.abort();
                     }
                     self.resets += 1;
-                    if self.resets > RESETS_FREE && self.resets > self.answered {
-                        return Err(super::conn_error(Reason::ENHANCE_YOUR_CALM, "too many streams reset"));
-                    }
                 }
             }
             Event::WindowUpdate { stream, increment } => {
@@ -438,6 +443,7 @@ where
             if let State::Handling(abort) = s.state {
                 abort.abort();
             }
+            self.resets += 1;
         }
         frame::put_rst_stream(&mut self.link.wbuf, id, reason);
     }

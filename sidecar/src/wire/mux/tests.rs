@@ -279,6 +279,22 @@ async fn streams_reset_as_fast_as_they_open_end_the_connection() {
     assert_eq!(code(&payload, 4), Reason::ENHANCE_YOUR_CALM);
 }
 
+#[tokio::test]
+async fn streams_the_callee_resets_as_fast_as_they_open_end_the_connection() {
+    // "MadeYouReset": each stream's handler has started (END_STREAM) when the caller makes it
+    // malformed (a WINDOW_UPDATE of 0), so the callee resets it; such resets count as the
+    // caller's own.
+    let mut io = raw().await;
+    let mut out = BytesMut::new();
+    for i in 0..1000u32 {
+        frame::put_headers(&mut out, 1 + 2 * i, &block(GET), true);
+        frame::put_window_update(&mut out, 1 + 2 * i, 0);
+    }
+    send(&mut io, out).await;
+    let (_, payload) = next_of(&mut io, kind::GOAWAY).await.expect("a GOAWAY");
+    assert_eq!(code(&payload, 4), Reason::ENHANCE_YOUR_CALM);
+}
+
 // --- The caller against a callee written by hand. ---
 
 /// A caller's connection task over a pipe whose far end the test speaks for; the caller's
@@ -380,6 +396,37 @@ async fn a_window_filled_before_the_caller_had_its_response_is_given_back() {
     assert_eq!(code(&update, 0).0, 16 * 16_384);
     let response = asked.await.unwrap().expect("a response");
     assert_eq!(response.status(), 200);
+}
+
+#[tokio::test]
+async fn a_callee_that_sends_past_a_streams_window_has_it_reset() {
+    let (opens, mut far) = raw_callee().await;
+    let asked = request(&opens);
+    let (head, _) = next_of(&mut far, kind::HEADERS).await.unwrap();
+    let mut out = BytesMut::new();
+    frame::put_headers(&mut out, head.stream, &block(&[(":status", "200")]), false);
+    far.write_all(&out).await.unwrap();
+    let response = asked.await.unwrap().expect("a response");
+    let mut body = response.into_body().expect("a body");
+    // The caller does not read: 256 KiB is the stream's window, one more frame overruns it.
+    let mut out = BytesMut::new();
+    for _ in 0..17 {
+        frame::put_data(&mut out, head.stream, &[b'w'; 16_384], false);
+    }
+    far.write_all(&out).await.unwrap();
+    let (reset, payload) = next_of(&mut far, kind::RST_STREAM).await.expect("a reset");
+    assert_eq!((reset.stream, code(&payload, 0)), (head.stream, Reason::FLOW_CONTROL_ERROR));
+    // What arrived within the window is there, then the body fails.
+    let mut got = 0;
+    let failed = loop {
+        match body.frame().await {
+            Some(Ok(f)) => got += f.into_data().map_or(0, |d| d.len()),
+            Some(Err(_)) => break true,
+            None => break false,
+        }
+    };
+    assert!(failed, "the body ends in an error, not as if whole");
+    assert!(got <= 16 * 16_384, "{got}");
 }
 
 /// A connection's odd (or even) ids, one after another, land in distinct buckets of a table of

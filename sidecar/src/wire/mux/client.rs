@@ -5,7 +5,8 @@
 //! whole when it arrived in the same read (most small responses) or streamed as it arrives.
 //!
 //! A connection is replaced when it is [`MAX_AGE`] old (its certificate may have been rotated
-//! since), and it closes after [`IDLE`] without a stream. A request the peer never took (the
+//! since), and it closes when a [`SWEEP`] finds it had no stream since the last. A request the
+//! peer never took (the
 //! connection closed before it was written, GOAWAY named an earlier stream, REFUSED_STREAM) is
 //! sent again on a new connection: it was not acted on.
 
@@ -33,8 +34,10 @@ use crate::route::retry::Failure;
 /// A connection is not given new requests once this old: a new one presents the current
 /// certificate.
 pub const MAX_AGE: Duration = Duration::from_secs(600);
-/// A connection without a stream for this long closes (well before the callee's idle close).
-pub const IDLE: Duration = Duration::from_secs(60);
+/// How often a connection is looked at, not per request: one that had no stream from one
+/// sweep to the next closes (after 30 to 60 s, before the callee's idle close), and one whose
+/// callee read nothing of what we wrote in that time is dropped, failing its requests.
+pub const SWEEP: Duration = Duration::from_secs(30);
 /// After a peer chose HTTP/1.1 over the hop, it is not asked again for this long.
 const NOT_OFFERED_FOR: Duration = Duration::from_secs(60);
 /// Streams opened before the callee's SETTINGS arrive (RFC 9113 §6.5.2 recommends that a
@@ -131,10 +134,14 @@ fn lane() -> usize {
     use std::sync::atomic::{AtomicUsize, Ordering};
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     thread_local! {
-        static LANE: usize = NEXT.fetch_add(1, Ordering::Relaxed);
+        // A thread's lane is fixed: the runtime's worker count does not change.
+        static LANE: usize = {
+            let workers =
+                tokio::runtime::Handle::try_current().map_or(1, |h| h.metrics().num_workers()).max(1);
+            NEXT.fetch_add(1, Ordering::Relaxed) % workers
+        };
     }
-    let workers = tokio::runtime::Handle::try_current().map_or(1, |h| h.metrics().num_workers()).max(1);
-    LANE.with(|l| *l) % workers
+    LANE.with(|l| *l)
 }
 
 enum Lookup<'p> {
@@ -429,8 +436,11 @@ struct Conn<S> {
     next_id: u32,
     /// Streams with a response head not yet handed to their caller.
     answered: Vec<u32>,
-    idle: Pin<Box<tokio::time::Sleep>>,
-    busy: bool,
+    sweep: Pin<Box<tokio::time::Sleep>>,
+    /// A stream was opened since the last sweep.
+    opened: bool,
+    /// A stream may have part of its request body held back by the windows.
+    holding: bool,
 }
 
 /// Drives one connection until it closes or is idle, every handle to it dropped.
@@ -455,8 +465,9 @@ pub(super) async fn run<S: AsyncRead + AsyncWrite + Unpin>(stream: S, opens: mps
         queued: VecDeque::new(),
         next_id: 1,
         answered: Vec::new(),
-        idle: Box::pin(tokio::time::sleep(IDLE)),
-        busy: false,
+        sweep: Box::pin(tokio::time::sleep(SWEEP)),
+        opened: false,
+        holding: false,
     };
     std::future::poll_fn(|cx| conn.poll(cx)).await;
     conn.fail_all();
@@ -505,24 +516,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 Poll::Ready(Ok(())) => progress |= full,
                 Poll::Pending => {}
             }
-            if self.streams.is_empty() && self.queued.is_empty() {
-                if self.opens_closed {
+            let unused = self.streams.is_empty() && self.queued.is_empty();
+            if unused && self.opens_closed {
+                return Poll::Ready(());
+            }
+            if !progress {
+                if self.sweep.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                if !self.link.wbuf.is_empty() && !std::mem::take(&mut self.link.wrote) {
+                    tracing::debug!("a peer sidecar read nothing of the multiplexed hop for a whole sweep");
                     return Poll::Ready(());
                 }
-                if std::mem::take(&mut self.busy) {
-                    self.idle.as_mut().reset(tokio::time::Instant::now() + IDLE);
-                }
-                if self.idle.as_mut().poll(cx).is_ready() {
+                self.link.wrote = false;
+                if !std::mem::take(&mut self.opened) && unused {
                     // New requests go to a new connection; any already handed over are
                     // given back unsent.
                     self.opens.close();
-                    continue;
                 }
-            } else {
-                self.busy = true;
-            }
-            if !progress {
-                return Poll::Pending;
+                self.sweep.as_mut().reset(tokio::time::Instant::now() + SWEEP);
             }
         }
     }
@@ -542,12 +554,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 continue;
             }
             self.next_id += 2;
+            self.opened = true;
             let mut window = self.link.peer_initial;
             self.link.put_block(id, &open.block, open.body.is_empty());
             let mut out = open.body;
             if !out.is_empty() {
                 let sent = self.link.put_data(id, &mut window, &out, true);
                 let _ = out.split_to(sent);
+                self.holding |= !out.is_empty();
             }
             let stream = Stream {
                 window,
@@ -587,13 +601,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                     if let Some(s) = self.streams.get_mut(&stream) {
                         s.window += i64::from(increment);
                     }
-                    self.send_held();
                 }
                 Event::InitialWindow { delta } => {
                     for s in self.streams.values_mut() {
                         s.window += delta;
                     }
-                    self.send_held();
                 }
                 Event::GoAway { last_stream } => {
                     // Streams after the last one the peer took were never acted on.
@@ -608,7 +620,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 }
             }
         }
-        // Window updates for the connection may have freed room for held bodies.
+        // Window updates may have freed room for held bodies.
         self.send_held();
         Ok(())
     }
@@ -735,11 +747,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
 
     /// Sends request bodies the windows held back, as far as they now allow.
     fn send_held(&mut self) {
+        if !self.holding {
+            return; // no stream has a body held back: nothing to look through
+        }
+        self.holding = false;
         for (&id, s) in self.streams.iter_mut() {
             if !s.out.is_empty() && s.window > 0 && self.link.send_window > 0 {
                 let sent = self.link.put_data(id, &mut s.window, &s.out, true);
                 let _ = s.out.split_to(sent);
             }
+            self.holding |= !s.out.is_empty();
         }
     }
 
@@ -806,7 +823,7 @@ impl Stream {
 }
 
 /// A response's head from its decoded fields: `:status` first and only, regular fields well
-/// formed; `None` makes it malformed.
+/// formed, one `content-length` value; `None` makes it malformed.
 fn response_head(list: &Fields) -> Option<Response<()>> {
     let mut fields = list.iter();
     let (name, status) = fields.next()?;
@@ -815,8 +832,20 @@ fn response_head(list: &Fields) -> Option<Response<()>> {
     }
     let status = StatusCode::from_bytes(status).ok()?;
     let mut headers = HeaderMap::with_capacity(fields.len());
+    let mut length = None;
     for (name, value) in fields {
         let (name, value) = regular_field(list, name, value)?;
+        if name == http::header::CONTENT_LENGTH {
+            // Several values that differ make the response malformed (RFC 9110 §8.6); the
+            // same value repeated is passed on once, so no client is left to choose.
+            let n = crate::wire::syntax::parse_length(value.as_bytes())?;
+            if let Some(m) = length.replace(n) {
+                if m != n {
+                    return None;
+                }
+                continue;
+            }
+        }
         headers.append(name, value);
     }
     let mut response = Response::new(());

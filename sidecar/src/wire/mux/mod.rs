@@ -123,6 +123,8 @@ pub(crate) struct Link<S> {
     consumed: i64,
     /// The peer closed its side, or the socket failed.
     pub read_closed: bool,
+    /// Bytes went out since the owner last cleared it.
+    pub wrote: bool,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Link<S> {
@@ -150,6 +152,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Link<S> {
             recv_target,
             consumed: 0,
             read_closed: false,
+            wrote: false,
         }
     }
 
@@ -185,7 +188,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Link<S> {
         while !self.wbuf.is_empty() {
             match Pin::new(&mut self.io).poll_write(cx, &self.wbuf) {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Poll::Ready(Ok(n)) => self.wbuf.advance(n),
+                Poll::Ready(Ok(n)) => {
+                    self.wbuf.advance(n);
+                    self.wrote = true;
+                }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => return Poll::Pending,
             }

@@ -8,8 +8,14 @@
 //! REFUSED_STREAM, which the caller may retry), request bodies within each stream's window of
 //! [`super::MAX_BODY`] bytes and the connection's of [`CONN_WINDOW`] (given back only as bodies
 //! are handed on, so a peer that never ends its streams stops itself), header blocks as large
-//! as an HTTP/1.1 head, a connection without streams for [`IDLE`] is closed, and streams reset
-//! by the peer faster than it lets them finish end the connection (the rapid-reset attack).
+//! as an HTTP/1.1 head, and streams reset by the peer faster than it lets them finish end the
+//! connection (the rapid-reset attack).
+//!
+//! Time is looked at every [`SWEEP`], not per request: a connection that had no stream from
+//! one sweep to the next is closed (idle), one whose peer read nothing of what we wrote in
+//! that time is dropped, and a stream the peer holds up (its request body not arriving, its
+//! response waiting for window) with nothing moving on it from one sweep to the next is
+//! reset with CANCEL.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -33,9 +39,10 @@ use crate::wire::syntax::parse_length;
 pub const MAX_STREAMS: usize = 128;
 /// The connection's receive window: request bodies held at once.
 pub const CONN_WINDOW: i64 = 1024 * 1024;
-/// A connection with no stream open for this long is closed (as the HTTP/1 listener closes an
-/// idle keep-alive connection).
-pub const IDLE: Duration = Duration::from_secs(120);
+/// How often streams and the connection are looked at: a connection without streams, or a
+/// stream the peer holds up, is ended after one to two of these (the HTTP/1 listener closes
+/// an idle keep-alive connection after 120 s).
+pub const SWEEP: Duration = Duration::from_secs(60);
 /// Resets by the peer tolerated before their share of all streams is looked at.
 const RESETS_FREE: u32 = 128;
 
@@ -66,6 +73,9 @@ struct Stream<B> {
     /// What we may still send on it.
     window: i64,
     state: State<B>,
+    /// Something moved on it since the last sweep: a frame from the peer for it, bytes of its
+    /// body sent, or its handler or body found waiting on the app.
+    moved: bool,
 }
 
 // The head is moved into its request once the body is whole; boxing it would cost every
@@ -105,8 +115,8 @@ where
         going_away: false,
         resets: 0,
         answered: 0,
-        idle: Box::pin(tokio::time::sleep(IDLE)),
-        busy: false,
+        sweep: Box::pin(tokio::time::sleep(SWEEP)),
+        opened: false,
     };
     std::future::poll_fn(|cx| conn.poll(cx)).await;
 }
@@ -123,9 +133,9 @@ struct Conn<S, H, B> {
     going_away: bool,
     resets: u32,
     answered: u32,
-    idle: Pin<Box<tokio::time::Sleep>>,
-    /// Streams were open at the last look (the idle clock restarts when they are all gone).
-    busy: bool,
+    sweep: Pin<Box<tokio::time::Sleep>>,
+    /// A stream was opened since the last sweep.
+    opened: bool,
 }
 
 impl<S, H, B> Conn<S, H, B>
@@ -175,22 +185,42 @@ where
                 // The peer is gone: nobody is left to answer.
                 return Poll::Ready(());
             }
-            if !self.streams.is_empty() {
-                self.busy = true;
-            } else if !self.going_away {
-                if std::mem::take(&mut self.busy) {
-                    self.idle.as_mut().reset(tokio::time::Instant::now() + IDLE);
-                }
-                if self.idle.as_mut().poll(cx).is_ready() {
-                    self.link.go_away(self.last_stream, Reason::NO_ERROR, "idle");
-                    self.going_away = true;
-                    continue;
-                }
-            }
             if !progress {
-                return Poll::Pending;
+                if self.sweep.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                if !self.swept() {
+                    return Poll::Ready(());
+                }
             }
         }
+    }
+
+    /// A sweep: ends what the peer left idle or holds up, and sets the next; false when the
+    /// connection is to be dropped.
+    fn swept(&mut self) -> bool {
+        if !self.link.wbuf.is_empty() && !std::mem::take(&mut self.link.wrote) {
+            tracing::debug!("a multiplexed connection's peer read nothing for a whole sweep");
+            return false;
+        }
+        self.link.wrote = false;
+        let held_up: Vec<u32> = self
+            .streams
+            .iter_mut()
+            .filter_map(|(&id, s)| {
+                let waiting = matches!(s.state, State::Receiving { .. } | State::Sending { .. });
+                (waiting && !std::mem::replace(&mut s.moved, false)).then_some(id)
+            })
+            .collect();
+        for id in held_up {
+            self.reset(id, Reason::CANCEL);
+        }
+        if self.streams.is_empty() && !std::mem::take(&mut self.opened) && !self.going_away {
+            self.link.go_away(self.last_stream, Reason::NO_ERROR, "idle");
+            self.going_away = true;
+        }
+        self.sweep.as_mut().reset(tokio::time::Instant::now() + SWEEP);
+        true
     }
 
     fn read_frames(&mut self) -> Result<(), ConnError> {
@@ -239,6 +269,7 @@ where
             }
             Event::WindowUpdate { stream, increment } => {
                 if let Some(s) = self.streams.get_mut(&stream) {
+                    s.moved = true;
                     if increment == 0 {
                         self.reset(stream, Reason::PROTOCOL_ERROR);
                     } else {
@@ -290,7 +321,8 @@ where
             return Ok(());
         }
         let state = State::Receiving { head, length, body: BytesMut::new(), window: MAX_BODY as i64 };
-        self.streams.insert(id, Stream { window: self.link.peer_initial, state });
+        self.streams.insert(id, Stream { window: self.link.peer_initial, state, moved: true });
+        self.opened = true;
         if end_stream {
             self.finish_request(id);
         }
@@ -301,7 +333,8 @@ where
         if id.is_multiple_of(2) || id > self.last_stream {
             return Err(super::conn_error(Reason::PROTOCOL_ERROR, "DATA on a stream never opened"));
         }
-        let Some(Stream { state: State::Receiving { body, window, .. }, .. }) = self.streams.get_mut(&id)
+        let Some(Stream { state: State::Receiving { body, window, .. }, moved, .. }) =
+            self.streams.get_mut(&id)
         else {
             // A stream that is closed or already answered: its window is given back at once.
             self.link.consume(flow);
@@ -312,6 +345,7 @@ where
             }
             return Ok(());
         };
+        *moved = true;
         *window -= flow as i64;
         if *window < 0 {
             self.reset(id, Reason::FLOW_CONTROL_ERROR);
@@ -374,6 +408,7 @@ where
                 if !held.is_empty() {
                     let end = body.is_end_stream();
                     let sent = self.link.put_data(id, &mut s.window, held, end);
+                    s.moved |= sent > 0;
                     let _ = held.split_to(sent);
                     if !held.is_empty() {
                         break; // waits for a window update
@@ -422,7 +457,11 @@ where
                         done.push((id, Some(Reason::INTERNAL_ERROR)));
                         break;
                     }
-                    Poll::Pending => break,
+                    Poll::Pending => {
+                        // Waiting on the app, not on the peer.
+                        s.moved = true;
+                        break;
+                    }
                 }
             }
         }
@@ -489,9 +528,13 @@ fn request_head(fields: &Fields) -> Option<(http::request::Parts, Option<u64>)> 
         regular = true;
         let (name, value) = regular_field(fields, name, value)?;
         if name == http::header::CONTENT_LENGTH {
+            // Values that differ make it malformed; one repeated reaches the app once.
             let n = parse_length(value.as_bytes())?;
-            if length.replace(n).is_some_and(|m| m != n) {
-                return None;
+            if let Some(m) = length.replace(n) {
+                if m != n {
+                    return None;
+                }
+                continue;
             }
         }
         headers.append(name, value);

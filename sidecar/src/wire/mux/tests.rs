@@ -15,13 +15,26 @@ use tokio::sync::mpsc;
 use super::client::{self, Refused};
 use super::server;
 
-type TestBody = StreamBody<futures::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>>;
+type Frames = std::pin::Pin<Box<dyn futures::Stream<Item = Result<Frame<Bytes>, Infallible>> + Send>>;
+type TestBody = StreamBody<Frames>;
 
 /// An app of sorts: `/big/N` answers N bytes, `/trailers` a body and trailers, `/empty`
-/// nothing, anything else what it was asked.
+/// nothing, `/late/S` answers after S seconds, `/drip/S` sends its head at once and its body
+/// after S seconds, anything else what it was asked.
 fn handler(req: Request<Option<Bytes>>) -> server::Answer<TestBody> {
     Box::pin(async move {
         let path = req.uri().path().to_string();
+        if let Some(s) = path.strip_prefix("/late/") {
+            tokio::time::sleep(Duration::from_secs(s.parse().unwrap())).await;
+        }
+        if let Some(s) = path.strip_prefix("/drip/") {
+            let wait = Duration::from_secs(s.parse().unwrap());
+            let late = futures::stream::once(async move {
+                tokio::time::sleep(wait).await;
+                Ok(Frame::data(Bytes::from_static(b"drip")))
+            });
+            return Ok(Response::new(StreamBody::new(Box::pin(late) as Frames)));
+        }
         let mut frames = Vec::new();
         if let Some(n) = path.strip_prefix("/big/") {
             frames.push(Ok(Frame::data(Bytes::from(vec![b'x'; n.parse().unwrap()]))));
@@ -38,7 +51,9 @@ fn handler(req: Request<Option<Bytes>>) -> server::Answer<TestBody> {
             let len = req.body().as_ref().map_or(0, Bytes::len);
             frames.push(Ok(Frame::data(Bytes::from(format!("{} {path} {len}", req.method())))));
         }
-        let mut response = Response::new(StreamBody::new(futures::stream::iter(frames)));
+        let mut response = Response::new(StreamBody::new(Box::pin(futures::stream::iter(frames)) as Frames));
+        let lengths = req.headers().get_all(http::header::CONTENT_LENGTH).iter().count();
+        response.headers_mut().insert("x-lengths", HeaderValue::from(lengths));
         let authority = req.uri().authority().map_or("", |a| a.as_str()).to_string();
         response.headers_mut().insert("x-authority", HeaderValue::from_str(&authority).unwrap());
         Ok(response)
@@ -99,6 +114,19 @@ async fn requests_cross_one_connection_past_the_callees_stream_limit() {
     }
     let empty = call(&opens, Method::GET, "/empty", Bytes::new()).await;
     assert_eq!((empty.status, empty.body.len()), (StatusCode::OK, 0));
+}
+
+#[tokio::test]
+async fn a_content_length_repeated_reaches_the_app_once() {
+    let opens = pair();
+    let mut headers = HeaderMap::new();
+    headers.insert(http::header::HOST, HeaderValue::from_static("reviews.shop:9080"));
+    headers.append(http::header::CONTENT_LENGTH, HeaderValue::from_static("3"));
+    headers.append(http::header::CONTENT_LENGTH, HeaderValue::from_static("3"));
+    let block = client::request_block(&Method::POST, "/n", &headers);
+    let response = client::submit(&opens, block.into(), Bytes::from_static(b"abc")).await.expect("an answer");
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-lengths"], "1");
 }
 
 #[tokio::test]
@@ -186,14 +214,17 @@ async fn malformed_requests_are_reset_and_the_connection_serves_on() {
     frame::put_data(&mut out, 7, b"abc", true);
     let pseudo_late = [&[("accept", "*/*")], GET].concat();
     frame::put_headers(&mut out, 9, &block(&pseudo_late), true);
-    frame::put_headers(&mut out, 11, &block(GET), true);
+    let two_lengths = [GET, &[("content-length", "3"), ("content-length", "4")]].concat();
+    frame::put_headers(&mut out, 11, &block(&two_lengths), false);
+    frame::put_data(&mut out, 11, b"abc", true);
+    frame::put_headers(&mut out, 13, &block(GET), true);
     send(&mut io, out).await;
-    for stream in [1, 3, 5, 7, 9] {
+    for stream in [1, 3, 5, 7, 9, 11] {
         let (head, payload) = next_of(&mut io, kind::RST_STREAM).await.expect("a reset");
         assert_eq!((head.stream, code(&payload, 0)), (stream, Reason::PROTOCOL_ERROR));
     }
     let (head, _) = next_of(&mut io, kind::HEADERS).await.expect("an answer");
-    assert_eq!(head.stream, 11);
+    assert_eq!(head.stream, 13);
 }
 
 #[tokio::test]
@@ -295,6 +326,93 @@ async fn streams_the_callee_resets_as_fast_as_they_open_end_the_connection() {
     assert_eq!(code(&payload, 4), Reason::ENHANCE_YOUR_CALM);
 }
 
+/// The next frame of `kind` within `secs` seconds (of paused time, which runs ahead when
+/// nothing else can).
+async fn next_within(io: &mut DuplexStream, want: u8, secs: u64) -> Option<(Head, Bytes)> {
+    tokio::time::timeout(Duration::from_secs(secs), async {
+        loop {
+            let mut head = [0u8; HEADER_LEN];
+            io.read_exact(&mut head).await.ok()?;
+            let head = Head::parse(&head);
+            let mut payload = vec![0u8; head.len];
+            io.read_exact(&mut payload).await.ok()?;
+            if head.kind == want {
+                return Some((head, Bytes::from(payload)));
+            }
+        }
+    })
+    .await
+    .expect("in time")
+}
+
+#[tokio::test(start_paused = true)]
+async fn streams_the_peer_holds_up_are_reset_and_those_waiting_on_the_app_are_not() {
+    let mut io = raw().await;
+    let started = tokio::time::Instant::now();
+    let mut out = BytesMut::new();
+    // 1: a body that never comes. 3: an answer the app takes three minutes over. 5: a body
+    // the app sends after three minutes.
+    frame::put_headers(&mut out, 1, &block(GET), false);
+    let late = [&GET[..3], &[(":path", "/late/180")]].concat();
+    frame::put_headers(&mut out, 3, &block(&late), true);
+    let drip = [&GET[..3], &[(":path", "/drip/180")]].concat();
+    frame::put_headers(&mut out, 5, &block(&drip), true);
+    send(&mut io, out).await;
+    let (head, payload) = next_within(&mut io, kind::RST_STREAM, 300).await.expect("a reset");
+    assert_eq!((head.stream, code(&payload, 0)), (1, Reason::CANCEL));
+    let waited = started.elapsed();
+    assert!(waited >= server::SWEEP && waited <= 2 * server::SWEEP, "{waited:?}");
+    let mut answered = Vec::new();
+    while answered.len() < 2 {
+        let (head, payload) = next_within(&mut io, kind::DATA, 300).await.expect("the answers");
+        if !payload.is_empty() {
+            answered.push((head.stream, payload));
+        }
+    }
+    answered.sort();
+    assert_eq!(answered[0], (3, Bytes::from("GET /late/180 0")));
+    assert_eq!(answered[1], (5, Bytes::from("drip")));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_response_held_for_want_of_window_is_reset() {
+    let (mut io, far) = tokio::io::duplex(1024 * 1024);
+    tokio::spawn(server::serve(far, handler));
+    let mut out = BytesMut::from(frame::PREFACE);
+    // No window for any stream: the body cannot go out until the peer gives some.
+    frame::put_settings(&mut out, &[(frame::setting::INITIAL_WINDOW_SIZE, 0)]);
+    let big = [&GET[..3], &[(":path", "/big/1000")]].concat();
+    frame::put_headers(&mut out, 1, &block(&big), true);
+    send(&mut io, out).await;
+    let (head, payload) = next_within(&mut io, kind::RST_STREAM, 300).await.expect("a reset");
+    assert_eq!((head.stream, code(&payload, 0)), (1, Reason::CANCEL));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_connection_is_closed_and_one_whose_peer_reads_nothing_dropped() {
+    let mut io = raw().await;
+    let started = tokio::time::Instant::now();
+    let (_, payload) = next_within(&mut io, kind::GOAWAY, 300).await.expect("a GOAWAY");
+    assert_eq!(code(&payload, 4), Reason::NO_ERROR);
+    assert!(started.elapsed() <= 2 * server::SWEEP, "{:?}", started.elapsed());
+    let mut rest = Vec::new();
+    assert_eq!(io.read_to_end(&mut rest).await.unwrap(), 0, "then the connection ends");
+
+    // A pipe of 16 KiB the test never reads from, and answers far larger.
+    let (mut io, far) = tokio::io::duplex(16 * 1024);
+    let served = tokio::spawn(server::serve(far, handler));
+    let mut out = BytesMut::from(frame::PREFACE);
+    frame::put_settings(&mut out, &[]);
+    for id in (1..40).step_by(2) {
+        let big = [&GET[..3], &[(":path", "/big/60000")]].concat();
+        frame::put_headers(&mut out, id, &block(&big), true);
+    }
+    send(&mut io, out).await;
+    let started = tokio::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(300), served).await.expect("dropped in time").unwrap();
+    assert!(started.elapsed() <= 2 * server::SWEEP, "{:?}", started.elapsed());
+}
+
 // --- The caller against a callee written by hand. ---
 
 /// A caller's connection task over a pipe whose far end the test speaks for; the caller's
@@ -344,6 +462,34 @@ async fn requests_the_callee_refused_or_never_took_come_back_unsent() {
     frame::put_rst_stream(&mut out, head.stream, Reason::INTERNAL_ERROR);
     far.write_all(&out).await.unwrap();
     assert!(matches!(third.await.unwrap(), Err(Refused::Failed(_))));
+}
+
+#[tokio::test]
+async fn a_response_with_two_lengths_fails_and_one_repeated_is_kept_once() {
+    let (opens, mut far) = raw_callee().await;
+    let asked = request(&opens);
+    let (head, _) = next_of(&mut far, kind::HEADERS).await.unwrap();
+    let mut out = BytesMut::new();
+    let two = [(":status", "200"), ("content-length", "2"), ("content-length", "3")];
+    frame::put_headers(&mut out, head.stream, &block(&two), false);
+    frame::put_data(&mut out, head.stream, b"abc", true);
+    far.write_all(&out).await.unwrap();
+    assert!(matches!(asked.await.unwrap(), Err(Refused::Failed(_))));
+    let (reset, payload) = next_of(&mut far, kind::RST_STREAM).await.expect("a reset");
+    assert_eq!((reset.stream, code(&payload, 0)), (head.stream, Reason::PROTOCOL_ERROR));
+
+    let asked = request(&opens);
+    let (head, _) = next_of(&mut far, kind::HEADERS).await.unwrap();
+    let mut out = BytesMut::new();
+    let same = [(":status", "200"), ("content-length", "3"), ("content-length", "3")];
+    frame::put_headers(&mut out, head.stream, &block(&same), false);
+    frame::put_data(&mut out, head.stream, b"abc", true);
+    far.write_all(&out).await.unwrap();
+    let response = asked.await.unwrap().expect("a response");
+    let lengths: Vec<_> = response.headers().get_all(http::header::CONTENT_LENGTH).iter().collect();
+    assert_eq!(lengths, ["3"]);
+    let body = response.into_body().expect("a body").collect().await.unwrap().to_bytes();
+    assert_eq!(body, "abc");
 }
 
 #[tokio::test]
@@ -427,6 +573,39 @@ async fn a_callee_that_sends_past_a_streams_window_has_it_reset() {
     };
     assert!(failed, "the body ends in an error, not as if whole");
     assert!(got <= 16 * 16_384, "{got}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_caller_closes_and_one_whose_callee_reads_nothing_is_dropped() {
+    let (opens, mut far) = raw_callee().await;
+    let asked = request(&opens);
+    let (head, _) = next_of(&mut far, kind::HEADERS).await.unwrap();
+    let mut out = BytesMut::new();
+    frame::put_headers(&mut out, head.stream, &block(&[(":status", "204")]), true);
+    far.write_all(&out).await.unwrap();
+    assert_eq!(asked.await.unwrap().expect("a response").status(), 204);
+    let started = tokio::time::Instant::now();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(300), far.read_to_end(&mut rest))
+        .await
+        .expect("closed in time")
+        .unwrap();
+    assert!(started.elapsed() <= 2 * client::SWEEP, "{:?}", started.elapsed());
+
+    // A callee that reads the preface and nothing more, through a pipe of 4 KiB.
+    let (near, mut far) = tokio::io::duplex(4096);
+    let (opens, rx) = mpsc::unbounded_channel();
+    tokio::spawn(client::run(near, rx));
+    let mut preface = [0u8; 24];
+    far.read_exact(&mut preface).await.unwrap();
+    let mut out = BytesMut::new();
+    frame::put_settings(&mut out, &[]);
+    far.write_all(&out).await.unwrap();
+    let started = tokio::time::Instant::now();
+    let asked = client::submit(&opens, block(GET).into(), Bytes::from(vec![b'b'; 60_000]));
+    let answer = tokio::time::timeout(Duration::from_secs(300), asked).await.expect("failed in time");
+    assert!(answer.is_err());
+    assert!(started.elapsed() <= 2 * client::SWEEP, "{:?}", started.elapsed());
 }
 
 /// A connection's odd (or even) ids, one after another, land in distinct buckets of a table of

@@ -29,6 +29,7 @@ mod probe;
 mod proxy;
 mod route;
 mod run;
+mod stall;
 mod telemetry;
 mod tls;
 mod wire;

@@ -22,6 +22,7 @@ use crate::coalesce::Coalesce;
 use crate::proxy::authz::{self, Caller};
 use crate::proxy::body::ProxyBody;
 use crate::proxy::{self, ConnMeta, Direction, ProxyContext};
+use crate::stall::StallGuard;
 
 /// How long to wait for a client's first bytes before treating a redirected connection as
 /// opaque TCP (server-first protocols such as MySQL never speak first).
@@ -89,6 +90,7 @@ async fn handle(stream: TcpStream, ctx: Arc<ProxyContext>, conn: ConnMeta) {
                     && first[0] == 0x16;
             if tls {
                 let acceptor = tokio_rustls::TlsAcceptor::from(material.server.clone());
+                let stream = StallGuard::new(stream);
                 match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
                     Ok(Ok(tls)) => {
                         ctx.tls.handshakes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -144,6 +146,7 @@ async fn handle(stream: TcpStream, ctx: Arc<ProxyContext>, conn: ConnMeta) {
             return;
         }
     }
+    let stream = StallGuard::new(stream);
     if ctx.fast_path {
         match crate::http1::serve(stream, &ctx, conn, None).await {
             // An HTTP/2 client's streams answered in the same round go out in one write.

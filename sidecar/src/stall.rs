@@ -9,7 +9,7 @@
 //!
 //! Reading is not guarded here: waiting for the next request is what an idle keep-alive
 //! connection does, and the listeners bound that (a head within the head timeout, an idle
-//! connection 120 s).
+//! connection 120 to 240 s).
 
 use std::future::Future;
 use std::io;

@@ -15,8 +15,35 @@ use crate::telemetry::trace;
 pub(super) use crate::wire::syntax::{offset, parse_length, valid_authority};
 pub(super) use crate::wire::{MAX_HEAD, MAX_HEADERS, READ_CHUNK};
 
-/// A keep-alive client connection idle this long is closed.
+/// A keep-alive client connection without a request for one to two of these is closed.
 const CLIENT_IDLE: Duration = Duration::from_secs(120);
+
+/// A connection's keep-alive clock, set when the connection opens and looked at only when it
+/// runs out (not reset per request, which would take a timer out of the runtime's wheel and
+/// put one back for every request): a connection that had no request since it was last set
+/// is idle, and one that had is given another [`CLIENT_IDLE`].
+pub(super) struct Idle {
+    clock: std::pin::Pin<Box<tokio::time::Sleep>>,
+    served: bool,
+}
+
+impl Idle {
+    pub(super) fn new() -> Self {
+        Self { clock: Box::pin(tokio::time::sleep(CLIENT_IDLE)), served: false }
+    }
+
+    /// `Ready` when the connection is idle.
+    fn poll_idle(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        use std::future::Future;
+        while self.clock.as_mut().poll(cx).is_ready() {
+            if !std::mem::take(&mut self.served) {
+                return std::task::Poll::Ready(());
+            }
+            self.clock.as_mut().reset(tokio::time::Instant::now() + CLIENT_IDLE);
+        }
+        std::task::Poll::Pending
+    }
+}
 
 /// A parsed request head: positions into the connection's buffer.
 #[derive(Default)]
@@ -251,6 +278,7 @@ pub(super) async fn fill_head<S: AsyncRead + Unpin>(
     stream: &mut S,
     buf: &mut BytesMut,
     head: &mut Head,
+    idle: &mut Idle,
     head_timeout: Duration,
 ) -> io::Result<bool> {
     // Set when a partial head is first waited on: about when its first byte arrived.
@@ -261,7 +289,10 @@ pub(super) async fn fill_head<S: AsyncRead + Unpin>(
                 Ok(Some(())) if head.len > MAX_HEAD => {
                     return Err(io::Error::new(io::ErrorKind::FileTooLarge, "head too large"))
                 }
-                Ok(Some(())) => return Ok(true),
+                Ok(Some(())) => {
+                    idle.served = true;
+                    return Ok(true);
+                }
                 Ok(None) if buf.len() >= MAX_HEAD => {
                     return Err(io::Error::new(io::ErrorKind::FileTooLarge, "head too large"))
                 }
@@ -271,9 +302,17 @@ pub(super) async fn fill_head<S: AsyncRead + Unpin>(
         }
         buf.reserve(READ_CHUNK.saturating_sub(buf.capacity() - buf.len()).min(READ_CHUNK));
         let read = if buf.is_empty() {
-            match tokio::time::timeout(CLIENT_IDLE, stream.read_buf(buf)).await {
-                Ok(r) => r?,
-                Err(_) => return Ok(false),
+            let mut read = std::pin::pin!(stream.read_buf(buf));
+            let read = std::future::poll_fn(|cx| {
+                use std::future::Future;
+                match read.as_mut().poll(cx) {
+                    std::task::Poll::Ready(r) => std::task::Poll::Ready(Some(r)),
+                    std::task::Poll::Pending => idle.poll_idle(cx).map(|()| None),
+                }
+            });
+            match read.await {
+                Some(r) => r?,
+                None => return Ok(false),
             }
         } else {
             let at = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + head_timeout);
@@ -291,6 +330,29 @@ pub(super) async fn fill_head<S: AsyncRead + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_without_requests_is_idle_after_one_to_two_clock_periods() {
+        use tokio::io::AsyncWriteExt;
+        let (mut client, mut server) = tokio::io::duplex(4096);
+        let (mut buf, mut head, mut idle) = (BytesMut::new(), Head::default(), Idle::new());
+        let started = tokio::time::Instant::now();
+        // A request every 100 s keeps it open well past the first period.
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_secs(100)).await;
+            client.write_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n").await.unwrap();
+            let read = fill_head(&mut server, &mut buf, &mut head, &mut idle, Duration::from_secs(10)).await;
+            assert!(read.unwrap(), "served at {:?}", started.elapsed());
+            buf.clear();
+        }
+        let last = tokio::time::Instant::now();
+        let read = fill_head(&mut server, &mut buf, &mut head, &mut idle, Duration::from_secs(10));
+        let read = tokio::time::timeout(Duration::from_secs(600), read).await.expect("closed in time");
+        assert!(!read.unwrap(), "idle: no head");
+        let waited = last.elapsed();
+        assert!(waited > Duration::ZERO && waited <= 2 * CLIENT_IDLE, "{waited:?}");
+        drop(client);
+    }
 
     #[test]
     fn heads_parse_in_place() {

@@ -45,7 +45,7 @@ use crate::proxy::authz::{self, Caller};
 use crate::proxy::{ConnMeta, Direction, ProxyContext};
 use crate::route::table::RequestView;
 use forward::{forward, Route, Scratch};
-use head::{fill_head, host_port, Head, View};
+use head::{fill_head, host_port, Head, Idle, View};
 
 /// Serves a client connection on the fast path for as long as its requests allow; returns the
 /// connection when the rest of it is for hyper, `None` when it is done. `stream` is a plain
@@ -64,8 +64,9 @@ where
     let mut head = Head::default();
     let mut scratch = Scratch::default();
     let mut inbound: Option<(u16, Arc<EndpointState>)> = None;
+    let mut idle = Idle::new();
     loop {
-        match fill_head(&mut stream, &mut buf, &mut head, ctx.head_timeout).await {
+        match fill_head(&mut stream, &mut buf, &mut head, &mut idle, ctx.head_timeout).await {
             Ok(true) => {}
             Ok(false) => return None,
             // Malformed: hyper gives the proper 400 answer.

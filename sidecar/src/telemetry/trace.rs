@@ -6,12 +6,32 @@ use http::header::{HeaderMap, HeaderValue};
 
 pub use crate::headers::{REQUEST_ID, TRACEPARENT};
 
-const HEX: &[u8; 16] = b"0123456789abcdef";
+/// The two lowercase hex digits of every byte value.
+const HEX2: [[u8; 2]; 256] = {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut table = [[0u8; 2]; 256];
+    let mut i = 0;
+    while i < 256 {
+        table[i] = [HEX[i >> 4], HEX[i & 0xf]];
+        i += 1;
+    }
+    table
+};
 
-fn hex_into(out: &mut [u8], mut value: u128) {
-    for slot in out.iter_mut().rev() {
-        *slot = HEX[(value & 0xf) as usize];
-        value >>= 4;
+/// `value` as 16 hex digits into `out[..16]`, a byte at a time.
+fn hex_into(out: &mut [u8], value: u64) {
+    for (pair, byte) in out[..16].chunks_exact_mut(2).zip(value.to_be_bytes()) {
+        pair.copy_from_slice(&HEX2[usize::from(byte)]);
+    }
+}
+
+/// A random 64-bit value that is not zero.
+fn nonzero_u64() -> u64 {
+    loop {
+        let v = fastrand::u64(..);
+        if v != 0 {
+            return v;
+        }
     }
 }
 
@@ -33,29 +53,29 @@ pub fn is_valid_traceparent(v: &[u8]) -> bool {
         && lower_hex(&v[53..55])
 }
 
-/// A new sampled traceparent with random ids.
+/// A new sampled traceparent with random ids (neither all zeros).
 pub fn new_traceparent() -> [u8; 55] {
     let mut buf = *b"00-00000000000000000000000000000000-0000000000000000-01";
-    hex_into(&mut buf[3..35], fastrand::u128(1..));
-    hex_into(&mut buf[36..52], u128::from(fastrand::u64(1..)));
+    hex_into(&mut buf[3..19], fastrand::u64(..));
+    hex_into(&mut buf[19..35], nonzero_u64());
+    hex_into(&mut buf[36..52], nonzero_u64());
     buf
 }
 
-/// A new random request id (UUID v4 layout).
+/// A new random request id (UUID v4 layout: 8-4-4-4-12 hex digits, version 4, RFC 4122
+/// variant).
 pub fn new_request_id() -> [u8; 36] {
-    let mut raw = fastrand::u128(..);
-    raw = (raw & !(0xf << 76)) | (0x4 << 76); // version 4
-    raw = (raw & !(0x3 << 62)) | (0x2 << 62); // RFC 4122 variant
+    let high = (fastrand::u64(..) & !(0xf << 12)) | (0x4 << 12);
+    let low = (fastrand::u64(..) & !(0x3 << 62)) | (0x2 << 62);
+    let mut digits = [0u8; 32];
+    hex_into(&mut digits[..16], high);
+    hex_into(&mut digits[16..], low);
     let mut buf = *b"00000000-0000-0000-0000-000000000000";
-    let hex = {
-        let mut h = [0u8; 32];
-        hex_into(&mut h, raw);
-        h
-    };
-    let mut src = hex.iter();
-    for slot in buf.iter_mut().filter(|c| **c != b'-') {
-        *slot = *src.next().expect("32 digits");
-    }
+    buf[0..8].copy_from_slice(&digits[0..8]);
+    buf[9..13].copy_from_slice(&digits[8..12]);
+    buf[14..18].copy_from_slice(&digits[12..16]);
+    buf[19..23].copy_from_slice(&digits[16..20]);
+    buf[24..36].copy_from_slice(&digits[20..32]);
     buf
 }
 
@@ -102,6 +122,32 @@ fn value(generated: &[u8]) -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn generated_ids_have_their_layouts_and_differ() {
+        for v in [0, 1, 0x0123_4567_89ab_cdef, u64::MAX, fastrand::u64(..)] {
+            let mut out = [0u8; 16];
+            hex_into(&mut out, v);
+            assert_eq!(std::str::from_utf8(&out).unwrap(), format!("{v:016x}"));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..1000 {
+            let tp = new_traceparent();
+            assert!(is_valid_traceparent(&tp), "{}", String::from_utf8_lossy(&tp));
+            let id = new_request_id();
+            let text = std::str::from_utf8(&id).unwrap();
+            for (i, c) in text.char_indices() {
+                if [8, 13, 18, 23].contains(&i) {
+                    assert_eq!(c, '-', "{text}");
+                } else {
+                    assert!(c.is_ascii_digit() || ('a'..='f').contains(&c), "{text}");
+                }
+            }
+            assert_eq!(&text[14..15], "4", "{text}");
+            assert!("89ab".contains(&text[19..20]), "{text}");
+            assert!(seen.insert(tp.to_vec()) && seen.insert(id.to_vec()));
+        }
+    }
 
     #[test]
     fn generates_a_valid_traceparent_when_absent() {

@@ -181,9 +181,17 @@ where
                 }
                 Poll::Pending => {}
             }
-            if self.link.read_closed && !self.going_away {
-                // The peer is gone: nobody is left to answer.
-                return Poll::Ready(());
+            if self.link.read_closed {
+                if !self.going_away {
+                    // The peer is gone: nobody is left to answer.
+                    return Poll::Ready(());
+                }
+                // It said GOAWAY and closed its side: bodies still arriving never will.
+                let before = self.streams.len();
+                self.streams.retain(|_, s| !matches!(s.state, State::Receiving { .. }));
+                if self.streams.len() < before {
+                    progress = true;
+                }
             }
             if !progress {
                 if self.sweep.as_mut().poll(cx).is_pending() {
@@ -215,7 +223,8 @@ where
         for id in held_up {
             self.reset(id, Reason::CANCEL);
         }
-        if self.streams.is_empty() && !std::mem::take(&mut self.opened) && !self.going_away {
+        let opened = std::mem::take(&mut self.opened);
+        if self.streams.is_empty() && !opened && !self.going_away {
             self.link.go_away(self.last_stream, Reason::NO_ERROR, "idle");
             self.going_away = true;
         }

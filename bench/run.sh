@@ -493,8 +493,8 @@ measure_rate() { # name rate run
         "$p50" "$p90" "$p99" "$rps" "$errors" "$missed" $((after - before)) "$answered" >>"$TABLE"
 }
 
-measure_max() { # name
-    local name=$1 out="$RUN_DIR/$1-max.json" before after
+measure_max() { # name run
+    local name=$1 out="$RUN_DIR/$1-max-$2.json" before after
     before=$(cpu_ticks "${PID[$name]}")
     if ! loadgen "$name" "$out" max 0; then
         say "$name closed loop: the load generator failed: $(tail -n 3 "$out.err" | tr '\n' ' ')"
@@ -543,7 +543,7 @@ done
 
 n_rates=$(wc -w <<<"$RATES")
 total_s=$(awk -v r="$RUNS" -v n="$n_rates" -v t="${#ACTIVE[@]}" -v d="$DURATION" -v w="$WARMUP" -v m="$MAX_DURATION" \
-    'BEGIN { printf "%d", r * n * t * (d + w + 0.2) + t * (m + 1.2) }')
+    'BEGIN { printf "%d", r * n * t * (d + w + 0.2) + r * t * (m + 1.2) }')
 say "targets: ${ACTIVE[*]}; about $((total_s / 60)) min $((total_s % 60)) s of load"
 
 for name in "${ACTIVE[@]}"; do
@@ -563,8 +563,12 @@ for run in $(seq "$RUNS"); do
         done
     done
 done
-for name in "${ACTIVE[@]}"; do
-    measure_max "$name"
+# The closed loop too is repeated, each run of every target before the next repeat, and the
+# median taken: one 10 s run per target let a slow spell of the machine land on one of them.
+for run in $(seq "$RUNS"); do
+    for name in "${ACTIVE[@]}"; do
+        measure_max "$name" "$run"
+    done
 done
 
 for name in "${ACTIVE[@]}"; do
@@ -611,7 +615,8 @@ rows = [line.rstrip("\n").split("\t") for line in open(table_path) if line.strip
 order, skipped = env["ACTIVE_TARGETS"].split(), {}
 lat = defaultdict(list)        # (target, rate) -> [(p50, p90, p99, rps, errors, missed)]
 cpu_rate = defaultdict(list)   # (target, rate) -> [cpu seconds per 1k requests]
-maxes, rss_idle, rss_load = {}, {}, {}
+maxes = defaultdict(list)     # target -> [(rps, errors, cpu seconds per 1k requests)]
+rss_idle, rss_load = {}, {}
 for r in rows:
     kind, name = r[0], r[1]
     if kind == "skip":
@@ -627,7 +632,7 @@ for r in rows:
     elif kind == "max":
         rps, errors, ticks, answered = float(r[2]), int(r[3]), int(r[4]), int(r[5])
         cpu = ticks / tick / (answered / 1000) if name != "direct" and answered > 0 else None
-        maxes[name] = (rps, errors, cpu)
+        maxes[name].append((rps, errors, cpu))
     elif kind == "rss_idle":
         rss_idle[name] = int(r[2])
     elif kind == "rss_load":
@@ -674,17 +679,21 @@ for rate in rates:
                    f"| {m[3]:.0f} | {m[4]} | {m[5]} |")
 out.append("")
 cpu_rate_label = 1000 if 1000 in rates else (rates[len(rates) // 2] if rates else None)
-out.append(f"Closed loop ({env['MAX_DURATION']} s, {env['CONNECTIONS']} connections), CPU and memory of the proxy "
-           "process(es); RSS under load is the peak sampled every 0.2 s during all the runs.")
+out.append(f"Closed loop (median of {env['RUNS']} runs of {env['MAX_DURATION']} s, {env['CONNECTIONS']} connections), "
+           "CPU and memory of the proxy process(es); RSS under load is the peak sampled every 0.2 s during all the runs.")
 out.append("")
 out.append(f"| target | max req/s | errors at max | CPU s per 1k req at {cpu_rate_label} req/s | CPU s per 1k req at max "
-           "| RSS idle MiB | RSS under load MiB |")
-out.append("|---|---:|---:|---:|---:|---:|---:|")
+           "| RSS idle MiB | RSS under load MiB | max req/s of each run |")
+out.append("|---|---:|---:|---:|---:|---:|---:|---:|")
 for name in order:
-    rps, errors, cpu_max = maxes.get(name, (None, None, None))
+    runs = maxes.get(name, [])
+    rps = med([r[0] for r in runs])
+    errors = sum(r[1] for r in runs) if runs else None
+    cpu_max = med([r[2] for r in runs if r[2] is not None])
+    each = " / ".join(f"{r[0] / 1000:.1f}k" for r in runs) or "–"
     cpu_r = med(cpu_rate.get((name, cpu_rate_label), []))
     out.append(f"| {name} | {num(rps, '.0f')} | {num(errors, 'd')} | {num(cpu_r, '.4f')} | {num(cpu_max, '.4f')} "
-               f"| {mib(rss_idle.get(name))} | {mib(rss_load.get(name))} |")
+               f"| {mib(rss_idle.get(name))} | {mib(rss_load.get(name))} | {each} |")
 for name, why in skipped.items():
     out.append("")
     out.append(f"Skipped {name}: {why}")

@@ -245,11 +245,29 @@ pub struct Operator {
     pub webhook_configuration: String,
 }
 
+/// How [`Operator::start_with`] starts the operator, beyond [`Operator::start`]'s defaults.
+#[derive(Default)]
+pub struct OperatorOptions<'a> {
+    /// A kubeconfig of its own (a ServiceAccount's token, say) instead of `KUBECONFIG`'s admin.
+    pub kubeconfig: Option<&'a Path>,
+    /// The webhook configuration it keeps current (default `skein-sidecar-injector-<namespace>`).
+    pub webhook_configuration: Option<&'a str>,
+    /// Return at once instead of waiting for `/readyz`.
+    pub no_wait: bool,
+}
+
 impl Operator {
     pub fn start(namespace: &str, instance: &str) -> Self {
+        Self::start_with(namespace, instance, OperatorOptions::default())
+    }
+
+    pub fn start_with(namespace: &str, instance: &str, options: OperatorOptions) -> Self {
         let (metrics_port, stream_port, webhook_port) = (free_port(), free_port(), free_port());
-        let webhook_configuration = format!("skein-sidecar-injector-{namespace}");
-        let args = [
+        let webhook_configuration = options
+            .webhook_configuration
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("skein-sidecar-injector-{namespace}"));
+        let mut args = vec![
             "--namespace".into(),
             namespace.into(),
             "--watch-namespace".into(),
@@ -272,8 +290,15 @@ impl Operator {
             "--capture-mode".into(),
             "explicit".into(),
         ];
+        if let Some(kubeconfig) = options.kubeconfig {
+            args.push("--kubeconfig".into());
+            args.push(kubeconfig.display().to_string());
+        }
         let process = Process::spawn("skein-operator", &args);
         let operator = Self { process, metrics_port, stream_port, webhook_port, webhook_configuration };
+        if options.no_wait {
+            return operator;
+        }
         eventually("the operator to be ready", Duration::from_secs(30), || {
             match http("GET", metrics_port, "/readyz") {
                 Ok((200, _)) => Ok(()),

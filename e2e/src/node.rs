@@ -1,12 +1,10 @@
-//! Real pods for the install test: images loaded into the cluster's node, commands run in a
-//! pod's container and its logs read.
+//! Real pods for the install test: images loaded into the cluster's node, and commands run in a
+//! pod's container and its logs read with the real `kubectl exec` and `kubectl logs`.
 //!
 //! On the test API server (`SKEIN_TESTBED` names the `k8s-testbed` folder) the testbed's node
-//! runs the pods: `node/up` starts it (and the test stops it again if it started it),
-//! `node/load` loads image archives, and `node/exec` and `node/logs` stand in for
-//! `kubectl exec` and `kubectl logs`, which that API server does not serve. On any other cluster
-//! (kind, say) `SKEIN_IMAGE_LOAD` is the command that loads an archive (`kind load
-//! image-archive`), and `kubectl exec`/`logs` are used.
+//! runs the pods: `node/up` starts it (and the test stops it again if it started it), and
+//! `node/load` loads image archives. On any other cluster (kind, say) `SKEIN_IMAGE_LOAD` is the
+//! command that loads an archive (`kind load image-archive`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -66,34 +64,22 @@ impl Node {
         );
     }
 
-    /// Runs `command` in container `container` of pod `namespace/pod`.
+    /// Runs `command` in container `container` of pod `namespace/pod` (`kubectl exec`).
     pub fn exec(&self, namespace: &str, pod: &str, container: &str, command: &[&str]) -> Output {
-        let mut cmd = match self {
-            Self::Testbed { dir, .. } => {
-                let mut c = Command::new(dir.join("node/exec"));
-                c.args([namespace, pod, "-c", container, "--"]);
-                c
-            }
-            Self::Cluster { .. } => {
-                let mut c = Command::new("kubectl");
-                c.args(["-n", namespace, "exec", pod, "-c", container, "--"]);
-                c
-            }
-        };
-        cmd.args(command).stdin(Stdio::null()).output().expect("exec runs")
+        Command::new("kubectl")
+            .args(["-n", namespace, "exec", pod, "-c", container, "--"])
+            .args(command)
+            .stdin(Stdio::null())
+            .output()
+            .expect("kubectl runs")
     }
 
-    /// The log of container `container` of pod `namespace/pod` (its current run).
+    /// The log of container `container` of pod `namespace/pod`, its current run (`kubectl logs`).
     pub fn logs(&self, namespace: &str, pod: &str, container: &str) -> String {
-        let out = match self {
-            Self::Testbed { dir, .. } => {
-                Command::new(dir.join("node/logs")).args([namespace, pod, container]).output()
-            }
-            Self::Cluster { .. } => {
-                Command::new("kubectl").args(["-n", namespace, "logs", pod, "-c", container]).output()
-            }
-        }
-        .expect("the log reader runs");
+        let out = Command::new("kubectl")
+            .args(["-n", namespace, "logs", pod, "-c", container])
+            .output()
+            .expect("kubectl runs");
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 

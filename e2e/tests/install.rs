@@ -2,12 +2,12 @@
 //! elsewhere): the images `make images` built are loaded, `helm install` puts the operator in
 //! its own namespace, a labelled namespace gets a client and two versions of a service plus
 //! `examples/canary`, and then, with real pods and real traffic: injection, transparent capture,
-//! strict mTLS, explicit mode, probes, a run-to-completion pod, certificate rotation, draining a
+//! strict mTLS, explicit mode, probes, a Job run to completion, certificate rotation, draining a
 //! deleted pod, losing the leader, `helm upgrade`, `Programmed` in `kubectl describe`, an
 //! AccessPolicy denying a second identity (403) while the client and the probes get through, and
 //! an uninstall that leaves nothing behind.
 //!
-//! Traffic is sent from inside the pods (a busybox client's `wget`, run with `node/exec`) and
+//! Traffic is sent from inside the pods (a busybox client's `wget`, run with `kubectl exec`) and
 //! every check reads what the proxies themselves report (`/metrics`), never what is assumed.
 #![allow(clippy::unwrap_used)] // a test that unwraps an error fails, which is the point
 
@@ -278,8 +278,10 @@ impl Drop for Cleanup {
     fn drop(&mut self) {
         let _ = Command::new("helm").args(["uninstall", "skein", "-n", &self.release_ns, "--wait"]).output();
         for ns in &self.app_namespaces {
-            let _ =
-                kubectl(&["-n", ns, "delete", "deployments,pods,services", "--all", "--wait=false"], None);
+            let _ = kubectl(
+                &["-n", ns, "delete", "deployments,jobs,pods,services", "--all", "--wait=false"],
+                None,
+            );
             let _ = kubectl(&["delete", "namespace", ns, "--wait=false", "--ignore-not-found"], None);
         }
         let _ = kubectl(
@@ -548,23 +550,41 @@ fn install_mesh_a_namespace_and_uninstall() {
     );
     assert!(through >= 10.0, "wget used the sidecar (http_proxy): {through} mTLS requests");
 
-    step("a run-to-completion pod finishes: its sidecar does not keep it running");
-    let once = format!(
-        "apiVersion: v1\nkind: Pod\nmetadata: {{name: once}}\nspec:\n  restartPolicy: Never\n  serviceAccountName: client\n  containers:\n    - {{name: app, image: {busybox}, command: [/bin/sh, -c, \"timeout 10 wget -qO- http://reviews:9080/\"], securityContext: {{runAsUser: 1000}}}}\n"
+    step("a Job runs to completion: its injected sidecar does not keep it running");
+    let job = format!(
+        "apiVersion: batch/v1\nkind: Job\nmetadata: {{name: once}}\nspec:\n  backoffLimit: 0\n  template:\n    spec:\n      restartPolicy: Never\n      serviceAccountName: client\n      containers:\n        - {{name: app, image: {busybox}, command: [/bin/sh, -c, \"timeout 10 wget -qO- http://reviews:9080/\"], securityContext: {{runAsUser: 1000}}}}\n"
     );
-    kubectl_ok(&["-n", &shop, "apply", "-f", "-"], Some(&once));
-    eventually("the pod to succeed", Duration::from_secs(90), || {
-        let p = get_json(&shop, "pod/once")?;
-        match p["status"]["phase"].as_str() {
-            Some("Succeeded") => Ok(()),
-            Some("Failed") => panic!("the run-to-completion pod failed: {}", node.logs(&shop, "once", "app")),
-            other => Err(format!("{other:?}")),
+    kubectl_ok(&["-n", &shop, "apply", "-f", "-"], Some(&job));
+    eventually("the Job to complete", Duration::from_secs(90), || {
+        let j = get_json(&shop, "job/once")?;
+        let has = |t: &str| {
+            j["status"]["conditions"]
+                .as_array()
+                .is_some_and(|cs| cs.iter().any(|c| c["type"] == t && c["status"] == "True"))
+        };
+        if has("Failed") {
+            let log = kubectl(&["-n", &shop, "logs", "job/once", "-c", "app"], None);
+            panic!("the Job failed: {}: {}", j["status"], String::from_utf8_lossy(&log.stdout));
+        }
+        if has("Complete") {
+            Ok(())
+        } else {
+            Err(format!("{}", j["status"]))
         }
     });
+    let job_pods = pods(&shop, "job-name=once");
+    assert_eq!(job_pods.len(), 1, "one pod ran the Job");
+    let job_pod = &job_pods[0];
+    assert_eq!(job_pod["status"]["phase"], "Succeeded", "{}", job_pod["status"]);
     assert!(
-        node.logs(&shop, "once", "app").contains("\"service\":\"reviews\""),
-        "its one request was answered"
+        job_pod["spec"]["initContainers"].as_array().is_some_and(|cs| cs
+            .iter()
+            .any(|c| c["name"] == "skein-proxy" && c["restartPolicy"] == "Always")),
+        "the Job's pod got the native sidecar: {}",
+        job_pod["spec"]
     );
+    let answer = kubectl_ok(&["-n", &shop, "logs", "job/once", "-c", "app"], None);
+    assert!(answer.contains("\"service\":\"reviews\""), "its one request was answered: {answer}");
 
     step("a renewed certificate is swapped in with no failed request");
     let expiry = || metric(&node, &shop, &client, "127.0.0.1", "skein_certificate_expiry_seconds", &[]);
@@ -737,6 +757,19 @@ fn install_mesh_a_namespace_and_uninstall() {
             assert_eq!(c["restartCount"], 0, "no probe failed under the deny default: {}: {c}", name(pod));
         }
     }
+
+    step("the operator ran under its own ServiceAccount and lacked no permission all along");
+    for op in wait_ready(&release_ns, "app.kubernetes.io/name=skein-operator", 2) {
+        let pod = get_json(&release_ns, &format!("pod/{op}")).unwrap();
+        assert_eq!(pod["spec"]["serviceAccountName"], "skein-operator", "{op}");
+        let log = node.logs(&release_ns, &op, "operator");
+        assert!(!log.contains("missing permission"), "{op} lacked a permission: {log}");
+    }
+    let refused = kubectl_ok(
+        &["-n", &release_ns, "get", "events", "--field-selector", "reason=MissingPermission", "-o", "name"],
+        None,
+    );
+    assert!(refused.trim().is_empty(), "MissingPermission events: {refused}");
 
     step("helm uninstall, CRDs and the mesh's own objects: nothing of Skein is left");
     helm(&["uninstall", "skein", "-n", &release_ns, "--wait", "--timeout", "120s"]);

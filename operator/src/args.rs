@@ -55,6 +55,10 @@ pub struct ClusterArgs {
     /// This replica's name in the leader Lease (the pod name in a cluster).
     #[arg(long, env = "POD_NAME")]
     pub instance: Option<String>,
+    /// The uid of the operator's own pod, so the events about it (a missing RBAC permission)
+    /// show in `kubectl describe pod`.
+    #[arg(long, env = "POD_UID")]
+    pub pod_uid: Option<String>,
     /// Name of the operator's Service (the webhook's and the config stream's DNS name).
     #[arg(long, env = "SKEIN_SERVICE_NAME", default_value = "skein-operator")]
     pub service_name: String,

@@ -23,6 +23,13 @@ pub struct SentLabels {
     pub kind: &'static str,
 }
 
+/// A request the API server refused for want of an RBAC permission.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PermissionLabels {
+    pub verb: String,
+    pub resource: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AdmissionLabels {
     pub result: &'static str,
@@ -47,6 +54,8 @@ pub struct Metrics {
     pub admissions: Family<AdmissionLabels, Counter>,
     /// Unix time of the earliest expiry among the workload certificates issued.
     pub certificate_earliest_expiry: Gauge,
+    /// Requests refused for want of an RBAC permission (`k8s::permissions`).
+    pub permission_denied: Family<PermissionLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -64,6 +73,7 @@ impl Default for Metrics {
             leader: Gauge::default(),
             certificates_signed: Counter::default(),
             admissions: Family::default(),
+            permission_denied: Family::default(),
             certificate_earliest_expiry: Gauge::default(),
         }
     }
@@ -109,6 +119,11 @@ impl Metrics {
             "certificate_earliest_expiry_seconds",
             "Unix time of the earliest expiry among issued workload certificates",
             self.certificate_earliest_expiry.clone(),
+        );
+        r.register(
+            "permission_denied",
+            "Requests the API server refused for want of an RBAC permission, by verb and resource",
+            self.permission_denied.clone(),
         );
     }
 }

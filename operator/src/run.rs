@@ -21,6 +21,7 @@ use crate::args::Args;
 use crate::identity::ca::SharedCa;
 use crate::identity::serving;
 use crate::k8s::identity as secrets;
+use crate::k8s::permissions::Permissions;
 use crate::k8s::{controller, leader, proxy_reports, status_writer};
 use crate::stream::{hub, server};
 use crate::{local, metrics, web};
@@ -89,6 +90,17 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<()> {
     metrics.register(&mut registry);
     let hub = hub::ConfigHub::new(metrics.clone());
     let reporter = Reporter { controller: "skein-operator".into(), instance: Some(instance.clone()) };
+    let recorder = Recorder::new(client.clone(), reporter);
+    // The operator's own pod, where its MissingPermission events go (only in a pod).
+    let own_pod = args.cluster.instance.as_ref().map(|name| k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Pod".into()),
+        name: Some(name.clone()),
+        namespace: Some(args.cluster.namespace.clone()),
+        uid: args.cluster.pod_uid.clone(),
+        ..Default::default()
+    });
+    let permissions = Arc::new(Permissions::new(recorder.clone(), own_pod, metrics.clone()));
     let ctx = Arc::new(controller::Context {
         client: client.clone(),
         snapshot: RwLock::new(crate::Snapshot { default_policy: args.default_policy, ..Default::default() }),
@@ -96,15 +108,17 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<()> {
         hub: hub.clone(),
         metrics: metrics.clone(),
         synced: watch::Sender::new(0),
-        recorder: Recorder::new(client.clone(), reporter),
+        recorder,
         peers: Arc::default(),
         instance: instance.clone(),
+        permissions: permissions.clone(),
     });
     tokio::spawn(proxy_reports::publish(
         client.clone(),
         hub.clone(),
         args.cluster.namespace.clone(),
         instance.clone(),
+        permissions.clone(),
         shutdown.clone(),
     ));
     tokio::spawn(proxy_reports::watch_reports(
@@ -112,6 +126,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<()> {
         metrics.clone(),
         args.cluster.namespace.clone(),
         ctx.peers.clone(),
+        permissions.clone(),
         shutdown.clone(),
     ));
 
@@ -124,8 +139,17 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<()> {
         args.identity.ca_secret.is_none(),
         &args.identity.trust_domain,
     )
-    .await
-    .map_err(Error::Identity)?;
+    .await;
+    let ca = match ca {
+        Ok(ca) => ca,
+        Err(e) => {
+            if let secrets::IdentityError::Kube(k) = &e {
+                let needed_for = format!("load the mesh CA from Secret {}/{ca_name}", args.cluster.namespace);
+                permissions.check(k, &needed_for).await;
+            }
+            return Err(Error::Identity(e));
+        }
+    };
     let ca: SharedCa = Arc::new(arc_swap::ArcSwap::from_pointee(ca));
     // Wakes the identity loop: after each computation, and when the CA changes (a rotation
     // publishes the new trust bundle and re-issues certificates at once).
@@ -137,6 +161,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<()> {
         ca.clone(),
         identity_wake.clone(),
         metrics.clone(),
+        permissions.clone(),
         shutdown.clone(),
     ));
 
@@ -174,6 +199,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<()> {
         LEADER_LEASE.into(),
         instance.clone(),
         leader_tx,
+        permissions.clone(),
         shutdown.clone(),
     ));
     {
@@ -231,14 +257,17 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<()> {
         drain_seconds: w.drain_seconds,
         ..inject::InjectConfig::new(&w.proxy_image, &control_plane, &args.cluster.namespace, native_sidecars)
     };
-    let webhook_state = Arc::new(webhook::WebhookState::new(
-        Some(client.clone()),
-        ca.clone(),
-        inject,
-        args.identity.trust_domain.clone(),
-        args.identity.cert_lifetime,
-        metrics.clone(),
-    ));
+    let webhook_state = Arc::new(
+        webhook::WebhookState::new(
+            Some(client.clone()),
+            ca.clone(),
+            inject,
+            args.identity.trust_domain.clone(),
+            args.identity.cert_lifetime,
+            metrics.clone(),
+        )
+        .with_permissions(permissions.clone()),
+    );
     tokio::spawn(webhook::serve(
         webhook_listener,
         webhook::router(webhook_state),
@@ -258,6 +287,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<()> {
         not_after,
         dns,
         ips,
+        permissions.clone(),
         shutdown.clone(),
     ));
     let http_state = Arc::new(web::HttpState { registry, ready: ready_rx, hub: hub.clone() });

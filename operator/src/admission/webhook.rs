@@ -34,6 +34,7 @@ use crate::admission::inject::{inject_sidecar, Decision, InjectConfig};
 use crate::identity::ca;
 use crate::identity::serving::{ServingCert, SERVING_LIFETIME};
 use crate::identity::{identity_secret_name, MANAGED_BY};
+use crate::k8s::permissions::Permissions;
 use crate::metrics::{AdmissionLabels, Metrics};
 
 /// Name of the MutatingWebhookConfiguration whose CA bundle the operator keeps current.
@@ -116,6 +117,8 @@ pub struct WebhookState {
     namespaces: Mutex<HashMap<String, CachedLabels>>,
     /// Namespaces known to hold the trust bundle ConfigMap.
     bundles: Mutex<std::collections::HashSet<String>>,
+    /// Where refusals for want of an RBAC permission are reported (in a cluster).
+    permissions: Option<Arc<Permissions>>,
 }
 
 impl WebhookState {
@@ -136,6 +139,21 @@ impl WebhookState {
             metrics,
             namespaces: Mutex::default(),
             bundles: Mutex::default(),
+            permissions: None,
+        }
+    }
+
+    /// Reports the API server's refusals through `permissions`.
+    pub fn with_permissions(mut self, permissions: Arc<Permissions>) -> Self {
+        self.permissions = Some(permissions);
+        self
+    }
+
+    /// Whether `error` was a refusal for want of a permission (then it has been reported).
+    async fn refused(&self, error: &kube::Error, needed_for: &str) -> bool {
+        match &self.permissions {
+            Some(p) => p.check(error, needed_for).await.is_some(),
+            None => false,
         }
     }
 
@@ -151,7 +169,9 @@ impl WebhookState {
             Ok(Some(ns)) => ns.metadata.labels.unwrap_or_default(),
             Ok(None) => BTreeMap::new(),
             Err(e) => {
-                tracing::warn!(%namespace, error = %e, "cannot read the namespace's labels");
+                if !self.refused(&e, "read the labels of a namespace where a pod is created").await {
+                    tracing::warn!(%namespace, error = %e, "cannot read the namespace's labels");
+                }
                 BTreeMap::new()
             }
         };
@@ -170,30 +190,25 @@ impl WebhookState {
         if self.bundles.lock().unwrap_or_else(|e| e.into_inner()).contains(namespace) {
             return Ok(());
         }
+        // Written without reading it first: the operator may not read ConfigMaps outside its
+        // own namespace, and applying the bundle in force is what the leader would write anyway.
         let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
-        if api.get_opt(crate::identity::TRUST_BUNDLE_CONFIGMAP).await?.is_none() {
-            let cm = crate::identity::trust_bundle_configmap(self.ca.load().trust_bundle());
-            let params = PatchParams::apply(skein_api::constants::FIELD_MANAGER).force();
-            api.patch(crate::identity::TRUST_BUNDLE_CONFIGMAP, &params, &Patch::Apply(&cm)).await?;
-        }
+        let cm = crate::identity::trust_bundle_configmap(self.ca.load().trust_bundle());
+        let params = PatchParams::apply(skein_api::constants::FIELD_MANAGER).force();
+        api.patch(crate::identity::TRUST_BUNDLE_CONFIGMAP, &params, &Patch::Apply(&cm)).await?;
         self.bundles.lock().unwrap_or_else(|e| e.into_inner()).insert(namespace.to_string());
         Ok(())
     }
 
-    /// Makes sure the service account has a current certificate Secret (not on dry runs).
+    /// Makes sure the service account has a certificate Secret (not on dry runs). The Secret
+    /// is created, never read: the operator may not read Secrets outside its own namespace. One
+    /// that exists already (409) is kept; the leader's identity loop keeps it current.
     async fn ensure_identity(&self, identity: &WorkloadIdentity) -> Result<(), IssueError> {
         let Some(client) = &self.client else { return Ok(()) };
         self.ensure_trust_bundle(&identity.namespace).await?;
         let api: Api<Secret> = Api::namespaced(client.clone(), &identity.namespace);
         let name = identity_secret_name(&identity.service_account);
         let now = OffsetDateTime::now_utc();
-        let existing = api.get_opt(&name).await?;
-        let current = existing.as_ref().and_then(|s| {
-            s.data.as_ref()?.get("tls.crt").map(|b| String::from_utf8_lossy(&b.0).into_owned())
-        });
-        if current.as_deref().is_some_and(|c| !ca::needs_renewal(c, now)) {
-            return Ok(());
-        }
         let cert = self.ca.load().sign_workload(identity, &self.trust_domain, self.lifetime, now)?;
         let data = [("tls.crt", &cert.chain_pem), ("tls.key", &cert.key_pem), ("ca.crt", &cert.bundle_pem)]
             .into_iter()
@@ -206,23 +221,18 @@ impl WebhookState {
                 annotations: Some(
                     [("skein.dev/spiffe-id".to_string(), identity.spiffe_id(&self.trust_domain))].into(),
                 ),
-                resource_version: existing.and_then(|s| s.metadata.resource_version),
                 ..Default::default()
             },
             type_: Some("kubernetes.io/tls".into()),
             data: Some(data),
             ..Default::default()
         };
-        let result = match &secret.metadata.resource_version {
-            Some(_) => api.replace(&name, &PostParams::default(), &secret).await.map(drop),
-            None => api.create(&PostParams::default(), &secret).await.map(drop),
-        };
-        match result {
-            Ok(()) => {
+        match api.create(&PostParams::default(), &secret).await {
+            Ok(_) => {
                 self.metrics.certificates_signed.inc();
                 Ok(())
             }
-            // Another admission (or the operator's loop) wrote it first: theirs is as good.
+            // The service account has one already (or another admission wrote it first).
             Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
             Err(e) => Err(e.into()),
         }
@@ -252,7 +262,14 @@ pub async fn handle(State(state): State<Arc<WebhookState>>, body: Bytes) -> Resp
     match &answer {
         Answer::Skipped(why) => tracing::debug!(%why, "not injecting"),
         Answer::IssueFailed { identity, error } => {
-            tracing::warn!(%identity, error = %skein_api::process::error_chain(error), "cannot issue a certificate")
+            let needed_for = format!("issue the certificate of {identity}");
+            let refused = match error {
+                IssueError::Api(e) => state.refused(e, &needed_for).await,
+                IssueError::Sign(_) => false,
+            };
+            if !refused {
+                tracing::warn!(%identity, error = %skein_api::process::error_chain(error), "cannot issue a certificate")
+            }
         }
         _ => {}
     }
@@ -338,9 +355,11 @@ pub async fn maintain(
     mut not_after: OffsetDateTime,
     dns: Vec<String>,
     ips: Vec<IpAddr>,
+    permissions: Arc<Permissions>,
     shutdown: CancellationToken,
 ) {
     let api: Api<MutatingWebhookConfiguration> = Api::all(client);
+    let needed_for = format!("keep the CA bundle of the webhook configuration {configuration} current");
     let mut signer = ca.load().signer().to_string();
     loop {
         let now = OffsetDateTime::now_utc();
@@ -373,12 +392,20 @@ pub async fn maintain(
                         Ok(_) => {
                             tracing::info!(%configuration, "patched the CA bundle into the webhook configuration")
                         }
-                        Err(e) => tracing::warn!(error = %e, "cannot patch the webhook CA bundle"),
+                        Err(e) => {
+                            if permissions.check(&e, &needed_for).await.is_none() {
+                                tracing::warn!(error = %e, "cannot patch the webhook CA bundle")
+                            }
+                        }
                     }
                 }
             }
             Ok(None) => tracing::debug!(%configuration, "no webhook configuration to patch"),
-            Err(e) => tracing::warn!(%configuration, error = %e, "cannot read the webhook configuration"),
+            Err(e) => {
+                if permissions.check(&e, &needed_for).await.is_none() {
+                    tracing::warn!(%configuration, error = %e, "cannot read the webhook configuration")
+                }
+            }
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,

@@ -46,6 +46,8 @@ pub struct Context {
     pub peers: Arc<super::proxy_reports::PeerReports>,
     /// This replica's name (its pod's), as its proxy report names it.
     pub instance: String,
+    /// Refusals for want of an RBAC permission, reported once and clearly.
+    pub permissions: Arc<super::permissions::Permissions>,
 }
 
 /// The number of watchers [`spawn_watchers`] starts.
@@ -97,7 +99,10 @@ where
                 Ok(event) => event,
                 Err(e) => {
                     // One bad object or a dropped watch never stops the loop: log, back off, go on.
-                    tracing::warn!(%kind, error = %e, "watch error");
+                    // A missing permission is said once, by name, instead of at every retry.
+                    if ctx.permissions.check_watch(&e, &format!("watch {kind}s")).await.is_none() {
+                        tracing::warn!(%kind, error = %e, "watch error");
+                    }
                     ctx.metrics.reconcile_errors.get_or_create(&ErrorLabels { kind: "watch" }).inc();
                     continue;
                 }

@@ -111,6 +111,7 @@ pub async fn load_or_create_ca(
 /// the new root to `ca.crt`, then switch `tls.crt`/`tls.key` to the new signer, then drop the
 /// old root). A Secret that does not load is refused and the CA in force stays. `changed` is
 /// woken after each swap.
+#[allow(clippy::too_many_arguments)]
 pub async fn watch_ca(
     client: Client,
     namespace: String,
@@ -118,16 +119,27 @@ pub async fn watch_ca(
     ca: ca::SharedCa,
     changed: Arc<Notify>,
     metrics: crate::metrics::Metrics,
+    permissions: Arc<super::permissions::Permissions>,
     shutdown: CancellationToken,
 ) {
     let api: Api<Secret> = Api::namespaced(client, &namespace);
     let mut last: Option<BTreeMap<String, ByteString>> = None;
+    let needed_for = format!("follow the mesh CA in Secret {namespace}/{name}");
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(CA_POLL) => {}
         }
-        let Ok(Some(secret)) = api.get_opt(&name).await else { continue };
+        let secret = match api.get_opt(&name).await {
+            Ok(Some(secret)) => secret,
+            Ok(None) => continue,
+            Err(e) => {
+                if permissions.check(&e, &needed_for).await.is_none() {
+                    tracing::debug!(error = %e, "cannot read the CA Secret; trying again");
+                }
+                continue;
+            }
+        };
         let data = secret.data.clone().unwrap_or_default();
         if last.as_ref() == Some(&data) {
             continue;
@@ -170,9 +182,14 @@ pub struct IdentitySettings {
 }
 
 /// Keeps bundles and workload certificates current while this replica leads. Woken by
-/// `computed` (after a computation, or a CA swap), it issues what new identities need; on its
-/// timer (at most a minute), on a CA swap and on taking leadership it also reads every workload
-/// Secret again, so one deleted or changed by hand, or issued by an older CA, is replaced.
+/// `computed` (after a computation, or a CA swap), it issues what new identities need, and on
+/// its timer (at most a minute) renews what is past half-life.
+///
+/// The operator may not read Secrets outside its own namespace (its RBAC grants `create` and
+/// `patch` on them, never `get`, `list` or `watch`: docs/install.md), so it renews from its own
+/// record of what it issued. That record starts empty on taking leadership and on a CA swap:
+/// a new leader (or a new CA) issues every meshed identity a fresh certificate once, which also
+/// replaces one deleted, changed by hand or issued by an older CA.
 pub async fn run(
     ctx: Arc<Context>,
     ca: ca::SharedCa,
@@ -189,7 +206,7 @@ pub async fn run(
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = computed.notified() => {}
-            _ = tokio::time::sleep(wait) => state.certificates.clear(),
+            _ = tokio::time::sleep(wait) => {}
             changed = leader.changed() => {
                 if changed.is_err() { return; }
                 state = Published::default();
@@ -245,21 +262,27 @@ fn meshed(ctx: &Context) -> (BTreeSet<WorkloadIdentity>, BTreeSet<String>) {
 /// never keeps the others from their bundle or certificate.
 async fn reconcile(ctx: &Context, ca: &MeshCa, settings: &IdentitySettings, state: &mut Published) -> usize {
     let (identities, namespaces) = meshed(ctx);
-    let mut failures = 0;
-    let mut failed = |what: &str, e: IdentityError| {
-        failures += 1;
-        tracing::warn!(%what, error = %e, "identity reconcile failed; retrying");
-        ctx.metrics.reconcile_errors.get_or_create(&crate::metrics::ErrorLabels { kind: "identity" }).inc();
-    };
+    let mut failed = Vec::new();
     for ns in &namespaces {
         if let Err(e) = publish_bundle(ctx, ca, ns, state).await {
-            failed(&format!("trust bundle in {ns}"), e);
+            failed.push((format!("publish the trust bundle in {ns}"), e));
         }
     }
     let now = OffsetDateTime::now_utc();
     for id in &identities {
         if let Err(e) = renew(ctx, ca, settings, id, now, state).await {
-            failed(&format!("certificate of {id}"), e);
+            failed.push((format!("issue the certificate of {id}"), e));
+        }
+    }
+    let failures = failed.len();
+    for (what, e) in failed {
+        ctx.metrics.reconcile_errors.get_or_create(&crate::metrics::ErrorLabels { kind: "identity" }).inc();
+        let refused = match &e {
+            IdentityError::Kube(k) => ctx.permissions.check(k, &what).await.is_some(),
+            _ => false,
+        };
+        if !refused {
+            tracing::warn!(%what, error = %e, "identity reconcile failed; retrying");
         }
     }
     // Identities that left the mesh no longer count towards the earliest expiry.
@@ -287,7 +310,8 @@ async fn publish_bundle(
     Ok(())
 }
 
-/// Issues `id` a certificate when it has none, or one past half-life or from another root.
+/// Issues `id` a certificate unless this leader issued it one that is not yet past half-life
+/// (with the CA in force: a CA swap empties the record).
 async fn renew(
     ctx: &Context,
     ca: &MeshCa,
@@ -305,17 +329,6 @@ async fn renew(
     }
     let name = identity_secret_name(&id.service_account);
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &id.namespace);
-    // Someone (the webhook, another leader) may have issued one already.
-    if let Some(existing) = api.get_opt(&name).await? {
-        let current = key_of(&existing, "tls.crt").unwrap_or_default();
-        let bundle_current = key_of(&existing, "ca.crt").as_deref() == Some(ca.trust_bundle());
-        if bundle_current && !ca::needs_renewal(&current, now) {
-            if let Some((_, not_after)) = ca::validity(&current) {
-                state.certificates.insert(id.clone(), not_after);
-                return Ok(());
-            }
-        }
-    }
     let cert = ca.sign_workload(id, &settings.trust_domain, settings.lifetime, now)?;
     let secret = Secret {
         metadata: ObjectMeta {

@@ -72,6 +72,7 @@ pub async fn run(
     name: String,
     me: String,
     leader: watch::Sender<bool>,
+    permissions: std::sync::Arc<super::permissions::Permissions>,
     shutdown: CancellationToken,
 ) {
     let api: Api<Lease> = Api::namespaced(client, &namespace);
@@ -79,7 +80,10 @@ pub async fn run(
         let leading = match try_once(&api, &name, &me).await {
             Ok(leading) => leading,
             Err(e) => {
-                tracing::warn!(error = %e, lease = %name, "leader election round failed");
+                if permissions.check(&e, &format!("hold the leader Lease {namespace}/{name}")).await.is_none()
+                {
+                    tracing::warn!(error = %e, lease = %name, "leader election round failed");
+                }
                 // A leader that cannot renew steps down before its Lease can expire elsewhere.
                 false
             }

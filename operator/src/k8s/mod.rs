@@ -1,6 +1,7 @@
 //! The operator's side of the Kubernetes API: watchers that fill the snapshot and the loop that
 //! recomputes the mesh (`controller`), leader election on a Lease (`leader`), the status writer
-//! (`status_writer`), the replicas' reports of their proxies to the leader (`proxy_reports`), and identity's Secrets and ConfigMaps (`identity`). Thin shells: the
+//! (`status_writer`), the replicas' reports of their proxies to the leader (`proxy_reports`), identity's Secrets and ConfigMaps (`identity`), and refusals for want of an RBAC permission, said
+//! clearly (`permissions`). Thin shells: the
 //! decisions are in `compute` and `identity`.
 //!
 //! Depends on `compute`, `identity`, `stream` (the hub a new mesh is published to) and
@@ -9,5 +10,6 @@
 pub mod controller;
 pub mod identity;
 pub mod leader;
+pub mod permissions;
 pub mod proxy_reports;
 pub mod status_writer;

@@ -24,6 +24,7 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use super::permissions::Permissions;
 use crate::compute::status::ProxyView;
 use crate::identity::MANAGED_BY;
 use crate::metrics::{ErrorLabels, Metrics};
@@ -115,6 +116,7 @@ pub async fn publish(
     hub: ConfigHub,
     namespace: String,
     replica: String,
+    permissions: Arc<Permissions>,
     shutdown: CancellationToken,
 ) {
     let api: Api<ConfigMap> = Api::namespaced(client, &namespace);
@@ -138,7 +140,9 @@ pub async fn publish(
             match api.patch(&name, &params, &Patch::Apply(report.to_config_map())).await {
                 Ok(_) => last = Some((proxies, tokio::time::Instant::now())),
                 Err(e) => {
-                    tracing::warn!(error = %e, "could not write this replica's proxy report");
+                    if permissions.check(&e, "write this replica's proxy report").await.is_none() {
+                        tracing::warn!(error = %e, "could not write this replica's proxy report");
+                    }
                     hub.metrics().reconcile_errors.get_or_create(&ErrorLabels { kind: "proxy-report" }).inc();
                 }
             }
@@ -153,7 +157,11 @@ pub async fn publish(
     }
     match tokio::time::timeout(Duration::from_secs(3), api.delete(&name, &DeleteParams::default())).await {
         Ok(Ok(_)) => tracing::info!(%name, "removed this replica's proxy report"),
-        Ok(Err(e)) => tracing::warn!(%name, error = %e, "could not remove this replica's proxy report"),
+        Ok(Err(e)) => {
+            if permissions.check(&e, "remove this replica's proxy report").await.is_none() {
+                tracing::warn!(%name, error = %e, "could not remove this replica's proxy report")
+            }
+        }
         Err(_) => tracing::warn!(%name, "removing this replica's proxy report timed out"),
     }
 }
@@ -164,6 +172,7 @@ pub async fn watch_reports(
     metrics: Metrics,
     namespace: String,
     reports: Arc<PeerReports>,
+    permissions: Arc<Permissions>,
     shutdown: CancellationToken,
 ) {
     let api: Api<ConfigMap> = Api::namespaced(client, &namespace);
@@ -192,7 +201,9 @@ pub async fn watch_reports(
             Ok(watcher::Event::Apply(cm)) => reports.set(cm.name_any(), Report::from_config_map(&cm)),
             Ok(watcher::Event::Delete(cm)) => reports.set(cm.name_any(), None),
             Err(e) => {
-                tracing::warn!(error = %e, "watching proxy reports");
+                if permissions.check_watch(&e, "watch the other replicas' proxy reports").await.is_none() {
+                    tracing::warn!(error = %e, "watching proxy reports");
+                }
                 metrics.reconcile_errors.get_or_create(&ErrorLabels { kind: "watch" }).inc();
             }
         }

@@ -149,7 +149,9 @@ async fn write_statuses(
                         secondary: None,
                     };
                     if let Err(e) = ctx.recorder.publish(&event, &reference).await {
-                        tracing::warn!(%resource.key, error = %e, "could not publish event");
+                        if ctx.permissions.check(&e, "publish events").await.is_none() {
+                            tracing::warn!(%resource.key, error = %e, "could not publish event");
+                        }
                     }
                 }
                 written.insert(
@@ -159,7 +161,29 @@ async fn write_statuses(
             }
             Err(e) => {
                 pass.failed = true;
-                tracing::warn!(kind = resource.kind.as_str(), key = %resource.key, error = %e, "status write failed");
+                let needed_for = format!("write the status of {} {}", resource.kind.as_str(), resource.key);
+                match ctx.permissions.check(&e, &needed_for).await {
+                    // Said on the object too, where its user looks (`kubectl describe`).
+                    Some(refusal) if refusal.reported => {
+                        let event = Event {
+                            type_: EventType::Warning,
+                            reason: "StatusNotWritten".into(),
+                            note: Some(format!(
+                                "the operator {}: the conditions shown here are stale until its RBAC is fixed",
+                                refusal.missing
+                            )),
+                            action: "Reconcile".into(),
+                            secondary: None,
+                        };
+                        if let Err(e) = ctx.recorder.publish(&event, &reference).await {
+                            ctx.permissions.check(&e, "publish events").await;
+                        }
+                    }
+                    Some(_) => {}
+                    None => {
+                        tracing::warn!(kind = resource.kind.as_str(), key = %resource.key, error = %e, "status write failed")
+                    }
+                }
                 ctx.metrics.reconcile_errors.get_or_create(&ErrorLabels { kind: "status" }).inc();
             }
         }
@@ -216,7 +240,9 @@ async fn tell_explicit_pods(
             secondary: None,
         };
         if let Err(e) = ctx.recorder.publish(&event, &reference).await {
-            tracing::warn!(%pod, error = %e, "could not publish event");
+            if ctx.permissions.check(&e, "publish events").await.is_none() {
+                tracing::warn!(%pod, error = %e, "could not publish event");
+            }
         }
     }
 }

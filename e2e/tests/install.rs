@@ -576,11 +576,12 @@ fn install_mesh_a_namespace_and_uninstall() {
     assert_eq!(job_pods.len(), 1, "one pod ran the Job");
     let job_pod = &job_pods[0];
     assert_eq!(job_pod["status"]["phase"], "Succeeded", "{}", job_pod["status"]);
+    let sidecar = |field: &str| {
+        job_pod["spec"][field].as_array().is_some_and(|cs| cs.iter().any(|c| c["name"] == "skein-proxy"))
+    };
     assert!(
-        job_pod["spec"]["initContainers"].as_array().is_some_and(|cs| cs
-            .iter()
-            .any(|c| c["name"] == "skein-proxy" && c["restartPolicy"] == "Always")),
-        "the Job's pod got the native sidecar: {}",
+        sidecar("initContainers") || sidecar("containers"),
+        "the Job's pod got the sidecar: {}",
         job_pod["spec"]
     );
     let answer = kubectl_ok(&["-n", &shop, "logs", "job/once", "-c", "app"], None);

@@ -29,12 +29,61 @@ fn helm_available() -> bool {
 }
 
 /// Deletes the cluster-scoped objects the test applied (its namespace goes with [`TestNamespace`]).
-struct Cleanup;
+struct Cleanup(String);
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        let _ = kubectl(&["delete", "clusterrolebinding,clusterrole", SA, "--ignore-not-found"], None);
+        let _ = kubectl(&["delete", "clusterrolebinding,clusterrole", &self.0, "--ignore-not-found"], None);
     }
+}
+
+/// The chart's ServiceAccount and RBAC for release namespace `ns`, as JSON objects, with the
+/// cluster-scoped ClusterRole and its binding named `cluster_name`: the install test's release
+/// owns the chart's own names, and a test stopped half-way must not leave them to it.
+fn rendered(ns: &str, cluster_name: &str) -> Vec<Value> {
+    let out = Command::new("helm")
+        .args(["template", "skein"])
+        .arg(repo_root().join("charts/skein"))
+        .args([
+            "-n",
+            ns,
+            "--show-only",
+            "templates/serviceaccount.yaml",
+            "--show-only",
+            "templates/rbac.yaml",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut docs = Vec::new();
+    for doc in text.split("\n---").filter(|d| d.lines().any(|l| !l.trim().is_empty() && !l.starts_with('#')))
+    {
+        let mut v: Value = serde_saphyr::from_str(doc.trim_start_matches("---")).unwrap();
+        match v["kind"].as_str() {
+            Some("ClusterRole") => v["metadata"]["name"] = json!(cluster_name),
+            Some("ClusterRoleBinding") => {
+                v["metadata"]["name"] = json!(cluster_name);
+                v["roleRef"]["name"] = json!(cluster_name);
+            }
+            _ => {}
+        }
+        docs.push(v);
+    }
+    assert_eq!(docs.len(), 5, "ServiceAccount, ClusterRole and Role with their bindings: {docs:?}");
+    docs
+}
+
+/// Waits until the API server's authorizer answers `allowed` for `verb` on `resource` (its
+/// caches follow a role's change within moments, but not at once).
+fn wait_can_i(user: &str, verb: &str, resource: &str, ns: &str, allowed: bool) {
+    eventually(&format!("can-i {verb} {resource} to be {allowed}"), Duration::from_secs(20), || {
+        if can_i(user, verb, resource, Some(ns)) == allowed {
+            Ok(())
+        } else {
+            Err("not yet".into())
+        }
+    });
 }
 
 /// One row of a docs table: verbs, resources (as `kubectl auth can-i` names them), scope.
@@ -192,6 +241,18 @@ fn lines_for(rule: &Value) -> Vec<String> {
     out
 }
 
+/// One verb and resource of `rule`, as `kubectl auth can-i` takes them.
+fn probe_of(rule: &Value) -> (String, String) {
+    let verb = rule["verbs"][0].as_str().unwrap().to_string();
+    let group = rule["apiGroups"][0].as_str().unwrap();
+    let resource = qualified(rule["resources"][0].as_str().unwrap(), group);
+    let resource = match rule["resourceNames"][0].as_str() {
+        Some(name) => format!("{resource}/{name}"),
+        None => resource,
+    };
+    (verb, resource)
+}
+
 /// The messages of the events with `reason` in `namespace`.
 fn events(namespace: &str, reason: &str) -> Vec<(String, String)> {
     let out = kubectl_ok(
@@ -242,23 +303,11 @@ fn the_operator_has_least_privilege_and_names_every_missing_rule() {
     install_crds();
     let ns = TestNamespace::create("rbac");
     let ns = ns.name.as_str();
-    let _cleanup = Cleanup;
-    let chart = repo_root().join("charts/skein");
-    let rendered = Command::new("helm")
-        .args(["template", "skein"])
-        .arg(&chart)
-        .args([
-            "-n",
-            ns,
-            "--show-only",
-            "templates/serviceaccount.yaml",
-            "--show-only",
-            "templates/rbac.yaml",
-        ])
-        .output()
-        .unwrap();
-    assert!(rendered.status.success(), "{}", String::from_utf8_lossy(&rendered.stderr));
-    kubectl_ok(&["apply", "-f", "-"], Some(&String::from_utf8_lossy(&rendered.stdout)));
+    let cluster_name = format!("{SA}-{ns}");
+    let _cleanup = Cleanup(cluster_name.clone());
+    for object in rendered(ns, &cluster_name) {
+        kubectl_ok(&["apply", "-f", "-"], Some(&object.to_string()));
+    }
     let user = format!("system:serviceaccount:{ns}:{SA}");
 
     // 1. The walk, as docs/install.md documents it.
@@ -291,12 +340,12 @@ fn the_operator_has_least_privilege_and_names_every_missing_rule() {
     }
 
     // 3. Each rule removed in turn.
-    for kind in ["clusterrole", "role"] {
-        let stored = get_json(ns, &format!("{kind}/{SA}")).unwrap();
+    for (kind, name) in [("clusterrole", cluster_name.as_str()), ("role", SA)] {
+        let stored = get_json(ns, &format!("{kind}/{name}")).unwrap();
         let original = json!({
             "apiVersion": stored["apiVersion"],
             "kind": stored["kind"],
-            "metadata": {"name": SA, "namespace": stored["metadata"]["namespace"], "labels": stored["metadata"]["labels"]},
+            "metadata": {"name": name, "namespace": stored["metadata"]["namespace"], "labels": stored["metadata"]["labels"]},
             "rules": stored["rules"],
         });
         let rules = original["rules"].as_array().unwrap().clone();
@@ -304,6 +353,8 @@ fn the_operator_has_least_privilege_and_names_every_missing_rule() {
             let mut trimmed = original.clone();
             trimmed["rules"].as_array_mut().unwrap().remove(i);
             kubectl_ok(&["-n", ns, "replace", "-f", "-"], Some(&trimmed.to_string()));
+            let probe = probe_of(rule);
+            wait_can_i(&user, &probe.0, &probe.1, ns, false);
             // A TrafficRoute without status, so the leader writes one (and its events) again.
             kubectl_ok(&["-n", ns, "delete", "trafficroute", "web"], None);
             workload(ns);
@@ -363,6 +414,7 @@ fn the_operator_has_least_privilege_and_names_every_missing_rule() {
             eprintln!("{kind} rule {i} removed: {}", line.1.trim());
             operator.process.terminate();
             kubectl_ok(&["-n", ns, "replace", "-f", "-"], Some(&original.to_string()));
+            wait_can_i(&user, &probe.0, &probe.1, ns, true);
         }
     }
     let _ = std::fs::remove_dir_all(dir);

@@ -112,6 +112,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<()> {
         peers: Arc::default(),
         instance: instance.clone(),
         permissions: permissions.clone(),
+        issued: Arc::default(),
     });
     tokio::spawn(proxy_reports::publish(
         client.clone(),

@@ -20,9 +20,8 @@ use axum::routing::post;
 use axum::Router;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::ByteString;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, PostParams};
 use kube::Client;
 use serde_json::{json, Value};
 use skein_api::WorkloadIdentity;
@@ -33,7 +32,8 @@ use tokio_util::sync::CancellationToken;
 use crate::admission::inject::{inject_sidecar, Decision, InjectConfig};
 use crate::identity::ca;
 use crate::identity::serving::{ServingCert, SERVING_LIFETIME};
-use crate::identity::{identity_secret_name, MANAGED_BY};
+use crate::identity::{identity_secret_name, workload_secret, Issued};
+use crate::k8s::identity::create_or_replace;
 use crate::k8s::permissions::Permissions;
 use crate::metrics::{AdmissionLabels, Metrics};
 
@@ -119,6 +119,8 @@ pub struct WebhookState {
     bundles: Mutex<std::collections::HashSet<String>>,
     /// Where refusals for want of an RBAC permission are reported (in a cluster).
     permissions: Option<Arc<Permissions>>,
+    /// What this replica issued (shared with the leader's identity loop).
+    issued: Arc<Issued>,
 }
 
 impl WebhookState {
@@ -140,7 +142,14 @@ impl WebhookState {
             namespaces: Mutex::default(),
             bundles: Mutex::default(),
             permissions: None,
+            issued: Arc::default(),
         }
+    }
+
+    /// Shares the record of issued certificates with the identity loop.
+    pub fn with_issued(mut self, issued: Arc<Issued>) -> Self {
+        self.issued = issued;
+        self
     }
 
     /// Reports the API server's refusals through `permissions`.
@@ -190,52 +199,40 @@ impl WebhookState {
         if self.bundles.lock().unwrap_or_else(|e| e.into_inner()).contains(namespace) {
             return Ok(());
         }
-        // Written without reading it first: the operator may not read ConfigMaps outside its
-        // own namespace, and applying the bundle in force is what the leader would write anyway.
+        // Created, never read (the operator may not read ConfigMaps outside its namespace); one
+        // that exists is the leader's to keep current, and is kept as it is (a webhook whose CA
+        // lags a rotation by a few seconds must not write an older bundle over a newer one).
         let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
         let cm = crate::identity::trust_bundle_configmap(self.ca.load().trust_bundle());
-        let params = PatchParams::apply(skein_api::constants::FIELD_MANAGER).force();
-        api.patch(crate::identity::TRUST_BUNDLE_CONFIGMAP, &params, &Patch::Apply(&cm)).await?;
+        match api.create(&PostParams::default(), &cm).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => return Err(e.into()),
+        }
         self.bundles.lock().unwrap_or_else(|e| e.into_inner()).insert(namespace.to_string());
         Ok(())
     }
 
-    /// Makes sure the service account has a certificate Secret (not on dry runs). The Secret
-    /// is created, never read: the operator may not read Secrets outside its own namespace. One
-    /// that exists already (409) is kept; the leader's identity loop keeps it current.
+    /// Makes sure the service account has a current certificate Secret (not on dry runs). The
+    /// Secret is written, never read (the operator may not read Secrets outside its namespace):
+    /// unless this replica issued a current one under the CA in force, it signs one and writes
+    /// it, replacing what is there. So after a restart the first pod of each service account
+    /// gets a fresh certificate, and never an expired one kept from a long idle.
     async fn ensure_identity(&self, identity: &WorkloadIdentity) -> Result<(), IssueError> {
         let Some(client) = &self.client else { return Ok(()) };
         self.ensure_trust_bundle(&identity.namespace).await?;
+        let now = OffsetDateTime::now_utc();
+        let ca = self.ca.load();
+        if self.issued.current(identity, &ca, self.lifetime, now).is_some() {
+            return Ok(());
+        }
+        let cert = ca.sign_workload(identity, &self.trust_domain, self.lifetime, now)?;
         let api: Api<Secret> = Api::namespaced(client.clone(), &identity.namespace);
         let name = identity_secret_name(&identity.service_account);
-        let now = OffsetDateTime::now_utc();
-        let cert = self.ca.load().sign_workload(identity, &self.trust_domain, self.lifetime, now)?;
-        let data = [("tls.crt", &cert.chain_pem), ("tls.key", &cert.key_pem), ("ca.crt", &cert.bundle_pem)]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
-            .collect();
-        let secret = Secret {
-            metadata: ObjectMeta {
-                name: Some(name.clone()),
-                labels: Some([(MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string())].into()),
-                annotations: Some(
-                    [("skein.dev/spiffe-id".to_string(), identity.spiffe_id(&self.trust_domain))].into(),
-                ),
-                ..Default::default()
-            },
-            type_: Some("kubernetes.io/tls".into()),
-            data: Some(data),
-            ..Default::default()
-        };
-        match api.create(&PostParams::default(), &secret).await {
-            Ok(_) => {
-                self.metrics.certificates_signed.inc();
-                Ok(())
-            }
-            // The service account has one already (or another admission wrote it first).
-            Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
-            Err(e) => Err(e.into()),
-        }
+        create_or_replace(&api, &name, &workload_secret(identity, &self.trust_domain, &cert)).await?;
+        self.issued.record(identity, cert.not_after, &ca);
+        self.metrics.certificates_signed.inc();
+        Ok(())
     }
 }
 

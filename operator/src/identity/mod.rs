@@ -1,6 +1,6 @@
 //! Workload identity: the mesh CA and certificate signing (`ca`, pure), the serving certificate
-//! of the webhook and the config stream (`serving`), and the names of what identity puts in
-//! the cluster (here). The Kubernetes shell that keeps the CA Secret, the trust bundles and the
+//! of the webhook and the config stream (`serving`), and the names and shapes of what identity
+//! puts in the cluster and the record of what this replica issued (here). The Kubernetes shell that keeps the CA Secret, the trust bundles and the
 //! workload certificate Secrets current is `crate::k8s::identity`.
 //!
 //! Depends on nothing else in the crate.
@@ -8,8 +8,16 @@
 pub mod ca;
 pub mod serving;
 
-use k8s_openapi::api::core::v1::ConfigMap;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::ByteString;
+use skein_api::WorkloadIdentity;
+use time::OffsetDateTime;
 
 /// Name of the trust bundle ConfigMap in each meshed namespace.
 pub const TRUST_BUNDLE_CONFIGMAP: &str = "skein-trust-bundle";
@@ -40,5 +48,88 @@ pub fn trust_bundle_configmap(bundle: &str) -> ConfigMap {
         },
         data: Some([(TRUST_BUNDLE_KEY.to_string(), bundle.to_string())].into()),
         ..Default::default()
+    }
+}
+
+/// The certificate Secret (`kubernetes.io/tls`) of `identity`, holding `cert`.
+pub fn workload_secret(identity: &WorkloadIdentity, trust_domain: &str, cert: &ca::WorkloadCert) -> Secret {
+    let data = [("tls.crt", &cert.chain_pem), ("tls.key", &cert.key_pem), ("ca.crt", &cert.bundle_pem)]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
+        .collect();
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(identity_secret_name(&identity.service_account)),
+            labels: Some([(MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string())].into()),
+            annotations: Some([("skein.dev/spiffe-id".to_string(), identity.spiffe_id(trust_domain))].into()),
+            ..Default::default()
+        },
+        type_: Some("kubernetes.io/tls".into()),
+        data: Some(data),
+        ..Default::default()
+    }
+}
+
+/// What this replica issued: each identity's certificate expiry, and the CA it was issued under.
+/// The operator never reads a workload Secret back (its RBAC has no `get` on Secrets outside its
+/// namespace), so this record is how the webhook and the leader know that a certificate is
+/// current. It is per process: after a restart, the first injection of each identity issues a
+/// fresh certificate.
+#[derive(Default)]
+pub struct Issued(Mutex<HashMap<WorkloadIdentity, (OffsetDateTime, u64)>>);
+
+impl Issued {
+    /// Records that `identity` was issued a certificate valid until `not_after` by `ca`.
+    pub fn record(&self, identity: &WorkloadIdentity, not_after: OffsetDateTime, ca: &ca::MeshCa) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(identity.clone(), (not_after, fingerprint(ca)));
+    }
+
+    /// The expiry of the certificate this replica issued `identity`, if it was issued by `ca` (as
+    /// it is now) and is not yet past half of `lifetime` at `now`.
+    pub fn current(
+        &self,
+        identity: &WorkloadIdentity,
+        ca: &ca::MeshCa,
+        lifetime: Duration,
+        now: OffsetDateTime,
+    ) -> Option<OffsetDateTime> {
+        let half = time::Duration::try_from(lifetime / 2).unwrap_or_default();
+        let record = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let &(not_after, issued_by) = record.get(identity)?;
+        (issued_by == fingerprint(ca) && not_after - now >= half).then_some(not_after)
+    }
+}
+
+/// The CA a certificate was issued under: its signer and the trust bundle it carries.
+fn fingerprint(ca: &ca::MeshCa) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (ca.signer(), ca.trust_bundle()).hash(&mut h);
+    h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_is_current_until_half_life_and_only_under_the_same_ca() {
+        let now = OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap();
+        let (ca, _) = ca::MeshCa::generate("cluster.local", now).unwrap();
+        let (other, _) = ca::MeshCa::generate("cluster.local", now).unwrap();
+        let id = WorkloadIdentity::new("shop", "web");
+        let lifetime = Duration::from_secs(3600);
+        let issued = Issued::default();
+        assert_eq!(issued.current(&id, &ca, lifetime, now), None, "nothing issued yet");
+        issued.record(&id, now + time::Duration::hours(1), &ca);
+        assert!(issued.current(&id, &ca, lifetime, now + time::Duration::minutes(29)).is_some());
+        assert_eq!(
+            issued.current(&id, &ca, lifetime, now + time::Duration::minutes(31)),
+            None,
+            "past half-life"
+        );
+        assert_eq!(issued.current(&id, &other, lifetime, now), None, "issued by another CA");
     }
 }

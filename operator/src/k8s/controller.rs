@@ -48,6 +48,8 @@ pub struct Context {
     pub instance: String,
     /// Refusals for want of an RBAC permission, reported once and clearly.
     pub permissions: Arc<super::permissions::Permissions>,
+    /// The certificates this replica issued (the identity loop's and the webhook's record).
+    pub issued: Arc<crate::identity::Issued>,
 }
 
 /// The number of watchers [`spawn_watchers`] starts.

@@ -12,9 +12,8 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::ByteString;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, PostParams};
 use kube::Client;
-use skein_api::constants::FIELD_MANAGER;
 use skein_api::WorkloadIdentity;
 use time::OffsetDateTime;
 use tokio::sync::{watch, Notify};
@@ -22,7 +21,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::controller::Context;
 use crate::identity::ca::{self, CaFiles, MeshCa};
-use crate::identity::{identity_secret_name, trust_bundle_configmap, MANAGED_BY, TRUST_BUNDLE_CONFIGMAP};
+use crate::identity::{
+    identity_secret_name, trust_bundle_configmap, workload_secret, MANAGED_BY, TRUST_BUNDLE_CONFIGMAP,
+};
 
 /// Errors of the identity shell.
 #[derive(Debug, thiserror::Error)]
@@ -186,10 +187,11 @@ pub struct IdentitySettings {
 /// its timer (at most a minute) renews what is past half-life.
 ///
 /// The operator may not read Secrets outside its own namespace (its RBAC grants `create` and
-/// `patch` on them, never `get`, `list` or `watch`: docs/install.md), so it renews from its own
-/// record of what it issued. That record starts empty on taking leadership and on a CA swap:
-/// a new leader (or a new CA) issues every meshed identity a fresh certificate once, which also
-/// replaces one deleted, changed by hand or issued by an older CA.
+/// `update` on them, never `get`, `list`, `watch` or `patch`, whose answer is the whole object:
+/// docs/install.md), so it renews from the record of what this replica issued
+/// ([`crate::identity::Issued`], shared with the webhook). What it finds no current record of
+/// (on taking leadership, after a CA swap) it issues afresh, which also replaces a Secret
+/// deleted, changed by hand or issued by an older CA.
 pub async fn run(
     ctx: Arc<Context>,
     ca: ca::SharedCa,
@@ -213,6 +215,8 @@ pub async fn run(
             }
         }
         if !*leader.borrow() {
+            // Only the leader renews: another replica's figure would go stale.
+            ctx.metrics.certificate_earliest_expiry.set(0);
             wait = Duration::from_secs(60);
             continue;
         }
@@ -302,16 +306,15 @@ async fn publish_bundle(
     if state.bundles.get(ns).map(String::as_str) == Some(ca.trust_bundle()) {
         return Ok(());
     }
-    let params = PatchParams::apply(FIELD_MANAGER).force();
     let cm = trust_bundle_configmap(ca.trust_bundle());
     let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
-    api.patch(TRUST_BUNDLE_CONFIGMAP, &params, &Patch::Apply(&cm)).await?;
+    create_or_replace(&api, TRUST_BUNDLE_CONFIGMAP, &cm).await?;
     state.bundles.insert(ns.to_string(), ca.trust_bundle().to_string());
     Ok(())
 }
 
-/// Issues `id` a certificate unless this leader issued it one that is not yet past half-life
-/// (with the CA in force: a CA swap empties the record).
+/// Issues `id` a certificate unless this replica issued it one under the CA in force that is not
+/// yet past half-life.
 async fn renew(
     ctx: &Context,
     ca: &MeshCa,
@@ -320,38 +323,43 @@ async fn renew(
     now: OffsetDateTime,
     state: &mut Published,
 ) -> Result<(), IdentityError> {
-    let params = PatchParams::apply(FIELD_MANAGER).force();
     let due = |not_after: &OffsetDateTime| {
         *not_after - now < time::Duration::try_from(settings.lifetime / 2).unwrap_or_default()
     };
     if state.certificates.get(id).is_some_and(|t| !due(t)) {
         return Ok(());
     }
+    // The webhook of this replica may have issued it since.
+    if let Some(not_after) = ctx.issued.current(id, ca, settings.lifetime, now) {
+        state.certificates.insert(id.clone(), not_after);
+        return Ok(());
+    }
     let name = identity_secret_name(&id.service_account);
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &id.namespace);
     let cert = ca.sign_workload(id, &settings.trust_domain, settings.lifetime, now)?;
-    let secret = Secret {
-        metadata: ObjectMeta {
-            name: Some(name.clone()),
-            labels: Some([(MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string())].into()),
-            annotations: Some(
-                [("skein.dev/spiffe-id".to_string(), id.spiffe_id(&settings.trust_domain))].into(),
-            ),
-            ..Default::default()
-        },
-        type_: Some("kubernetes.io/tls".into()),
-        data: Some(data(&[
-            ("tls.crt", &cert.chain_pem),
-            ("tls.key", &cert.key_pem),
-            ("ca.crt", &cert.bundle_pem),
-        ])),
-        ..Default::default()
-    };
-    api.patch(&name, &params, &Patch::Apply(&secret)).await?;
+    create_or_replace(&api, &name, &workload_secret(id, &settings.trust_domain, &cert)).await?;
+    ctx.issued.record(id, cert.not_after, ca);
     ctx.metrics.certificates_signed.inc();
     tracing::info!(identity = %id, not_after = %cert.not_after, "issued a workload certificate");
     state.certificates.insert(id.clone(), cert.not_after);
     Ok(())
+}
+
+/// Writes `object` without reading what is there: `create`, and on 409 an unconditional
+/// `update` (no resourceVersion). Unlike a patch, whose answer is the whole stored object, an
+/// update answers with what was sent, so neither call can read another Secret or ConfigMap of the
+/// same name (the RBAC grants these two verbs, and no read, outside the operator's namespace).
+pub async fn create_or_replace<K>(api: &Api<K>, name: &str, object: &K) -> Result<(), kube::Error>
+where
+    K: kube::Resource + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.create(&PostParams::default(), object).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            api.replace(name, &PostParams::default(), object).await.map(drop)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 #[cfg(test)]

@@ -141,8 +141,8 @@ async fn try_once(api: &Api<Lease>, name: &str, me: &str) -> Result<bool, kube::
 
 /// Tells the loops that follow leadership whether this replica leads; whether that changed. A
 /// renewal that keeps it leading wakes none of them (each starts afresh on a change: the
-/// identity loop reads every workload's certificate again, the status writer forgets what it
-/// wrote).
+/// identity loop checks every workload's certificate against its record again, the status
+/// writer forgets what it wrote).
 fn set_leading(leader: &watch::Sender<bool>, leading: bool) -> bool {
     leader.send_if_modified(|current| std::mem::replace(current, leading) != leading)
 }

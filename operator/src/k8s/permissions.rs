@@ -4,7 +4,8 @@
 //! retried in silence. Each one is
 //! - logged as an error naming the verb, the resource and the scope
 //!   (`missing permission: cannot list trafficroutes.skein.dev at the cluster scope`), once per
-//!   permission every [`REPEAT`] while it lasts;
+//!   permission every [`REPEAT`] while it lasts (one permission missing in many namespaces is
+//!   one line, naming the first);
 //! - counted in `skein_operator_permission_denied_total{verb, resource}`, every time;
 //! - published as a `MissingPermission` Warning event on the operator's own pod, so
 //!   `kubectl describe pod` shows it (when events may still be written).
@@ -12,7 +13,10 @@
 //! Callers that write an object's status add an event on that object too (the status writer).
 //! The verb and resource come from the API server's own message, whose form is the same on
 //! every Kubernetes release: `User "u" cannot <verb> resource "<resource>[/<sub>]" in API group
-//! "<group>" (in the namespace "<ns>" | at the cluster scope)`.
+//! "<group>" (in the namespace "<ns>" | at the cluster scope)`. One refusal reads otherwise: a
+//! write that would create its object (server-side apply) is authorized for `create` afterwards
+//! and refused as `<resource> "<name>" is forbidden: <reason>`; that one is reported as `create`
+//! of that resource.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -35,8 +39,16 @@ pub struct Missing {
     pub resource: String,
     /// The API group (`""` for the core group).
     pub group: String,
-    /// The namespace of the request; `None` at the cluster scope.
-    pub namespace: Option<String>,
+    pub scope: Scope,
+}
+
+/// Where a refused request applied.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Scope {
+    Namespace(String),
+    Cluster,
+    /// The API server's message did not say (a write that would have created its object).
+    Unknown,
 }
 
 impl Missing {
@@ -63,21 +75,38 @@ impl Missing {
         if code != 403 {
             return None;
         }
-        let rest = &message[message.find(" cannot ")? + " cannot ".len()..];
+        let Some(at) = message.find(" cannot ") else { return Self::create_refused(message) };
+        let rest = &message[at + " cannot ".len()..];
         let (verb, rest) = rest.split_once(" resource \"")?;
         let (resource, rest) = rest.split_once('"')?;
         let rest = rest.strip_prefix(" in API group \"")?;
         let (group, rest) = rest.split_once('"')?;
-        let namespace = rest
-            .strip_prefix(" in the namespace \"")
-            .and_then(|r| r.split_once('"'))
-            .map(|(ns, _)| ns.to_string());
+        let scope = match rest.strip_prefix(" in the namespace \"").and_then(|r| r.split_once('"')) {
+            Some((ns, _)) => Scope::Namespace(ns.to_string()),
+            None => Scope::Cluster,
+        };
+        Some(Self { verb: verb.to_string(), resource: resource.to_string(), group: group.to_string(), scope })
+    }
+
+    /// `configmaps "x" is forbidden: <reason>`: the `create` a write needed to create `x`.
+    fn create_refused(message: &str) -> Option<Self> {
+        let (qualified, rest) = message.split_once(' ')?;
+        if !rest.starts_with('"') || !rest.contains("\" is forbidden") || qualified.is_empty() {
+            return None;
+        }
+        let (resource, group) = qualified.split_once('.').unwrap_or((qualified, ""));
         Some(Self {
-            verb: verb.to_string(),
+            verb: "create".into(),
             resource: resource.to_string(),
             group: group.to_string(),
-            namespace,
+            scope: Scope::Unknown,
         })
+    }
+
+    /// What repeats of one missing permission share: the namespace left out, so a rule missing
+    /// in every meshed namespace is said once.
+    fn dedup_key(&self) -> (String, String, String, bool) {
+        (self.verb.clone(), self.resource.clone(), self.group.clone(), matches!(self.scope, Scope::Cluster))
     }
 
     /// `trafficroutes.skein.dev`, `secrets`, `leases.coordination.k8s.io`.
@@ -93,9 +122,10 @@ impl Missing {
 impl fmt::Display for Missing {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "cannot {} {}", self.verb, self.qualified_resource())?;
-        match &self.namespace {
-            Some(ns) => write!(f, " in namespace {ns}"),
-            None => write!(f, " at the cluster scope"),
+        match &self.scope {
+            Scope::Namespace(ns) => write!(f, " in namespace {ns}"),
+            Scope::Cluster => write!(f, " at the cluster scope"),
+            Scope::Unknown => Ok(()),
         }
     }
 }
@@ -114,12 +144,14 @@ pub struct Permissions {
     /// The operator's own pod, where its events go; `None` outside a pod.
     pod: Option<ObjectReference>,
     metrics: Metrics,
-    last: Mutex<HashMap<Missing, Instant>>,
+    last: Mutex<HashMap<(String, String, String, bool), Instant>>,
+    /// Other things said at most once every [`REPEAT`] (a `StatusNotWritten` event per object).
+    told: Mutex<HashMap<String, Instant>>,
 }
 
 impl Permissions {
     pub fn new(recorder: Recorder, pod: Option<ObjectReference>, metrics: Metrics) -> Self {
-        Self { recorder, pod, metrics, last: Mutex::default() }
+        Self { recorder, pod, metrics, last: Mutex::default(), told: Mutex::default() }
     }
 
     /// Reports `error` if the API server refused it for want of a permission, saying what the
@@ -158,7 +190,10 @@ impl Permissions {
         tracing::error!(
             verb = %missing.verb,
             resource = %missing.qualified_resource(),
-            namespace = missing.namespace.as_deref().unwrap_or(""),
+            namespace = match &missing.scope {
+                Scope::Namespace(ns) => ns.as_str(),
+                _ => "",
+            },
             needed_for,
             "missing permission: {missing} (needed to {needed_for}); the skein-operator ClusterRole or Role must grant it"
         );
@@ -182,10 +217,24 @@ impl Permissions {
     /// Whether `missing` is to be logged now (first time, or [`REPEAT`] after the last time).
     fn due(&self, missing: &Missing, now: Instant) -> bool {
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        match last.get(missing) {
+        match last.get(&missing.dedup_key()) {
             Some(at) if now.duration_since(*at) < REPEAT => false,
             _ => {
-                last.insert(missing.clone(), now);
+                last.insert(missing.dedup_key(), now);
+                true
+            }
+        }
+    }
+
+    /// Whether `key` (a `StatusNotWritten` event on one object, say) is to be said now: the
+    /// first time, and [`REPEAT`] after the last time.
+    pub fn due_once(&self, key: &str) -> bool {
+        let now = Instant::now();
+        let mut told = self.told.lock().unwrap_or_else(|e| e.into_inner());
+        match told.get(key) {
+            Some(at) if now.duration_since(*at) < REPEAT => false,
+            _ => {
+                told.insert(key.to_string(), now);
                 true
             }
         }
@@ -204,7 +253,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(cluster.verb, "list");
-        assert_eq!(cluster.namespace, None);
+        assert_eq!(cluster.scope, Scope::Cluster);
         assert_eq!(cluster.to_string(), "cannot list trafficroutes.skein.dev at the cluster scope");
 
         let status = Missing::from_response(
@@ -221,12 +270,36 @@ mod tests {
         .unwrap();
         assert_eq!(core.qualified_resource(), "secrets");
         assert_eq!(core.to_string(), "cannot create secrets in namespace shop");
+
+        // Server-side apply of an object that does not exist, without `create`.
+        let apply =
+            Missing::from_response(403, r#"configmaps "skein-proxies-a" is forbidden: RBAC: no rule"#)
+                .unwrap();
+        assert_eq!(apply.to_string(), "cannot create configmaps");
+        let grouped =
+            Missing::from_response(403, r#"leases.coordination.k8s.io "skein-operator" is forbidden: no"#)
+                .unwrap();
+        assert_eq!(grouped.to_string(), "cannot create leases.coordination.k8s.io");
+    }
+
+    #[test]
+    fn one_permission_missing_in_many_namespaces_is_one_report() {
+        let refused = |ns: &str| {
+            Missing::from_response(
+                403,
+                &format!(r#"x is forbidden: User "u" cannot create resource "secrets" in API group "" in the namespace "{ns}""#),
+            )
+            .unwrap()
+        };
+        assert_eq!(refused("a").dedup_key(), refused("b").dedup_key());
+        assert_ne!(refused("a"), refused("b"), "each still names its namespace");
     }
 
     #[test]
     fn other_errors_are_not_refusals() {
         assert_eq!(Missing::from_response(404, r#"User "u" cannot get resource "x" in API group """#), None);
         assert_eq!(Missing::from_response(403, "forbidden by a webhook"), None);
+        assert_eq!(Missing::from_response(403, r#"pods "a" is not allowed"#), None);
         assert_eq!(Missing::from_response(403, ""), None);
     }
 

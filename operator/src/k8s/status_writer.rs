@@ -164,7 +164,13 @@ async fn write_statuses(
                 let needed_for = format!("write the status of {} {}", resource.kind.as_str(), resource.key);
                 match ctx.permissions.check(&e, &needed_for).await {
                     // Said on the object too, where its user looks (`kubectl describe`).
-                    Some(refusal) if refusal.reported => {
+                    Some(refusal)
+                        if ctx.permissions.due_once(&format!(
+                            "StatusNotWritten {} {}",
+                            resource.kind.as_str(),
+                            resource.key
+                        )) =>
+                    {
                         let event = Event {
                             type_: EventType::Warning,
                             reason: "StatusNotWritten".into(),

@@ -298,12 +298,30 @@ struct Open {
     sink: Option<Box<dyn RequestSink>>,
     /// The peer's side ended (END_STREAM received).
     remote_closed: bool,
+    /// The request's `content-length`, and the DATA received against it (RFC 9113 §8.1.1).
+    content_length: Option<u64>,
+    received: u64,
+}
+
+/// How a stream the peer opened was closed: what a frame that still arrives on it earns
+/// (RFC 9113 §5.1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Closed {
+    /// We reset or refused it (or ended it while the peer was still sending): the peer may
+    /// have sent frames before it heard, so they are ignored.
+    ByUs,
+    /// The peer reset it: a stream error `STREAM_CLOSED`.
+    ByPeer,
+    /// Both sides ended it: a connection error `STREAM_CLOSED`.
+    Ended,
 }
 
 /// A header block whose CONTINUATIONs are still to come.
 struct Continuation {
     stream: u32,
     end_stream: bool,
+    /// Its HEADERS named the stream itself as its dependency (a stream error, §5.3.1).
+    self_dependent: bool,
     block: Vec<u8>,
 }
 
@@ -325,6 +343,10 @@ struct Conn {
     opened: u32,
     continuation: Option<Continuation>,
     active: Option<Open>,
+    /// The streams the peer opened that are closed, and how. A connection opens at most
+    /// [`MAX_STREAMS`], so this holds them all; an id at or below `last_stream` that is not
+    /// here was never opened (it closed when a higher one opened, §5.1.1).
+    closed: Vec<(u32, Closed)>,
     last_read: Instant,
     ping_sent: Option<Instant>,
     /// GOAWAY sent: no new streams.
@@ -348,6 +370,7 @@ impl Conn {
             opened: 0,
             continuation: None,
             active: None,
+            closed: Vec::new(),
             last_read: Instant::now(),
             ping_sent: None,
             draining: false,
@@ -388,11 +411,12 @@ impl Conn {
             Some(piece) if piece.is_empty() => {}
             Some(piece) => s.pending = Some(piece),
             None => {
-                frame::put_data(out, s.id, &[], true);
-                if !s.remote_closed {
-                    frame::put_rst_stream(out, s.id, Reason::NO_ERROR);
+                let (id, remote_closed) = (s.id, s.remote_closed);
+                frame::put_data(out, id, &[], true);
+                if !remote_closed {
+                    frame::put_rst_stream(out, id, Reason::NO_ERROR);
                 }
-                self.active = None;
+                self.close(id, if remote_closed { Closed::Ended } else { Closed::ByUs });
             }
         }
     }
@@ -459,15 +483,23 @@ impl Conn {
                 let range =
                     frame::unpadded(&head, payload).ok_or(protocol(Reason::PROTOCOL_ERROR, "bad padding"))?;
                 let mut block = &payload[range];
+                let mut self_dependent = false;
                 if head.has(flag::PRIORITY) {
+                    let dependency =
+                        block.get(..4).ok_or(protocol(Reason::FRAME_SIZE_ERROR, "short HEADERS"))?;
+                    self_dependent = depends_on(dependency) == head.stream;
                     block = block.get(5..).ok_or(protocol(Reason::FRAME_SIZE_ERROR, "short HEADERS"))?;
                 }
                 let end_stream = head.has(flag::END_STREAM);
                 if head.has(flag::END_HEADERS) {
-                    self.headers(head.stream, end_stream, block, out, handler)?;
+                    self.headers(head.stream, end_stream, self_dependent, block, out, handler)?;
                 } else {
-                    self.continuation =
-                        Some(Continuation { stream: head.stream, end_stream, block: block.to_vec() });
+                    self.continuation = Some(Continuation {
+                        stream: head.stream,
+                        end_stream,
+                        self_dependent,
+                        block: block.to_vec(),
+                    });
                 }
             }
             kind::CONTINUATION => {
@@ -479,7 +511,7 @@ impl Conn {
                 }
                 c.block.extend_from_slice(payload);
                 if head.has(flag::END_HEADERS) {
-                    self.headers(c.stream, c.end_stream, &c.block, out, handler)?;
+                    self.headers(c.stream, c.end_stream, c.self_dependent, &c.block, out, handler)?;
                 } else {
                     self.continuation = Some(c);
                 }
@@ -490,6 +522,14 @@ impl Conn {
                 }
                 if head.len != 5 {
                     self.reset(out, head.stream, Reason::FRAME_SIZE_ERROR);
+                } else if depends_on(payload) == head.stream {
+                    // A stream may not depend on itself (§5.3.1): a stream error on an open
+                    // stream; on any other, whose state a reset may not touch, the connection's.
+                    if self.active.as_ref().is_some_and(|s| s.id == head.stream) {
+                        self.reset(out, head.stream, Reason::PROTOCOL_ERROR);
+                    } else {
+                        return Err(protocol(Reason::PROTOCOL_ERROR, "a stream depending on itself"));
+                    }
                 }
             }
             kind::RST_STREAM => {
@@ -500,7 +540,7 @@ impl Conn {
                     return Err(protocol(Reason::FRAME_SIZE_ERROR, "RST_STREAM of a wrong size"));
                 }
                 if self.active.as_ref().is_some_and(|s| s.id == head.stream) {
-                    self.active = None;
+                    self.close(head.stream, Closed::ByPeer);
                 }
             }
             kind::SETTINGS => self.settings(head, payload, out)?,
@@ -557,9 +597,9 @@ impl Conn {
             if head.stream > self.last_stream {
                 return Err(protocol(Reason::PROTOCOL_ERROR, "DATA on a stream never opened"));
             }
-            // A stream we reset or ended: the peer may have sent this before it heard
-            // (RFC 9113 §5.4.2). Counted on the connection's window above, otherwise ignored.
-            return Ok(());
+            // Counted on the connection's window above; what else it earns depends on how
+            // the stream closed.
+            return self.on_closed(head.stream, out, "DATA on a closed stream");
         };
         if s.remote_closed {
             let id = s.id;
@@ -573,6 +613,17 @@ impl Conn {
         }
         s.recv_window -= len;
         s.recv_used += len;
+        s.received += range.len() as u64;
+        let length_broken = match s.content_length {
+            Some(declared) => s.received > declared || (head.has(flag::END_STREAM) && s.received != declared),
+            None => false,
+        };
+        if length_broken {
+            // DATA that does not add up to the declared length makes the request malformed.
+            let id = s.id;
+            self.reset(out, id, Reason::PROTOCOL_ERROR);
+            return Ok(());
+        }
         let accepted = match s.sink.as_mut() {
             Some(sink) if !range.is_empty() => sink.data(&payload[range]),
             _ => true,
@@ -596,6 +647,7 @@ impl Conn {
         &mut self,
         stream: u32,
         end_stream: bool,
+        self_dependent: bool,
         block: &[u8],
         out: &mut BytesMut,
         handler: &mut H,
@@ -612,18 +664,28 @@ impl Conn {
             _ => protocol(Reason::COMPRESSION_ERROR, "header block does not decode"),
         })?;
         if let Some(s) = self.active.as_mut().filter(|s| s.id == stream) {
-            // Trailers: they end the request.
-            if s.remote_closed || !end_stream {
-                self.reset(out, stream, Reason::PROTOCOL_ERROR);
+            // Trailers: they end the request, carry no pseudo-header (§8.1), and the DATA
+            // before them adds up to the declared length.
+            let reason = if s.remote_closed {
+                Some(Reason::STREAM_CLOSED)
+            } else if !end_stream
+                || fields.iter().any(|(name, _)| name.starts_with(b":"))
+                || s.content_length.is_some_and(|declared| declared != s.received)
+            {
+                Some(Reason::PROTOCOL_ERROR)
             } else {
-                s.remote_closed = true;
+                None
+            };
+            match reason {
+                Some(reason) => self.reset(out, stream, reason),
+                None => s.remote_closed = true,
             }
             return Ok(());
         }
         if stream <= self.last_stream {
-            // Trailers of a stream we reset or ended (RFC 9113 §5.4.2): decoded above so the
-            // table stays in step, otherwise ignored.
-            return Ok(());
+            // Decoded above so the table stays in step; what else it earns depends on how the
+            // stream closed (a lower id never opened is closed too, §5.1.1).
+            return self.on_closed(stream, out, "HEADERS on a closed stream");
         }
         self.last_stream = stream;
         self.opened += 1;
@@ -632,14 +694,26 @@ impl Conn {
         }
         if self.draining || self.active.is_some() {
             frame::put_rst_stream(out, stream, Reason::REFUSED_STREAM);
+            self.closed.push((stream, Closed::ByUs));
             return Ok(());
         }
         let request = match request(&fields) {
-            Ok(request) => request,
-            Err(_) => {
+            Ok(request) if !self_dependent => request,
+            _ => {
                 frame::put_rst_stream(out, stream, Reason::PROTOCOL_ERROR);
+                self.closed.push((stream, Closed::ByUs));
                 return Ok(());
             }
+        };
+        let content_length = match content_length(request.headers()) {
+            // A request that ends with its HEADERS carries no body, whatever it declares.
+            Ok(Some(n)) if end_stream && n != 0 => Err(()),
+            other => other,
+        };
+        let Ok(content_length) = content_length else {
+            frame::put_rst_stream(out, stream, Reason::PROTOCOL_ERROR);
+            self.closed.push((stream, Closed::ByUs));
+            return Ok(());
         };
         let reply = handler(request);
         frame::put_headers(
@@ -657,6 +731,8 @@ impl Conn {
             pending: None,
             sink: reply.sink,
             remote_closed: end_stream,
+            content_length,
+            received: 0,
         });
         Ok(())
     }
@@ -745,10 +821,56 @@ impl Conn {
     /// Ends a stream with a stream error.
     fn reset(&mut self, out: &mut BytesMut, stream: u32, reason: Reason) {
         frame::put_rst_stream(out, stream, reason);
+        self.close(stream, Closed::ByUs);
+    }
+
+    /// Records how `stream` closed (and closes it, if it was the open one).
+    fn close(&mut self, stream: u32, how: Closed) {
         if self.active.as_ref().is_some_and(|s| s.id == stream) {
             self.active = None;
         }
+        match self.closed.iter_mut().find(|(id, _)| *id == stream) {
+            Some(entry) => entry.1 = how,
+            None => self.closed.push((stream, how)),
+        }
     }
+
+    /// A frame other than PRIORITY, WINDOW_UPDATE or RST_STREAM on `stream`, which is closed
+    /// (RFC 9113 §5.1): ignored when we closed it, a stream error when the peer reset it, a
+    /// connection error when both sides had ended it or it was never opened.
+    fn on_closed(&mut self, stream: u32, out: &mut BytesMut, what: &'static str) -> Result<(), ConnError> {
+        match self.closed.iter().find(|(id, _)| *id == stream).map(|(_, how)| *how) {
+            Some(Closed::ByUs) => Ok(()),
+            Some(Closed::ByPeer) => {
+                frame::put_rst_stream(out, stream, Reason::STREAM_CLOSED);
+                Ok(())
+            }
+            Some(Closed::Ended) => Err(protocol(Reason::STREAM_CLOSED, what)),
+            None => Err(protocol(Reason::PROTOCOL_ERROR, "a frame on a stream never opened")),
+        }
+    }
+}
+
+/// The stream a PRIORITY field (or a HEADERS frame's priority) depends on.
+fn depends_on(field: &[u8]) -> u32 {
+    match field.get(..4) {
+        Some(b) => u32::from_be_bytes([b[0], b[1], b[2], b[3]]) & 0x7fff_ffff,
+        None => 0,
+    }
+}
+
+/// The request's `content-length`: none, one value, or the same value repeated; anything else
+/// makes it malformed.
+fn content_length(headers: &http::HeaderMap) -> Result<Option<u64>, ()> {
+    let mut found = None;
+    for value in headers.get_all(http::header::CONTENT_LENGTH) {
+        let n: u64 = value.to_str().map_err(drop)?.trim().parse().map_err(drop)?;
+        if found.is_some_and(|f| f != n) {
+            return Err(());
+        }
+        found = Some(n);
+    }
+    Ok(found)
 }
 
 /// The request a decoded header list makes, or why it is malformed (RFC 9113 §8.3.1).
@@ -787,6 +909,10 @@ fn request(fields: &hpack::Fields) -> Result<http::Request<()>, &'static str> {
     };
     let mut request = http::Request::new(());
     *request.method_mut() = Method::from_bytes(method).map_err(|_| "an invalid :method")?;
+    // `:path` is an origin form, or `*` for OPTIONS (§8.3.1).
+    if !(path.starts_with(b"/") || path == b"*") {
+        return Err(":path neither absolute nor *");
+    }
     *request.uri_mut() = Uri::try_from(path).map_err(|_| "an invalid :path")?;
     *request.headers_mut() = headers;
     *request.version_mut() = Version::HTTP_2;

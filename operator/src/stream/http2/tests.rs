@@ -63,12 +63,21 @@ impl Client {
                 req.uri().path().to_string(),
                 identity,
             ));
-            match (req.uri().path(), body_rx.take()) {
+            let path = req.uri().path();
+            let body = if path == "/stream" { body_rx.take() } else { None };
+            match (path, body) {
                 ("/stream", Some(mut rx)) => Reply {
                     status: StatusCode::OK,
                     content_type: "application/x-ndjson",
                     body: Box::pin(futures::stream::poll_fn(move |cx| rx.poll_recv(cx))),
                     sink: Some(Box::new(Sink(handler_seen.clone()))),
+                },
+                // An answer that never ends: the stream stays open until it is reset.
+                ("/hold", _) => Reply {
+                    status: StatusCode::OK,
+                    content_type: "text/plain",
+                    body: Box::pin(futures::stream::pending()),
+                    sink: None,
                 },
                 _ => Reply::text(StatusCode::NOT_FOUND, "not found"),
             }
@@ -374,6 +383,23 @@ async fn protocol_errors_end_the_connection_with_goaway() {
             with(&|b| frame::put_settings(b, &[(setting::INITIAL_WINDOW_SIZE, 0x8000_0000)])),
             Reason::FLOW_CONTROL_ERROR,
         ),
+        (
+            "a stream id going backwards (found by h2spec 5.1.1)",
+            with(&|b| {
+                frame::put_headers(b, 5, &request_block(2, "/x"), true);
+                frame::put_headers(b, 3, &[0x82, 0x86, 0x84], true);
+            }),
+            Reason::PROTOCOL_ERROR,
+        ),
+        (
+            "PRIORITY of an idle stream on itself (h2spec 5.3.1)",
+            with(&|b| {
+                frame::put_head(b, 5, kind::PRIORITY, 0, 3);
+                b.put_u32(3);
+                b.put_u8(0);
+            }),
+            Reason::PROTOCOL_ERROR,
+        ),
     ];
     for (what, bytes, want) in cases {
         let mut c = Client::start();
@@ -505,4 +531,121 @@ async fn shutdown_sends_goaway_and_lets_the_open_stream_end() {
     assert_eq!(frames.last().unwrap().0.stream, 1);
     assert!(c.frame().await.is_none());
     c.server.await.unwrap().unwrap();
+}
+
+/// The RST_STREAM that the next frames bring on `stream`, and its code.
+async fn reset_of(c: &mut Client, stream: u32) -> Reason {
+    loop {
+        let frames = c.until(kind::RST_STREAM, 0).await;
+        let (head, payload) = frames.last().unwrap();
+        if head.stream == stream {
+            return Reason(u32::from_be_bytes(payload[..4].try_into().unwrap()));
+        }
+    }
+}
+
+/// A request block with `content-length: <n>` (literal, static name 28).
+fn with_length(method: u8, path: &str, n: &str) -> Vec<u8> {
+    let mut block = request_block(method, path);
+    block.extend_from_slice(&[0x0f, 0x0d, n.len() as u8]);
+    block.extend_from_slice(n.as_bytes());
+    block
+}
+
+/// Stream errors h2spec found unanswered (RFC 9113 §5.1, §5.3.1, §8.1.1, §8.3.1): each is a
+/// RST_STREAM with its code, the request never reaches the handler, and the connection goes on.
+#[tokio::test]
+async fn malformed_and_closed_streams_get_the_stream_error_the_rfc_names() {
+    let mut c = Client::start();
+    c.open().await;
+    // A HEADERS depending on itself.
+    let mut b = BytesMut::new();
+    let mut block = vec![0, 0, 0, 1, 15];
+    block.extend_from_slice(&request_block(2, "/self"));
+    frame::put_head(
+        &mut b,
+        block.len(),
+        kind::HEADERS,
+        flag::END_HEADERS | flag::END_STREAM | flag::PRIORITY,
+        1,
+    );
+    b.put_slice(&block);
+    c.send(&b).await;
+    assert_eq!(reset_of(&mut c, 1).await, Reason::PROTOCOL_ERROR, "a stream depending on itself");
+    // DATA short of its content-length, then DATA past it.
+    for (stream, sent) in [(3u32, &b"abc"[..]), (5, &b"abcdefghijkl"[..])] {
+        let mut b = BytesMut::new();
+        frame::put_headers(&mut b, stream, &with_length(3, "/hold", "10"), false);
+        frame::put_data(&mut b, stream, sent, true);
+        c.send(&b).await;
+        assert_eq!(reset_of(&mut c, stream).await, Reason::PROTOCOL_ERROR, "{} bytes for 10", sent.len());
+    }
+    // A GET that ends with its HEADERS yet declares a body.
+    c.send(&{
+        let mut b = BytesMut::new();
+        frame::put_headers(&mut b, 7, &with_length(2, "/get", "10"), true);
+        b
+    })
+    .await;
+    assert_eq!(
+        reset_of(&mut c, 7).await,
+        Reason::PROTOCOL_ERROR,
+        "content-length on a request without a body"
+    );
+    // A :path that is neither absolute nor *.
+    c.send(&{
+        let mut b = BytesMut::new();
+        frame::put_headers(&mut b, 9, &[0x82, 0x86, 0x04, 4, b'n', b'o', b'p', b'e'], true);
+        b
+    })
+    .await;
+    assert_eq!(reset_of(&mut c, 9).await, Reason::PROTOCOL_ERROR, "a relative :path");
+    // Trailers with a pseudo-header.
+    c.send(&{
+        let mut b = BytesMut::new();
+        frame::put_headers(&mut b, 11, &request_block(3, "/hold"), false);
+        frame::put_headers(&mut b, 11, &[0x82], true);
+        b
+    })
+    .await;
+    assert_eq!(reset_of(&mut c, 11).await, Reason::PROTOCOL_ERROR, "trailers carrying :method");
+    // The peer resets a stream, then sends on it: STREAM_CLOSED.
+    c.send(&{
+        let mut b = BytesMut::new();
+        frame::put_headers(&mut b, 13, &request_block(3, "/hold"), false);
+        frame::put_rst_stream(&mut b, 13, Reason::CANCEL);
+        frame::put_data(&mut b, 13, b"late", false);
+        b
+    })
+    .await;
+    assert_eq!(reset_of(&mut c, 13).await, Reason::STREAM_CLOSED, "DATA after the peer's RST_STREAM");
+    // HEADERS on a stream whose request ended while its answer is still streaming.
+    c.request(15, 2, "/stream", true).await;
+    c.request(15, 2, "/stream", true).await;
+    assert_eq!(reset_of(&mut c, 15).await, Reason::STREAM_CLOSED, "HEADERS on a half-closed stream");
+    let requests: Vec<String> = c.seen.requests.lock().unwrap().iter().map(|(_, p, _)| p.clone()).collect();
+    assert_eq!(requests, ["/hold", "/hold", "/hold", "/hold", "/stream"], "what reached the handler");
+    // The connection still serves.
+    c.request(17, 2, "/after", true).await;
+    let frames = c.until(kind::DATA, flag::END_STREAM).await;
+    assert!(frames.iter().any(|(h, _)| h.kind == kind::HEADERS && h.stream == 17));
+}
+
+/// Frames on a stream both sides ended are a connection error STREAM_CLOSED (RFC 9113 §5.1,
+/// h2spec 5.1 "closed").
+#[tokio::test]
+async fn frames_on_a_stream_both_sides_ended_end_the_connection() {
+    for late in [kind::DATA, kind::HEADERS] {
+        let mut c = Client::start();
+        c.open().await;
+        c.request(1, 2, "/done", true).await;
+        c.until(kind::DATA, flag::END_STREAM).await;
+        let mut b = BytesMut::new();
+        match late {
+            kind::DATA => frame::put_data(&mut b, 1, b"late", true),
+            _ => frame::put_headers(&mut b, 1, &[0x82, 0x86, 0x84], true),
+        }
+        c.send(&b).await;
+        assert_eq!(c.goaway().await, Reason::STREAM_CLOSED, "frame type {late}");
+    }
 }

@@ -167,7 +167,7 @@ where
     let result: Result<(), ConnError> = loop {
         conn.fill(&mut out);
         let ending = grace.is_some() || conn.peer_gone;
-        if ending && conn.active.is_none() && out.is_empty() && !unflushed {
+        if ending && conn.answered() && out.is_empty() && !unflushed {
             break Ok(());
         }
         if conn.active.is_some() {
@@ -403,22 +403,30 @@ impl Conn {
         }
     }
 
-    /// The body's next piece, or its end: END_STREAM, and the stream is done (reset if the
-    /// peer is still sending, so it stops).
+    /// The body's next piece, or its end: END_STREAM. The stream is done if the peer's side
+    /// has ended too; otherwise it stays half-closed (local) and the peer's DATA and trailers
+    /// are still taken and checked, until it ends its side or resets (a new request on the
+    /// connection ends it at once).
     fn body_item(&mut self, item: Option<Bytes>, out: &mut BytesMut) {
-        let Some(s) = self.active.as_mut() else { return };
+        let Some(s) = self.active.as_mut().filter(|s| s.body.is_some()) else { return };
         match item {
             Some(piece) if piece.is_empty() => {}
             Some(piece) => s.pending = Some(piece),
             None => {
-                let (id, remote_closed) = (s.id, s.remote_closed);
-                frame::put_data(out, id, &[], true);
-                if !remote_closed {
-                    frame::put_rst_stream(out, id, Reason::NO_ERROR);
+                frame::put_data(out, s.id, &[], true);
+                s.body = None;
+                s.pending = None;
+                if s.remote_closed {
+                    let id = s.id;
+                    self.close(id, Closed::Ended);
                 }
-                self.close(id, if remote_closed { Closed::Ended } else { Closed::ByUs });
             }
         }
+    }
+
+    /// Whether the open stream, if any, has sent all it will (its answer ended).
+    fn answered(&self) -> bool {
+        self.active.as_ref().is_none_or(|s| s.body.is_none() && s.pending.is_none())
     }
 
     /// Handles the whole frames at the start of `buf`; returns how many bytes they took.
@@ -635,6 +643,10 @@ impl Conn {
         }
         if head.has(flag::END_STREAM) {
             s.remote_closed = true;
+            if s.body.is_none() {
+                let id = s.id;
+                self.close(id, Closed::Ended);
+            }
         } else if s.recv_used >= WINDOW_UPDATE_AT {
             frame::put_window_update(out, s.id, s.recv_used as u32);
             s.recv_window += s.recv_used;
@@ -678,6 +690,7 @@ impl Conn {
             };
             match reason {
                 Some(reason) => self.reset(out, stream, reason),
+                None if s.body.is_none() => self.close(stream, Closed::Ended),
                 None => s.remote_closed = true,
             }
             return Ok(());
@@ -691,6 +704,13 @@ impl Conn {
         self.opened += 1;
         if self.opened > MAX_STREAMS {
             return Err(protocol(Reason::ENHANCE_YOUR_CALM, "too many streams on one connection"));
+        }
+        // A stream whose answer has ended gives way to a new request: the peer is asked to stop
+        // sending on it (RFC 9113 §8.1: RST_STREAM NO_ERROR after a complete response).
+        if !self.draining && self.answered() {
+            if let Some(old) = self.active.as_ref().map(|s| s.id) {
+                self.reset(out, old, Reason::NO_ERROR);
+            }
         }
         if self.draining || self.active.is_some() {
             frame::put_rst_stream(out, stream, Reason::REFUSED_STREAM);
@@ -945,6 +965,7 @@ pub fn fuzz_frames(data: &[u8]) {
             assert!(s.send_window <= MAX_WINDOW && s.recv_window <= DEFAULT_WINDOW);
             // The body is a stream the connection's task polls; here it ends at once.
             conn.body_item(None, &mut out);
+            assert!(conn.answered());
         }
         if out.len() > OUT_LIMIT / 2 {
             out.clear();

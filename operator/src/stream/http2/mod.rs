@@ -104,6 +104,12 @@ pub const OUT_LIMIT: usize = 256 * 1024;
 const WINDOW_UPDATE_AT: i64 = 32 * 1024;
 /// Read this much at a time.
 const READ_CHUNK: usize = 4096;
+/// Frames that move nothing forward (an empty CONTINUATION or DATA, PING, SETTINGS, PRIORITY,
+/// WINDOW_UPDATE, RST_STREAM, an unknown type) one connection may send between two looks at
+/// the clock ([`Timers::tick`], 2 s): about 5,000 a second, far above what a client needs and
+/// far below a flood (one sent 2.6 million empty CONTINUATIONs a second). Past it, GOAWAY
+/// `ENHANCE_YOUR_CALM`.
+pub const MAX_IDLE_FRAMES: u32 = 10_000;
 /// Streams one connection may open in all. A proxy opens one per connection; a client that
 /// opens and resets streams in a loop (each a session started and torn down) is cut off.
 pub const MAX_STREAMS: u32 = 32;
@@ -214,6 +220,7 @@ where
             }
             _ = &mut tick => {
                 let now = Instant::now();
+                conn.idle_frames = 0;
                 if grace.is_some_and(|g| now >= g) {
                     break Ok(());
                 }
@@ -353,6 +360,8 @@ struct Conn {
     draining: bool,
     /// The peer sent GOAWAY: the open stream may finish, then the connection ends.
     peer_gone: bool,
+    /// Frames that moved nothing forward since the clock was last looked at.
+    idle_frames: u32,
 }
 
 impl Conn {
@@ -375,6 +384,7 @@ impl Conn {
             ping_sent: None,
             draining: false,
             peer_gone: false,
+            idle_frames: 0,
         }
     }
 
@@ -480,6 +490,18 @@ impl Conn {
         if let Some(c) = &self.continuation {
             if head.kind != kind::CONTINUATION || head.stream != c.stream {
                 return Err(protocol(Reason::PROTOCOL_ERROR, "expected CONTINUATION"));
+            }
+        }
+        let moves_nothing = match head.kind {
+            kind::DATA => payload.is_empty() && !head.has(flag::END_STREAM),
+            kind::CONTINUATION => payload.is_empty() && !head.has(flag::END_HEADERS),
+            kind::HEADERS | kind::GOAWAY | kind::PUSH_PROMISE => false,
+            _ => true,
+        };
+        if moves_nothing {
+            self.idle_frames += 1;
+            if self.idle_frames > MAX_IDLE_FRAMES {
+                return Err(protocol(Reason::ENHANCE_YOUR_CALM, "too many frames that move nothing forward"));
             }
         }
         match head.kind {

@@ -550,12 +550,18 @@ impl Conn {
                 if head.stream == 0 {
                     return Err(protocol(Reason::PROTOCOL_ERROR, "PRIORITY on stream 0"));
                 }
+                let open = self.active.as_ref().is_some_and(|s| s.id == head.stream);
                 if head.len != 5 {
+                    // A stream error (§6.3), but a reset may not name a stream in the idle
+                    // state (§6.4): on any stream but the open one, the connection's error.
+                    if !open {
+                        return Err(protocol(Reason::FRAME_SIZE_ERROR, "PRIORITY of a wrong size"));
+                    }
                     self.reset(out, head.stream, Reason::FRAME_SIZE_ERROR);
                 } else if depends_on(payload) == head.stream {
                     // A stream may not depend on itself (§5.3.1): a stream error on an open
                     // stream; on any other, whose state a reset may not touch, the connection's.
-                    if self.active.as_ref().is_some_and(|s| s.id == head.stream) {
+                    if open {
                         self.reset(out, head.stream, Reason::PROTOCOL_ERROR);
                     } else {
                         return Err(protocol(Reason::PROTOCOL_ERROR, "a stream depending on itself"));

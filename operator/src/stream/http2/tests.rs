@@ -403,6 +403,14 @@ async fn protocol_errors_end_the_connection_with_goaway() {
             Reason::PROTOCOL_ERROR,
         ),
         (
+            "PRIORITY of a wrong size on an idle stream (no RST_STREAM for an idle stream, §6.4)",
+            with(&|b| {
+                frame::put_head(b, 4, kind::PRIORITY, 0, 9);
+                b.put_u32(0);
+            }),
+            Reason::FRAME_SIZE_ERROR,
+        ),
+        (
             "PRIORITY of an idle stream on itself (h2spec 5.3.1)",
             with(&|b| {
                 frame::put_head(b, 5, kind::PRIORITY, 0, 3);

@@ -705,3 +705,54 @@ async fn floods_of_frames_that_move_nothing_end_the_connection() {
         assert_eq!(c.goaway().await, Reason::ENHANCE_YOUR_CALM, "{flood} ({sent} bytes)");
     }
 }
+
+/// An answered stream whose request side stays open does not keep the connection: it ends on
+/// the clock of a connection without a stream, and is given no more window meanwhile.
+#[tokio::test]
+async fn an_answered_stream_with_its_request_open_does_not_keep_the_connection() {
+    let ms = Duration::from_millis;
+    let timers = Timers { first_request: ms(300), tick: ms(20), ..Timers::default() };
+    let mut c = Client::start_with(timers);
+    c.open().await;
+    let asked = tokio::time::Instant::now();
+    c.request(1, 3, "/elsewhere", false).await;
+    c.until(kind::DATA, flag::END_STREAM).await;
+    // Past the point where an open request would get more window: none comes.
+    let mut b = BytesMut::new();
+    frame::put_data(&mut b, 1, &[0; 16_000], false);
+    frame::put_data(&mut b, 1, &[0; 16_000], false);
+    frame::put_data(&mut b, 1, &[0; 16_000], false);
+    c.send(&b).await;
+    let mut rest = Vec::new();
+    while let Some(f) = c.frame().await {
+        rest.push(f);
+    }
+    assert!(
+        rest.iter().all(|(h, _)| !(h.kind == kind::WINDOW_UPDATE && h.stream == 1)),
+        "no window for an answered stream: {rest:?}"
+    );
+    assert!(asked.elapsed() >= timers.first_request, "{:?}", asked.elapsed());
+    assert!(matches!(c.server.await.unwrap(), Err(ConnError::Timeout(_))));
+}
+
+/// A new request on a connection whose previous stream is answered but not ended by the
+/// peer: the old one is reset with NO_ERROR (RFC 9113 §8.1) and the new one served.
+#[tokio::test]
+async fn a_new_request_ends_the_answered_one() {
+    let mut c = Client::start();
+    c.open().await;
+    c.request(1, 3, "/elsewhere", false).await;
+    c.until(kind::DATA, flag::END_STREAM).await;
+    c.request(3, 2, "/next", true).await;
+    let frames = c.until(kind::DATA, flag::END_STREAM).await;
+    let reset = frames.iter().find(|(h, _)| h.kind == kind::RST_STREAM).expect("the old stream reset");
+    assert_eq!((reset.0.stream, reset.1.as_slice()), (1, &Reason::NO_ERROR.0.to_be_bytes()[..]));
+    assert!(frames.iter().any(|(h, _)| h.kind == kind::HEADERS && h.stream == 3), "the new one served");
+    // DATA still arriving on the old one is ignored: it was ours to end.
+    let mut b = BytesMut::new();
+    frame::put_data(&mut b, 1, b"late", true);
+    frame::put_ping(&mut b, [3; 8], false);
+    c.send(&b).await;
+    let frames = c.until(kind::PING, flag::ACK).await;
+    assert!(frames.iter().all(|(h, _)| h.kind != kind::RST_STREAM && h.kind != kind::GOAWAY), "{frames:?}");
+}

@@ -202,7 +202,9 @@ impl Permissions {
             type_: EventType::Warning,
             reason: "MissingPermission".into(),
             note: Some(format!("{missing} (needed to {needed_for})")),
-            action: "Authorize".into(),
+            // The recorder folds events of one action, reason and object into one series (and
+            // keeps the first one's note): one series per missing permission, so each is named.
+            action: format!("{} {}", missing.verb, missing.qualified_resource()).chars().take(128).collect(),
             secondary: None,
         };
         if let Err(e) = self.recorder.publish(&event, pod).await {

@@ -422,6 +422,10 @@ struct AckReader {
 }
 
 impl RequestSink for AckReader {
+    fn held(&self) -> usize {
+        self.lines.pending()
+    }
+
     fn data(&mut self, data: &[u8]) -> bool {
         self.lines.extend(data);
         loop {

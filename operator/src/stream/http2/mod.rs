@@ -39,6 +39,12 @@ pub trait RequestSink: Send {
     /// Takes a piece of the body; `false` resets the stream (the piece broke a rule of the
     /// protocol carried inside, e.g. a line too long).
     fn data(&mut self, data: &[u8]) -> bool;
+
+    /// Bytes it holds that are not yet a whole message (an unfinished line): held for longer
+    /// than [`Timers::partial_request`], they reset the stream.
+    fn held(&self) -> usize {
+        0
+    }
 }
 
 /// The answer to a request.
@@ -81,6 +87,9 @@ pub struct Timers {
     pub first_request: Duration,
     /// After shutdown, how long the open stream has to end.
     pub grace: Duration,
+    /// How long the request's sink may hold an unfinished message (a proxy writes each line
+    /// whole; one that trickles a line in to hold its buffer is reset).
+    pub partial_request: Duration,
     /// How often the clocks are looked at.
     pub tick: Duration,
 }
@@ -92,6 +101,7 @@ impl Default for Timers {
             keepalive_timeout: Duration::from_secs(20),
             first_request: Duration::from_secs(10),
             grace: Duration::from_secs(5),
+            partial_request: Duration::from_secs(10),
             tick: Duration::from_secs(2),
         }
     }
@@ -223,6 +233,14 @@ where
             _ = &mut tick => {
                 let now = Instant::now();
                 conn.idle_frames = 0;
+                // A message trickled in to hold the sink's buffer: the stream is reset, and
+                // with it what the sink held (then the connection has no stream, and ends).
+                let stalled = conn.active.as_ref().filter(|s| {
+                    s.partial_since.is_some_and(|since| now - since >= timers.partial_request)
+                });
+                if let Some(id) = stalled.map(|s| s.id) {
+                    conn.reset(&mut out, id, Reason::ENHANCE_YOUR_CALM);
+                }
                 if grace.is_some_and(|g| now >= g) {
                     break Ok(());
                 }
@@ -310,6 +328,8 @@ struct Open {
     /// The request's `content-length`, and the DATA received against it (RFC 9113 §8.1.1).
     content_length: Option<u64>,
     received: u64,
+    /// Since when its sink has held an unfinished message.
+    partial_since: Option<Instant>,
 }
 
 /// How a stream the peer opened was closed: what a frame that still arrives on it earns
@@ -671,6 +691,10 @@ impl Conn {
             self.reset(out, id, Reason::ENHANCE_YOUR_CALM);
             return Ok(());
         }
+        match s.sink.as_ref().map_or(0, |sink| sink.held()) {
+            0 => s.partial_since = None,
+            _ => drop(s.partial_since.get_or_insert(self.last_read)),
+        }
         if head.has(flag::END_STREAM) {
             s.remote_closed = true;
             if s.body.is_none() {
@@ -785,6 +809,7 @@ impl Conn {
             remote_closed: end_stream,
             content_length,
             received: 0,
+            partial_since: None,
         });
         Ok(())
     }

@@ -31,6 +31,12 @@ impl RequestSink for Sink {
         // A body of more than 1,000 bytes breaks the (test's) protocol inside.
         body.len() <= 1000
     }
+
+    /// What follows the last newline is an unfinished line.
+    fn held(&self) -> usize {
+        let body = self.0.body.lock().unwrap();
+        body.len() - body.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1)
+    }
 }
 
 struct Client {
@@ -464,6 +470,7 @@ async fn a_silent_client_and_an_unanswered_ping_end_the_connection() {
         first_request: ms(300),
         grace: ms(300),
         tick: ms(20),
+        ..Timers::default()
     };
     // Nothing asked within the first moments.
     let mut c = Client::start_with(timers);
@@ -755,4 +762,36 @@ async fn a_new_request_ends_the_answered_one() {
     c.send(&b).await;
     let frames = c.until(kind::PING, flag::ACK).await;
     assert!(frames.iter().all(|(h, _)| h.kind != kind::RST_STREAM && h.kind != kind::GOAWAY), "{frames:?}");
+}
+
+/// A line trickled in to hold the sink's buffer (finding 2 of the review: a byte every 9 s
+/// kept 4 MiB for ever) is reset once held past `partial_request`, and whole lines are not.
+#[tokio::test]
+async fn a_line_held_unfinished_is_reset() {
+    let ms = Duration::from_millis;
+    let timers = Timers { partial_request: ms(400), tick: ms(20), ..Timers::default() };
+    let mut c = Client::start_with(timers);
+    c.open().await;
+    c.request(1, 3, "/stream", false).await;
+    c.until(kind::HEADERS, 0).await;
+    // Whole lines, spaced past the limit: served.
+    for line in [&b"ack 1\n"[..], b"ack 2\n"] {
+        let mut b = BytesMut::new();
+        frame::put_data(&mut b, 1, line, false);
+        c.send(&b).await;
+        tokio::time::sleep(ms(500)).await;
+    }
+    // An unfinished line, a byte at a time within the limit, but held past it.
+    let started = tokio::time::Instant::now();
+    for byte in b"abc" {
+        let mut b = BytesMut::new();
+        frame::put_data(&mut b, 1, &[*byte], false);
+        c.send(&b).await;
+        tokio::time::sleep(ms(150)).await;
+    }
+    let frames = c.until(kind::RST_STREAM, 0).await;
+    let (head, payload) = frames.last().unwrap();
+    assert_eq!((head.stream, payload.as_slice()), (1, &Reason::ENHANCE_YOUR_CALM.0.to_be_bytes()[..]));
+    assert!(started.elapsed() >= timers.partial_request, "{:?}", started.elapsed());
+    assert_eq!(*c.seen.body.lock().unwrap(), b"ack 1\nack 2\nabc");
 }

@@ -6,6 +6,7 @@ answer with GOAWAY. Run by operator/tests/h2_clients.rs.
 usage: h2_clients.py HOST PORT IDENTITY
 Prints one line per case and a closing `N passed, N failed`; exits 1 when any case failed.
 """
+import json
 import socket
 import sys
 import time
@@ -98,7 +99,6 @@ def normal_use(host, port, identity):
         sock.sendall(conn.data_to_send())
     line = body.split(b"\n")[0]
     assert b'"version"' in line, f"no first config: {body[:200]!r}"
-    import json
     version = json.loads(line)["version"]
     conn.send_data(stream, json.dumps({"version": version}).encode() + b"\n")
     conn.close_connection()
